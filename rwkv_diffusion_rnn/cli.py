@@ -1,0 +1,78 @@
+"""``diffrwkv <verb>``: the one command in front of every entry point.
+
+Each verb names a module-level ``main(argv: list[str] | None) -> int`` that owns its own argparse parser, so
+``python rwkv_diffusion_rnn/<module>.py ...`` (the seed's commands) and ``diffrwkv <verb> ...`` are the same code.
+Modules are imported only when their verb runs, so ``diffrwkv --help`` is instant.
+
+A :class:`~rwkv_diffusion_rnn.errors.DiffRwkvError` (bad input, missing file, offline hub) is printed as one line,
+``error: ...``, with exit status 2; set ``DIFFRWKV_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+#: verb -> ("module:function", one-line help). Registry rather than if/elif: adding a verb is one line.
+VERBS: dict[str, tuple[str, str]] = {
+    "smoke": ("rwkv_diffusion_rnn.smoke:main", "load (or build) an RWKV-7 checkpoint, tokenize, forward: a quick check"),
+    "convert": ("rwkv_diffusion_rnn.pretrained_rwkv:convert_main", "convert a checkpoint: BlinkDL .pth <-> HF safetensors"),
+    "prepare-latents": ("rwkv_diffusion_rnn.prepare_latents:main", "encode text into 32-d latents (seed layout)"),
+    "tokenize": ("rwkv_diffusion_rnn.preprocess_tokenize_text:main", "tokenize the JSON rows into .npz files"),
+    "pack": ("rwkv_diffusion_rnn.data_pack:main", "pack a dataset into memory-mapped arrays"),
+    "check-data": ("rwkv_diffusion_rnn.check_data:main", "validate a dataset folder and print a summary"),
+    "make-corpus": ("rwkv_diffusion_rnn.corpus:main", "write the embedded default corpus of English sentences"),
+    "train": ("rwkv_diffusion_rnn.train_rwkv:main", "train the denoiser (Hydra config, as the seed's train_rwkv.py)"),
+    "sample": ("rwkv_diffusion_rnn.sampling:main", "generate text from latents, latents from text, or both"),
+    "evaluate": ("rwkv_diffusion_rnn.evaluate:main", "evaluate a checkpoint"),
+    "demo": ("rwkv_diffusion_rnn.demo:main", "the offline end-to-end demo"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: diffrwkv <verb> [options]   (diffrwkv <verb> --help for its options)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def run_main(fn, argv: list[str] | None) -> int:
+    """Call an entry point, turning a DiffRwkvError into one line on stderr and exit status 2."""
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    try:
+        return int(fn(argv) or 0)
+    except DiffRwkvError as exc:
+        if os.environ.get("DIFFRWKV_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb '{verb}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = VERBS[verb]
+    module_name, fn_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"error: 'diffrwkv {verb}' is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return run_main(getattr(module, fn_name), rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
