@@ -16,8 +16,14 @@ import sys
 
 #: verb -> ("module:function", one-line help). Registry rather than if/elif: adding a verb is one line.
 VERBS: dict[str, tuple[str, str]] = {
-    "smoke": ("rwkv_diffusion_rnn.smoke:main", "load (or build) an RWKV-7 checkpoint, tokenize, forward: a quick check"),
-    "convert": ("rwkv_diffusion_rnn.pretrained_rwkv:convert_main", "convert a checkpoint: BlinkDL .pth <-> HF safetensors"),
+    "smoke": (
+        "rwkv_diffusion_rnn.smoke:main",
+        "load (or build) an RWKV-7 checkpoint, tokenize, forward: a quick check",
+    ),
+    "convert": (
+        "rwkv_diffusion_rnn.pretrained_rwkv:convert_main",
+        "convert a checkpoint: BlinkDL .pth <-> HF safetensors",
+    ),
     "prepare-latents": ("rwkv_diffusion_rnn.prepare_latents:main", "encode text into 32-d latents (seed layout)"),
     "tokenize": ("rwkv_diffusion_rnn.preprocess_tokenize_text:main", "tokenize the JSON rows into .npz files"),
     "pack": ("rwkv_diffusion_rnn.data_pack:main", "pack a dataset into memory-mapped arrays"),

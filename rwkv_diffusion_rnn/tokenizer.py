@@ -35,7 +35,9 @@ def _world_vocab_path() -> str:
     try:
         import pyrwkv_tokenizer
     except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise DiffRwkvError("the RWKV World tokenizer needs the package 'pyrwkv-tokenizer' (pip install pyrwkv-tokenizer)") from exc
+        raise DiffRwkvError(
+            "the RWKV World tokenizer needs the package 'pyrwkv-tokenizer' (pip install pyrwkv-tokenizer)"
+        ) from exc
     return str(Path(pyrwkv_tokenizer.__file__).with_name("rwkv_vocab_v20230424.txt"))
 
 
@@ -105,7 +107,9 @@ class RWKVWorldTokenizer:
             elif 0 < i < len(table):
                 out.append(table[i])
             else:
-                raise DiffRwkvError(f"token id {i} is outside the World vocabulary (0..{len(table) - 1}, mask {MASK_ID})")
+                raise DiffRwkvError(
+                    f"token id {i} is outside the World vocabulary (0..{len(table) - 1}, mask {MASK_ID})"
+                )
         return b"".join(out).decode("utf-8", errors="replace")
 
     def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:

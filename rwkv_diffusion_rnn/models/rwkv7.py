@@ -1,0 +1,401 @@
+"""RWKV-7 ("Goose", x070) in PyTorch, with BlinkDL's parameter names.
+
+A g1 ``.pth`` checkpoint loads into :class:`RWKV7` with ``load_state_dict`` and no renaming; the sizes (layers,
+width, head size, FFN width and the four low-rank widths) are read from the checkpoint's shapes
+(:meth:`RWKV7Config.from_state_dict`). The computation follows BlinkDL's ``RWKV_x070`` (``rwkv`` package), which the
+tests use as the oracle.
+
+Shapes: B batch, T time, C = n_embd, H heads, N = head size (64), L layers, V vocabulary.
+
+The model takes and returns a recurrent :class:`RWKV7State`, so a sequence processed in pieces equals one pass.
+Right-padded batches are handled through ``attention_mask`` (1 = token, 0 = padding at the end of a row): padding
+leaves the state untouched, so the returned state is each row's state after its last real token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.wkv7 import wkv7
+
+#: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
+DECAY_SCALE = math.exp(-0.5)
+
+
+def default_lora_dims(n_embd: int) -> dict[str, int]:
+    """Low-rank widths BlinkDL's trainer uses for a new model of width C (g1 0.1B: 64 / 64 / 32 / 128)."""
+    root = n_embd**0.5
+
+    def r32(x: float) -> int:
+        return max(32, int(round(x / 32) * 32))
+
+    return {"d_decay": r32(2.5 * root), "d_aaa": r32(2.5 * root), "d_mv": r32(1.7 * root), "d_gate": r32(5 * root)}
+
+
+@dataclass
+class RWKV7Config:
+    """Sizes of an RWKV-7 model. ``from_state_dict`` reads them from a checkpoint; nothing is assumed."""
+
+    vocab_size: int = 65536
+    n_embd: int = 768
+    n_layer: int = 12
+    head_size: int = 64
+    dim_ffn: int = 3072
+    d_decay: int = 64  # w1/w2: low-rank width of the data-dependent decay
+    d_aaa: int = 64  # a1/a2: in-context learning rate
+    d_mv: int = 32  # v1/v2: value residual mix
+    d_gate: int = 128  # g1/g2: output gate
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    @classmethod
+    def for_shape(cls, n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: int = 64) -> RWKV7Config:
+        """A new model's config with BlinkDL's defaults (FFN 4x, low-rank widths from :func:`default_lora_dims`)."""
+        if n_embd % head_size:
+            raise DiffRwkvError(f"n_embd {n_embd} must be a multiple of the head size {head_size}")
+        return cls(vocab_size, n_embd, n_layer, head_size, 4 * n_embd, **default_lora_dims(n_embd))
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> RWKV7Config:
+        def get(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise DiffRwkvError(
+                    f"{source}: missing tensor '{name}' (not an RWKV-7 checkpoint in BlinkDL's format?)"
+                )
+            return sd[name]
+
+        vocab_size, n_embd = get("emb.weight").shape
+        n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+        if n_layer == 0:
+            raise DiffRwkvError(f"{source}: no 'blocks.N.*' tensors found")
+        n_head, head_size = get("blocks.0.att.r_k").shape
+        return cls(
+            vocab_size=int(vocab_size),
+            n_embd=int(n_embd),
+            n_layer=n_layer,
+            head_size=int(head_size),
+            dim_ffn=int(get("blocks.0.ffn.key.weight").shape[0]),
+            d_decay=int(get("blocks.0.att.w1").shape[1]),
+            d_aaa=int(get("blocks.0.att.a1").shape[1]),
+            d_mv=int(sd["blocks.1.att.v1"].shape[1]) if "blocks.1.att.v1" in sd else default_lora_dims(n_embd)["d_mv"],
+            d_gate=int(get("blocks.0.att.g1").shape[1]),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RWKV7State:
+    """Recurrent state of every layer.
+
+    att_x: ``[L, B, C]`` last input of each time-mix (token shift); ffn_x: ``[L, B, C]`` same for channel-mix;
+    wkv: ``[L, B, H, N, N]`` fp32 WKV matrices in fla's ``S[k, v]`` layout.
+    """
+
+    att_x: torch.Tensor
+    wkv: torch.Tensor
+    ffn_x: torch.Tensor
+
+    @classmethod
+    def zeros(cls, cfg: RWKV7Config, batch: int, device=None, dtype=torch.float32) -> RWKV7State:
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        return cls(
+            att_x=torch.zeros(L, batch, C, device=device, dtype=dtype),
+            wkv=torch.zeros(L, batch, H, N, N, device=device, dtype=torch.float32),
+            ffn_x=torch.zeros(L, batch, C, device=device, dtype=dtype),
+        )
+
+    def index_select(self, rows: torch.Tensor) -> RWKV7State:
+        return RWKV7State(self.att_x[:, rows], self.wkv[:, rows], self.ffn_x[:, rows])
+
+    def detach(self) -> RWKV7State:
+        return RWKV7State(self.att_x.detach(), self.wkv.detach(), self.ffn_x.detach())
+
+    @property
+    def batch_size(self) -> int:
+        return self.att_x.shape[1]
+
+
+def _token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """``[B, T, C]`` -> the previous token's vector at every position (``prev`` ``[B, C]`` before position 0)."""
+    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def _last_valid(x: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Each row's input at its last real position (``prev`` for an empty row): the token-shift state to carry."""
+    if lengths is None:
+        return x[:, -1]
+    idx = (lengths - 1).clamp(min=0)
+    last = x[torch.arange(x.shape[0], device=x.device), idx]
+    return torch.where((lengths > 0).unsqueeze(-1), last, prev)
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mixing (attention replacement) of one layer."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.n_head, self.head_size = H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
+        self.w1, self.w2 = nn.Parameter(torch.empty(C, cfg.d_decay)), nn.Parameter(torch.empty(cfg.d_decay, C))
+        self.a1, self.a2 = nn.Parameter(torch.empty(C, cfg.d_aaa)), nn.Parameter(torch.empty(cfg.d_aaa, C))
+        if layer_id > 0:  # layer 0 defines v_first; BlinkDL's files may still carry unused blocks.0.att.v0/v1/v2
+            self.v0 = nn.Parameter(torch.empty(1, 1, C))
+            self.v1, self.v2 = nn.Parameter(torch.empty(C, cfg.d_mv)), nn.Parameter(torch.empty(cfg.d_mv, C))
+        self.g1, self.g2 = nn.Parameter(torch.empty(C, cfg.d_gate)), nn.Parameter(torch.empty(cfg.d_gate, C))
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=N * 1e-5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        v_first: torch.Tensor | None,
+        pad: torch.Tensor | None,
+        backend: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, T, C]`` (after ln1), shift ``[B, C]``, wkv_state ``[B, H, N, N]``, pad ``[B, T, 1]`` bool or None.
+
+        Returns the output ``[B, T, C]``, the new WKV state and ``v_first`` (layer 0's values, mixed into later layers).
+        """
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = _token_shift(x, shift) - x
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        # log decay in fp32: the decay compounds over the sequence, bf16 would lose it
+        w = -DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+
+        b = kk * a
+        if pad is not None:
+            # padding must not touch the state: decay 1 (log 0), no write (k = 0), no transition term (b = 0)
+            w = w.masked_fill(pad, 0.0)
+            k = k.masked_fill(pad, 0.0)
+            b = b.masked_fill(pad, 0.0)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, H, N)
+
+        o, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(b), wkv_state, backend)
+        o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
+        o = o + ((r * k * self.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)).view(
+            B, T, C
+        )
+        return self.output(o * g), wkv_state, v_first
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 channel mixing (squared-ReLU FFN with token shift)."""
+
+    def __init__(self, cfg: RWKV7Config) -> None:
+        super().__init__()
+        self.x_k = nn.Parameter(torch.empty(1, 1, cfg.n_embd))
+        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        k = x + (_token_shift(x, shift) - x) * self.x_k
+        return self.value(torch.relu(self.key(k)) ** 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(self, x, att_x, wkv, ffn_x, v_first, pad, lengths, backend):
+        """One layer. Returns ``x``, the layer's new (att_x, wkv, ffn_x) and ``v_first``."""
+        h = self.ln1(x)
+        dx, wkv, v_first = self.att(h, att_x, wkv, v_first, pad, backend)
+        att_x = _last_valid(h, att_x, lengths)
+        x = x + dx
+        h = self.ln2(x)
+        x = x + self.ffn(h, ffn_x)
+        return x, (att_x, wkv, _last_valid(h, ffn_x, lengths)), v_first
+
+
+#: ``pre_block(layer_id, x) -> x``: a hook the denoiser uses to condition every block (e.g. FiLM on time).
+PreBlockHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class RWKV7(nn.Module):
+    """RWKV-7 language model: ``emb`` -> ``blocks`` -> ``ln_out`` -> ``head``.
+
+    ``model(input_ids)`` returns logits ``[B, T, V]``; ``model(input_ids, state=s, return_state=True)`` returns
+    ``(logits, new_state)``; :meth:`hidden_states` returns the final normalised hidden states ``[B, T, C]`` instead
+    of logits; :meth:`forward_embeds` starts from input embeddings (used by the denoiser to add latent positions).
+    """
+
+    def __init__(self, cfg: RWKV7Config, wkv_backend: str | None = None, init: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wkv_backend = wkv_backend
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if init:  # skipped when weights are about to be loaded (e.g. built on the meta device)
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ forward
+    def forward_embeds(
+        self,
+        x: torch.Tensor,
+        state: RWKV7State | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pre_block: PreBlockHook | None = None,
+    ) -> tuple[torch.Tensor, RWKV7State]:
+        """Run the blocks on embeddings ``x`` ``[B, T, C]``; returns the hidden states BEFORE ``ln_out`` and the state.
+
+        ``attention_mask`` ``[B, T]`` (1 = token, 0 = right padding). ``ln0`` is applied here, so ``x`` is the raw
+        embedding (``emb(input_ids)``), exactly as in BlinkDL's model.
+        """
+        B, T, _ = x.shape
+        if state is None:
+            state = RWKV7State.zeros(self.cfg, B, x.device, x.dtype)
+        elif state.batch_size != B:
+            raise DiffRwkvError(f"state has batch size {state.batch_size}, input has {B}")
+        pad = lengths = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            if mask.shape != (B, T):
+                raise DiffRwkvError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, T)}")
+            if T > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+                raise DiffRwkvError("attention_mask must be right-padded (ones, then zeros) in every row")
+            if not bool(mask.all()):
+                pad, lengths = ~mask.unsqueeze(-1), mask.sum(1)
+        x = self.blocks[0].ln0(x)
+        att_x, wkv, ffn_x = [], [], []
+        v_first = None
+        for i, block in enumerate(self.blocks):
+            if pre_block is not None:
+                x = pre_block(i, x)
+            x, (ax, s, fx), v_first = block(
+                x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first, pad, lengths, self.wkv_backend
+            )
+            att_x.append(ax)
+            wkv.append(s)
+            ffn_x.append(fx)
+        return x, RWKV7State(torch.stack(att_x), torch.stack(wkv), torch.stack(ffn_x))
+
+    def hidden_states(self, input_ids, state=None, attention_mask=None, return_state: bool = False):
+        """Final hidden states after ``ln_out``, ``[B, T, C]`` (and the new state if ``return_state``)."""
+        h, new_state = self.forward_embeds(self.emb(input_ids), state, attention_mask)
+        h = self.ln_out(h)
+        return (h, new_state) if return_state else h
+
+    def forward(self, input_ids, state=None, attention_mask=None, return_state: bool = False):
+        """Logits ``[B, T, V]`` (and the new :class:`RWKV7State` if ``return_state``)."""
+        h, new_state = self.hidden_states(input_ids, state, attention_mask, return_state=True)
+        logits = self.head(h)
+        return (logits, new_state) if return_state else logits
+
+    # ------------------------------------------------------------------ state dict compatibility
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # BlinkDL's files carry blocks.0.att.v0/v1/v2, which layer 0 never uses: drop them quietly.
+        for name in ("v0", "v1", "v2"):
+            state_dict.pop(f"{prefix}blocks.0.att.{name}", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ init for training from scratch
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise a new model the way BlinkDL's RWKV-7 trainer does (layer-dependent mixes and decay spectrum,
+        zero output projections, tiny embeddings), so that training from scratch is well-conditioned."""
+        cfg = self.cfg
+        C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
+        ddd = torch.arange(C, dtype=torch.float32) / C
+        n = torch.arange(C, dtype=torch.float32)
+        linear = n / max(C - 1, 1) - 0.5
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+        self.emb.weight.uniform_(-1e-4, 1e-4)
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(max(cfg.vocab_size / C, 1.0)))
+        for lid, blk in enumerate(self.blocks):
+            r01 = lid / max(L - 1, 1)
+            r10 = 1.0 - lid / L
+            for ln in (blk.ln1, blk.ln2) + ((blk.ln0,) if lid == 0 else ()):
+                ln.reset_parameters()
+            att = blk.att
+            for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+                getattr(att, name).copy_((1.0 - ddd ** (p * r10)).view(1, 1, C))
+            decay = -6 + 6 * (n / max(C - 1, 1)) ** (1 + r01**0.3)
+            att.w0.copy_((decay + 0.5 + zigzag * 2.5).view(1, 1, C))
+            att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+            att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
+            att.k_a.fill_(1.02)
+            att.r_k.fill_(-0.04)
+            lows = [("w1", "w2"), ("a1", "a2"), ("g1", "g2")] + ([("v1", "v2")] if lid > 0 else [])
+            for first, second in lows:
+                getattr(att, first).zero_()
+                nn.init.orthogonal_(getattr(att, second), gain=0.1)
+            if lid > 0:
+                att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
+            s = 1 / math.sqrt(C)
+            att.receptance.weight.uniform_(-0.5 * s, 0.5 * s)
+            att.key.weight.uniform_(-0.05 * s, 0.05 * s)
+            att.value.weight.uniform_(-0.5 * s, 0.5 * s)
+            att.output.weight.zero_()
+            att.ln_x.weight.fill_(((1 + lid) / L) ** 0.7)
+            att.ln_x.bias.zero_()
+            blk.ffn.x_k.copy_((1.0 - ddd ** (r10**4)).view(1, 1, C))
+            blk.ffn.key.weight.uniform_(-0.5 * s, 0.5 * s)
+            blk.ffn.value.weight.zero_()
+        self.ln_out.reset_parameters()
+
+
+def random_rwkv7(cfg: RWKV7Config, seed: int = 0, wkv_backend: str | None = None) -> RWKV7:
+    """A model with BlinkDL's init plus noise on every tensor, so no path is zero (a fresh init zeroes the output
+    projections). For tests, smoke runs and benchmarks that need a checkpoint but have no pretrained weights."""
+    g = torch.Generator().manual_seed(seed)
+    model = RWKV7(cfg, wkv_backend=wkv_backend)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name == "emb.weight":
+                p.copy_(noise)
+            elif p.ndim >= 2 and not name.endswith("r_k"):
+                p.add_(noise * 0.5 / cfg.n_embd**0.5)
+            else:
+                p.add_(noise * 0.1)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""The WKV-7 recurrence of RWKV-7 ("Goose"), with interchangeable backends.
+
+Per head, with key/value size N (= 64 in every g1 model), the state S is an N x N matrix stored as ``S[k, v]`` (fla's
+layout; BlinkDL's code keeps the transpose ``S[v, k]``). For each step t::
+
+    S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T
+    o_t = S_t^T r_t
+
+``w`` is the LOG decay (w <= 0; RWKV-7 uses w = -exp(-0.5) * sigmoid(.)), and RWKV-7 sets ``a = -kk`` and
+``b = kk * a_gate`` so that ``diag(w) + a b^T`` is a (scaled) generalised Householder transition.
+
+Backends
+--------
+``reference``  plain PyTorch loop over time with an fp32 state: runs anywhere, differentiable, the ground truth.
+``fla``        fla's Triton ``chunk_rwkv7`` (CUDA only; install ``diffrwkv[gpu]``).
+``auto``       ``fla`` for CUDA tensors when fla imports, else ``reference``.
+
+The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
+``DIFFRWKV_WKV_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+WKVFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BACKENDS: dict[str, WKVFn] = {}
+
+
+def register_backend(name: str) -> Callable[[WKVFn], WKVFn]:
+    def deco(fn: WKVFn) -> WKVFn:
+        BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_backend("reference")
+def wkv7_reference(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential WKV-7.
+
+    Args:
+        r, w, k, a, b: ``[B, T, H, N]``; ``w`` is the log decay.
+        v: ``[B, T, H, N]``.
+        state: ``[B, H, N, N]`` (``S[k, v]``), fp32; zeros when None.
+
+    Returns:
+        ``o`` ``[B, T, H, N]`` in the dtype of ``r``, and the final state ``[B, H, N, N]`` in fp32.
+    """
+    B, T, H, N = r.shape
+    dtype = r.dtype
+    # The state accumulates over the whole sequence: keep it (and the step's operands) in fp32 whatever the
+    # activation dtype, as BlinkDL's reference does.
+    r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+    S = state.float() if state is not None else r.new_zeros(B, H, N, N)
+    decay = torch.exp(w)
+    outs = []
+    for t in range(T):
+        sa = torch.einsum("bhk,bhkv->bhv", a[:, t], S)
+        S = (
+            S * decay[:, t, :, :, None]
+            + b[:, t, :, :, None] * sa[:, :, None, :]
+            + k[:, t, :, :, None] * v[:, t, :, None, :]
+        )
+        outs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], S))
+    o = torch.stack(outs, dim=1) if outs else r.new_zeros(B, 0, H, N)
+    return o.to(dtype), S
+
+
+@lru_cache(maxsize=1)
+def _fla_chunk():
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception:  # ImportError, or a Triton/driver problem surfacing at import
+        return None
+    return chunk_rwkv7
+
+
+@register_backend("fla")
+def wkv7_fla(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's chunked Triton kernel; same contract as :func:`wkv7_reference`."""
+    chunk = _fla_chunk()
+    if chunk is None:
+        raise DiffRwkvError(
+            "WKV backend 'fla' needs flash-linear-attention on a CUDA machine (pip install 'diffrwkv[gpu]')"
+        )
+    if not r.is_cuda:
+        raise DiffRwkvError("WKV backend 'fla' runs on CUDA tensors only; use backend 'reference' on the CPU")
+    # Gradients of w/k/v/a/b flow through fla's backward kernels; the state stays fp32.
+    o, S = chunk(
+        r=r,
+        w=w,
+        k=k,
+        v=v,
+        a=a,
+        b=b,
+        scale=1.0,
+        initial_state=state.float() if state is not None else None,
+        output_final_state=True,
+    )
+    return o, S
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    name = name or os.environ.get("DIFFRWKV_WKV_BACKEND") or "auto"
+    if name == "auto":
+        return "fla" if device.type == "cuda" and _fla_chunk() is not None else "reference"
+    if name not in BACKENDS:
+        raise DiffRwkvError(f"unknown WKV backend '{name}'; expected one of: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to a backend (see module docstring). Shapes as in :func:`wkv7_reference`."""
+    return BACKENDS[resolve_backend(backend, r.device)](r, w, k, v, a, b, state)

@@ -1,0 +1,133 @@
+"""Loading and converting checkpoints: formats, integrity errors, no code execution, offline hub."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.pretrained_rwkv import (
+    blink_to_fla,
+    convert_main,
+    fla_to_blink,
+    load_rwkv_model,
+    read_local_checkpoint,
+    save_pth,
+)
+from tests.conftest import random_rwkv7
+
+
+@pytest.fixture
+def pth(tmp_path):
+    path = tmp_path / "model.pth"
+    save_pth(random_rwkv7(2, 128, vocab_size=500, seed=torch.seed() % 2**31).state_dict(), path)
+    return path
+
+
+def _logits(path, ids):
+    with torch.no_grad():
+        return load_rwkv_model(path)(ids)
+
+
+def test_pth_to_hf_to_pth_identical(tmp_path, pth):
+    ids = torch.randint(1, 500, (2, 12))
+    assert convert_main([str(pth), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert torch.equal(_logits(pth, ids), _logits(tmp_path / "hf", ids))
+    assert convert_main([str(tmp_path / "hf"), str(tmp_path / "back.pth")]) == 0
+    a, b = read_local_checkpoint(pth), read_local_checkpoint(tmp_path / "back.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fla_names_round_trip_and_match_fla_layout(pth):
+    sd = read_local_checkpoint(pth)
+    fla = blink_to_fla(sd)
+    assert fla["model.layers.1.attn.w_lora.lora.0.weight"].shape == sd["blocks.1.att.w1"].shape[::-1]
+    assert fla["model.layers.0.attn.k_k"].ndim == 1 and fla["model.layers.0.attn.x_r"].shape == (1, 1, 128)
+    assert "model.layers.0.attn.v_lora.lora.0.weight" not in fla  # layer 0 has no value-residual LoRA
+    back = fla_to_blink(fla)
+    assert all(torch.equal(back[k], sd[k]) for k in back) and set(sd) - set(back) <= {"blocks.0.att.v0"}
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(DiffRwkvError, match="nope.pth: checkpoint not found"):
+        load_rwkv_model(tmp_path / "nope.pth")
+
+
+def test_truncated_pth_names_file(tmp_path, pth):
+    data = pth.read_bytes()
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DiffRwkvError, match=r"cut.pth: cannot read checkpoint") as e:
+        load_rwkv_model(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_safetensors_names_file(tmp_path, pth):
+    convert_main([str(pth), str(tmp_path / "hf")])
+    f = tmp_path / "hf" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(DiffRwkvError, match=r"model.safetensors: cannot read safetensors"):
+        load_rwkv_model(tmp_path / "hf")
+
+
+def test_wrong_shape_names_tensor(tmp_path, pth):
+    sd = read_local_checkpoint(pth)
+    sd["blocks.1.att.key.weight"] = torch.zeros(128, 64)
+    save_pth(sd, tmp_path / "bad.pth")
+    with pytest.raises(
+        DiffRwkvError, match=r"bad.pth: tensor 'blocks.1.att.key.weight' has shape \[128, 64\], expected \[128, 128\]"
+    ):
+        load_rwkv_model(tmp_path / "bad.pth")
+
+
+def test_missing_and_unexpected_tensor(tmp_path, pth):
+    sd = read_local_checkpoint(pth)
+    del sd["blocks.1.ffn.x_k"]
+    save_pth(sd, tmp_path / "missing.pth")
+    with pytest.raises(DiffRwkvError, match=r"missing.pth: missing tensor 'blocks.1.ffn.x_k'"):
+        load_rwkv_model(tmp_path / "missing.pth")
+    sd = read_local_checkpoint(pth)
+    sd["blocks.1.att.extra"] = torch.zeros(3)
+    save_pth(sd, tmp_path / "extra.pth")
+    with pytest.raises(DiffRwkvError, match=r"extra.pth: unexpected tensor 'blocks.1.att.extra'"):
+        load_rwkv_model(tmp_path / "extra.pth")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, capfd):
+    path = tmp_path / "evil.pth"
+    torch.save({"emb.weight": torch.zeros(2, 2), "x": _Boom()}, path)
+    with pytest.raises(DiffRwkvError, match="evil.pth: refused to unpickle"):
+        load_rwkv_model(path)
+    assert "this must never run" not in capfd.readouterr().out
+
+
+def test_offline_hub_error_names_file_and_option(tmp_path):
+    with pytest.raises(DiffRwkvError) as e:
+        load_rwkv_model(
+            "BlinkDL/rwkv7-g1", filename="rwkv7-g1a-0.1b.pth", cache_dir=str(tmp_path), local_files_only=True
+        )
+    msg = str(e.value)
+    assert "rwkv7-g1a-0.1b.pth" in msg and "BlinkDL/rwkv7-g1" in msg and "model.rwkv_name" in msg and "\n" not in msg
+
+
+def test_convert_cli_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.cli", "convert", str(tmp_path / "x.pth"), str(tmp_path / "o")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {tmp_path / 'x.pth'}: checkpoint not found"
+    assert not (tmp_path / "o").exists()
+
+
+def test_dtype_and_device_arguments(pth):
+    model = load_rwkv_model(pth, dtype="bf16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not model.training
