@@ -7,7 +7,7 @@ ids and returns logits; this module turns them into the SUBS parameterisation an
 
     NELBO = E_t E_q [ w(t) * sum_{masked, non-pad i} -log p_theta(x_i | z_t) ],    w(t) = -alpha'(t) / (1 - alpha(t))
 
-(MDLM eq. 10-11). It holds no weights: it wraps any denoiser through the logits it produced.
+(MDLM §3, its continuous-time limit). It holds no weights: it wraps any denoiser through the logits it produced.
 
 Conventions the trainer relies on:
 
@@ -49,7 +49,7 @@ def sample_uniform_t(
 ) -> torch.Tensor:
     """Draw one diffusion time per row, ``[B]`` float32 in ``(t_min, 1]``.
 
-    With ``antithetic`` the low-discrepancy sampler of Kingma et al. 2021 (VDM, appendix I.2), as used by MDLM:
+    With ``antithetic`` the low-discrepancy sampler of Kingma et al. 2021 (VDM), as used by MDLM:
     ``u_i = (r + i / B) mod 1`` with one ``r ~ U[0, 1)``, so every stratum ``[k/B, (k+1)/B)`` holds exactly one
     sample and the variance of the batch-mean loss drops. The strata are then shuffled over rows, so a trainer that
     splits a batch by rows (e.g. half l2t, half t2l) does not hand one half only the small times. ``u`` maps to
@@ -92,7 +92,7 @@ class MaskingSchedule:
         return 1.0 - self.alpha(t)
 
     def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """Continuous-time NELBO weight ``-alpha'(t) / (1 - alpha(t))`` (MDLM eq. 10), ``[B]``.
+        """Continuous-time NELBO weight ``-alpha'(t) / (1 - alpha(t))`` (MDLM §3), ``[B]``.
 
         At ``t = 0`` the weight is infinite in theory; here the denominator is floored at the smallest normal
         float32, so the weight is huge but finite and ``weight * 0 masked tokens = 0`` stays 0 (not NaN).
@@ -214,7 +214,7 @@ class MaskedDiffusion:
         _check_bt(input_ids, attention_mask, t)
         p = self.schedule.mask_prob(t.float())  # [B]
         u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-        masked = u < p[:, None]
+        masked = (u < p[:, None]) & attention_mask.bool()
         noisy_ids = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
         return noisy_ids, masked
 

@@ -281,7 +281,7 @@ def test_elbo_weighting_analytic_identity(t_fixed):
     nll = -torch.log_softmax(class_logits[:VOCAB], -1)[ids]  # [B, T]
     expected = (1 - eps) * (nll * attn).sum() / attn.sum()
     losses = []
-    for _ in range(300):
+    for _ in range(200):
         t = proc.sample_t(32, "cpu", gen) if t_fixed is None else torch.full((32,), t_fixed)
         noisy, _ = proc.corrupt(ids, attn, t, gen)
         losses.append(proc.loss(logits, ids, noisy, attn, t)[0])

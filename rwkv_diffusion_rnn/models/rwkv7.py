@@ -388,7 +388,9 @@ def random_rwkv7(cfg: RWKV7Config, seed: int = 0, wkv_backend: str | None = None
     """A model with BlinkDL's init plus noise on every tensor, so no path is zero (a fresh init zeroes the output
     projections). For tests, smoke runs and benchmarks that need a checkpoint but have no pretrained weights."""
     g = torch.Generator().manual_seed(seed)
-    model = RWKV7(cfg, wkv_backend=wkv_backend)
+    with torch.random.fork_rng(devices=[]):  # the base init draws from the global RNG: make it part of the seed
+        torch.manual_seed(seed)
+        model = RWKV7(cfg, wkv_backend=wkv_backend)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)

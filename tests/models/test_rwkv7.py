@@ -163,3 +163,13 @@ def test_hidden_states_feed_the_head():
         h = model.hidden_states(ids)
         assert h.shape == (2, 7, 64)
         torch.testing.assert_close(model.head(h), model(ids))
+
+
+def test_random_checkpoint_is_a_function_of_its_seed():
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config
+    from rwkv_diffusion_rnn.models.rwkv7 import random_rwkv7 as make
+
+    cfg = RWKV7Config.for_shape(2, 64, 100)
+    a, b, c = make(cfg, seed=3).state_dict(), make(cfg, seed=3).state_dict(), make(cfg, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.1.att.receptance.weight"], c["blocks.1.att.receptance.weight"])
