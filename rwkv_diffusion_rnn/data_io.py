@@ -16,8 +16,8 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +87,8 @@ def staged_output(final: str | os.PathLike, *, overwrite: bool) -> Iterator[Path
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        with suppress(OSError):
+            stage.parent.rmdir()  # only if empty: a tool's resumable work in <final>.partial is kept
         raise
     old = final.with_name(f".{final.name}.old.{os.getpid()}")
     if final.exists():
@@ -99,7 +101,7 @@ def staged_output(final: str | os.PathLike, *, overwrite: bool) -> Iterator[Path
 # ---------------------------------------------------------------------------------------------------- dataset JSON
 
 
-def resolve_inside(root: Path, rel: str, *, where: str, _dirs: dict[str, str] | None = None) -> Path:
+def resolve_inside(root: Path, rel: str, *, where: str, _dirs: dict[str, str] | None = None) -> str:
     """Resolve ``rel`` against ``root``; refuse a path that leaves ``root`` (``../../etc/passwd``, absolute paths,
     symlinked folders pointing outside). ``root`` must already be resolved. ``_dirs`` caches resolved parent folders
     (resolving every file costs ~40 us; 145k rows share a handful of folders)."""
@@ -111,8 +113,10 @@ def resolve_inside(root: Path, rel: str, *, where: str, _dirs: dict[str, str] | 
     real_parent = cache[parent]
     root_s = str(root)
     if not (real_parent == root_s or real_parent.startswith(root_s.rstrip(os.sep) + os.sep)) or name in ("", "..", "."):
-        raise DiffRwkvError(f"{where}: latent_path {one_line(rel)} escapes the data folder; expected a path inside {root}")
-    return Path(real_parent, name)
+        raise DiffRwkvError(
+            f"{where}: latent_path {one_line(rel)} escapes the data folder; expected a path inside {root}"
+        )
+    return os.path.join(real_parent, name)
 
 
 @dataclass(frozen=True)
@@ -121,64 +125,98 @@ class DatasetRow:
 
     row: int
     text: str
-    latent_path: Path | None
+    latent_path: str | None  # absolute path (a string: 145k Path objects cost seconds)
     key: str  # token/latent pairing key: the latent file's stem, or the zero-padded row number
 
 
-def read_dataset_json(path: str | os.PathLike, *, require_latent: bool = True, root: Path | None = None) -> list[DatasetRow]:
+def read_dataset_json(
+    path: str | os.PathLike,
+    *,
+    require_latent: bool = True,
+    root: Path | None = None,
+    on_problem: Callable[[str], None] | None = None,
+) -> list[DatasetRow]:
     """Read and validate a seed-format dataset JSON.
 
     Checks: valid JSON; a list; every row an object with a non-empty string ``text``; ``latent_path`` (when
     ``require_latent``) a string inside ``root`` (default: the JSON's folder); no two rows with the same latent file
-    or pairing key. Raises DiffRwkvError naming the file and row at the first problem.
+    or pairing key. Raises DiffRwkvError naming the file and row at the first problem -- or, with ``on_problem``,
+    reports each bad row to it and leaves the row out (a file that is not a JSON list always raises).
     """
     path = Path(path)
     if not path.is_file():
-        raise DiffRwkvError(f"{path}: file not found; expected the dataset JSON (a list of rows with 'text', 'latent_path')")
+        raise DiffRwkvError(
+            f"{path}: file not found; expected the dataset JSON (a list of rows with 'text', 'latent_path')"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
-        raise DiffRwkvError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); expected a JSON list of rows") from exc
+        raise DiffRwkvError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); expected a JSON list of rows"
+        ) from exc
     except UnicodeDecodeError as exc:
-        raise DiffRwkvError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a UTF-8 JSON file") from exc
+        raise DiffRwkvError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a UTF-8 JSON file"
+        ) from exc
     if not isinstance(data, list):
         raise DiffRwkvError(f"{path}: top level is a JSON {type(data).__name__}; expected a JSON list of rows")
     root = (root or path.parent).resolve()
     dirs: dict[str, str] = {}
     rows: list[DatasetRow] = []
-    seen_latent: dict[Path, int] = {}
+    seen_latent: dict[str, int] = {}
     seen_key: dict[str, int] = {}
     for i, item in enumerate(data):
-        where = f"{path}: row {i}"
-        if not isinstance(item, dict):
-            raise DiffRwkvError(f"{where}: is a JSON {type(item).__name__}; expected an object with 'text' and 'latent_path'")
-        if "text" not in item:
-            raise DiffRwkvError(f"{where}: has no 'text' (keys: {', '.join(sorted(item)) or 'none'}); expected a non-empty string")
-        text = item["text"]
-        if not isinstance(text, str):
-            raise DiffRwkvError(f"{where}: 'text' is a {type(text).__name__}; expected a non-empty string")
-        if not text.strip():
-            raise DiffRwkvError(f"{where}: 'text' is empty; expected a non-empty string")
-        latent = item.get("latent_path")
-        if latent is None:
-            if require_latent:
-                raise DiffRwkvError(f"{where}: has no 'latent_path'; expected the path of its .npy latent file")
-            rows.append(DatasetRow(i, text, None, f"{i:08d}"))
-            key = rows[-1].key
-        else:
-            if not isinstance(latent, str) or not latent:
-                raise DiffRwkvError(f"{where}: 'latent_path' is {one_line(latent)}; expected a non-empty string")
-            lpath = resolve_inside(root, latent, where=where, _dirs=dirs)
-            if lpath in seen_latent:
-                raise DiffRwkvError(f"{where}: duplicates row {seen_latent[lpath]} (same latent_path {one_line(latent)}); expected one row per latent file")
-            seen_latent[lpath] = i
-            key = lpath.stem
-            rows.append(DatasetRow(i, text, lpath, key))
-        if key in seen_key:
-            raise DiffRwkvError(f"{where}: pairing key {key!r} (latent file name) is also row {seen_key[key]}'s; expected unique latent file names")
-        seen_key[key] = i
+        try:
+            row = _check_row(path, i, item, root, require_latent, seen_latent, seen_key, dirs)
+        except DiffRwkvError as exc:
+            if on_problem is None:
+                raise
+            on_problem(str(exc))
+            continue
+        rows.append(row)
     return rows
+
+
+def _check_row(path, i, item, root, require_latent, seen_latent, seen_key, dirs) -> DatasetRow:
+    where = f"{path}: row {i}"
+    if not isinstance(item, dict):
+        raise DiffRwkvError(
+            f"{where}: is a JSON {type(item).__name__}; expected an object with 'text' and 'latent_path'"
+        )
+    if "text" not in item:
+        keys = ", ".join(sorted(item)) or "none"
+        raise DiffRwkvError(f"{where}: has no 'text' (keys: {keys}); expected a non-empty string")
+    text = item["text"]
+    if not isinstance(text, str):
+        raise DiffRwkvError(f"{where}: 'text' is a {type(text).__name__}; expected a non-empty string")
+    if not text.strip():
+        raise DiffRwkvError(f"{where}: 'text' is empty; expected a non-empty string")
+    latent = item.get("latent_path")
+    lpath = None
+    if latent is None:
+        if require_latent:
+            raise DiffRwkvError(f"{where}: has no 'latent_path'; expected the path of its .npy latent file")
+        key = f"{i:08d}"
+    else:
+        if not isinstance(latent, str) or not latent:
+            raise DiffRwkvError(f"{where}: 'latent_path' is {one_line(latent)}; expected a non-empty string")
+        lpath = resolve_inside(root, latent, where=where, _dirs=dirs)
+        if lpath in seen_latent:
+            raise DiffRwkvError(
+                f"{where}: duplicates row {seen_latent[lpath]} (same latent_path {one_line(latent)}); "
+                "expected one row per latent file"
+            )
+        key = os.path.splitext(os.path.basename(lpath))[0]
+    if key in seen_key:
+        raise DiffRwkvError(
+            f"{where}: pairing key {key!r} (latent file name) is also row {seen_key[key]}'s; "
+            "expected unique latent file names"
+        )
+    if lpath is not None:
+        seen_latent[lpath] = i
+    seen_key[key] = i
+    return DatasetRow(i, text, lpath, key)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -192,16 +230,20 @@ def file_sha256(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------------- per-row files
 
 
-def load_latent(path: Path, *, dim: int | None, where: str) -> np.ndarray:
+def load_latent(path: str | os.PathLike, *, dim: int | None, where: str) -> np.ndarray:
     """Read one latent ``.npy`` -> float32 ``[D]``; shape ``[1, D]`` is accepted. Checks dim and finiteness."""
     try:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
         raise DiffRwkvError(f"{where}: latent file {path} is missing; expected a .npy file") from exc
     except (ValueError, OSError, EOFError) as exc:
-        raise DiffRwkvError(f"{where}: cannot read latent file {path} ({_first_line(exc)}); expected a complete .npy array") from exc
+        raise DiffRwkvError(
+            f"{where}: cannot read latent file {path} ({_first_line(exc)}); expected a complete .npy array"
+        ) from exc
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
-        raise DiffRwkvError(f"{where}: latent file {path} holds dtype {getattr(arr, 'dtype', type(arr))}; expected a float array")
+        raise DiffRwkvError(
+            f"{where}: latent file {path} holds dtype {getattr(arr, 'dtype', type(arr))}; expected a float array"
+        )
     if arr.ndim == 2 and arr.shape[0] == 1:
         arr = arr[0]
     expect = f"({dim},)" if dim else "a 1-D vector"
@@ -213,7 +255,7 @@ def load_latent(path: Path, *, dim: int | None, where: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def load_tokens(path: Path, *, where: str, vocab_limit: int | None = None) -> np.ndarray:
+def load_tokens(path: str | os.PathLike, *, where: str, vocab_limit: int | None = None) -> np.ndarray:
     """Read one token ``.npz`` -> int64 ``[L]`` (L >= 1) of the attended positions.
 
     Accepts ``input_ids`` of shape ``[L]`` or ``[1, L]`` and an optional ``attention_mask`` of the same shape; masked
@@ -222,33 +264,48 @@ def load_tokens(path: Path, *, where: str, vocab_limit: int | None = None) -> np
     try:
         with np.load(path, allow_pickle=False) as z:
             if "input_ids" not in z.files:
-                raise DiffRwkvError(f"{where}: token file {path} has keys {z.files}; expected 'input_ids' (and 'attention_mask')")
+                raise DiffRwkvError(
+                    f"{where}: token file {path} has keys {z.files}; expected 'input_ids' (and 'attention_mask')"
+                )
             ids = z["input_ids"]
             mask = z["attention_mask"] if "attention_mask" in z.files else None
     except FileNotFoundError as exc:
-        raise DiffRwkvError(f"{where}: token file {path} is missing; expected a .npz file (run diffrwkv tokenize)") from exc
+        raise DiffRwkvError(
+            f"{where}: token file {path} is missing; expected a .npz file (run diffrwkv tokenize)"
+        ) from exc
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DiffRwkvError(f"{where}: cannot read token file {path} ({_first_line(exc)}); expected a complete .npz") from exc
+        raise DiffRwkvError(
+            f"{where}: cannot read token file {path} ({_first_line(exc)}); expected a complete .npz"
+        ) from exc
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
         mask = mask[0] if mask is not None and mask.ndim == 2 else mask
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise DiffRwkvError(f"{where}: token file {path} has input_ids {ids.dtype}{list(ids.shape)}; expected a 1-D integer array")
+        raise DiffRwkvError(
+            f"{where}: token file {path} has input_ids {ids.dtype}{list(ids.shape)}; expected a 1-D integer array"
+        )
     if mask is not None:
         if mask.shape != ids.shape:
-            raise DiffRwkvError(f"{where}: token file {path} has attention_mask {list(mask.shape)} vs input_ids {list(ids.shape)}; expected equal lengths")
+            raise DiffRwkvError(
+                f"{where}: token file {path} has attention_mask {list(mask.shape)} vs input_ids {list(ids.shape)}; "
+                "expected equal lengths"
+            )
         if not mask.all():
             ids = ids[mask.astype(bool)]
     if ids.size == 0:
         raise DiffRwkvError(f"{where}: token file {path} has no tokens; expected at least one")
     ids = ids.astype(np.int64, copy=False)
     if ids.min() < 0 or (vocab_limit is not None and ids.max() >= vocab_limit):
-        raise DiffRwkvError(f"{where}: token file {path} has ids in [{ids.min()}, {ids.max()}]; expected 0 <= id < {vocab_limit}")
+        raise DiffRwkvError(
+            f"{where}: token file {path} has ids in [{ids.min()}, {ids.max()}]; expected 0 <= id < {vocab_limit}"
+        )
     return ids
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
+    if "pickled data" in text:  # np.load's guess for a file without the .npy/.npz magic bytes
+        return "not a NumPy file: no .npy/.npz header"
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
@@ -324,10 +381,18 @@ class LatentStats:
             return self.mean.astype(x.dtype), self.std.astype(x.dtype)
         import torch
 
-        return (torch.as_tensor(self.mean, dtype=x.dtype, device=x.device), torch.as_tensor(self.std, dtype=x.dtype, device=x.device))
+        return (
+            torch.as_tensor(self.mean, dtype=x.dtype, device=x.device),
+            torch.as_tensor(self.std, dtype=x.dtype, device=x.device),
+        )
 
     def to_dict(self) -> dict:
-        return {"dim": int(self.mean.shape[0]), "count": int(self.count), "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {
+            "dim": int(self.mean.shape[0]),
+            "count": int(self.count),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict(), indent=None)
@@ -340,9 +405,17 @@ class LatentStats:
             mean, std = np.asarray(d["mean"], np.float64), np.asarray(d["std"], np.float64)
             count = int(d["count"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DiffRwkvError(f"{path}: cannot read latent statistics ({_first_line(exc)}); expected JSON with 'mean', 'std', 'count'") from exc
-        if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-            raise DiffRwkvError(f"{path}: 'mean' {list(mean.shape)} / 'std' {list(std.shape)}; expected two finite [D] lists, std > 0")
+            raise DiffRwkvError(
+                f"{path}: cannot read latent statistics ({_first_line(exc)}); expected JSON with 'mean', 'std', 'count'"
+            ) from exc
+        if (
+            mean.ndim != 1
+            or mean.shape != std.shape
+            or not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all())
+        ):
+            raise DiffRwkvError(
+                f"{path}: 'mean' {list(mean.shape)} / 'std' {list(std.shape)}; expected two finite [D] lists, std > 0"
+            )
         return cls(mean, std, count)
 
 

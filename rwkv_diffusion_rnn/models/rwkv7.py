@@ -239,15 +239,37 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
-    def forward(self, x, att_x, wkv, ffn_x, v_first, pad, lengths, backend):
-        """One layer. Returns ``x``, the layer's new (att_x, wkv, ffn_x) and ``v_first``."""
+    def forward(self, x, att_x, wkv, ffn_x, v_first, pad, lengths, backend, rev=None):
+        """One layer. ``v_first`` is a (forward, reversed) pair; ``rev`` ``[B, T]`` (optional) is the index that
+        reverses each row's real tokens: the time-mix then also runs over the reversed sequence with the same
+        weights (from a zero state) and the two outputs are averaged.
+
+        Returns ``x``, the layer's new (att_x, wkv, ffn_x) and the ``v_first`` pair.
+        """
         h = self.ln1(x)
-        dx, wkv, v_first = self.att(h, att_x, wkv, v_first, pad, backend)
-        att_x = _last_valid(h, att_x, lengths)
+        dx, new_wkv, v_fwd = self.att(h, att_x, wkv, v_first[0], pad, backend)
+        v_bwd = None
+        if rev is not None:
+            h_rev = _gather_time(h, rev)
+            dx_rev, _, v_bwd = self.att(h_rev, torch.zeros_like(att_x), torch.zeros_like(wkv), v_first[1], pad, backend)
+            dx = 0.5 * (dx + _gather_time(dx_rev, rev))
+        new_att_x = _last_valid(h, att_x, lengths)
         x = x + dx
         h = self.ln2(x)
         x = x + self.ffn(h, ffn_x)
-        return x, (att_x, wkv, _last_valid(h, ffn_x, lengths)), v_first
+        return x, (new_att_x, new_wkv, _last_valid(h, ffn_x, lengths)), (v_fwd, v_bwd)
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, t]]`` for ``x`` ``[B, T, C]`` and ``index`` ``[B, T]``."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def reverse_index(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``[B, total]`` index reversing the first ``lengths[b]`` positions of each row (the rest map to themselves)."""
+    j = torch.arange(total, device=lengths.device).unsqueeze(0)
+    n = lengths.unsqueeze(1)
+    return torch.where(j < n, n - 1 - j, j)
 
 
 #: ``pre_block(layer_id, x) -> x``: a hook the denoiser uses to condition every block (e.g. FiLM on time).
@@ -280,13 +302,17 @@ class RWKV7(nn.Module):
         state: RWKV7State | None = None,
         attention_mask: torch.Tensor | None = None,
         pre_block: PreBlockHook | None = None,
+        bidirectional: bool = False,
     ) -> tuple[torch.Tensor, RWKV7State]:
         """Run the blocks on embeddings ``x`` ``[B, T, C]``; returns the hidden states BEFORE ``ln_out`` and the state.
 
         ``attention_mask`` ``[B, T]`` (1 = token, 0 = right padding). ``ln0`` is applied here, so ``x`` is the raw
-        embedding (``emb(input_ids)``), exactly as in BlinkDL's model.
+        embedding (``emb(input_ids)``), exactly as in BlinkDL's model. ``pre_block(i, x)`` runs before block ``i``
+        (after ``ln0`` for block 0). ``bidirectional``: every time-mix also reads each row's real tokens in reverse
+        (see :meth:`Block.forward`); not pretrained semantics, and no state can be carried in or out.
         """
         B, T, _ = x.shape
+        carried = state is not None
         if state is None:
             state = RWKV7State.zeros(self.cfg, B, x.device, x.dtype)
         elif state.batch_size != B:
@@ -300,14 +326,20 @@ class RWKV7(nn.Module):
                 raise DiffRwkvError("attention_mask must be right-padded (ones, then zeros) in every row")
             if not bool(mask.all()):
                 pad, lengths = ~mask.unsqueeze(-1), mask.sum(1)
+        rev = None
+        if bidirectional:
+            if carried:
+                raise DiffRwkvError("a bidirectional pass cannot continue from a recurrent state")
+            full = torch.full((B,), T, device=x.device, dtype=torch.long)
+            rev = reverse_index(lengths if lengths is not None else full, T)
         x = self.blocks[0].ln0(x)
         att_x, wkv, ffn_x = [], [], []
-        v_first = None
+        v_first = (None, None)
         for i, block in enumerate(self.blocks):
             if pre_block is not None:
                 x = pre_block(i, x)
             x, (ax, s, fx), v_first = block(
-                x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first, pad, lengths, self.wkv_backend
+                x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first, pad, lengths, self.wkv_backend, rev
             )
             att_x.append(ax)
             wkv.append(s)

@@ -1,0 +1,182 @@
+"""The training configuration schema: typed dataclasses, one per section of ``configs/rwkv_mmdit.yaml``.
+
+Every key the seed README names exists here with its documented meaning. ``train_rwkv.py`` registers
+:class:`TrainConfig` with Hydra as the schema of the YAML file, so a misspelled or unknown key is an error that names
+it. Library code receives the plain dataclass (no Hydra or OmegaConf objects past the entry point).
+
+Derived values (global batch, steps per epoch) are computed once in :func:`derived` and checked there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+LOSS_TYPES = ("unconditional", "l2t", "t2l", "mixed", "sequential")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    rwkv_name: str = "BlinkDL/rwkv7-g1"  # local .pth / HF folder, or a hub repo id; "scratch" = new random backbone
+    rwkv_filename: str | None = None  # file inside a hub repo (BlinkDL/rwkv7-g1 holds several .pth)
+    rwkv_revision: str | None = None  # hub commit to pin (recommended whenever a hub id is used)
+    cache_dir: str | None = None  # Hugging Face cache folder
+    local_files_only: bool = False  # never touch the network for the weights
+    trust_remote_code: bool = False  # only for tokenizers that need it; weights never run code
+    # new backbone (rwkv_name: scratch): BlinkDL's init at this shape
+    n_layer: int = 6
+    n_embd: int = 512
+    vocab_size: int = 65536
+    wkv_backend: str = "auto"  # auto | reference | fla
+    freeze_backbone: bool = True  # backbone weights never change and never reach the optimizer
+    unfreeze_patterns: list[str] = field(default_factory=list)  # fnmatch on BlinkDL names, e.g. "blocks.1[01].*"
+    unfreeze_after_steps: int = 0  # apply unfreeze_patterns at this step (0: from the start)
+    lora_rank: int = 0  # > 0: LoRA adapters on the backbone's linear layers (backbone stays frozen)
+    lora_alpha: float = 16.0
+    use_rwkv_lm_head: bool = False  # False: train a fresh text head
+    latent_dim: int = 32
+    latent_prefix_len: int = 1
+    latent_readout_len: int = 1
+    context: str = "causal"  # causal | twice | bidirectional (DESIGN §2)
+    time_conditioning: str = "film"  # film | add
+    film_every_block: bool = False
+    time_embed_dim: int = 128
+    latent_head_hidden: int = 0  # 0: backbone width
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "BlinkDL/rwkv7-g1"  # resolves offline to the RWKV World vocabulary
+    local_files_only: bool = True
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSection:
+    json_path: str | None = "preprocessed_data/qwen_32d/train_data.json"
+    token_dir: str = "preprocessed_data/rwkv_tokens/train"
+    latent_dir: str = "preprocessed_data/qwen_32d/latents/train"
+    max_samples: int | None = None
+    num_workers: int = 0
+    validation_fraction: float = 0.05  # when no validation split exists beside the training data
+    seed: int = 0
+    on_bad_sample: str = "error"  # error | skip
+    max_length: int | None = 512
+
+
+@dataclass
+class DiffusionConfig:
+    text_schedule: str = "loglinear"  # MDLM log-linear masking schedule
+    text_eps: float = 1e-3
+    text_weighting: str = "elbo"  # elbo (MDLM continuous-time NELBO) | uniform (plain masked CE)
+    latent_schedule: str = "cosine"  # continuous-time cosine VP
+    latent_prediction: str = "eps"  # eps | x0 | v
+    antithetic: bool = True
+    p_uncond: float = 0.1  # condition dropout for classifier-free guidance (the condition is fed fully noised)
+
+
+@dataclass
+class TrainingConfig:
+    loss_type: str = "mixed"  # unconditional | l2t | t2l | mixed | sequential
+    mixed_weights: dict[str, float] = field(default_factory=lambda: {"l2t": 1.0, "t2l": 1.0, "unconditional": 0.5})
+    sequential_schedule: list[str] = field(default_factory=lambda: ["l2t:0", "t2l:1000", "mixed:2000"])  # mode:step
+    latent_loss_weight: float = 1.0
+    num_epochs: int = 1
+    max_steps: int | None = None  # overrides num_epochs when set
+    train_batch_size: int = 8  # per device, per micro-step
+    eval_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    dtype: str = "bf16"  # fp32 | bf16 | fp16: autocast dtype; master weights stay fp32
+    ema_decay: float = 0.0  # 0: no EMA
+    compile: bool = False  # torch.compile the denoiser
+    seed: int = 0
+    resume: str | None = None  # a checkpoint folder (step_XXXXXXXX) or a save_dir (newest checkpoint)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class LoggingConfig:
+    log_freq: int = 10  # steps between metric lines
+    eval_freq: int = 500  # steps between validation passes
+    eval_batches: int = 8  # validation batches per pass
+    save_dir: str = "outputs/rwkv_mmdit"
+    save_freq: int = 1000  # steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "diffrwkv"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataSection = field(default_factory=DataSection)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def parse_sequential(schedule: list[str]) -> list[tuple[int, str]]:
+    """``["l2t:0", "t2l:1000"]`` -> ``[(0, "l2t"), (1000, "t2l")]``, checked and sorted by step."""
+    out = []
+    for item in schedule:
+        mode, _, step = str(item).partition(":")
+        if mode not in LOSS_TYPES or mode == "sequential" or not step.strip().isdigit():
+            raise DiffRwkvError(f"training.sequential_schedule entry '{item}': expected '<mode>:<step>' with mode in "
+                                "unconditional, l2t, t2l, mixed")  # fmt: skip
+        out.append((int(step), mode))
+    out.sort()
+    if not out or out[0][0] != 0:
+        raise DiffRwkvError("training.sequential_schedule must start at step 0 (e.g. 'l2t:0')")
+    return out
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check values a type cannot express; each failure names its key."""
+    t, m, d = cfg.training, cfg.model, cfg.diffusion
+    checks: list[tuple[bool, str]] = [
+        (t.loss_type in LOSS_TYPES, f"training.loss_type must be one of {', '.join(LOSS_TYPES)}; got '{t.loss_type}'"),
+        (t.dtype in DTYPES, f"training.dtype must be one of {', '.join(DTYPES)}; got '{t.dtype}'"),
+        (t.train_batch_size >= 1, "training.train_batch_size must be >= 1"),
+        (t.eval_batch_size >= 1, "training.eval_batch_size must be >= 1"),
+        (t.grad_accum_steps >= 1, "training.grad_accum_steps must be >= 1"),
+        (t.num_epochs >= 1 or (t.max_steps or 0) >= 1, "training.num_epochs (or training.max_steps) must be >= 1"),
+        (t.lr > 0, "training.lr must be > 0"),
+        (len(t.betas) == 2, "training.betas must have two values"),
+        (0 <= t.ema_decay < 1, "training.ema_decay must be in [0, 1)"),
+        (0 <= d.p_uncond < 1, "diffusion.p_uncond must be in [0, 1)"),
+        (d.latent_prediction in ("eps", "x0", "v"),
+         f"diffusion.latent_prediction must be eps, x0 or v; got '{d.latent_prediction}'"),
+        (m.latent_dim >= 1, "model.latent_dim must be >= 1"),
+        (cfg.logging.log_freq >= 1 and cfg.logging.save_freq >= 1 and cfg.logging.eval_freq >= 1,
+         "logging.log_freq, logging.eval_freq and logging.save_freq must be >= 1"),
+        (cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample must be 'error' or 'skip'"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            raise DiffRwkvError(msg)
+    if t.loss_type == "mixed":
+        bad = [k for k in t.mixed_weights if k not in ("unconditional", "l2t", "t2l")]
+        if bad or not any(v > 0 for v in t.mixed_weights.values()):
+            raise DiffRwkvError("training.mixed_weights: keys must be unconditional/l2t/t2l with a positive weight")
+    if t.loss_type == "sequential":
+        parse_sequential(t.sequential_schedule)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain JSON-able data (stored in every checkpoint)."""
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,400 @@
+"""Paired (text tokens, 32-d latent) data for training: config, dataset, collate, samplers, loader.
+
+Usage (what the trainer does)::
+
+    cfg = DataConfig(token_dir="preprocessed_data/rwkv_tokens/train",
+                     latent_dir="preprocessed_data/qwen_32d/latents/train")
+    train_ds, val_ds = build_datasets(cfg)                 # deterministic split, validated structure
+    stats = latent_stats(train_ds)                         # LatentStats: mean/std [32], standardize()/unstandardize()
+    loader = build_loader(train_ds, batch_size=32, cfg=cfg, shuffle=True)   # DistributedSampler-aware
+    for epoch in range(n):
+        set_epoch(loader, epoch)
+        for batch in loader:  # input_ids [B, T] long, attention_mask [B, T] long, latent [B, 32] float32, index [B]
+            ...
+
+Both layouts of :mod:`rwkv_diffusion_rnn.data_sources` are read by the same class: per-row files (the seed layout:
+``token_dir`` + ``latent_dir`` + the JSON) and packs (``token_dir`` pointing at a ``diffrwkv pack`` folder).
+
+Bad samples: with ``on_bad_sample="error"`` (default) structure and counts are checked when the dataset is built and
+each file's content when it is read -- a bad file raises a one-line DiffRwkvError naming file and row. With
+``"skip"`` every row is validated up front (a pack in seconds; per-row files at ~4-6k rows/s), bad rows are dropped,
+and ``dataset.problems`` lists them (also logged as one warning). Dropping up front keeps every batch full and all
+DDP ranks in step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from rwkv_diffusion_rnn.data_io import LatentStats, split_keys
+from rwkv_diffusion_rnn.data_sources import FileStore, PackStore, is_pack, open_store
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+__all__ = [
+    "DataConfig",
+    "LatentStats",
+    "LengthBucketBatchSampler",
+    "PairedTextLatentDataset",
+    "build_datasets",
+    "build_loader",
+    "collate_batch",
+    "latent_stats",
+    "set_epoch",
+]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """The ``data.*`` config group. Paths may be relative to the working directory (Hydra runs with chdir off)."""
+
+    json_path: str | None = None
+    """Dataset JSON (seed ``train_data.json``). None: ``<latent_dir>/../../<split>_data.json`` if it exists, else
+    rows pair by file name (latent ``<key>.npy`` <-> token ``<key>.npz``) and have no text."""
+    token_dir: str = ""
+    """Token ``.npz`` folder (seed ``rwkv_tokens/train``), or a pack folder (``diffrwkv pack``; auto-detected)."""
+    latent_dir: str = ""
+    """Latent ``.npy`` folder (seed ``qwen_32d/latents/train``); used to find the JSON and to pair without one."""
+    max_samples: int | None = None
+    """Use at most this many rows of each split (after the split, in row order). None: all."""
+    num_workers: int = 0
+    """DataLoader worker processes. Packed data is fastest with 0 (samples are tiny: ~140k samples/s in-process vs
+    ~30k/s through worker IPC on 2 cores); per-row files gain a little from workers (file reads)."""
+    validation_fraction: float = 0.0
+    """Validation rows come from, in order: the ``validation_*`` paths when set; else, if > 0, this share of the
+    rows (seeded hash of the row key: stable when rows are added); else the sibling ``validation`` split when the
+    data has one (prepare-latents writes it); else none."""
+    seed: int = 0
+    """Seed of the split and of shuffling (the sampler adds the epoch)."""
+    on_bad_sample: str = "error"
+    """``error``: raise on the first bad row. ``skip``: validate all rows up front, drop and report bad ones."""
+    max_length: int | None = None
+    """Truncate token sequences to this many positions (including the appended end-of-text). None: as stored."""
+    bucket_by_length: bool = False
+    """Batch rows of similar length (less padding): shuffle, sort within windows of ``bucket_window`` batches,
+    shuffle the batches."""
+    latent_dim: int = 32
+    """Expected latent width; any other is an error naming the file."""
+    append_eot: bool = False
+    """Append the end-of-text id (0) to every sequence, attended, so a model can learn where text ends."""
+    validation_json_path: str | None = None
+    validation_token_dir: str | None = None
+    validation_latent_dir: str | None = None
+    """Explicit validation split (same layout rules as the training paths)."""
+    bucket_window: int = 50
+    """Batches per sorting window when ``bucket_by_length``."""
+    pin_memory: bool = False
+
+
+class PairedTextLatentDataset(Dataset):
+    """Map-style dataset over a store's rows.
+
+    ``__getitem__(i)`` -> ``{"input_ids": LongTensor [T], "latent": FloatTensor [D], "index": int}`` where ``index``
+    is the row in the source (JSON row / pack row) -- unchanged by split, max_samples and shuffling; ``text(i)``
+    gives the sample's text, ``source_text(index)`` a row's text.
+    """
+
+    def __init__(
+        self,
+        store: FileStore | PackStore,
+        rows: np.ndarray | Sequence[int] | None = None,
+        *,
+        max_length: int | None = None,
+        append_eot: bool = False,
+        eot_id: int = 0,
+        problems: list[str] | None = None,
+    ) -> None:
+        self.store = store
+        self.rows = np.arange(len(store)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if max_length is not None and max_length < 1 + int(append_eot):
+            raise DiffRwkvError(f"data.max_length is {max_length}; expected >= {1 + int(append_eot)}")
+        self.max_length = max_length
+        self.append_eot = append_eot
+        self.eot_id = eot_id
+        self.problems = problems if problems is not None else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rows[i])
+        ids = self.store.tokens(row)
+        if self.max_length is not None:
+            ids = ids[: self.max_length - int(self.append_eot)]
+        input_ids = torch.from_numpy(ids)
+        if self.append_eot:
+            input_ids = torch.cat([input_ids, torch.tensor([self.eot_id])])
+        return {"input_ids": input_ids, "latent": torch.from_numpy(self.store.latent(row)), "index": row}
+
+    def subset(self, rows: np.ndarray) -> PairedTextLatentDataset:
+        """A dataset over the given SOURCE rows, sharing this one's store and settings."""
+        return PairedTextLatentDataset(
+            self.store,
+            rows,
+            max_length=self.max_length,
+            append_eot=self.append_eot,
+            eot_id=self.eot_id,
+            problems=self.problems,
+        )
+
+    @property
+    def latent_dim(self) -> int | None:
+        return self.store.latent_dim
+
+    def text(self, i: int) -> str | None:
+        return self.store.text(int(self.rows[i]))
+
+    def source_text(self, index: int) -> str | None:
+        return self.store.text(int(index))
+
+    def lengths(self) -> np.ndarray:
+        """Sequence length of every sample as ``__getitem__`` returns it, int64 ``[len]`` (read from the tokenizer's
+        metadata or the pack offsets; files are read only when neither has them)."""
+        stored = self.store.lengths
+        if stored is None:
+            stored = np.zeros(len(self.store), dtype=np.int64)
+            stored[self.rows] = [len(self.store.tokens(int(r))) for r in self.rows]
+            self.store.lengths = stored
+        lengths = stored[self.rows]
+        if self.max_length is not None:
+            lengths = np.minimum(lengths, self.max_length - int(self.append_eot))
+        return lengths + int(self.append_eot)
+
+    def latent_array(self) -> np.ndarray:
+        """All latents of this dataset, float32 ``[len, D]``."""
+        if isinstance(self.store, PackStore):
+            return np.asarray(self.store.arrays["latents"][np.sort(self.rows)], dtype=np.float32)
+        return (
+            np.stack([self.store.latent(int(r)) for r in self.rows])
+            if len(self.rows)
+            else np.zeros((0, self.latent_dim or 0), np.float32)
+        )
+
+
+def validate_rows(store: FileStore | PackStore, rows: np.ndarray, problems: list[str]) -> np.ndarray:
+    """Read every row's tokens and latent; return the rows that are good, appending one message per bad row."""
+    rows = rows[store.good[rows]]
+    if isinstance(store, PackStore):  # content already checked vectorised when the pack was opened
+        return rows
+
+    def check(row: int) -> str | None:
+        try:
+            store.tokens(row)
+            store.latent(row)
+        except DiffRwkvError as exc:
+            return str(exc)
+        return None
+
+    results = [check(r) for r in rows.tolist()]  # a plain loop: np.load holds the GIL, threads only add contention
+    bad = [msg for msg in results if msg is not None]
+    problems.extend(bad)
+    return rows[[msg is None for msg in results]] if bad else rows
+
+
+def _open(cfg: DataConfig, json_path, token_dir, latent_dir, problems: list[str]) -> FileStore | PackStore:
+    if cfg.on_bad_sample not in ("error", "skip"):
+        raise DiffRwkvError(f"data.on_bad_sample is {cfg.on_bad_sample!r}; expected 'error' or 'skip'")
+    on_problem = problems.append if cfg.on_bad_sample == "skip" else None
+    kwargs = {"latent_dim": cfg.latent_dim} | ({"on_problem": on_problem} if on_problem else {})
+    return open_store(json_path, token_dir, latent_dir or "", **kwargs)
+
+
+def _make(cfg: DataConfig, store, rows: np.ndarray, problems: list[str]) -> PairedTextLatentDataset:
+    if cfg.on_bad_sample == "skip":
+        n = len(rows)
+        rows = validate_rows(store, rows, problems)
+        if len(rows) < n:
+            log.warning("data: skipped %d of %d rows (on_bad_sample=skip); first: %s", n - len(rows), n, problems[0])
+    if cfg.max_samples is not None:
+        rows = rows[: cfg.max_samples]
+    return PairedTextLatentDataset(store, rows, max_length=cfg.max_length, append_eot=cfg.append_eot, problems=problems)
+
+
+def _sibling_validation(cfg: DataConfig) -> tuple[str | None, str, str] | None:
+    """The prepared ``validation`` split beside the training one, if it exists (seed layout or packs)."""
+    token_dir = Path(cfg.token_dir)
+    val_tokens = token_dir.parent / "validation"
+    if token_dir.name == "validation" or not val_tokens.is_dir():
+        return None
+    if is_pack(val_tokens):
+        return None, str(val_tokens), ""
+    latent_dir = Path(cfg.latent_dir) if cfg.latent_dir else None
+    json_path = Path(cfg.json_path) if cfg.json_path else None
+    val_json = json_path.with_name("validation_data.json") if json_path else None
+    val_latents = latent_dir.parent / "validation" if latent_dir else None
+    if val_json is not None and val_json.is_file():
+        return str(val_json), str(val_tokens), str(val_latents or "")
+    if val_latents is not None and val_latents.is_dir():
+        return None, str(val_tokens), str(val_latents)
+    return None
+
+
+def build_datasets(cfg: DataConfig) -> tuple[PairedTextLatentDataset, PairedTextLatentDataset]:
+    """(train, validation) datasets for ``cfg``; the validation source is chosen as ``DataConfig`` documents."""
+    if not cfg.token_dir:
+        raise DiffRwkvError("data.token_dir is empty; expected the token folder (or a pack folder)")
+    problems: list[str] = []
+    store = _open(cfg, cfg.json_path, cfg.token_dir, cfg.latent_dir, problems)
+    rows = np.arange(len(store))
+    explicit = cfg.validation_token_dir or cfg.validation_json_path
+    if cfg.validation_fraction > 0 and not explicit:
+        keys = store.keys if store.keys is not None else [str(i) for i in rows]
+        train_rows, val_rows = split_keys(keys, cfg.validation_fraction, cfg.seed)
+        return _make(cfg, store, train_rows, problems), _make(cfg, store, val_rows, problems)
+    train = _make(cfg, store, rows, problems)
+    if explicit:
+        if not cfg.validation_token_dir:
+            raise DiffRwkvError("data.validation_json_path is set without data.validation_token_dir; expected both")
+        source = (cfg.validation_json_path, cfg.validation_token_dir, cfg.validation_latent_dir or "")
+    else:
+        source = _sibling_validation(cfg)
+    if source is None:
+        return train, PairedTextLatentDataset(
+            store, np.zeros(0, np.int64), max_length=cfg.max_length, append_eot=cfg.append_eot
+        )
+    val_store = _open(cfg, *source, problems)
+    return train, _make(cfg, val_store, np.arange(len(val_store)), problems)
+
+
+def latent_stats(dataset: PairedTextLatentDataset, *, recompute: bool = False) -> LatentStats:
+    """Per-dimension latent statistics for standardisation.
+
+    Returns the ``latent_stats.json`` saved with the data (computed by prepare-latents / pack on the TRAINING split)
+    when present and of the right width, else computes them from ``dataset`` (pass the training set)."""
+    path = getattr(dataset.store, "stats_path", None)
+    if not recompute and path is not None and Path(path).is_file():
+        stats = LatentStats.load(path)
+        if dataset.latent_dim is None or stats.mean.shape[0] == dataset.latent_dim:
+            return stats
+        log.warning("data: %s is %d-d, latents are %d-d; recomputing", path, stats.mean.shape[0], dataset.latent_dim)
+    return LatentStats.compute(dataset.latent_array())
+
+
+def collate_batch(samples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample of the batch.
+
+    Returns ``input_ids`` long ``[B, T]`` (padding ``pad_id``), ``attention_mask`` long ``[B, T]`` (1 = token),
+    ``latent`` float32 ``[B, D]``, ``index`` long ``[B]``."""
+    if not samples:
+        raise DiffRwkvError("collate_batch got an empty batch; expected at least one sample")
+    lengths = torch.tensor([s["input_ids"].shape[0] for s in samples])
+    input_ids = torch.nn.utils.rnn.pad_sequence(
+        [s["input_ids"] for s in samples], batch_first=True, padding_value=pad_id
+    )
+    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "latent": torch.stack([s["latent"] for s in samples]).float(),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+    }
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, sharded over DDP ranks, deterministic in (seed, epoch).
+
+    Each epoch: permute all samples, sort each window of ``window * batch_size`` by length, cut into batches,
+    shuffle the batches, and give rank r the batches r, r + world, ... Every rank gets the same number of batches
+    (the list is cut, with ``drop_last``, or wrapped around to a multiple of ``num_replicas``).
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+        window: int = 50,
+    ) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.num_replicas, self.rank, self.window, self.epoch = num_replicas, rank, max(1, window), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        span = self.window * self.batch_size
+        batches = []
+        for lo in range(0, n, span):
+            chunk = order[lo : lo + span]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if not batches:
+            return []
+        if self.drop_last:
+            return batches[: len(batches) - len(batches) % self.num_replicas]
+        per_rank = math.ceil(len(batches) / self.num_replicas)
+        return [batches[i % len(batches)] for i in range(per_rank * self.num_replicas)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self._batches()[self.rank :: self.num_replicas]:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches()) // self.num_replicas
+
+
+def build_loader(
+    dataset: PairedTextLatentDataset,
+    batch_size: int,
+    *,
+    cfg: DataConfig,
+    shuffle: bool,
+    drop_last: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pad_id: int = 0,
+) -> DataLoader:
+    """A DataLoader with a distributed-aware sampler (DistributedSampler, or the length-bucketing batch sampler).
+
+    ``rank`` / ``world_size`` default to torch.distributed's when it is initialised, else 0 / 1. Call
+    :func:`set_epoch` before each epoch so shuffling differs per epoch and agrees across ranks."""
+    if batch_size < 1:
+        raise DiffRwkvError(f"batch_size is {batch_size}; expected >= 1")
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+    world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+    common = {
+        "collate_fn": partial(collate_batch, pad_id=pad_id),
+        "num_workers": cfg.num_workers,
+        "pin_memory": cfg.pin_memory,
+        "persistent_workers": cfg.num_workers > 0,
+    }
+    if cfg.bucket_by_length:
+        sampler = LengthBucketBatchSampler(
+            dataset.lengths(), batch_size, shuffle=shuffle, seed=cfg.seed, drop_last=drop_last,
+            num_replicas=world_size, rank=rank, window=cfg.bucket_window,
+        )  # fmt: skip
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=cfg.seed, drop_last=drop_last
+    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler which epoch starts (reshuffles deterministically)."""
+    for s in (loader.sampler, loader.batch_sampler):
+        if hasattr(s, "set_epoch"):
+            s.set_epoch(epoch)

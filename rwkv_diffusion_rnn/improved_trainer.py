@@ -1,0 +1,419 @@
+"""The training loop: data order, steps, skipping non-finite steps, evaluation, logging and checkpoints.
+
+What is exact, and why (tests/test_trainer.py checks each):
+
+* Data order is a function of ``(seed, epoch)``: every epoch is one permutation, cut into global batches of
+  ``train_batch_size x world x grad_accum_steps`` rows (an incomplete last batch is dropped). Micro-step ``m`` of a
+  step covers ``train_batch_size x world`` consecutive rows of it and rank ``r`` takes every ``world``-th row from
+  ``r``. The data position is just ``step``, so resume needs no loader state.
+* Corruption randomness is a function of ``(seed, step, micro-step)`` (see :mod:`objectives`), so resume and
+  multi-process runs see the same noise as the uninterrupted single-process run.
+* A step whose loss or gradient is non-finite on ANY rank is skipped on EVERY rank: no optimizer, EMA or weight
+  change; the step counter, data position and LR schedule move on, and the log counts it.
+* The frozen backbone never enters the optimizer; DDP wraps the model after the trainable set is final (again when
+  ``unfreeze_after_steps`` changes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rwkv_diffusion_rnn import distributed
+from rwkv_diffusion_rnn.checkpoints import (
+    capture_rng_state,
+    file_sha256,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    verify_backbone,
+)
+from rwkv_diffusion_rnn.config import TrainConfig, parse_sequential, to_dict, validate
+from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer, build_latent_schedule
+from rwkv_diffusion_rnn.data_simple import DataConfig, build_datasets, collate_batch, latent_stats
+from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
+from rwkv_diffusion_rnn.objectives import DiffusionObjective
+from rwkv_diffusion_rnn.optimizer import (
+    EMA,
+    add_params,
+    build_optimizer,
+    build_scheduler,
+    clip_and_check_grads,
+    load_optimizer_state,
+)
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_backbone(cfg: TrainConfig) -> tuple[RWKV7, dict | None]:
+    """The backbone and its reference for checkpoints (``{"path", "sha256"}``; None for a new random one)."""
+    m = cfg.model
+    if m.rwkv_name == "scratch":
+        if m.freeze_backbone and m.lora_rank == 0:
+            raise DiffRwkvError("model.rwkv_name=scratch trains a new backbone: set model.freeze_backbone=false")
+        torch.manual_seed(cfg.training.seed)
+        return RWKV7(RWKV7Config.for_shape(m.n_layer, m.n_embd, m.vocab_size), wkv_backend=m.wkv_backend), None
+    from rwkv_diffusion_rnn.pretrained_rwkv import check_state_dict, read_local_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(m.rwkv_name, m.rwkv_filename, m.rwkv_revision, m.cache_dir, m.local_files_only)
+    sd = read_local_checkpoint(path)
+    bcfg = RWKV7Config.from_state_dict(sd, str(path))
+    with torch.device("meta"):
+        model = RWKV7(bcfg, wkv_backend=m.wkv_backend, init=False)
+    model.load_state_dict({k: v.float() for k, v in check_state_dict(model, sd, str(path)).items()}, assign=True)
+    digest = file_sha256(path) if path.is_file() else None
+    return model, {"path": str(path), "sha256": digest}
+
+
+def data_config(cfg: TrainConfig) -> DataConfig:
+    d = cfg.data
+    return DataConfig(
+        json_path=d.json_path,
+        token_dir=d.token_dir,
+        latent_dir=d.latent_dir,
+        max_samples=d.max_samples,
+        num_workers=d.num_workers,
+        validation_fraction=d.validation_fraction,
+        seed=d.seed,
+        on_bad_sample=d.on_bad_sample,
+        max_length=d.max_length,
+        latent_dim=cfg.model.latent_dim,
+    )
+
+
+class Trainer:
+    """Build everything from a :class:`TrainConfig` and train. ``batch_hook(step, rank, batch) -> batch`` is a test
+    and fault-injection hook (e.g. plant a NaN); leave it None."""
+
+    def __init__(self, cfg: TrainConfig, dist: distributed.DistInfo | None = None) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.dist = dist or distributed.init(cfg.training.device)
+        self.device = self.dist.device
+        self.batch_hook = None
+        t, m = cfg.training, cfg.model
+
+        backbone, self.backbone_ref = build_backbone(cfg)  # first: "how to point at a checkpoint" comes first
+        self.train_set, self.val_set = build_datasets(data_config(cfg))
+        if len(self.train_set) == 0:
+            raise DiffRwkvError(f"{cfg.data.token_dir}: the training split is empty")
+        stats = latent_stats(self.train_set)
+        self.normalizer = LatentNormalizer(torch.as_tensor(stats.mean).float(), torch.as_tensor(stats.std).float())
+        dcfg = DenoiserConfig(**{k: getattr(m, k) for k in DenoiserConfig.__dataclass_fields__ if hasattr(m, k)})
+        torch.manual_seed(t.seed)
+        self.model = RWKVDenoiser(backbone, dcfg).to(self.device)
+        if m.freeze_backbone or m.lora_rank > 0:
+            self.model.set_backbone_trainable(None, False)
+        if m.unfreeze_patterns and m.unfreeze_after_steps == 0:
+            self.model.set_backbone_trainable(tuple(m.unfreeze_patterns), True)
+
+        dc = cfg.diffusion
+        text = MaskedDiffusion(build_text_schedule(dc.text_schedule, eps=dc.text_eps), self.model.mask_id,
+                               dc.text_weighting, dc.antithetic)  # fmt: skip
+        latent = GaussianDiffusion(build_latent_schedule(dc.latent_schedule), dc.latent_prediction, dc.antithetic)
+        self.objective = DiffusionObjective(text, latent, self.normalizer, dc.p_uncond, t.latent_loss_weight,
+                                            cfg.data.max_length, t.seed)  # fmt: skip
+
+        self.global_batch = t.train_batch_size * self.dist.world_size * t.grad_accum_steps
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DiffRwkvError(
+                f"{len(self.train_set)} training rows cannot fill one global batch of {self.global_batch} "
+                "(train_batch_size x processes x grad_accum_steps); lower training.train_batch_size"
+            )
+        self.total_steps = t.max_steps or t.num_epochs * self.steps_per_epoch
+        self.warmup_steps = min(t.warmup_steps, self.total_steps)  # a 10-step smoke run with the default warmup
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, tuple(t.betas))
+        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, t.min_lr_ratio)
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "fp16")
+        self.step, self.skipped = 0, 0
+        self.save_dir = Path(cfg.logging.save_dir)
+        if t.resume:
+            self._resume(t.resume)
+        self._wrap()
+        self._writers = None
+
+    # ------------------------------------------------------------------ model wrapping / trainable set
+    def _wrap(self) -> None:
+        model = self.model
+        if self.cfg.training.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DDP(model, device_ids=ids, find_unused_parameters=False)
+        self.ddp = model
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _maybe_unfreeze(self) -> None:
+        m = self.cfg.model
+        if m.unfreeze_patterns and m.unfreeze_after_steps and self.step == m.unfreeze_after_steps:
+            names = self.model.set_backbone_trainable(tuple(m.unfreeze_patterns), True)
+            add_params(self.optimizer, self.model, names)
+            if self.ema is not None:
+                self.ema.add_params(self.model, names)
+            self._wrap()
+            distributed.print0(f"step {self.step}: unfroze {len(names)} backbone tensors")
+
+    # ------------------------------------------------------------------ data
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.training.seed, epoch]).permutation(len(self.train_set))
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of global step ``step`` (on the device)."""
+        t, w, r = self.cfg.training, self.dist.world_size, self.dist.rank
+        epoch, k = divmod(step, self.steps_per_epoch)
+        rows = self._epoch_perm(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        per_micro = t.train_batch_size * w
+        out = []
+        for m in range(t.grad_accum_steps):
+            mine = rows[m * per_micro : (m + 1) * per_micro][r::w]
+            batch = collate_batch([self.train_set[int(i)] for i in mine])
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return out
+
+    def modes(self, step: int):
+        t = self.cfg.training
+        if t.loss_type == "mixed":
+            return dict(t.mixed_weights)
+        if t.loss_type == "sequential":
+            current = "l2t"
+            for start, mode in parse_sequential(t.sequential_schedule):
+                if step >= start:
+                    current = mode
+            return dict(t.mixed_weights) if current == "mixed" else current
+        return t.loss_type
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        dtype = AUTOCAST[self.cfg.training.dtype]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self) -> dict:
+        """One optimizer step (all micro-steps). Returns the step's metrics."""
+        t, w = self.cfg.training, self.dist.world_size
+        self._maybe_unfreeze()
+        self.ddp.train()
+        batches = self.micro_batches(self.step)
+        if self.batch_hook is not None:
+            batches = [self.batch_hook(self.step, self.dist.rank, b) for b in batches]
+        modes = self.modes(self.step)
+        corrupted = [self.objective.corrupt(b, modes, self.step, m, self.dist.rank, w) for m, b in enumerate(batches)]
+        weighting = self.objective.text.weighting
+        norm = distributed.all_reduce_sum(torch.stack([c.counts(weighting) for c in corrupted]).sum(0))
+        sums = torch.zeros(4, device=self.device)
+        n_masked = torch.zeros((), device=self.device)
+        for m, c in enumerate(corrupted):
+            sync = m == len(corrupted) - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            with ctx, self._autocast():
+                loss, st = self.objective.loss(self.ddp, c, norm, scale=float(w))
+            self.scaler.scale(loss).backward()
+            sums += st["sums"]
+            n_masked += st["n_masked"]
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm)
+        finite = distributed.all_true(finite and bool(torch.isfinite(sums).all()), self.device)
+        if finite:
+            self.scaler.step(self.optimizer)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            self.skipped += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        totals = distributed.all_reduce_sum(torch.cat([sums, n_masked[None]]))
+        text_loss = float(totals[0] / norm[0].clamp_min(1))
+        latent_loss = float(totals[3] / norm[1].clamp_min(1))
+        return {
+            "step": self.step,
+            "loss": text_loss + t.latent_loss_weight * latent_loss,
+            "text_loss": text_loss,
+            "latent_loss": latent_loss,
+            "masked_ce": float(totals[1] / totals[4].clamp_min(1)),
+            "masked_acc": float(totals[2] / totals[4].clamp_min(1)),
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped": int(not finite),
+            "skipped_total": self.skipped,
+            "tokens": int(sum(c.attention_mask.sum() for c in corrupted)) * w,
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict:
+        """Validation text NELBO (bits/token, latent given: l2t) and latent MSE (text given: t2l), fixed noise."""
+        if len(self.val_set) == 0:
+            return {}
+        self.ddp.eval()
+        bs, w, r = self.cfg.training.eval_batch_size, self.dist.world_size, self.dist.rank
+        n_batches = math.ceil(len(self.val_set) / (bs * w))
+        if max_batches:
+            n_batches = min(n_batches, max_batches)
+        totals = torch.zeros(4, device=self.device)
+        ctx = self.ema.swapped(self.model) if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            for i in range(n_batches):
+                rows = list(range(i * bs * w, min((i + 1) * bs * w, len(self.val_set))))[r::w]
+                if not rows:
+                    continue
+                batch = {k: v.to(self.device) for k, v in collate_batch([self.val_set[j] for j in rows]).items()}
+                for mode, slot in (("l2t", 0), ("t2l", 2)):
+                    c = self.objective.corrupt(batch, mode, i, slot, 0, 1, salt=99991)
+                    norm = c.counts(self.objective.text.weighting)
+                    with self._autocast():
+                        loss, st = self.objective.loss(self.model, c, torch.ones(2, device=self.device))
+                    part = st["sums"][0] if mode == "l2t" else st["sums"][3]
+                    totals[slot] += part
+                    totals[slot + 1] += norm[0] if mode == "l2t" else norm[1]
+        totals = distributed.all_reduce_sum(totals)
+        return {
+            "val_text_nelbo_bits": float(totals[0] / totals[1].clamp_min(1)) / math.log(2),
+            "val_latent_mse": float(totals[2] / totals[3].clamp_min(1)),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        extra = {"normalizer": self.normalizer.state_dict(), "skipped": self.skipped,
+                 "denoiser": asdict(self.model.cfg), "backbone_config": self.model.backbone.cfg.to_dict()}  # fmt: skip
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.save_dir, self.step, model_tensors=self.trainable_tensors(),
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                ema=self.ema.state_dict() if self.ema is not None else None, rng=capture_rng_state(),
+                data_state={"step": self.step, "epoch": self.step // self.steps_per_epoch},
+                config=to_dict(self.cfg), backbone=self.backbone_ref, extra=extra, keep_last=self.cfg.logging.keep_last,
+            )  # fmt: skip
+        distributed.barrier()
+        return path
+
+    def _resume(self, where: str) -> None:
+        ck = load_checkpoint(where)
+        m = self.cfg.model
+        step = int(ck.meta["step"])
+        if m.unfreeze_patterns and 0 < m.unfreeze_after_steps <= step:
+            self.model.set_backbone_trainable(tuple(m.unfreeze_patterns), True)
+            self.optimizer = build_optimizer(self.model, self.cfg.training.lr, self.cfg.training.weight_decay,
+                                             tuple(self.cfg.training.betas))  # fmt: skip
+            self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps,
+                                             self.cfg.training.min_lr_ratio)  # fmt: skip
+            self.ema = EMA(self.model, self.cfg.training.ema_decay) if self.cfg.training.ema_decay > 0 else None
+        verify_backbone(ck.backbone, self.backbone_ref, str(ck.path))
+        want = self.trainable_tensors()
+        missing = sorted(set(want) - set(ck.model_tensors))
+        if missing:
+            raise DiffRwkvError(f"{where}: checkpoint lacks trainable tensor '{missing[0]}' (another configuration?)")
+        for name, tensor in ck.model_tensors.items():
+            if name not in want or want[name].shape != tensor.shape:
+                raise DiffRwkvError(f"{where}: tensor '{name}' does not fit this model's configuration")
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for name, tensor in ck.model_tensors.items():
+                params[name].copy_(tensor)
+        load_optimizer_state(self.optimizer, ck.optimizer, f"{ck.path}/optimizer.pt")
+        self.scheduler.load_state_dict(ck.scheduler)
+        if self.ema is not None and ck.ema is not None:
+            self.ema.load_state_dict(ck.ema)
+        # training noise is seeded by (seed, step) and does not depend on these; they cover anything else random
+        restore_rng_state(ck.rng.get(self.dist.rank, ck.rng[min(ck.rng)]))
+        self.step = step
+        self.skipped = int(ck.meta.get("extra", {}).get("skipped", 0))
+        distributed.print0(f"resumed from {ck.path} at step {self.step}")
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        if self._writers is None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            self._writers = {"jsonl": open(self.save_dir / "metrics.jsonl", "a")}
+            if self.cfg.logging.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._writers["tb"] = SummaryWriter(str(self.save_dir / "tensorboard"))
+                except ImportError:
+                    distributed.print0("tensorboard is not installed: logging to metrics.jsonl only")
+            if self.cfg.logging.wandb:
+                import wandb
+
+                wandb.init(project=self.cfg.logging.wandb_project, config=to_dict(self.cfg))
+                self._writers["wandb"] = wandb
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        self._writers["jsonl"].write(json.dumps(numbers) + "\n")
+        self._writers["jsonl"].flush()
+        if "tb" in self._writers:
+            for k, v in numbers.items():
+                if k != "step":
+                    self._writers["tb"].add_scalar(k, v, record["step"])
+        if "wandb" in self._writers:
+            self._writers["wandb"].log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        for w in (self._writers or {}).values():
+            if hasattr(w, "close"):
+                w.close()
+            elif hasattr(w, "finish"):
+                w.finish()
+        self._writers = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        lg = self.cfg.logging
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        distributed.print0(
+            f"training {n_train:,} of {n_all:,} parameters on {self.dist.world_size} x {self.device}; "
+            f"{len(self.train_set):,} rows, global batch {self.global_batch}, {self.total_steps} steps"
+        )
+        bar = None
+        if self.dist.is_main and lg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last: dict = {}
+        t0, tokens = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                rec = self.train_step()
+                tokens += rec.pop("tokens")
+                last = rec
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", skipped=self.skipped)
+                if self.step % lg.log_freq == 0 or self.step == self.total_steps or rec["skipped"]:
+                    dt = time.perf_counter() - t0
+                    rec["tokens_per_s"] = tokens / max(dt, 1e-9)
+                    t0, tokens = time.perf_counter(), 0
+                    self._log(rec)
+                if self.step % lg.eval_freq == 0 or self.step == self.total_steps:
+                    ev = self.evaluate(lg.eval_batches)
+                    if ev:
+                        last.update(ev)
+                        self._log({"step": self.step, **ev})
+                if self.step % lg.save_freq == 0 or self.step == self.total_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close()
+        return last

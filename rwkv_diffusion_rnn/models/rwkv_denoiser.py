@@ -1,0 +1,232 @@
+"""The denoiser: an RWKV-7 backbone reading ``[latent prefix x P] [text x T] [latent readout x R]``.
+
+* Prefix: the noisy latent ``z_t`` (standardised, ``[B, D]``) projected to P embeddings; every text position reads it.
+* Text: token embeddings; ``<mask>`` (id = vocabulary size) is a new trainable row, trained even when the backbone
+  is frozen.
+* Readout: the same noisy latent projected to R embeddings placed right AFTER each row's real text, so that even a
+  causal backbone has read the whole text before the latent head reads these positions. (Reading the latent off the
+  prefix, as the upstream code did, makes text->latent independent of the text.)
+* Rows are laid out without gaps: ``prefix, real text, readout`` then right padding, so a padded row computes
+  exactly what it computes alone.
+
+``context`` (DESIGN §2): ``causal`` runs the sequence once; ``twice`` feeds each row's sequence two times in one pass
+and reads every output from the second copy (every position has then seen everything, with unchanged pretrained
+weights, at 2x cost); ``bidirectional`` makes each time-mix also read the sequence in reverse (shared weights; needs
+training).
+
+Heads: a fresh text head (``use_rwkv_lm_head=False``) reads text position i at sequence position i; BlinkDL's LM
+head predicts the NEXT token, so with it position i is read one step earlier (the prefix supplies position -1). The
+latent head is an MLP on the readout states; its output is the prediction in the latent diffusion's
+parameterisation (eps, x0 or v).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, _gather_time
+from rwkv_diffusion_rnn.time_conditioning import TimeConditioner
+
+CONTEXTS = ("causal", "twice", "bidirectional")
+
+
+@dataclass
+class DenoiserConfig:
+    """Denoiser options; the names match the ``model.*`` config keys."""
+
+    latent_dim: int = 32  # D: size of the sentence latent
+    latent_prefix_len: int = 1  # P: latent embeddings before the text
+    latent_readout_len: int = 1  # R: latent embeddings after the text, read by the latent head
+    context: str = "causal"  # causal | twice | bidirectional
+    time_conditioning: str = "film"  # film | add
+    film_every_block: bool = False  # modulate every block's input, not only block 0's
+    time_embed_dim: int = 128  # sinusoidal features per time
+    use_rwkv_lm_head: bool = False  # reuse the backbone's (next-token) LM head instead of a fresh one
+    latent_head_hidden: int = 0  # 0: the backbone width
+    lora_rank: int = 0  # > 0: LoRA adapters on the backbone's linear layers matching lora_targets
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("blocks.*.att.receptance", "blocks.*.att.key", "blocks.*.att.value",
+                                     "blocks.*.att.output", "blocks.*.ffn.key", "blocks.*.ffn.value")  # fmt: skip
+
+
+@dataclass
+class DenoiserOutput:
+    text_hidden: torch.Tensor  # [B, T, C] after ln_out, aligned with the text positions (apply text_logits)
+    latent: torch.Tensor  # [B, D] latent prediction (eps / x0 / v)
+    text_logits: torch.Tensor | None = None  # [N, V] at the positions of ``text_select`` (when given)
+
+
+@dataclass
+class Layout:
+    """Where everything sits in the backbone's input sequence (built once per batch by :meth:`RWKVDenoiser.layout`).
+
+    source: ``[B, S]`` index into ``cat(prefix, text, readout)`` (length P + T + R); mask: ``[B, S]``;
+    text_pos: ``[B, T]`` sequence position whose output predicts text position i; readout_pos: ``[B, R]``.
+    """
+
+    source: torch.Tensor
+    mask: torch.Tensor
+    text_pos: torch.Tensor
+    readout_pos: torch.Tensor
+
+
+class LoRAAdapter(nn.Module):
+    """Low-rank update ``scale * B(A(x))`` added to a frozen linear layer's output (Hu et al. 2021); B starts at 0."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
+
+
+class RWKVDenoiser(nn.Module):
+    def __init__(self, backbone: RWKV7, cfg: DenoiserConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or DenoiserConfig()
+        if cfg.context not in CONTEXTS:
+            raise DiffRwkvError(f"model.context must be one of {', '.join(CONTEXTS)}; got '{cfg.context}'")
+        if cfg.latent_prefix_len < 0 or cfg.latent_readout_len < 1:
+            raise DiffRwkvError("model.latent_prefix_len must be >= 0 and model.latent_readout_len >= 1")
+        if cfg.use_rwkv_lm_head and cfg.latent_prefix_len < 1:
+            raise DiffRwkvError("model.use_rwkv_lm_head needs model.latent_prefix_len >= 1 (it reads one step early)")
+        self.cfg = cfg
+        self.backbone = backbone
+        C, D = backbone.cfg.n_embd, cfg.latent_dim
+        P, R = cfg.latent_prefix_len, cfg.latent_readout_len
+        self.vocab_size = backbone.cfg.vocab_size
+        self.mask_id = self.vocab_size
+        emb_std = (
+            float(backbone.emb.weight.detach().float().std()) if backbone.emb.weight.device.type != "meta" else 0.02
+        )
+        self.mask_emb = nn.Parameter(torch.randn(C) * emb_std)
+        self.prefix_proj = nn.Linear(D, max(P, 1) * C)
+        self.prefix_pos = nn.Parameter(torch.randn(max(P, 1), C) * 0.02)
+        self.readout_proj = nn.Linear(D, R * C)
+        self.readout_pos = nn.Parameter(torch.randn(R, C) * 0.02)
+        self.time = TimeConditioner(
+            C, backbone.cfg.n_layer, cfg.time_conditioning, cfg.film_every_block, cfg.time_embed_dim
+        )
+        if not cfg.use_rwkv_lm_head:
+            self.text_head = nn.Linear(C, self.vocab_size, bias=False)
+            nn.init.normal_(self.text_head.weight, std=0.5 / math.sqrt(C))
+        hidden = cfg.latent_head_hidden or C
+        self.latent_head = nn.Sequential(nn.Linear(R * C, hidden), nn.SiLU(), nn.Linear(hidden, D))
+        nn.init.zeros_(self.latent_head[2].weight)
+        nn.init.zeros_(self.latent_head[2].bias)
+        self.lora = nn.ModuleDict()
+        if cfg.lora_rank > 0:
+            self._add_lora(cfg)
+        # the backbone's LM head takes no part with a fresh text head: keep it out of training (and of DDP)
+        self.unused_backbone = () if cfg.use_rwkv_lm_head else ("head.weight",)
+        for name in self.unused_backbone:
+            self.backbone.get_parameter(name).requires_grad_(False)
+
+    # ------------------------------------------------------------------ parameters
+    def _add_lora(self, cfg: DenoiserConfig) -> None:
+        for name, module in self.backbone.named_modules():
+            if isinstance(module, nn.Linear) and any(fnmatch.fnmatch(name, p) for p in cfg.lora_targets):
+                adapter = LoRAAdapter(module.in_features, module.out_features, cfg.lora_rank, cfg.lora_alpha)
+                self.lora[name.replace(".", "_")] = adapter
+                module.register_forward_hook(lambda mod, args, out, a=adapter: out + a(args[0]))
+        if not self.lora:
+            raise DiffRwkvError(f"model.lora_targets {list(cfg.lora_targets)} match no linear layer of the backbone")
+
+    def set_backbone_trainable(self, patterns: tuple[str, ...] | None = None, trainable: bool = True) -> list[str]:
+        """Set ``requires_grad`` on backbone parameters matching ``patterns`` (fnmatch on BlinkDL names, e.g.
+        ``blocks.1[01].*``; None = all). Returns the names changed."""
+        changed = []
+        for name, p in self.backbone.named_parameters():
+            if name in self.unused_backbone:
+                continue
+            if patterns is None or any(fnmatch.fnmatch(name, pat) for pat in patterns):
+                if p.requires_grad != trainable:
+                    p.requires_grad_(trainable)
+                    changed.append(f"backbone.{name}")
+        return changed
+
+    # ------------------------------------------------------------------ layout
+    def layout(self, attention_mask: torch.Tensor) -> Layout:
+        """Index tensors placing ``prefix, real text, readout`` contiguously per row (twice: two copies)."""
+        P, R = self.cfg.latent_prefix_len, self.cfg.latent_readout_len
+        B, T = attention_mask.shape
+        dev = attention_mask.device
+        lengths = attention_mask.long().sum(1)  # [B]
+        n = P + lengths + R  # real length of one copy, [B]
+        copies = 2 if self.cfg.context == "twice" else 1
+        S = copies * (P + T + R)
+        j = torch.arange(S, device=dev).unsqueeze(0)  # [1, S]
+        jj = j % n.unsqueeze(1) if copies == 2 else j  # position within the copy
+        in_text = jj < (P + lengths).unsqueeze(1)
+        source = torch.where(in_text, jj, P + T + (jj - P - lengths.unsqueeze(1)))
+        mask = j < copies * n.unsqueeze(1)
+        source = torch.where(mask, source, torch.zeros_like(source)).clamp(max=P + T + R - 1)
+        offset = (n if copies == 2 else torch.zeros_like(n)).unsqueeze(1)  # read from the last copy
+        i = torch.arange(T, device=dev).unsqueeze(0)
+        shift = 1 if self.cfg.use_rwkv_lm_head else 0
+        text_pos = (offset + P + i - shift).clamp(max=S - 1)
+        readout_pos = offset + (P + lengths).unsqueeze(1) + torch.arange(R, device=dev).unsqueeze(0)
+        return Layout(source, mask.long(), text_pos, readout_pos)
+
+    # ------------------------------------------------------------------ forward
+    def embed_inputs(self, noisy_ids: torch.Tensor, attention_mask: torch.Tensor, z_t: torch.Tensor) -> tuple:
+        """Backbone input embeddings ``[B, S, C]``, their mask and the :class:`Layout`."""
+        if noisy_ids.shape != attention_mask.shape or z_t.shape != (noisy_ids.shape[0], self.cfg.latent_dim):
+            raise DiffRwkvError(
+                f"expected noisy_ids/attention_mask [B, T] and z_t [B, {self.cfg.latent_dim}]; got "
+                f"{list(noisy_ids.shape)}, {list(attention_mask.shape)}, {list(z_t.shape)}"
+            )
+        B, C = noisy_ids.shape[0], self.backbone.cfg.n_embd
+        P, R = self.cfg.latent_prefix_len, self.cfg.latent_readout_len
+        dtype = self.backbone.emb.weight.dtype
+        is_mask = noisy_ids == self.mask_id
+        text = self.backbone.emb(noisy_ids.masked_fill(is_mask, 0))
+        text = torch.where(is_mask.unsqueeze(-1), self.mask_emb.to(text.dtype), text)
+        z = z_t.to(self.readout_proj.weight.dtype)
+        readout = (self.readout_proj(z).view(B, R, C) + self.readout_pos).to(dtype)
+        parts = [text, readout]
+        if P:
+            parts.insert(0, (self.prefix_proj(z).view(B, P, C) + self.prefix_pos).to(dtype))
+        lay = self.layout(attention_mask)
+        x = _gather_time(torch.cat(parts, dim=1), lay.source)
+        return x, lay
+
+    def forward(
+        self,
+        noisy_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        z_t: torch.Tensor,
+        t_text: torch.Tensor,
+        t_latent: torch.Tensor,
+        text_select: torch.Tensor | None = None,
+    ) -> DenoiserOutput:
+        """noisy_ids ``[B, T]`` (``<mask>`` = vocab size), attention_mask ``[B, T]`` (right padding), z_t ``[B, D]``
+        standardised noisy latent, t_text / t_latent ``[B]`` in [0, 1]. ``text_select`` ``[B, T]`` bool: also return
+        logits at those positions only (training uses the masked ones: the head is most of the FLOPs at 65k classes;
+        computing it inside ``forward`` keeps DDP's gradient hooks in charge of every parameter)."""
+        x, lay = self.embed_inputs(noisy_ids, attention_mask, z_t)
+        pre_block = self.time(t_text, t_latent)
+        h, _ = self.backbone.forward_embeds(
+            x, None, lay.mask, pre_block=pre_block, bidirectional=self.cfg.context == "bidirectional"
+        )
+        ln_out = self.backbone.ln_out
+        text_hidden = ln_out(_gather_time(h, lay.text_pos))
+        readout = ln_out(_gather_time(h, lay.readout_pos))  # [B, R, C]
+        latent = self.latent_head(readout.flatten(1).to(self.latent_head[0].weight.dtype))
+        logits = self.text_logits(text_hidden[text_select]) if text_select is not None else None
+        return DenoiserOutput(text_hidden, latent.float(), logits)
+
+    def text_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., C]`` -> ``[..., V]`` logits over the real vocabulary (the ``<mask>`` class is never predicted)."""
+        head = self.backbone.head if self.cfg.use_rwkv_lm_head else self.text_head
+        return head(text_hidden.to(head.weight.dtype))

@@ -1,0 +1,151 @@
+"""The training objective: which modality is noised on each row, the corruption, and the normalised loss.
+
+Modes (``training.loss_type``; DESIGN §1), chosen per row:
+
+=============  ==========================  ==========================  ======================
+mode           t_text                      t_latent                    losses
+=============  ==========================  ==========================  ======================
+l2t            sampled in (0, 1]           0 (clean condition)         text
+t2l            0 (clean condition)         sampled in (0, 1]           latent
+unconditional  sampled                     sampled                     text + latent
+=============  ==========================  ==========================  ======================
+
+With probability ``p_uncond`` an l2t / t2l row drops its condition: the condition is fed fully noised (t = 1; for
+text every token is ``<mask>``), which is exactly what classifier-free guidance feeds at sampling time.
+
+Exactness across processes: every random draw of a micro-step (modes, times, masking uniforms, Gaussian noise) is
+made for the GLOBAL micro-batch from a CPU generator seeded by ``(seed, step, micro_step)``, and each rank takes its
+rows (``rank::world``, the rows the batch sampler gave it). One process with a doubled batch therefore sees exactly
+the corruption two processes see, and a resumed run sees exactly the corruption of the uninterrupted one. Loss
+counts (tokens, rows) are summed over ranks and micro-steps before normalising, so the gradient is that of one big
+batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer
+from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, sample_uniform_t
+
+UNCOND, L2T, T2L = 0, 1, 2
+MODE_IDS = {"unconditional": UNCOND, "l2t": L2T, "t2l": T2L}
+
+
+@dataclass
+class Corrupted:
+    """One micro-batch ready for the denoiser (local rows). Shapes: B rows, T tokens, D latent dims."""
+
+    input_ids: torch.Tensor  # [B, T] clean targets
+    attention_mask: torch.Tensor  # [B, T]
+    noisy_ids: torch.Tensor  # [B, T]
+    masked: torch.Tensor  # [B, T] bool: positions in the text loss
+    z0: torch.Tensor  # [B, D] standardised clean latent
+    eps: torch.Tensor  # [B, D]
+    z_t: torch.Tensor  # [B, D]
+    t_text: torch.Tensor  # [B]
+    t_latent: torch.Tensor  # [B]
+    text_rows: torch.Tensor  # [B] bool: rows with a text loss
+    latent_rows: torch.Tensor  # [B] bool: rows with a latent loss
+    modes: torch.Tensor  # [B] long
+
+    def counts(self, weighting: str) -> torch.Tensor:
+        """Local normalisers ``[text, latent]``: tokens of text-loss rows (elbo) or masked tokens (uniform); rows."""
+        if weighting == "elbo":
+            n_text = (self.attention_mask.bool() & self.text_rows[:, None]).sum()
+        else:
+            n_text = self.masked.sum()
+        return torch.stack([n_text.float(), self.latent_rows.sum().float()])
+
+
+class DiffusionObjective:
+    """Corrupts micro-batches and computes the loss of the denoiser's output."""
+
+    def __init__(
+        self,
+        text: MaskedDiffusion,
+        latent: GaussianDiffusion,
+        normalizer: LatentNormalizer,
+        p_uncond: float = 0.1,
+        latent_loss_weight: float = 1.0,
+        max_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.text, self.latent, self.normalizer = text, latent, normalizer
+        self.p_uncond, self.latent_loss_weight = p_uncond, latent_loss_weight
+        self.max_length, self.seed = max_length, seed
+
+    def generator(self, step: int, micro: int, salt: int = 0) -> torch.Generator:
+        # distinct, reproducible streams per (step, micro-step); salt separates e.g. evaluation from training
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * 1_009 + micro * 7 + salt) % 2**63)
+
+    def corrupt(
+        self,
+        batch: dict[str, torch.Tensor],
+        modes: str | dict[str, float],
+        step: int,
+        micro: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        salt: int = 0,
+    ) -> Corrupted:
+        """Corrupt the local rows of a micro-batch. ``modes``: one mode name, or mixing weights per mode name."""
+        ids, attn, lat = batch["input_ids"], batch["attention_mask"], batch["latent"]
+        dev = ids.device
+        b, T = ids.shape
+        G = b * world  # global micro-batch rows
+        L = max(self.max_length or T, T)
+        g = self.generator(step, micro, salt)
+        if isinstance(modes, str):
+            mode = torch.full((G,), MODE_IDS[modes], dtype=torch.long)
+        else:
+            names = list(modes)
+            w = torch.tensor([float(modes[n]) for n in names])
+            pick = torch.multinomial(w / w.sum(), G, replacement=True, generator=g)
+            mode = torch.tensor([MODE_IDS[n] for n in names])[pick]
+        t_text = sample_uniform_t(G, "cpu", g, t_min=self.text.schedule.t_min, antithetic=self.text.antithetic)
+        t_lat = sample_uniform_t(G, "cpu", g, t_min=self.latent.schedule.t_min, antithetic=self.latent.antithetic)
+        drop = torch.rand(G, generator=g) < self.p_uncond
+        u = torch.rand(G, L, generator=g)
+        eps = torch.randn(G, lat.shape[-1], generator=g)
+
+        rows = slice(rank, G, world)
+        mode, t_text, t_lat, drop, u, eps = (x[rows] for x in (mode, t_text, t_lat, drop, u, eps))
+        # the clean condition is t = 0; a dropped condition is fully noised, t = 1
+        t_text = torch.where(mode == T2L, torch.where(drop, 1.0, 0.0), t_text)
+        t_lat = torch.where(mode == L2T, torch.where(drop, 1.0, 0.0), t_lat)
+        mode, t_text, t_lat, u, eps, drop = (x.to(dev) for x in (mode, t_text, t_lat, u[:, :T], eps, drop))
+
+        real = attn.bool()
+        masked = (u < self.text.schedule.mask_prob(t_text)[:, None]) & real
+        masked = torch.where(((mode == T2L) & drop)[:, None], real, masked)  # dropped text: all <mask>
+        noisy = torch.where(masked, torch.full_like(ids, self.text.mask_id), ids)
+        z0 = self.normalizer.normalize(lat.float())
+        z_t = self.latent.q_sample(z0, t_lat, eps)
+        text_rows = mode != T2L
+        masked = masked & text_rows[:, None]  # a t2l row's masks are its (dropped) condition, not a target
+        return Corrupted(ids, attn, noisy, masked, z0, eps, z_t, t_text, t_lat, text_rows, mode != L2T, mode)
+
+    def loss(self, denoiser, c: Corrupted, norm: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch normalised by GLOBAL counts ``norm`` = ``[text, latent]`` (summed over ranks and
+        micro-steps), times ``scale`` (the world size under DDP, which averages gradients over ranks)."""
+        out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=c.masked)
+        logits = out.text_logits.float()  # [N, V] at the masked positions; float32 log-softmax over 65k classes
+        targets = c.input_ids[c.masked]
+        ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
+        if self.text.weighting == "elbo":
+            w = self.text.schedule.elbo_weight(c.t_text.float())[:, None].expand_as(c.masked)[c.masked]
+        else:
+            w = torch.ones_like(ce)
+        text_sum = (ce * w).sum()
+        latent_sum, _ = self.latent.loss(out.latent, c.z0, c.eps, c.t_latent, weight=c.latent_rows, reduction="sum")
+        text_loss = text_sum / norm[0].clamp_min(1.0)
+        latent_loss = latent_sum / norm[1].clamp_min(1.0)
+        loss = (text_loss + self.latent_loss_weight * latent_loss) * scale
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == targets).float().sum() if len(targets) else torch.zeros((), device=ce.device)
+            stats = torch.stack([text_sum.detach(), ce.detach().sum(), acc, latent_sum.detach()])
+        return loss, {"sums": stats, "n_masked": c.masked.sum()}

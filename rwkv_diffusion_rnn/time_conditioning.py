@@ -1,0 +1,73 @@
+"""Conditioning the backbone on the two diffusion times (t_text, t_latent), each in [0, 1].
+
+Both times are embedded with sinusoidal features (as in DDPM/DiT), concatenated, and mapped by an MLP to per-site
+modulation of the residual stream. A "site" is the input of a block: site 0 is the input of block 0 (after
+``ln0``), and with ``every_block`` there is one site per block.
+
+* ``film``: ``x * (1 + scale) + shift`` (FiLM, Perez et al. 2018; the adaLN-Zero idea of DiT, Peebles & Xie 2023).
+* ``add``: ``x + shift``.
+
+The output layer is zero-initialised, so at step 0 the modulation is the identity and a pretrained backbone sees
+exactly its pretrained inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+MODES = ("film", "add")
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
+    """``[B]`` times in [0, 1] -> ``[B, dim]`` sin/cos features.
+
+    ``t`` is multiplied by ``scale`` first: with t in [0, 1] and periods from 1 to ``max_period``, unscaled t would
+    leave most features nearly constant (the DDPM convention embeds integer steps 0..1000).
+    """
+    if dim % 2:
+        raise DiffRwkvError(f"time embedding size must be even, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeConditioner(nn.Module):
+    """(t_text [B], t_latent [B]) -> a function ``pre_block(i, x)`` that modulates block inputs ``x`` ``[B, T, C]``."""
+
+    def __init__(self, n_embd: int, n_layer: int, mode: str = "film", every_block: bool = False,
+                 embed_dim: int = 128, hidden: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if mode not in MODES:
+            raise DiffRwkvError(f"model.time_conditioning must be one of {', '.join(MODES)}; got '{mode}'")
+        self.mode, self.every_block, self.embed_dim, self.n_embd = mode, every_block, embed_dim, n_embd
+        self.n_sites = n_layer if every_block else 1
+        per_site = (2 if mode == "film" else 1) * n_embd
+        hidden = hidden or n_embd
+        self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.out = nn.Linear(hidden, self.n_sites * per_site)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, t_text: torch.Tensor, t_latent: torch.Tensor):
+        """Returns ``pre_block(i, x) -> x`` for :meth:`RWKV7.forward_embeds`."""
+        e = torch.cat(
+            [sinusoidal_embedding(t_text, self.embed_dim), sinusoidal_embedding(t_latent, self.embed_dim)], -1
+        )
+        mod = self.out(self.mlp(e.to(self.out.weight.dtype)))  # [B, sites * per_site]
+        mod = mod.view(mod.shape[0], self.n_sites, -1, self.n_embd)  # [B, sites, 1 or 2, C]
+
+        def pre_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            if i >= self.n_sites:
+                return x
+            m = mod[:, i].to(x.dtype)
+            if self.mode == "film":
+                return x * (1 + m[:, 0, None]) + m[:, 1, None]
+            return x + m[:, 0, None]
+
+        return pre_block

@@ -1,0 +1,52 @@
+"""Train the denoiser (the seed's entry point). Hydra reads ``configs/rwkv_mmdit.yaml`` (schema:
+:mod:`rwkv_diffusion_rnn.config`; an unknown key fails and names it).
+
+    python rwkv_diffusion_rnn/train_rwkv.py --config-name rwkv_mmdit training.num_epochs=1 \\
+        training.train_batch_size=1 training.dtype=fp32 data.max_samples=10 model.rwkv_name=/path/to/rwkv7-g1.pth
+    diffrwkv train model.rwkv_name=scratch model.freeze_backbone=false ...       # same thing
+    torchrun --nproc_per_node 2 rwkv_diffusion_rnn/train_rwkv.py ...             # several processes (DDP)
+
+Bad input or an unreachable checkpoint stops with one line (``error: ...``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rwkv_diffusion_rnn.config import TrainConfig
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+ConfigStore.instance().store(name="rwkv_mmdit_schema", node=TrainConfig)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="rwkv_mmdit")
+def _hydra_main(cfg: DictConfig) -> None:
+    from rwkv_diffusion_rnn import distributed
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+
+    try:
+        config: TrainConfig = OmegaConf.to_object(cfg)
+        trainer = Trainer(config)
+        result = trainer.fit()
+        distributed.print0("final: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    except DiffRwkvError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        distributed.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``diffrwkv train [overrides...]``: Hydra parses ``sys.argv``, so hand it ours."""
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    _hydra_main()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The denoiser's layout and conditioning: text->latent reads the text, causality per context mode, padding,
+zero-initialised FiLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
+
+CONTEXTS = ["causal", "twice", "bidirectional"]
+
+
+def _denoiser(context: str, lm_head: bool = False, prefix: int = 2, readout: int = 2, seed: int | None = None):
+    seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
+    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=seed)
+    cfg = DenoiserConfig(
+        context=context, use_rwkv_lm_head=lm_head, latent_prefix_len=prefix, latent_readout_len=readout
+    )
+    d = RWKVDenoiser(backbone, cfg).eval()
+    with torch.no_grad():  # leave the zero-init regime so every path carries signal
+        d.latent_head[2].weight.normal_()
+        d.time.out.weight.normal_(0, 0.1)
+    return d
+
+
+def _inputs(B=3, T=9, V=300):
+    ids = torch.randint(1, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    return ids, mask, torch.randn(B, 32), torch.rand(B), torch.rand(B)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_latent_prediction_depends_on_the_text(context, lm_head):
+    d = _denoiser(context, lm_head)
+    ids, mask, z, t1, t2 = _inputs()
+    with torch.no_grad():
+        base = d(ids, mask, z, t1, t2).latent
+        for pos in (0, 4, 8):  # first, middle and last token of row 0
+            other = ids.clone()
+            other[0, pos] = other[0, pos] % 299 + 1
+            changed = d(other, mask, z, t1, t2).latent
+            assert (changed[0] - base[0]).abs().max() > 1e-4, (context, pos)
+            torch.testing.assert_close(changed[1:], base[1:])  # other rows untouched
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_text_causality_per_context(context):
+    d = _denoiser(context)
+    ids, mask, z, t1, t2 = _inputs()
+    with torch.no_grad():
+        base = d(ids, mask, z, t1, t2).text_hidden
+        other = ids.clone()
+        other[0, 6] = other[0, 6] % 299 + 1
+        changed = d(other, mask, z, t1, t2).text_hidden
+    before = (changed[0, :6] - base[0, :6]).abs().max().item()
+    if context == "causal":
+        assert before == 0.0  # position i never sees tokens after i
+    else:
+        assert before > 1e-5  # every position sees the whole row
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_padded_rows_equal_rows_alone(context):
+    d = _denoiser(context)
+    ids, mask, z, t1, t2 = _inputs()
+    with torch.no_grad():
+        out = d(ids, mask, z, t1, t2)
+        for r in range(ids.shape[0]):
+            n = int(mask[r].sum())
+            alone = d(ids[r : r + 1, :n], mask[r : r + 1, :n], z[r : r + 1], t1[r : r + 1], t2[r : r + 1])
+            torch.testing.assert_close(alone.text_hidden[0], out.text_hidden[r, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(alone.latent[0], out.latent[r], atol=1e-5, rtol=1e-5)
+
+
+def test_mask_token_and_latent_reach_the_output():
+    d = _denoiser("causal")
+    ids, mask, z, t1, t2 = _inputs()
+    with torch.no_grad():
+        base = d(ids, mask, z, t1, t2)
+        masked = ids.clone()
+        masked[0, 3] = d.mask_id
+        assert (d(masked, mask, z, t1, t2).text_hidden[0, 3] - base.text_hidden[0, 3]).abs().max() > 1e-4
+        z2 = z.clone()
+        z2[0] += 1.0
+        assert (d(ids, mask, z2, t1, t2).text_hidden[0, 0] - base.text_hidden[0, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("every_block", [False, True])
+def test_zero_init_film_leaves_backbone_states_unchanged(every_block):
+    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=int(torch.randint(0, 2**31, ())))
+    d = RWKVDenoiser(backbone, DenoiserConfig(film_every_block=every_block)).eval()
+    ids, mask, z, t1, t2 = _inputs()
+    captured = {}
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0])) for i, b in
+             enumerate(backbone.blocks)]  # fmt: skip
+    with torch.no_grad():
+        d(ids, mask, z, t1, t2)
+        inside = dict(captured)
+        x, lay = d.embed_inputs(ids, mask, z)
+        backbone.forward_embeds(x, None, lay.mask)  # the plain backbone, no time conditioning
+    for h in hooks:
+        h.remove()
+    for i in inside:
+        assert torch.equal(inside[i], captured[i]), i
+
+
+def test_lora_adapters_start_as_identity():
+    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=5)
+    ids, mask, z, t1, t2 = _inputs()
+    with torch.no_grad():
+        plain = RWKVDenoiser(backbone, DenoiserConfig()).eval()
+        torch.manual_seed(0)
+        ref = plain(ids, mask, z, t1, t2).text_hidden
+    backbone2 = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=5)
+    torch.manual_seed(0)
+    lora = RWKVDenoiser(backbone2, DenoiserConfig(lora_rank=4)).eval()
+    assert len(lora.lora) == 2 * 6
+    lora.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids, mask, z, t1, t2).text_hidden, ref)
+        next(iter(lora.lora.values())).B.normal_()
+        assert (lora(ids, mask, z, t1, t2).text_hidden - ref).abs().max() > 1e-5
