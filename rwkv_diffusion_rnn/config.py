@@ -66,6 +66,10 @@ class DataSection:
     seed: int = 0
     on_bad_sample: str = "error"  # error | skip
     max_length: int | None = 512
+    # Fixed-length rows (MDLM's recipe): text, then end-of-text tokens (id 0) up to exactly this many tokens, all in
+    # the loss, so the model learns where a text ends; samplers generate this many tokens and cut at the first
+    # end-of-text. None: variable-length rows (padding outside the loss); samplers then need explicit lengths.
+    pad_to_length: int | None = None
 
 
 @dataclass

@@ -299,6 +299,22 @@ def collate_batch(samples: Sequence[dict], pad_id: int = 0) -> dict[str, torch.T
     }
 
 
+def pad_with_eot(batch: dict[str, torch.Tensor], length: int, eot_id: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed-length rows for MDLM-style training (``data.pad_to_length``): each row becomes its text, then
+    end-of-text tokens up to exactly ``length`` tokens, all real (attention 1, in the loss), so the model learns
+    where a text ends and a sampler can generate ``length`` tokens and cut at the first end-of-text. Longer rows are
+    cut to ``length - 1`` tokens plus one end-of-text."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    B, T = ids.shape
+    lengths = mask.sum(1).clamp(max=length - 1)
+    out = torch.full((B, length), eot_id, dtype=ids.dtype, device=ids.device)
+    pos = torch.arange(length, device=ids.device)[None]
+    keep = pos < lengths[:, None]
+    width = min(T, length)
+    out[:, :width] = torch.where(keep[:, :width], ids[:, :width], out[:, :width])
+    return dict(batch, input_ids=out, attention_mask=torch.ones_like(out))
+
+
 class LengthBucketBatchSampler(Sampler[list[int]]):
     """Batches of similar length, sharded over DDP ranks, deterministic in (seed, epoch).
 

@@ -38,7 +38,7 @@ from rwkv_diffusion_rnn.checkpoints import (
 )
 from rwkv_diffusion_rnn.config import TrainConfig, parse_sequential, to_dict, validate
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer, build_latent_schedule
-from rwkv_diffusion_rnn.data_simple import DataConfig, build_datasets, collate_batch, latent_stats
+from rwkv_diffusion_rnn.data_simple import DataConfig, build_datasets, collate_batch, latent_stats, pad_with_eot
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
@@ -169,6 +169,12 @@ class Trainer:
             distributed.print0(f"step {self.step}: unfroze {len(names)} backbone tensors")
 
     # ------------------------------------------------------------------ data
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-padded batch, or fixed-length end-of-text padded rows with ``data.pad_to_length``."""
+        batch = collate_batch(samples)
+        n = self.cfg.data.pad_to_length
+        return pad_with_eot(batch, n) if n else batch
+
     def _epoch_perm(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.training.seed, epoch]).permutation(len(self.train_set))
 
@@ -181,7 +187,7 @@ class Trainer:
         out = []
         for m in range(t.grad_accum_steps):
             mine = rows[m * per_micro : (m + 1) * per_micro][r::w]
-            batch = collate_batch([self.train_set[int(i)] for i in mine])
+            batch = self.collate([self.train_set[int(i)] for i in mine])
             out.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return out
 
@@ -275,7 +281,7 @@ class Trainer:
                 rows = list(range(i * bs * w, min((i + 1) * bs * w, len(self.val_set))))[r::w]
                 if not rows:
                     continue
-                batch = {k: v.to(self.device) for k, v in collate_batch([self.val_set[j] for j in rows]).items()}
+                batch = {k: v.to(self.device) for k, v in self.collate([self.val_set[j] for j in rows]).items()}
                 for mode, slot in (("l2t", 0), ("t2l", 2)):
                     c = self.objective.corrupt(batch, mode, i, slot, 0, 1, salt=99991)
                     norm = c.counts(self.objective.text.weighting)

@@ -55,19 +55,29 @@ class TimeConditioner(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, t_text: torch.Tensor, t_latent: torch.Tensor):
-        """Returns ``pre_block(i, x) -> x`` for :meth:`RWKV7.forward_embeds`."""
-        e = torch.cat(
-            [sinusoidal_embedding(t_text, self.embed_dim), sinusoidal_embedding(t_latent, self.embed_dim)], -1
-        )
-        mod = self.out(self.mlp(e.to(self.out.weight.dtype)))  # [B, sites * per_site]
-        mod = mod.view(mod.shape[0], self.n_sites, -1, self.n_embd)  # [B, sites, 1 or 2, C]
+        """Returns ``pre_block(i, x) -> x`` for :meth:`RWKV7.forward_embeds`.
+
+        Times are ``[B]`` (one per row) or ``[B, S]`` (one per sequence position, as semi-autoregressive sampling
+        uses: committed positions are clean, t = 0, while the active block is noisy)."""
+        per_position = t_text.dim() == 2 or t_latent.dim() == 2
+        if per_position:
+            S = (t_text if t_text.dim() == 2 else t_latent).shape[1]
+            t_text = t_text if t_text.dim() == 2 else t_text[:, None].expand(-1, S)
+            t_latent = t_latent if t_latent.dim() == 2 else t_latent[:, None].expand(-1, S)
+        shape = t_text.shape
+        e = torch.cat([sinusoidal_embedding(t_text.reshape(-1), self.embed_dim),
+                       sinusoidal_embedding(t_latent.reshape(-1), self.embed_dim)], -1)  # fmt: skip
+        mod = self.out(self.mlp(e.to(self.out.weight.dtype)))  # [B(*S), sites * per_site]
+        mod = mod.view(*shape, self.n_sites, -1, self.n_embd)  # [B, (S,) sites, 1 or 2, C]
+        if not per_position:
+            mod = mod.unsqueeze(1)  # broadcast over positions
 
         def pre_block(i: int, x: torch.Tensor) -> torch.Tensor:
             if i >= self.n_sites:
                 return x
-            m = mod[:, i].to(x.dtype)
+            m = mod[:, :, i].to(x.dtype)  # [B, S or 1, 1 or 2, C]
             if self.mode == "film":
-                return x * (1 + m[:, 0, None]) + m[:, 1, None]
-            return x + m[:, 0, None]
+                return x * (1 + m[:, :, 0]) + m[:, :, 1]
+            return x + m[:, :, 0]
 
         return pre_block

@@ -217,3 +217,17 @@ def test_workers_read_packed_data(data):
     loader = build_loader(train, 8, cfg=cfg, shuffle=False)
     got = torch.cat([b["latent"] for b in loader])
     assert torch.equal(got, torch.from_numpy(data["latents"]))
+
+
+def test_pad_with_eot_makes_fixed_length_rows():
+    import torch
+
+    from rwkv_diffusion_rnn.data_simple import collate_batch, pad_with_eot
+
+    rows = [torch.randint(1, 1000, (n,)) for n in (3, 7, 1)]
+    batch = collate_batch([{"input_ids": r, "latent": torch.zeros(4), "index": i} for i, r in enumerate(rows)])
+    out = pad_with_eot(batch, 6)
+    assert out["input_ids"].shape == (3, 6) and bool(out["attention_mask"].all())
+    assert out["input_ids"][0].tolist() == rows[0].tolist() + [0, 0, 0]
+    assert out["input_ids"][1].tolist() == rows[1][:5].tolist() + [0]  # cut, still ends with end-of-text
+    assert out["input_ids"][2].tolist() == rows[2].tolist() + [0] * 5

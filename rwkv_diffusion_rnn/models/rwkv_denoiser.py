@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, _gather_time
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7State, _gather_time
 from rwkv_diffusion_rnn.time_conditioning import TimeConditioner
 
 CONTEXTS = ("causal", "twice", "bidirectional")
@@ -60,6 +60,15 @@ class DenoiserOutput:
     text_hidden: torch.Tensor  # [B, T, C] after ln_out, aligned with the text positions (apply text_logits)
     latent: torch.Tensor  # [B, D] latent prediction (eps / x0 / v)
     text_logits: torch.Tensor | None = None  # [N, V] at the positions of ``text_select`` (when given)
+
+
+@dataclass
+class PrefixCache:
+    """What :meth:`RWKVDenoiser.prefill` keeps: the recurrent state after the committed part and its last hidden
+    output (``[B, 1, C]``, needed by the next-token LM head). Both None when there was nothing to read."""
+
+    state: RWKV7State | None
+    last_hidden: torch.Tensor | None
 
 
 @dataclass
@@ -211,20 +220,84 @@ class RWKVDenoiser(nn.Module):
         text_select: torch.Tensor | None = None,
     ) -> DenoiserOutput:
         """noisy_ids ``[B, T]`` (``<mask>`` = vocab size), attention_mask ``[B, T]`` (right padding), z_t ``[B, D]``
-        standardised noisy latent, t_text / t_latent ``[B]`` in [0, 1]. ``text_select`` ``[B, T]`` bool: also return
-        logits at those positions only (training uses the masked ones: the head is most of the FLOPs at 65k classes;
-        computing it inside ``forward`` keeps DDP's gradient hooks in charge of every parameter)."""
+        standardised noisy latent, t_latent ``[B]`` in [0, 1], t_text ``[B]`` or ``[B, T]``.
+
+        A per-position ``t_text`` ``[B, T]`` is what semi-autoregressive sampling feeds (committed tokens at 0, the
+        active block at its time); the latent prefix then gets t = 0 and the readout the row's largest t, so that
+        everything before the active block is conditioned on fixed times and can be cached (:meth:`prefill`).
+
+        ``text_select`` ``[B, T]`` bool: also return logits at those positions only (training uses the masked ones:
+        the head is most of the FLOPs at 65k classes; computing it inside ``forward`` keeps DDP's gradient hooks in
+        charge of every parameter)."""
         x, lay = self.embed_inputs(noisy_ids, attention_mask, z_t)
-        pre_block = self.time(t_text, t_latent)
+        if t_text.dim() == 2:
+            B, P, R = t_text.shape[0], self.cfg.latent_prefix_len, self.cfg.latent_readout_len
+            t_pos = torch.cat([t_text.new_zeros(B, P), t_text, t_text.amax(1, keepdim=True).expand(B, R)], 1)
+            t_text = t_pos.gather(1, lay.source)  # [B, S]: the time of every sequence position
         h, _ = self.backbone.forward_embeds(
-            x, None, lay.mask, pre_block=pre_block, bidirectional=self.cfg.context == "bidirectional"
+            x, None, lay.mask, pre_block=self.time(t_text, t_latent), bidirectional=self.cfg.context == "bidirectional"
         )
+        return self._read(h, lay.text_pos, lay.readout_pos, text_select)
+
+    def _read(self, h, text_pos, readout_pos, text_select) -> DenoiserOutput:
         ln_out = self.backbone.ln_out
-        text_hidden = ln_out(_gather_time(h, lay.text_pos))
-        readout = ln_out(_gather_time(h, lay.readout_pos))  # [B, R, C]
+        text_hidden = ln_out(_gather_time(h, text_pos))
+        readout = ln_out(_gather_time(h, readout_pos))  # [B, R, C]
         latent = self.latent_head(readout.flatten(1).to(self.latent_head[0].weight.dtype))
         logits = self.text_logits(text_hidden[text_select]) if text_select is not None else None
         return DenoiserOutput(text_hidden, latent.float(), logits)
+
+    # ------------------------------------------------------------------ cached (semi-autoregressive) decoding
+    def prefill(self, z_t: torch.Tensor, committed_ids: torch.Tensor, t_latent: torch.Tensor) -> PrefixCache:
+        """Run ``[latent prefix][committed text]`` once (causal context only) with the committed part clean
+        (t_text = 0) and return the recurrent state, so later blocks need not re-read it.
+
+        z_t ``[B, D]``, committed_ids ``[B, K]`` (K may be 0; no padding), t_latent ``[B]``."""
+        if self.cfg.context != "causal":
+            raise DiffRwkvError(f"prefix caching needs model.context=causal (got '{self.cfg.context}')")
+        B, K = committed_ids.shape
+        P, C = self.cfg.latent_prefix_len, self.backbone.cfg.n_embd
+        z = z_t.to(self.prefix_proj.weight.dtype)
+        parts = [self.backbone.emb(committed_ids)]
+        if P:
+            parts.insert(0, (self.prefix_proj(z).view(B, P, C) + self.prefix_pos).to(parts[0].dtype))
+        x = torch.cat(parts, 1)
+        if x.shape[1] == 0:
+            return PrefixCache(None, None)
+        times = x.new_zeros(B, x.shape[1], dtype=torch.float32)
+        h, state = self.backbone.forward_embeds(x, None, None, pre_block=self.time(times, t_latent))
+        return PrefixCache(state, h[:, -1:])
+
+    def forward_cached(
+        self,
+        cache: PrefixCache,
+        block_ids: torch.Tensor,
+        z_t: torch.Tensor,
+        t_block: torch.Tensor,
+        t_latent: torch.Tensor,
+    ) -> DenoiserOutput:
+        """The active block ``[B, Kb]`` (and the readout) continued from :meth:`prefill`'s cache. Equals
+        :meth:`forward` on ``committed + block`` with per-position times ``[0]*K + [t_block]*Kb``, at the block."""
+        B, Kb = block_ids.shape
+        R, C = self.cfg.latent_readout_len, self.backbone.cfg.n_embd
+        is_mask = block_ids == self.mask_id
+        text = self.backbone.emb(block_ids.masked_fill(is_mask, 0))
+        text = torch.where(is_mask.unsqueeze(-1), self.mask_emb.to(text.dtype), text)
+        z = z_t.to(self.readout_proj.weight.dtype)
+        readout = (self.readout_proj(z).view(B, R, C) + self.readout_pos).to(text.dtype)
+        x = torch.cat([text, readout], 1)
+        times = t_block.float()[:, None].expand(B, x.shape[1])
+        h, _ = self.backbone.forward_embeds(x, cache.state, None, pre_block=self.time(times, t_latent))
+        dev = block_ids.device
+        text_pos = torch.arange(Kb, device=dev).expand(B, Kb)
+        if self.cfg.use_rwkv_lm_head:  # position i is read one step earlier: the cache's last output for i = 0
+            if cache.last_hidden is None:
+                raise DiffRwkvError("use_rwkv_lm_head needs at least one position before the block")
+            h = torch.cat([cache.last_hidden, h], 1)
+            readout_pos = (Kb + 1 + torch.arange(R, device=dev)).expand(B, R)
+        else:
+            readout_pos = (Kb + torch.arange(R, device=dev)).expand(B, R)
+        return self._read(h, text_pos, readout_pos, None)
 
     def text_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
         """``[..., C]`` -> ``[..., V]`` logits over the real vocabulary (the ``<mask>`` class is never predicted)."""

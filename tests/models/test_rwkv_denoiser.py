@@ -125,3 +125,34 @@ def test_lora_adapters_start_as_identity():
         torch.testing.assert_close(lora(ids, mask, z, t1, t2).text_hidden, ref)
         next(iter(lora.lora.values())).B.normal_()
         assert (lora(ids, mask, z, t1, t2).text_hidden - ref).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+@pytest.mark.parametrize("K", [0, 5])
+def test_cached_block_equals_rereading_the_committed_text(lm_head, K):
+    d = _denoiser("causal", lm_head, prefix=1 if lm_head else 2)
+    B, Kb = 3, 4
+    committed = torch.randint(1, 300, (B, K))
+    block = torch.randint(1, 300, (B, Kb))
+    block[:, 1] = d.mask_id
+    z, t_lat, t_blk = torch.randn(B, 32), torch.rand(B), torch.rand(B)
+    if lm_head and K == 0 and d.cfg.latent_prefix_len == 0:
+        pytest.skip("nothing precedes the block")
+    with torch.no_grad():
+        cached = d.forward_cached(d.prefill(z, committed, t_lat), block, z, t_blk, t_lat)
+        t_pos = torch.cat([torch.zeros(B, K), t_blk[:, None].expand(B, Kb)], 1)
+        full = d(torch.cat([committed, block], 1), torch.ones(B, K + Kb, dtype=torch.long), z, t_pos, t_lat)
+    torch.testing.assert_close(cached.text_hidden, full.text_hidden[:, K:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.latent, full.latent, atol=1e-5, rtol=1e-5)
+
+
+def test_per_position_times_reach_the_positions():
+    d = _denoiser("causal")
+    ids, mask, z, t1, t2 = _inputs()
+    t_pos = t1[:, None].expand(-1, ids.shape[1]).clone()
+    with torch.no_grad():
+        a = d(ids, mask, z, t_pos, t2).text_hidden
+        t_pos[0, 4] = 1 - t_pos[0, 4]
+        b = d(ids, mask, z, t_pos, t2).text_hidden
+    assert (a[0, :4] - b[0, :4]).abs().max() == 0  # causal: earlier positions untouched
+    assert (a[0, 4] - b[0, 4]).abs().max() > 1e-5
