@@ -30,6 +30,9 @@ class ModelConfig:
     n_layer: int = 6
     n_embd: int = 512
     vocab_size: int = 65536
+    # full: the World vocabulary; data (new backbones only): the token ids the training data uses, plus end-of-text
+    # and an unknown id (rwkv_diffusion_rnn/vocab.py) -- far smaller embedding and head for small corpora
+    vocab: str = "full"
     wkv_backend: str = "auto"  # auto | reference | fla
     freeze_backbone: bool = True  # backbone weights never change and never reach the optimizer
     unfreeze_patterns: list[str] = field(default_factory=list)  # fnmatch on BlinkDL names, e.g. "blocks.1[01].*"
@@ -62,7 +65,7 @@ class DataSection:
     latent_dir: str = "preprocessed_data/qwen_32d/latents/train"
     max_samples: int | None = None
     num_workers: int = 0
-    validation_fraction: float = 0.05  # when no validation split exists beside the training data
+    validation_fraction: float = 0.0  # > 0: hold out this fraction of train; 0: use the validation split beside it
     seed: int = 0
     on_bad_sample: str = "error"  # error | skip
     max_length: int | None = 512
@@ -164,6 +167,9 @@ def validate(cfg: TrainConfig) -> None:
         (d.latent_prediction in ("eps", "x0", "v"),
          f"diffusion.latent_prediction must be eps, x0 or v; got '{d.latent_prediction}'"),
         (m.latent_dim >= 1, "model.latent_dim must be >= 1"),
+        (m.vocab in ("full", "data"), f"model.vocab must be 'full' or 'data'; got '{m.vocab}'"),
+        (m.vocab == "full" or m.rwkv_name == "scratch",
+         "model.vocab=data needs model.rwkv_name=scratch (a new backbone)"),
         (cfg.logging.log_freq >= 1 and cfg.logging.save_freq >= 1 and cfg.logging.eval_freq >= 1,
          "logging.log_freq, logging.eval_freq and logging.save_freq must be >= 1"),
         (cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample must be 'error' or 'skip'"),

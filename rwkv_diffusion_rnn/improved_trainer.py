@@ -52,18 +52,20 @@ from rwkv_diffusion_rnn.optimizer import (
     clip_and_check_grads,
     load_optimizer_state,
 )
+from rwkv_diffusion_rnn.vocab import TokenMap
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_backbone(cfg: TrainConfig) -> tuple[RWKV7, dict | None]:
+def build_backbone(cfg: TrainConfig, vocab_size: int | None = None) -> tuple[RWKV7, dict | None]:
     """The backbone and its reference for checkpoints (``{"path", "sha256"}``; None for a new random one)."""
     m = cfg.model
     if m.rwkv_name == "scratch":
         if m.freeze_backbone and m.lora_rank == 0:
             raise DiffRwkvError("model.rwkv_name=scratch trains a new backbone: set model.freeze_backbone=false")
         torch.manual_seed(cfg.training.seed)
-        return RWKV7(RWKV7Config.for_shape(m.n_layer, m.n_embd, m.vocab_size), wkv_backend=m.wkv_backend), None
+        shape = RWKV7Config.for_shape(m.n_layer, m.n_embd, vocab_size or m.vocab_size)
+        return RWKV7(shape, wkv_backend=m.wkv_backend), None
     from rwkv_diffusion_rnn.pretrained_rwkv import check_state_dict, read_local_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(m.rwkv_name, m.rwkv_filename, m.rwkv_revision, m.cache_dir, m.local_files_only)
@@ -104,12 +106,20 @@ class Trainer:
         self.batch_hook = None
         t, m = cfg.training, cfg.model
 
-        backbone, self.backbone_ref = build_backbone(cfg)  # first: "how to point at a checkpoint" comes first
+        if m.rwkv_name != "scratch":  # first, so that "how to point at a checkpoint" is the first thing said
+            backbone, self.backbone_ref = build_backbone(cfg)
         self.train_set, self.val_set = build_datasets(data_config(cfg))
         if len(self.train_set) == 0:
             raise DiffRwkvError(f"{cfg.data.token_dir}: the training split is empty")
         stats = latent_stats(self.train_set)
         self.normalizer = LatentNormalizer(torch.as_tensor(stats.mean).float(), torch.as_tensor(stats.std).float())
+        self.token_map = None
+        if m.vocab == "data":
+            self.token_map = TokenMap.from_token_arrays(
+                self.train_set[i]["input_ids"].numpy() for i in range(len(self.train_set))
+            )
+        if m.rwkv_name == "scratch":
+            backbone, self.backbone_ref = build_backbone(cfg, self.token_map.size if self.token_map else None)
         dcfg = DenoiserConfig(**{k: getattr(m, k) for k in DenoiserConfig.__dataclass_fields__ if hasattr(m, k)})
         torch.manual_seed(t.seed)
         self.model = RWKVDenoiser(backbone, dcfg).to(self.device)
@@ -173,7 +183,10 @@ class Trainer:
         """Right-padded batch, or fixed-length end-of-text padded rows with ``data.pad_to_length``."""
         batch = collate_batch(samples)
         n = self.cfg.data.pad_to_length
-        return pad_with_eot(batch, n) if n else batch
+        batch = pad_with_eot(batch, n) if n else batch
+        if self.token_map is not None:
+            batch["input_ids"] = self.token_map.to_model(batch["input_ids"])
+        return batch
 
     def _epoch_perm(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.training.seed, epoch]).permutation(len(self.train_set))
@@ -300,6 +313,8 @@ class Trainer:
     def save(self) -> Path | None:
         extra = {"normalizer": self.normalizer.state_dict(), "skipped": self.skipped,
                  "denoiser": asdict(self.model.cfg), "backbone_config": self.model.backbone.cfg.to_dict()}  # fmt: skip
+        if self.token_map is not None:
+            extra["vocab_ids"] = self.token_map.vocab_ids
         path = None
         if self.dist.is_main:
             path = save_checkpoint(

@@ -26,6 +26,7 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+from rwkv_diffusion_rnn.vocab import CompactTokenizer, TokenMap
 
 
 @dataclass
@@ -81,4 +82,6 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", ema: bool
     tok = load_tokenizer(
         tc.name, local_files_only=tc.local_files_only, cache_dir=tc.cache_dir, trust_remote_code=tc.trust_remote_code
     )
+    if "vocab_ids" in extra:  # a compact vocabulary (model.vocab=data): the tokenizer speaks the model's ids
+        tok = CompactTokenizer(tok, TokenMap(extra["vocab_ids"]))
     return LoadedModel(denoiser, text, latent, normalizer, tok, cfg, ck.step, ck.path)

@@ -222,3 +222,33 @@ def test_offline_without_checkpoint_is_one_line(tmp_path):
 def test_unknown_config_key_is_refused_by_name(tmp_path):
     r = subprocess.run(_train_cmd("training.no_such_key=1"), capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "no_such_key" in r.stderr
+
+
+def test_diffrwkv_train_verb_finds_the_config(setup, tmp_path):
+    root, p = setup
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.cli", "train", *SEED_SMOKE, f"model.rwkv_name={root / 'bb.pth'}",
+           f"data.json_path={p['json']}", f"data.token_dir={p['token_dir']}", f"data.latent_dir={p['latent_dir']}",
+           "data.max_samples=4", f"logging.save_dir={tmp_path}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(tmp_path.glob("step_*"))
+
+
+def test_compact_vocabulary_round_trips_through_a_checkpoint(setup, tmp_path):
+    from rwkv_diffusion_rnn.pipeline import load_trained
+
+    cfg = make_cfg(setup, tmp_path, model__rwkv_name="scratch", model__n_layer=1, model__n_embd=64,
+                   model__vocab="data", training__max_steps=2, data__pad_to_length=24)  # fmt: skip
+    trainer = Trainer(cfg)
+    world = set()
+    for i in range(len(trainer.train_set)):
+        world.update(trainer.train_set[i]["input_ids"].tolist())
+    assert trainer.model.backbone.cfg.vocab_size == len(world | {0}) + 1  # + unknown
+    run(trainer, 2)
+    m = load_trained(trainer.save())
+    text = trainer.train_set.text(0)
+    ids = m.tokenizer.encode(text)
+    assert max(ids) < m.denoiser.mask_id and m.tokenizer.decode(ids) == text
+    assert m.tokenizer.decode(m.tokenizer.encode("zebra xylophone")) != "zebra xylophone"  # unseen -> unknown
+    for name, t in trainer.trainable_tensors().items():
+        assert torch.equal(dict(m.denoiser.named_parameters())[name], t), name
