@@ -252,3 +252,26 @@ def test_compact_vocabulary_round_trips_through_a_checkpoint(setup, tmp_path):
     assert m.tokenizer.decode(m.tokenizer.encode("zebra xylophone")) != "zebra xylophone"  # unseen -> unknown
     for name, t in trainer.trainable_tensors().items():
         assert torch.equal(dict(m.denoiser.named_parameters())[name], t), name
+
+
+def test_unfreeze_after_n_steps_trains_only_the_matched_tensors_from_then_on(setup, tmp_path):
+    cfg = make_cfg(setup, tmp_path, model__freeze_backbone=True, model__unfreeze_patterns=["blocks.1.*"],
+                   model__unfreeze_after_steps=3, training__max_steps=6)  # fmt: skip
+    trainer = Trainer(cfg)
+    snap = lambda: {n: p.detach().clone() for n, p in trainer.model.backbone.named_parameters()}  # noqa: E731
+    start = snap()
+    run(trainer, 3)
+    assert all(torch.equal(p, start[n]) for n, p in trainer.model.backbone.named_parameters())
+    run(trainer, 3)
+    changed = {n for n, p in trainer.model.backbone.named_parameters() if not torch.equal(p, start[n])}
+    assert changed and all(n.startswith("blocks.1.") for n in changed)
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert id(trainer.model.backbone.blocks[1].att.key.weight) in in_opt
+    assert id(trainer.model.backbone.blocks[0].att.key.weight) not in in_opt
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(setup, tmp_path):
+    trainer = Trainer(make_cfg(setup, tmp_path, training__dtype="bf16", training__max_steps=3))
+    recs = run(trainer, 3)
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in recs)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
