@@ -33,13 +33,15 @@ def main() -> None:
         return batch
 
     trainer.batch_hook = plant
+    init = {k: v.clone() for k, v in trainer.trainable_tensors().items()}
     losses, skipped = [], []
     for _ in range(cfg.training.max_steps):
         rec = trainer.train_step()
         losses.append(rec["loss"])
         skipped.append(rec["skipped"])
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"tensors": trainer.trainable_tensors(), "losses": losses, "skipped": skipped}, f"{out}.rank{rank}.pt")
+    result = {"tensors": trainer.trainable_tensors(), "init": init, "losses": losses, "skipped": skipped}
+    torch.save(result, f"{out}.rank{rank}.pt")
     distributed.cleanup()
 
 

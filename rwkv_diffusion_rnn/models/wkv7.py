@@ -108,7 +108,11 @@ def wkv7_fla(
         )
     if not r.is_cuda:
         raise DiffRwkvError("WKV backend 'fla' runs on CUDA tensors only; use backend 'reference' on the CPU")
-    # Gradients of w/k/v/a/b flow through fla's backward kernels; the state stays fp32.
+    # fla needs one dtype for all operands (under autocast r/k/v/a/b are bf16 while our log decay w is fp32);
+    # its own RWKV-7 layer feeds w in the activation dtype too. Gradients flow through fla's backward kernels;
+    # the state stays fp32.
+    dtype = r.dtype
+    w, k, v, a, b = (x.to(dtype) for x in (w, k, v, a, b))
     o, S = chunk(
         r=r,
         w=w,
