@@ -121,6 +121,9 @@ class PairedTextLatentDataset(Dataset):
         self.append_eot = append_eot
         self.eot_id = eot_id
         self.problems = problems if problems is not None else []
+        #: optional ids transform (``vocab.TokenMap.to_model`` for a compact vocabulary): samples come out in the
+        #: model's ids, so every consumer (trainer, evaluation) batches them the same way
+        self.token_map = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -133,11 +136,13 @@ class PairedTextLatentDataset(Dataset):
         input_ids = torch.from_numpy(ids)
         if self.append_eot:
             input_ids = torch.cat([input_ids, torch.tensor([self.eot_id])])
+        if self.token_map is not None:
+            input_ids = self.token_map.to_model(input_ids.long())
         return {"input_ids": input_ids, "latent": torch.from_numpy(self.store.latent(row)), "index": row}
 
     def subset(self, rows: np.ndarray) -> PairedTextLatentDataset:
         """A dataset over the given SOURCE rows, sharing this one's store and settings."""
-        return PairedTextLatentDataset(
+        out = PairedTextLatentDataset(
             self.store,
             rows,
             max_length=self.max_length,
@@ -145,6 +150,8 @@ class PairedTextLatentDataset(Dataset):
             eot_id=self.eot_id,
             problems=self.problems,
         )
+        out.token_map = self.token_map
+        return out
 
     @property
     def latent_dim(self) -> int | None:

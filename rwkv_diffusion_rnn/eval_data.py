@@ -110,6 +110,7 @@ def resolve_data(
     if rows.text(0) is None or train.text(0) is None:
         raise DiffRwkvError(f"{dc.token_dir}: rows have no text; expected a dataset JSON with a 'text' per row")
     encoder = LatentEncoder.from_dir(enc_dir, device=encoder_device)
+    rows.token_map = train.token_map = m.token_map  # the model's ids (a compact vocabulary maps World ids)
     return EvalData(rows, train, encoder, enc_dir, split, source)
 
 

@@ -118,6 +118,7 @@ class Trainer:
             self.token_map = TokenMap.from_token_arrays(
                 self.train_set[i]["input_ids"].numpy() for i in range(len(self.train_set))
             )
+            self.train_set.token_map = self.val_set.token_map = self.token_map  # samples in the model's ids
         if m.rwkv_name == "scratch":
             backbone, self.backbone_ref = build_backbone(cfg, self.token_map.size if self.token_map else None)
         dcfg = DenoiserConfig(**{k: getattr(m, k) for k in DenoiserConfig.__dataclass_fields__ if hasattr(m, k)})
@@ -183,10 +184,7 @@ class Trainer:
         """Right-padded batch, or fixed-length end-of-text padded rows with ``data.pad_to_length``."""
         batch = collate_batch(samples)
         n = self.cfg.data.pad_to_length
-        batch = pad_with_eot(batch, n) if n else batch
-        if self.token_map is not None:
-            batch["input_ids"] = self.token_map.to_model(batch["input_ids"])
-        return batch
+        return pad_with_eot(batch, n) if n else batch
 
     def _epoch_perm(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.training.seed, epoch]).permutation(len(self.train_set))

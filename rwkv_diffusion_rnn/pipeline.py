@@ -39,6 +39,7 @@ class LoadedModel:
     config: TrainConfig
     step: int
     path: Path
+    token_map: TokenMap | None = None  # compact vocabulary (model.vocab=data): World ids -> model ids
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -82,6 +83,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", ema: bool
     tok = load_tokenizer(
         tc.name, local_files_only=tc.local_files_only, cache_dir=tc.cache_dir, trust_remote_code=tc.trust_remote_code
     )
+    token_map = None
     if "vocab_ids" in extra:  # a compact vocabulary (model.vocab=data): the tokenizer speaks the model's ids
-        tok = CompactTokenizer(tok, TokenMap(extra["vocab_ids"]))
-    return LoadedModel(denoiser, text, latent, normalizer, tok, cfg, ck.step, ck.path)
+        token_map = TokenMap(extra["vocab_ids"])
+        tok = CompactTokenizer(tok, token_map)
+    return LoadedModel(denoiser, text, latent, normalizer, tok, cfg, ck.step, ck.path, token_map)
