@@ -87,4 +87,5 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", ema: bool
     if "vocab_ids" in extra:  # a compact vocabulary (model.vocab=data): the tokenizer speaks the model's ids
         token_map = TokenMap(extra["vocab_ids"])
         tok = CompactTokenizer(tok, token_map)
+        denoiser.sample_banned_ids = (token_map.unk,)  # never generate the unknown id
     return LoadedModel(denoiser, text, latent, normalizer, tok, cfg, ck.step, ck.path, token_map)

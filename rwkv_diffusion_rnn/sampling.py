@@ -249,7 +249,7 @@ def _denoise_text(den, sched, seq, attn, conds, scale, gens, block_size, use_cac
             if bool(call.any()):
                 r = call.nonzero()[:, 0]
                 logits = [
-                    den.text_logits(_window_hidden(den, c, seq, attn, r, a, b, t_model[r], k, blocked)[where[r]])
+                    den.sampling_logits(_window_hidden(den, c, seq, attn, r, a, b, t_model[r], k, blocked)[where[r]])
                     for c, k in zip(conds, caches, strict=True)
                 ]
                 log_probs = guided_log_probs(logits[0], logits[1] if len(logits) > 1 else None, scale)
@@ -423,7 +423,7 @@ def sample_joint(
                 plan = tsched.plan(t, seq, tg)
                 t_text = _model_time(tsched, t, seq == mask_id, n_gen)
                 out = den(seq, attn, z.float(), t_text, torch.full((B,), float(t), device=dev))
-                log_probs = torch.log_softmax(den.text_logits(out.text_hidden[plan.need]).float(), dim=-1)
+                log_probs = torch.log_softmax(den.sampling_logits(out.text_hidden[plan.need]).float(), dim=-1)
                 seq = tsched.step(log_probs, t, seq, tg, plan).prev_sample
                 z = lsched.step(out.latent, t, z, lg).prev_sample
                 if bar is not None:
@@ -543,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     del settings["progress"]
     records: list[dict] = []
     tok = m.tokenizer
+    tmap = getattr(m, "token_map", None)
+
+    def world(row: list[int]) -> list[int]:  # written ids are the tokenizer's (World) ids, whatever the model's
+        return tmap.to_world(torch.tensor(row, dtype=torch.long)).tolist() if tmap is not None and row else row
+
     if a.latents is not None or a.data is not None:
         if a.latents is not None:
             latents, refs, source = read_latents_file(a.latents), None, str(a.latents)
@@ -555,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.update(mode="l2t", **opts)
         for i, row in enumerate(ids):
             inp = {"source": source, "row": i} | ({"reference": refs[i]} if refs and refs[i] is not None else {})
-            records.append({"input": inp, "text": tok.decode(row, skip_special_tokens=True), "token_ids": row})
+            records.append({"input": inp, "text": tok.decode(row, skip_special_tokens=True), "token_ids": world(row)})
     elif a.text is not None or a.text_file is not None:
         if a.text is not None:
             texts = list(a.text)
@@ -576,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         del settings["guidance_scale"]
         for i, (row, zr) in enumerate(zip(ids, z, strict=True)):
             text = tok.decode(row, skip_special_tokens=True)
-            records.append({"input": {"unconditional": i}, "text": text, "token_ids": row, "latent": zr.tolist()})
+            rec = {"input": {"unconditional": i}, "text": text, "token_ids": world(row), "latent": zr.tolist()}
+            records.append(rec)
     lines = "".join(json.dumps({**rec, "settings": settings}, ensure_ascii=False) + "\n" for rec in records)
     if a.out:
         atomic_write_bytes(a.out, lines.encode("utf-8"))

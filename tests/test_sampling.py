@@ -114,6 +114,8 @@ class OracleDenoiser:
         one_hot = torch.nn.functional.one_hot(hidden[..., 0].long(), V).float()
         return (one_hot - 1.0) * 1e4
 
+    sampling_logits = text_logits
+
 
 def oracle(prediction: str = "eps", pad_to_length: int | None = PAD_TO, n: int = 5, seed: int = 0):
     """``(m, raw_latents [n, D], texts)``; texts of 1..PAD_TO-1 tokens, none containing end-of-text."""
@@ -424,3 +426,39 @@ def test_sample_command_end_to_end(checkpoint, tmp_path, capsys):
 def test_sample_command_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _sample(capsys, "--checkpoint", str(tmp_path / "nope"), "--unconditional", "1")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:") and "nope" in err
+
+
+def test_cli_writes_world_token_ids_for_a_compact_vocabulary(tmp_path):
+    """`diffrwkv sample` reports the tokenizer's ids, also when the model uses a compact vocabulary."""
+    import json
+
+    from rwkv_diffusion_rnn.config import TrainConfig
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    from rwkv_diffusion_rnn.sampling import main
+    from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+    from tests.data_helpers import make_dataset
+
+    p = make_dataset(tmp_path / "ds", n=16)
+    cfg = TrainConfig()
+    cfg.model.rwkv_name, cfg.model.n_layer, cfg.model.n_embd = "scratch", 1, 64
+    cfg.model.freeze_backbone, cfg.model.vocab = False, "data"
+    cfg.data.json_path, cfg.data.token_dir, cfg.data.latent_dir = (
+        str(p["json"]),
+        str(p["token_dir"]),
+        str(p["latent_dir"]),
+    )
+    cfg.data.pad_to_length = 24
+    cfg.training.dtype, cfg.training.train_batch_size, cfg.training.max_steps = "fp32", 8, 1
+    cfg.logging.save_dir, cfg.logging.progress, cfg.logging.tensorboard = str(tmp_path / "run"), False, False
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    ckpt = trainer.save()
+    out = tmp_path / "s.jsonl"
+    assert (
+        main(["--checkpoint", str(ckpt), "--unconditional", "3", "--steps", "4", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    world = load_tokenizer("rwkv-world")
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        assert world.decode(rec["token_ids"], skip_special_tokens=True) == rec["text"]

@@ -299,6 +299,15 @@ class RWKVDenoiser(nn.Module):
             readout_pos = (Kb + torch.arange(R, device=dev)).expand(B, R)
         return self._read(h, text_pos, readout_pos, None)
 
+    def sampling_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`text_logits` with the ids in ``sample_banned_ids`` at -inf (e.g. a compact vocabulary's unknown id,
+        which is a valid target for likelihoods but must never be generated)."""
+        logits = self.text_logits(text_hidden)
+        banned = getattr(self, "sample_banned_ids", ())
+        if banned:
+            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+        return logits
+
     def text_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
         """``[..., C]`` -> ``[..., V]`` logits over the real vocabulary (the ``<mask>`` class is never predicted)."""
         head = self.backbone.head if self.cfg.use_rwkv_lm_head else self.text_head

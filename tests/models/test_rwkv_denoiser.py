@@ -156,3 +156,14 @@ def test_per_position_times_reach_the_positions():
         b = d(ids, mask, z, t_pos, t2).text_hidden
     assert (a[0, :4] - b[0, :4]).abs().max() == 0  # causal: earlier positions untouched
     assert (a[0, 4] - b[0, 4]).abs().max() > 1e-5
+
+
+def test_sampling_logits_never_offer_banned_ids():
+    d = _denoiser("causal")
+    ids, mask, z, t1, t2 = _inputs()
+    with torch.no_grad():
+        h = d(ids, mask, z, t1, t2).text_hidden
+        d.sample_banned_ids = (7, 299)
+        logits = d.sampling_logits(h)
+    assert torch.isinf(logits[..., [7, 299]]).all() and torch.isfinite(logits[..., :7]).all()
+    torch.testing.assert_close(logits[..., 8:299], d.text_logits(h)[..., 8:299])
