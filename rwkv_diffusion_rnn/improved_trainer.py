@@ -342,8 +342,12 @@ class Trainer:
         if missing:
             raise DiffRwkvError(f"{where}: checkpoint lacks trainable tensor '{missing[0]}' (another configuration?)")
         for name, tensor in ck.model_tensors.items():
-            if name not in want or want[name].shape != tensor.shape:
-                raise DiffRwkvError(f"{where}: tensor '{name}' does not fit this model's configuration")
+            if name not in want or want[name].shape != tensor.shape or want[name].dtype != tensor.dtype:
+                has = f"{want[name].dtype} {tuple(want[name].shape)}" if name in want else "no such trainable tensor"
+                raise DiffRwkvError(
+                    f"{where}: tensor '{name}' does not fit this model's configuration "
+                    f"(checkpoint: {tensor.dtype} {tuple(tensor.shape)}, this model: {has})"
+                )
         with torch.no_grad():
             params = dict(self.model.named_parameters())
             for name, tensor in ck.model_tensors.items():

@@ -40,10 +40,35 @@ def _hydra_main(cfg: DictConfig) -> None:
         distributed.cleanup()
 
 
+def _check_overrides(args: list[str]) -> None:
+    """Refuse an unknown key or a value of the wrong type in one line (Hydra's own report spans several lines)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception as exc:
+        raise DiffRwkvError(f"command line: {' '.join(str(exc).split())}") from exc
+    schema = OmegaConf.structured(TrainConfig)
+    for o in overrides:
+        if o.is_delete() or o.is_sweep_override():
+            continue
+        try:
+            OmegaConf.update(schema, o.key_or_group, o.value(), merge=True)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DiffRwkvError(f"override '{o.input_line}': {first}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     """``diffrwkv train [overrides...]``: Hydra parses ``sys.argv``, so hand it ours."""
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
+    try:
+        _check_overrides(sys.argv[1:])
+    except DiffRwkvError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _hydra_main()
     return 0
 
