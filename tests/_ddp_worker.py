@@ -35,12 +35,20 @@ def main() -> None:
     trainer.batch_hook = plant
     init = {k: v.clone() for k, v in trainer.trainable_tensors().items()}
     losses, skipped = [], []
-    for _ in range(cfg.training.max_steps):
+    around_nan = {}
+    for step in range(cfg.training.max_steps):
+        if step == nan_step:
+            around_nan["before"] = {k: v.clone() for k, v in trainer.trainable_tensors().items()}
+            around_nan["adam_before"] = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
         rec = trainer.train_step()
+        if step == nan_step:
+            around_nan["after"] = {k: v.clone() for k, v in trainer.trainable_tensors().items()}
+            around_nan["adam_after"] = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
         losses.append(rec["loss"])
         skipped.append(rec["skipped"])
     rank = int(os.environ.get("RANK", "0"))
-    result = {"tensors": trainer.trainable_tensors(), "init": init, "losses": losses, "skipped": skipped}
+    result = {"tensors": trainer.trainable_tensors(), "init": init, "losses": losses, "skipped": skipped,
+              "around_nan": around_nan}  # fmt: skip
     torch.save(result, f"{out}.rank{rank}.pt")
     distributed.cleanup()
 

@@ -188,6 +188,11 @@ def test_two_processes_equal_one_with_the_doubled_batch_and_skip_together(setup,
     bad = _torchrun(tmp_path, two, 2, "nan", 2, 1)  # NaN on rank 1 at step 2
     assert bad[0]["skipped"] == bad[1]["skipped"] == [0, 0, 1, 0]
     assert all(torch.equal(bad[0]["tensors"][k], bad[1]["tensors"][k]) for k in bad[0]["tensors"])
+    assert bad[0]["losses"][:2] == res[0]["losses"][:2] and math.isfinite(bad[0]["losses"][3])  # training continues
+    for r in bad:  # the bad batch left weights and Adam moments untouched on both ranks
+        nan = r["around_nan"]
+        assert all(torch.equal(nan["before"][k], nan["after"][k]) for k in nan["before"])
+        assert all(torch.equal(a, b) for a, b in zip(nan["adam_before"], nan["adam_after"], strict=True))
 
 
 def _train_cmd(*overrides: str) -> list[str]:
