@@ -18,6 +18,7 @@ from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
 from tests.conftest import REPO
 from tests.data_helpers import make_dataset
+from tests.train_helpers import make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +29,6 @@ def setup(tmp_path_factory):
         random_rwkv7(RWKV7Config.for_shape(2, 64), seed=int(torch.randint(0, 2**31, ()))).state_dict(), root / "bb.pth"
     )
     return root, paths
-
-
-def make_cfg(setup, save_dir, **over) -> TrainConfig:
-    root, p = setup
-    cfg = TrainConfig()
-    cfg.model.rwkv_name = str(root / "bb.pth")
-    cfg.model.freeze_backbone = False
-    cfg.data.json_path, cfg.data.token_dir, cfg.data.latent_dir = (
-        str(p["json"]),
-        str(p["token_dir"]),
-        str(p["latent_dir"]),
-    )
-    cfg.data.validation_fraction = 0.0
-    t = cfg.training
-    t.dtype, t.train_batch_size, t.max_steps, t.lr, t.warmup_steps = "fp32", 8, 10, 3e-3, 2
-    cfg.logging.save_dir, cfg.logging.progress, cfg.logging.tensorboard = str(save_dir), False, False
-    for key, value in over.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
 
 
 def run(trainer: Trainer, n: int) -> list[dict]:

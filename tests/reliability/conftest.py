@@ -9,6 +9,7 @@ from rwkv_diffusion_rnn.config import TrainConfig
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
 from tests.data_helpers import make_dataset
+from tests.train_helpers import make_cfg
 
 
 @pytest.fixture(scope="session")
@@ -21,25 +22,16 @@ def tiny(tmp_path_factory):
 
 def tiny_cfg(tiny, save_dir, **over) -> TrainConfig:
     """fp32 CPU, frozen backbone (small checkpoints), batch 4 of 16 rows; ``section__key=value`` overrides."""
-    root, p = tiny
-    cfg = TrainConfig()
-    cfg.model.rwkv_name = str(root / "bb.pth")
-    cfg.model.freeze_backbone = True
-    cfg.data.json_path, cfg.data.token_dir, cfg.data.latent_dir = (
-        str(p["json"]),
-        str(p["token_dir"]),
-        str(p["latent_dir"]),
-    )
-    cfg.data.validation_fraction = 0.0
-    t = cfg.training
-    t.dtype, t.train_batch_size, t.max_steps, t.lr, t.warmup_steps, t.ema_decay = "fp32", 4, 12, 3e-3, 2, 0.9
-    t.loss_type = "mixed"
-    lg = cfg.logging
-    lg.save_dir, lg.progress, lg.tensorboard, lg.log_freq, lg.eval_freq = str(save_dir), False, False, 1, 10**6
-    for key, value in over.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
+    base = {
+        "model__freeze_backbone": True,
+        "training__train_batch_size": 4,
+        "training__max_steps": 12,
+        "training__ema_decay": 0.9,
+        "training__loss_type": "mixed",
+        "logging__log_freq": 1,
+        "logging__eval_freq": 10**6,
+    }
+    return make_cfg(tiny, save_dir, **{**base, **over})
 
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
