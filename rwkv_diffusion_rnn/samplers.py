@@ -221,7 +221,24 @@ class MaskedSchedulerOutput:
     unmasked: torch.Tensor  # [B, T] bool: positions unmasked by this step
 
 
-class MaskedDiffusionScheduler:
+class _TimeGrid:
+    """The diffusers-style time grid both schedulers share: ``set_timesteps`` and ``next_time``."""
+
+    def set_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> None:
+        """``times`` ``[n + 1]`` from 1 to 0; ``timesteps`` ``[n]`` the times at which the model is called."""
+        self.num_inference_steps = int(num_steps)
+        self.times = time_grid(num_steps)
+        self.timesteps = self.times[:-1]
+
+    def next_time(self, t: float | torch.Tensor) -> float:
+        """The grid time after ``t`` (``t`` must be one of ``timesteps``)."""
+        i = int(torch.argmin((self.times - float(t)).abs()))
+        if i >= self.num_inference_steps:
+            raise DiffRwkvError(f"t = {float(t)} is the end of the grid; nothing follows it")
+        return float(self.times[i + 1])
+
+
+class MaskedDiffusionScheduler(_TimeGrid):
     """Reverse process of absorbing-state (masked) text diffusion over ``schedule`` (MDLM §3.2, SUBS).
 
     Strategies (which masked positions unmask in a step from t to s):
@@ -260,19 +277,6 @@ class MaskedDiffusionScheduler:
         self.schedule, self.mask_id, self.strategy = schedule, int(mask_id), strategy
         self.temperature, self.top_p, self.threshold = float(temperature), float(top_p), float(threshold)
         self.set_timesteps(1)
-
-    def set_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> None:
-        """``times`` ``[n + 1]`` from 1 to 0; ``timesteps`` ``[n]`` the times at which the model is called."""
-        self.num_inference_steps = int(num_steps)
-        self.times = time_grid(num_steps)
-        self.timesteps = self.times[:-1]
-
-    def next_time(self, t: float | torch.Tensor) -> float:
-        """The grid time after ``t`` (``t`` must be one of ``timesteps``)."""
-        i = int(torch.argmin((self.times - float(t)).abs()))
-        if i >= self.num_inference_steps:
-            raise DiffRwkvError(f"t = {float(t)} is the end of the grid; nothing follows it")
-        return float(self.times[i + 1])
 
     def unmask_probability(self, t: float, s: float) -> float:
         """``(alpha(s) - alpha(t)) / (1 - alpha(t))``: chance that a token masked at t is unmasked at s < t."""
@@ -344,7 +348,7 @@ class GaussianSchedulerOutput:
     pred_original_sample: torch.Tensor  # [B, D] the x0 implied by the model output at t
 
 
-class GaussianScheduler:
+class GaussianScheduler(_TimeGrid):
     """DDPM and DDIM over a continuous-time VP :class:`GaussianDiffusion` (its eps / x0 / v conversions).
 
     From t to s < t, with ``x0, eps`` implied by the model output at ``(z_t, t)``:
@@ -375,17 +379,6 @@ class GaussianScheduler:
             raise DiffRwkvError(f"need eta >= 0 and clip_x0 None or > 0; got {eta}, {clip_x0}")
         self.diffusion, self.method, self.eta, self.clip_x0 = diffusion, method, float(eta), clip_x0
         self.set_timesteps(1)
-
-    def set_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> None:
-        self.num_inference_steps = int(num_steps)
-        self.times = time_grid(num_steps)
-        self.timesteps = self.times[:-1]
-
-    def next_time(self, t: float | torch.Tensor) -> float:
-        i = int(torch.argmin((self.times - float(t)).abs()))
-        if i >= self.num_inference_steps:
-            raise DiffRwkvError(f"t = {float(t)} is the end of the grid; nothing follows it")
-        return float(self.times[i + 1])
 
     def step(
         self, model_output: torch.Tensor, t: float | torch.Tensor, sample: torch.Tensor, generator: Generator = None
