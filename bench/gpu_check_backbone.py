@@ -36,12 +36,14 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def record(check: str, dtype: torch.dtype, err: float) -> None:
-    bound = BOUND[dtype]
+def record(check: str, dtype: torch.dtype, err: float, bound: float | None = None, info: bool = False) -> None:
+    """One row. ``info`` rows (the reference backend's own bf16 error) are printed for comparison, not judged."""
+    bound = BOUND[dtype] if bound is None else bound
     row = {"check": check, "dtype": str(dtype).removeprefix("torch."), "rel_err": err, "bound": bound,
-           "ok": bool(err <= bound)}  # fmt: skip
+           "ok": True if info else bool(err <= bound), "info": info}  # fmt: skip
     rows.append(row)
-    print(f"{row['check']:<62} {row['dtype']:<9} {err:>9.2e} {bound:>7.0e}  {'yes' if row['ok'] else 'NO'}", flush=True)
+    verdict = "info" if info else ("yes" if row["ok"] else "NO")
+    print(f"{row['check']:<62} {row['dtype']:<9} {err:>9.2e} {bound:>7.1e}  {verdict}", flush=True)
 
 
 def wkv_inputs(B, T, H, N, dtype, g):
@@ -91,16 +93,24 @@ def check_model(dtype: torch.dtype, seed: int) -> None:
     truth = _model_run(cfg, seed, "reference", torch.float32, ids)
     fla = _model_run(cfg, seed, "fla", dtype, ids)
     ref = _model_run(cfg, seed, "reference", dtype, ids) if dtype != torch.float32 else truth
-    record("model: logits, fla vs fp32 reference", dtype, rel(fla[0], truth[0]))
     worst = max(truth[1], key=lambda n: rel(fla[1][n], truth[1][n]))
-    record(f"model: worst param grad, fla vs fp32 ref ({worst})", dtype, rel(fla[1][worst], truth[1][worst]))
-    if dtype != torch.float32:
-        record("model: logits, reference backend at this dtype", dtype, rel(ref[0], truth[0]))
-        worst_ref = max(truth[1], key=lambda n: rel(ref[1][n], truth[1][n]))
-        record(
-            f"model: worst grad, reference backend ({worst_ref})", dtype, rel(ref[1][worst_ref], truth[1][worst_ref])
-        )
-        record(f"model: same param, reference backend ({worst})", dtype, rel(ref[1][worst], truth[1][worst]))
+    if dtype == torch.float32:
+        record("model: logits, fla vs fp32 reference", dtype, rel(fla[0], truth[0]))
+        record(f"model: worst param grad, fla vs fp32 ref ({worst})", dtype, rel(fla[1][worst], truth[1][worst]))
+        return
+    # In bf16 both backends share the model's bf16 rounding (weights, matmuls, token shift), which alone can exceed
+    # 2e-2 on small tensors; the kernel is judged against what the reference backend does at the same dtype:
+    # at most 1.5x its error (or 2e-2, whichever is larger).
+    ref_logits = rel(ref[0], truth[0])
+    record("model: logits, reference backend at this dtype", dtype, ref_logits, info=True)
+    record("model: logits, fla vs fp32 reference", dtype, rel(fla[0], truth[0]), max(BOUND[dtype], 1.5 * ref_logits))
+    worst_ref = max(truth[1], key=lambda n: rel(ref[1][n], truth[1][n]))
+    record(f"model: worst grad, reference backend ({worst_ref})", dtype, rel(ref[1][worst_ref], truth[1][worst_ref]),
+           info=True)  # fmt: skip
+    same = rel(ref[1][worst], truth[1][worst])
+    record(f"model: same param, reference backend ({worst})", dtype, same, info=True)
+    record(f"model: worst param grad, fla vs fp32 ref ({worst})", dtype, rel(fla[1][worst], truth[1][worst]),
+           max(BOUND[dtype], 1.5 * same))  # fmt: skip
 
 
 def check_fla_model(seed: int) -> None:
