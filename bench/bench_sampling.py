@@ -25,7 +25,7 @@ from rwkv_diffusion_rnn.continuous_diffusion import CosineVPSchedule, GaussianDi
 from rwkv_diffusion_rnn.diffusion_process import LogLinearSchedule, MaskedDiffusion
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
-from rwkv_diffusion_rnn.sampling import sample_l2t
+from rwkv_diffusion_rnn.sampling import sample_l2t, sample_t2l
 
 
 def sync() -> None:
@@ -61,6 +61,62 @@ class Timed:
         return self._time(self.den.prefill, 0, *args)
 
 
+def build_sampling_model(layers: int, width: int, vocab: int, dev: torch.device, length: int = 32) -> SimpleNamespace:
+    """The sampling-side model namespace around a random denoiser of the given shape (every zero-initialised output
+    layer filled, so the output depends on t), as ``sample_l2t`` / ``sample_t2l`` read it."""
+    den = RWKVDenoiser(random_rwkv7(RWKV7Config.for_shape(layers, width, vocab), seed=0), DenoiserConfig())
+    with torch.no_grad():
+        for w in (den.time.out.weight, den.time.out.bias, den.latent_head[2].weight):
+            w.normal_(0.0, 0.02)
+    den = den.to(dev).eval()
+    return SimpleNamespace(
+        denoiser=den,
+        text=MaskedDiffusion(LogLinearSchedule(), den.mask_id),
+        latent=GaussianDiffusion(CosineVPSchedule(), "eps"),
+        normalizer=LatentNormalizer(np.zeros(32), np.ones(32)),
+        tokenizer=SimpleNamespace(eot_id=0),
+        config=SimpleNamespace(data=SimpleNamespace(pad_to_length=length, max_length=None)),
+    )
+
+
+def time_l2t(m: SimpleNamespace, latents: np.ndarray, kw: dict, bf16: bool = False) -> tuple[dict, list]:
+    """One timed ``sample_l2t`` call over all ``latents`` in one batch (after a warm-up call on 8 rows), then a
+    second pass with the time inside the denoiser summed. Returns the result row and the sampled ids."""
+    n, den = len(latents), m.denoiser
+    dev_type = next(den.parameters()).device.type
+    with torch.autocast(dev_type, torch.bfloat16, enabled=bf16):
+        sample_l2t(m, latents[:8], batch_size=8, seed=1, **kw)  # warm-up (kernels, allocator)
+        sync()
+        t0 = time.perf_counter()
+        ids = sample_l2t(m, latents, batch_size=n, seed=0, **kw)
+        sync()
+        total = time.perf_counter() - t0
+        m.denoiser = timed = Timed(den)  # a second pass, synchronised around every model call
+        try:
+            sample_l2t(m, latents, batch_size=n, seed=0, **kw)
+        finally:
+            m.denoiser = den
+    row = {"sentences_per_s": n / total, "total_s": total, "model_s": timed.seconds,
+           "model_rows_per_sentence": timed.rows / n}  # fmt: skip
+    return row, ids
+
+
+def time_t2l(m: SimpleNamespace, token_ids: list[list[int]], num_steps: int = 32, bf16: bool = False) -> dict:
+    """One timed ``sample_t2l`` call (DDIM, ``num_steps``) over all ``token_ids`` in one batch, after a warm-up.
+    T2L has no state cache: the noisy latent sits in the prefix and every position is FiLM-conditioned on
+    t_latent, so no part of the sequence is the same from one step to the next."""
+    n, den = len(token_ids), m.denoiser
+    dev_type = next(den.parameters()).device.type
+    with torch.autocast(dev_type, torch.bfloat16, enabled=bf16):
+        sample_t2l(m, token_ids[:8], num_steps=num_steps, batch_size=8, seed=1)
+        sync()
+        t0 = time.perf_counter()
+        sample_t2l(m, token_ids, num_steps=num_steps, batch_size=n, seed=0)
+        sync()
+        total = time.perf_counter() - t0
+    return {"latents_per_s": n / total, "total_s": total}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=12)
@@ -72,19 +128,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     a = p.parse_args()
     dev = torch.device(a.device)
-    den = RWKVDenoiser(random_rwkv7(RWKV7Config.for_shape(a.layers, a.width, a.vocab), seed=0), DenoiserConfig())
-    with torch.no_grad():
-        for w in (den.time.out.weight, den.time.out.bias, den.latent_head[2].weight):
-            w.normal_(0.0, 0.02)
-    den = den.to(dev).eval()
-    m = SimpleNamespace(
-        denoiser=den,
-        text=MaskedDiffusion(LogLinearSchedule(), den.mask_id),
-        latent=GaussianDiffusion(CosineVPSchedule(), "eps"),
-        normalizer=LatentNormalizer(np.zeros(32), np.ones(32)),
-        tokenizer=SimpleNamespace(eot_id=0),
-        config=SimpleNamespace(data=SimpleNamespace(pad_to_length=a.length, max_length=None)),
-    )
+    m = build_sampling_model(a.layers, a.width, a.vocab, dev, a.length)
     latents = np.random.default_rng(0).standard_normal((a.n, 32)).astype(np.float32)
     runs = {
         "32 steps, no-change cache exact": dict(num_steps=32),
@@ -106,21 +150,10 @@ def main() -> None:
     for name, kw in runs.items():
         kw = dict(kw)
         bf16 = kw.pop("bf16", False)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-            sample_l2t(m, latents[:8], batch_size=8, seed=1, **kw)  # warm-up (kernels, allocator)
-            sync()
-            t0 = time.perf_counter()
-            ids = sample_l2t(m, latents, batch_size=a.n, seed=0, **kw)
-            sync()
-            total = time.perf_counter() - t0
-            m.denoiser = timed = Timed(den)  # a second pass, synchronised around every model call
-            sample_l2t(m, latents, batch_size=a.n, seed=0, **kw)
-            m.denoiser = den
-        outputs[name] = ids
-        row = {"run": name, "sentences_per_s": a.n / total, "total_s": total, "model_s": timed.seconds,
-               "model_rows_per_sentence": timed.rows / a.n}  # fmt: skip
+        row, outputs[name] = time_l2t(m, latents, kw, bf16)
+        row = {"run": name, **row}
         results.append(row)
-        print(f"{name:<46} {row['sentences_per_s']:>8.1f} {total:>8.2f} {timed.seconds:>8.2f} "
+        print(f"{name:<46} {row['sentences_per_s']:>8.1f} {row['total_s']:>8.2f} {row['model_s']:>8.2f} "
               f"{row['model_rows_per_sentence']:>9.1f}", flush=True)  # fmt: skip
     pairs = [("blocks of 8 x 8 steps, state cache", "blocks of 8 x 8 steps, no state cache"),
              ("32 steps, no-change cache exact", "32 steps, no-change cache off")]  # fmt: skip

@@ -1,0 +1,551 @@
+"""Training throughput on one GPU (issue #6): our denoiser's real training step against plain language models.
+
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/throughput --shapes 0.1b            # ~4 min on an H100
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/throughput --shapes 0.4b
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/throughput --shapes 1.5b --rows denoiser-causal-full,rwkv7-lm
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/sampling --shapes 0.1b --rows none --sampling
+    python bench/throughput.py --device cpu --shapes tiny --steps 2 --warmup 1 --out /tmp/tp   # CPU smoke (the test)
+
+Rows (``--rows``, comma-separated; default all), each at one g1 shape (``--shapes``; L layers, D width, V vocab):
+
+* ``denoiser-{causal,twice,bidirectional}-{full,frozen}``: ``Trainer.train_step()`` of improved_trainer.py, i.e.
+  exactly what ``diffrwkv train`` runs per step (data loading from a synthetic seed-layout folder, corruption,
+  forward, loss, backward, clipping, AdamW, schedule), ``loss_type=mixed``, rows of ``--length`` tokens plus one
+  latent prefix and one readout position; ``frozen`` = ``model.freeze_backbone=true`` (the backbone is loaded from
+  a random checkpoint file, as a pretrained one would be).
+* ``rwkv7-lm``: a plain next-token step of our backbone (models/rwkv7.py; cross-entropy over all positions).
+* ``fla-rwkv7-lm``: fla's ``RWKV7ForCausalLM`` at the same shape with its default fused kernels ("unavailable"
+  when fla does not import).
+* ``llama-lm``: transformers' ``LlamaForCausalLM`` (sdpa attention) with D/64 heads of 64 and an MLP width of
+  8/3 D rounded to 256 (2048 / 2816 / 5376 for D 768 / 1024 / 2048), so that a block has the same 12 D^2 matrix
+  parameters as an RWKV-7 block (4 D^2 time-mix + 8 D^2 FFN) and depth, width and vocabulary are equal.
+
+Every row: fp32 master weights, bf16 autocast (``--dtype``), AdamW (fused on CUDA), gradient clipping at 1.0, batch
+``--batch`` x ``--length``. ``tokens/s`` counts text tokens (B x T) per second: the median over ``--steps`` timed
+steps (CUDA events) after ``--warmup`` steps. ``peak GiB`` is ``torch.cuda.max_memory_allocated`` since the row
+started (it includes the weights and optimizer state).
+
+FLOP models (both against the bf16 matmul ceiling measured at the start, an 8192^3 matmul):
+
+* ``MFU``: the convention ``(6 N_grad + 4 N_frozen) x text tokens/s / peak``. N counts matrix parameters applied
+  at every token (embedding tables excluded: a lookup is no matmul; the denoiser's unused LM head excluded). A frozen
+  parameter still costs its forward (2) and the gradient of its input (2) but no weight gradient, so a frozen
+  backbone is not credited 6 N. For the denoiser this overstates the work of its text head, which runs on masked
+  positions only, and understates ``twice`` (2x positions): see the next column.
+* ``HFU``: matmul FLOPs actually executed in one step, counted by ``torch.utils.flop_counter.FlopCounterMode``
+  (mm / bmm / sdpa; the WKV kernels, ~2% of an RWKV-7 step, are not counted) x steps/s / peak.
+
+Triton autotuning (fla) costs minutes on a fresh machine: progress is printed with time stamps, and
+``results.json`` / ``results.md`` under ``--out`` are rewritten after every row, so a timeout keeps what finished.
+A row that runs out of memory says ``OOM``; one that fails otherwise says ``error`` with the first line of the error.
+
+``--sampling`` adds the sampling rows (bench/bench_sampling.py's functions): latent -> text sentences/s (32 tokens,
+32 steps, batch 256; semi-autoregressive blocks of 8 with the RWKV state cache on and off) and text -> latent
+latents/s (DDIM 32 steps; T2L has no state cache, see ``bench_sampling.time_t2l``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import inspect
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_sampling, when run as a script
+
+#: name -> (layers, width, vocabulary)
+SHAPES = {"tiny": (2, 64, 512), "0.1b": (12, 768, 65536), "0.4b": (24, 1024, 65536), "1.5b": (24, 2048, 65536)}
+CONTEXTS = ("causal", "twice", "bidirectional")
+DENOISER_ROWS = [f"denoiser-{c}-{f}" for c in CONTEXTS for f in ("full", "frozen")]
+LM_ROWS = ["rwkv7-lm", "fla-rwkv7-lm", "llama-lm"]
+ALL_ROWS = DENOISER_ROWS + LM_ROWS
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    now = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[{now} +{time.perf_counter() - T0:6.0f}s] {msg}", flush=True)
+
+
+def llama_ffn(width: int) -> int:
+    """Llama MLP width with a block's matrix parameters equal to an RWKV-7 block's: 8/3 D, nearest multiple of 256."""
+    return max(256, int(round(8 * width / 3 / 256)) * 256)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def matmul_peak(dev: torch.device) -> tuple[float, str]:
+    """Measured matmul ceiling in FLOP/s: bf16 8192^3 on CUDA, fp32 512^3 on the CPU (smoke only)."""
+    if dev.type == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 20
+    else:
+        n, dtype, reps = 512, torch.float32, 5
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(3):
+        times.append(_timed(lambda: [a @ b for _ in range(reps)], dev))
+    del a, b
+    return 2 * n**3 * reps / min(times), f"{str(dtype).removeprefix('torch.')} {n}^3 matmul"
+
+
+def _timed(fn: Callable[[], object], dev: torch.device) -> float:
+    """Seconds one call of ``fn`` takes (CUDA events on a GPU)."""
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def counted_flops(step: Callable[[], object]) -> float | None:
+    """Matmul FLOPs of one call of ``step`` (forward + backward), or None when the counter fails."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        return float(counter.get_total_flops())
+    except Exception as exc:  # a counter problem must not lose the row's timing
+        log(f"  FLOP counter failed: {str(exc).splitlines()[0][:120]}")
+        return None
+
+
+def matrix_params(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(parameters taking gradients, frozen parameters): matrices used per token (no embeddings, no ``skip``)."""
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    grad = frozen = 0
+    for name, p in model.named_parameters():
+        if id(p) in emb or name in skip or p.dim() < 2 or min(p.shape) == 1:
+            continue
+        if p.requires_grad:
+            grad += p.numel()
+        else:
+            frozen += p.numel()
+    return grad, frozen
+
+
+@dataclass
+class Runner:
+    """One row's training step and what it processes."""
+
+    step: Callable[[], object]
+    text_tokens: int  # per step
+    positions: int  # sequence positions the backbone runs per step
+    params_grad: int
+    params_frozen: int
+    notes: dict = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def synthetic_data(root: Path, rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, str]:
+    """A seed-layout folder (``qwen_32d/train_data.json``, ``latents/train/*.npy``, ``rwkv_tokens/train/*.npz``) of
+    ``rows`` random rows of exactly ``length`` token ids in ``1 .. vocab - 1`` and random unit 32-d latents."""
+    from rwkv_diffusion_rnn.data_io import LatentStats
+
+    rng = np.random.default_rng(seed)
+    data, tokens = root / "qwen_32d", root / "rwkv_tokens" / "train"
+    (data / "latents" / "train").mkdir(parents=True, exist_ok=True)
+    tokens.mkdir(parents=True, exist_ok=True)
+    lat = rng.standard_normal((rows, 32)).astype(np.float32)
+    lat /= np.linalg.norm(lat, axis=1, keepdims=True)
+    meta = []
+    for i in range(rows):
+        key = f"{i:08d}"
+        np.save(data / "latents" / "train" / f"{key}.npy", lat[i])
+        ids = rng.integers(1, vocab, size=length, dtype=np.int64)
+        np.savez(tokens / f"{key}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+        meta.append({"text": f"row {i}", "latent_path": f"latents/train/{key}.npy"})
+    (data / "train_data.json").write_text(json.dumps(meta))
+    LatentStats.compute(lat).save(data / "latent_stats.json")
+    return {"json": str(data / "train_data.json"), "tokens": str(tokens), "latents": str(data / "latents" / "train")}
+
+
+def backbone_file(root: Path, shape: tuple[int, int, int], dev: torch.device) -> Path:
+    """A BlinkDL-format ``.pth`` of a new RWKV-7 (BlinkDL's init, built on ``dev`` for speed), stored in bf16 (the
+    trainer loads it as fp32 master weights, as it does g1 checkpoints, which are bf16 files)."""
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+    from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
+
+    path = root / f"rwkv7_L{shape[0]}_D{shape[1]}_V{shape[2]}.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = RWKV7(RWKV7Config.for_shape(shape[0], shape[1], shape[2]))
+        save_pth({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path)
+        del model
+    return path
+
+
+def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch.device) -> Runner:
+    from rwkv_diffusion_rnn.config import TrainConfig
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
+
+    data = synthetic_data(work / f"data_T{a.length}_V{shape[2]}", 2 * a.batch, a.length, shape[2])
+    cfg = TrainConfig()
+    m, d, t, lg = cfg.model, cfg.data, cfg.training, cfg.logging
+    m.rwkv_name = str(backbone_file(work, shape, dev))
+    m.freeze_backbone, m.context, m.wkv_backend = frozen, context, a.wkv_backend
+    d.json_path, d.token_dir, d.latent_dir = data["json"], data["tokens"], data["latents"]
+    d.pad_to_length = d.max_length = a.length
+    d.validation_fraction = 0.0
+    t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
+    t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
+    lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
+    trainer = Trainer(cfg)
+    grad, frozen_n = matrix_params(trainer.model, skip=tuple(f"backbone.{n}" for n in trainer.model.unused_backbone))
+    copies = 2 if context == "twice" else 1
+    positions = a.batch * copies * (a.length + m.latent_prefix_len + m.latent_readout_len)
+    positions *= 2 if context == "bidirectional" else 1  # the time-mix also runs over the reversed sequence
+    notes = {"wkv_backend": resolve_backend(m.wkv_backend, dev), "loss_type": t.loss_type, "compile": t.compile}
+
+    def close() -> None:
+        trainer.close()
+
+    return Runner(trainer.train_step, a.batch * a.length, positions, grad, frozen_n, notes, close)
+
+
+def _lm_step(model, opt, ids, autocast, loss_fn) -> Callable[[], float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> float:
+        with autocast():
+            loss = loss_fn(model, ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # one host sync per step, as the trainer has
+
+    return step
+
+
+def _adamw(model: torch.nn.Module, dev: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=dev.type == "cuda" or None)
+
+
+def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
+    return torch.randint(1, vocab, (a.batch, a.length), device=dev, generator=torch.Generator(dev).manual_seed(0))
+
+
+def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = RWKV7(RWKV7Config.for_shape(*shape), wkv_backend=a.wkv_backend)
+    model.train()
+
+    def loss_fn(model, ids):
+        logits = model(ids[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    grad, frozen = matrix_params(model)
+    step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
+    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, {"wkv_backend": a.wkv_backend})
+
+
+def fla_runner(a, shape, dev: torch.device, autocast) -> Runner:
+    from fla.models import RWKV7Config as FlaConfig
+    from fla.models import RWKV7ForCausalLM
+
+    from rwkv_diffusion_rnn.models.rwkv7 import default_lora_dims
+
+    L, D, V = shape
+    lora = default_lora_dims(D)
+    want = {"hidden_size": D, "num_hidden_layers": L, "head_dim": 64, "vocab_size": V, "hidden_ratio": 4,
+            "decay_low_rank_dim": lora["d_decay"], "a_low_rank_dim": lora["d_aaa"], "v_low_rank_dim": lora["d_mv"],
+            "gate_low_rank_dim": lora["d_gate"], "max_position_embeddings": a.length, "tie_word_embeddings": False,
+            "use_cache": False}  # fmt: skip
+    accepted = inspect.signature(FlaConfig.__init__).parameters
+    config = FlaConfig(**{k: v for k, v in want.items() if k in accepted})
+    torch.manual_seed(0)
+    model = RWKV7ForCausalLM(config).to(dev).train()
+
+    def loss_fn(model, ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    grad, frozen = matrix_params(model)
+    notes = {k: getattr(config, k) for k in ("fuse_cross_entropy", "fuse_linear_cross_entropy", "fuse_norm")
+             if hasattr(config, k)}  # fmt: skip
+    step = _lm_step(model, _adamw(model, dev), _ids(a, V, dev), autocast, loss_fn)
+    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
+
+
+def llama_runner(a, shape, dev: torch.device, autocast) -> Runner:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    L, D, V = shape
+    config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=llama_ffn(D), num_hidden_layers=L,
+                         num_attention_heads=D // 64, num_key_value_heads=D // 64, max_position_embeddings=a.length,
+                         tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dev).train()
+
+    def loss_fn(model, ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    grad, frozen = matrix_params(model)
+    notes = {"intermediate_size": config.intermediate_size, "heads": D // 64, "attn": "sdpa"}
+    step = _lm_step(model, _adamw(model, dev), _ids(a, V, dev), autocast, loss_fn)
+    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
+
+
+def build_runner(row: str, a, shape, work: Path, dev: torch.device) -> Runner:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    if row.startswith("denoiser-"):
+        _, context, mode = row.split("-")
+        return denoiser_runner(a, shape, context, mode == "frozen", work, dev)
+    return {"rwkv7-lm": rwkv7_runner, "fla-rwkv7-lm": fla_runner, "llama-lm": llama_runner}[row](
+        a, shape, dev, autocast
+    )
+
+
+def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
+    for i in range(a.warmup):
+        dt = _timed(runner.step, dev)
+        log(f"  warm-up step {i + 1}/{a.warmup}: {dt:.2f} s")
+    times = [_timed(runner.step, dev) for _ in range(a.steps)]
+    med = statistics.median(times)
+    flops = counted_flops(runner.step) if a.count_flops else None
+    n_model = 6 * runner.params_grad + 4 * runner.params_frozen
+    out = {
+        "tokens_per_s": runner.text_tokens / med,
+        "positions_per_s": runner.positions / med,
+        "step_ms_median": 1000 * med,
+        "step_ms": [round(1000 * t, 2) for t in times],
+        "params_grad": runner.params_grad,
+        "params_frozen": runner.params_frozen,
+        "mfu": n_model * runner.text_tokens / med / peak,
+        "flops_counted_per_step": flops,
+        "hfu": flops / med / peak if flops else None,
+    }
+    if dev.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return out
+
+
+def free_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def run_row(row: str, shape_name: str, a, work: Path, dev: torch.device, peak: float) -> dict:
+    shape = SHAPES[shape_name]
+    rec = {"shape": shape_name, "layers": shape[0], "width": shape[1], "vocab": shape[2], "row": row}
+    if row == "fla-rwkv7-lm":
+        if dev.type != "cuda":
+            return {**rec, "status": "skipped (fla needs CUDA)"}
+        try:
+            import fla  # noqa: F401
+        except Exception as exc:
+            return {**rec, "status": f"unavailable ({str(exc).splitlines()[0][:100]})"}
+    free_memory(dev)
+    runner = None
+    try:
+        runner = build_runner(row, a, shape, work, dev)
+        rec.update(status="ok", notes=runner.notes, **measure(runner, a, dev, peak))
+    except torch.OutOfMemoryError:
+        rec["status"] = "OOM"
+    except Exception as exc:  # one failing row must not lose the others
+        first = (str(exc).splitlines() or [""])[0][:160]
+        rec["status"] = f"error: {type(exc).__name__}: {first}"
+    finally:
+        if runner is not None:
+            runner.close()
+        del runner
+        free_memory(dev)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def sampling_rows(shape_name: str, a, dev: torch.device) -> list[dict]:
+    from bench_sampling import build_sampling_model, time_l2t, time_t2l
+
+    L, D, V = SHAPES[shape_name]
+    n, steps = a.sampling_batch, a.sampling_steps
+    m = build_sampling_model(L, D, V, dev, a.sampling_length)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((n, 32)).astype(np.float32)
+    texts = rng.integers(1, V, size=(n, a.sampling_length - 1)).tolist()
+    bf16 = a.dtype == "bf16"
+    block = max(1, a.sampling_length // 4)
+    runs = {
+        f"l2t {steps} steps": dict(num_steps=steps),
+        f"l2t semi-AR blocks of {block}, state cache on": dict(num_steps=steps // 4 or 1, block_size=block,
+                                                                use_cache=True),
+        f"l2t semi-AR blocks of {block}, state cache off": dict(num_steps=steps // 4 or 1, block_size=block,
+                                                                 use_cache=False),
+    }  # fmt: skip
+    out = []
+    for name, kw in runs.items():
+        log(f"  sampling: {name}")
+        row, _ = time_l2t(m, latents, kw, bf16)
+        out.append({"shape": shape_name, "row": name, "status": "ok", "per_s": row["sentences_per_s"],
+                    "unit": "sentences/s", **row})  # fmt: skip
+    log(f"  sampling: t2l ddim {steps} steps")
+    row = time_t2l(m, texts, steps, bf16)
+    out.append({"shape": shape_name, "row": f"t2l ddim {steps} steps (no state cache exists)", "status": "ok",
+                "per_s": row["latents_per_s"], "unit": "latents/s", **row})  # fmt: skip
+    del m
+    free_memory(dev)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for name in ("fla", "transformers", "triton"):
+        try:
+            out[name] = getattr(__import__(name), "__version__", "?")
+        except Exception:
+            out[name] = None
+    return out
+
+
+def _f(x, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
+    lines = [
+        f"# Training throughput — {meta['device']}, {meta['date']}",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"torch {meta['versions']['torch']}, fla {meta['versions']['fla']}, transformers "
+        f"{meta['versions']['transformers']}; batch {meta['batch']} x {meta['length']} tokens, {meta['dtype']} "
+        f"autocast, fp32 master weights, AdamW; median of {meta['steps']} steps after {meta['warmup']} warm-up. "
+        f"Matmul ceiling: {meta['peak_tflops']:.3g} TFLOP/s ({meta['peak_what']}).",
+        "MFU = (6 N_grad + 4 N_frozen) x text tokens/s / ceiling; HFU = counted matmul FLOPs per step x steps/s / "
+        "ceiling (bench/throughput.py docstring).",
+        "",
+        "| shape | row | tokens/s | step ms | peak GiB | params grad / frozen (M) | MFU | HFU | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        params = f"{r['params_grad'] / 1e6:.1f} / {r['params_frozen'] / 1e6:.1f}" if "params_grad" in r else "-"
+        lines.append(
+            f"| {r['shape']} | {r['row']} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('step_ms_median'), '.1f')}"
+            f" | {_f(r.get('peak_mem_gib'), '.1f')} | {params} | {_f(r.get('mfu'), '.1%')} | {_f(r.get('hfu'), '.1%')}"
+            f" | {r['status']} |"
+        )
+    if sampling:
+        lines += ["", "| shape | sampling run | per s | unit | total s |", "|---|---|---:|---|---:|"]
+        for r in sampling:
+            lines.append(f"| {r['shape']} | {r['row']} | {_f(r.get('per_s'), ',.1f')} | {r.get('unit', '')} | "
+                         f"{_f(r.get('total_s'), '.2f')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path | None, meta: dict, rows: list[dict], sampling: list[dict]) -> str:
+    md = markdown(meta, rows, sampling)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({**meta, "rows": rows, "sampling": sampling}, indent=1))
+        (out / "results.md").write_text(md)
+    return md
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="0.1b,0.4b", help=f"comma-separated: {', '.join(SHAPES)}")
+    p.add_argument("--rows", default="all", help=f"'all', 'none' or comma-separated: {', '.join(ALL_ROWS)}")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per row (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--length", type=int, default=512, help="text tokens per row")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla (our RWKV-7 rows)")
+    p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
+    p.add_argument("--no-count-flops", dest="count_flops", action="store_false", help="skip the HFU column")
+    p.add_argument("--sampling", action="store_true", help="also measure sampling speed per shape")
+    p.add_argument("--sampling-batch", type=int, default=256)
+    p.add_argument("--sampling-length", type=int, default=32)
+    p.add_argument("--sampling-steps", type=int, default=32)
+    p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
+    rows = ALL_ROWS if a.rows == "all" else [] if a.rows == "none" else [r.strip() for r in a.rows.split(",")]
+    bad = [s for s in shapes if s not in SHAPES] + [r for r in rows if r not in ALL_ROWS]
+    if bad:
+        print(f"unknown shape or row {bad[0]!r}; shapes: {', '.join(SHAPES)}; rows: {', '.join(ALL_ROWS)}")
+        return 2
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (none in the hot path)
+    out = Path(a.out) if a.out else None
+    log(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; measuring the matmul ceiling")
+    peak, what = matmul_peak(dev)
+    log(f"matmul ceiling {peak / 1e12:.3g} TFLOP/s ({what})")
+    meta = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "versions": versions(),
+        "peak_tflops": peak / 1e12,
+        "peak_what": what,
+        **{k: getattr(a, k) for k in ("batch", "length", "dtype", "steps", "warmup", "compile", "wkv_backend")},
+    }
+    results: list[dict] = []
+    sampling: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="diffrwkv_tp_") as tmp:
+        work = Path(tmp)
+        for shape_name in shapes:
+            for row in rows:
+                log(f"{shape_name} {row}: start")
+                rec = run_row(row, shape_name, a, work, dev, peak)
+                results.append(rec)
+                write(out, meta, results, sampling)
+                log(f"{shape_name} {row}: {rec['status']} {_f(rec.get('tokens_per_s'), ',.0f')} tokens/s, "
+                    f"peak {_f(rec.get('peak_mem_gib'), '.1f')} GiB, MFU {_f(rec.get('mfu'), '.1%')}")  # fmt: skip
+            if a.sampling:
+                log(f"{shape_name} sampling: start")
+                try:
+                    sampling += sampling_rows(shape_name, a, dev)
+                except torch.OutOfMemoryError:
+                    sampling.append({"shape": shape_name, "row": "sampling", "status": "OOM"})
+                    free_memory(dev)
+                write(out, meta, results, sampling)
+            for f in work.glob("*.pth"):  # the next shape needs its own; keep the disk free
+                f.unlink()
+    print(write(out, meta, results, sampling), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
