@@ -88,21 +88,39 @@ class SentenceTransformerEmbedder:
             raise DiffRwkvError(
                 "encoding text needs the package 'sentence-transformers' (pip install sentence-transformers)"
             ) from exc
-        try:
-            self.model = SentenceTransformer(
+        def load(offline: bool):
+            return SentenceTransformer(
                 source,
                 device=device,
                 cache_folder=cache_dir,
-                local_files_only=local_files_only or local,
+                local_files_only=offline,
                 trust_remote_code=trust_remote_code,
                 revision=revision,
             )
-        except Exception as exc:  # hub, OS and config errors come in many types
+
+        def fail(exc: BaseException | str) -> DiffRwkvError:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise DiffRwkvError(
+            return DiffRwkvError(
                 f"cannot load sentence encoder '{name}': {first}; expected a reachable hub id or a local model folder "
                 "(offline: pass --encoder /path/to/model, or --cache-dir with a populated cache and --local-files-only)"
-            ) from exc
+            )
+
+        offline_only = local_files_only or local
+        try:
+            # Local first: a hub id already in the cache loads without touching the network.
+            self.model = load(offline=True)
+        except Exception as exc:  # hub, OS and config errors come in many types
+            if offline_only:
+                raise fail(exc) from exc
+            # Not cached: ask the hub, but only once it answers at all (an offline machine would otherwise spend
+            # about a minute in the hub client's retries before the same error).
+            unreachable = _hub_unreachable()
+            if unreachable:
+                raise fail(f"not in the local cache and the hub is unreachable ({unreachable})") from exc
+            try:
+                self.model = load(offline=False)
+            except Exception as exc2:
+                raise fail(exc2) from exc2
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         if prompt is None and prompt_name is None and is_qwen3_embedding(name):
@@ -132,6 +150,23 @@ def _resolve_source(name: str) -> tuple[str, bool]:
             return DEFAULT_ENCODER, False
         return str(get_model_path()), True
     return name, os.path.isdir(name)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (``HF_HUB_OFFLINE`` set, or no TCP connection to ``HF_ENDPOINT``
+    within ``timeout`` seconds), or None when it answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
+    return None
 
 
 def load_embedder(name: str = DEFAULT_ENCODER, **options) -> Embedder:

@@ -1,0 +1,48 @@
+"""Loading a sentence encoder that is neither local nor cached fails fast and in one line when the hub is down."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.latent_encoder import _hub_unreachable, load_embedder
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connecting is refused at once
+    return port
+
+
+def test_uncached_encoder_with_unreachable_hub_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    name = f"no-such-org/encoder-{time.time_ns()}"
+    t0 = time.perf_counter()
+    with pytest.raises(DiffRwkvError) as info:
+        load_embedder(name, cache_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 20
+    msg = str(info.value)
+    assert "\n" not in msg and name in msg and "unreachable" in msg
+
+
+def test_hub_offline_flag_is_honoured(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in _hub_unreachable()
+
+
+def test_reachable_endpoint_is_reported_reachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
+        assert _hub_unreachable() is None
+    finally:
+        srv.close()
