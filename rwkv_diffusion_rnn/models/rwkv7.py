@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -140,12 +141,101 @@ def _last_valid(x: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor | Non
     return torch.where((lengths > 0).unsqueeze(-1), last, prev)
 
 
+# ------------------------------------------------------------------ elementwise regions
+# The time-mix and channel-mix are a few matmuls surrounded by many elementwise operations on [B, T, C] tensors;
+# on a GPU the latter are memory-bound and, run one kernel each, cost more than the matmuls at the g1 sizes. They
+# are written here as pure functions of tensors so that :func:`compile_regions` can hand them to ``torch.compile``
+# (which fuses each region, forward and backward, into a few kernels) without touching the module code; the plain
+# functions stay the reference (tests/models/test_rwkv7_regions.py compares the two).
+
+
+def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g):
+    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xa, xg)."""
+    xx = _token_shift(x, shift) - x
+    return tuple(x + xx * m for m in (x_r, x_w, x_k, x_v, x_a, x_g))
+
+
+def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):
+    """Log decay ``w`` (fp32), in-context rate ``a``, normalised key ``kk`` and the gated key, all ``[B, T, C]``.
+
+    ``w_low`` = tanh(xw w1) w2 and ``a_low`` = (xa a1) a2 are the low-rank outputs."""
+    B, T, C = k.shape
+    # log decay in fp32: the decay compounds over the sequence, bf16 would lose it
+    w = -DECAY_SCALE * torch.sigmoid((w0 + w_low).float())
+    a = torch.sigmoid(a0 + a_low)
+    kk = F.normalize((k * k_k).view(B, T, n_head, C // n_head), dim=-1, p=2.0).view(B, T, C)
+    k = k * (1 + (a - 1) * k_a)
+    return w, a, kk, k
+
+
+def tm_value_mix(v, v_first, v0, v_low):
+    """Value residual (layers > 0): v moves towards layer 0's values by sigmoid(v0 + (xv v1) v2)."""
+    return v + (v_first - v) * torch.sigmoid(v0 + v_low)
+
+
+def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int):
+    """GroupNorm of the WKV output ``o`` ``[B, T, C]``, plus the per-head bonus (r . (k * r_k)) v, times the gate."""
+    B, T, C = o.shape
+    N = C // n_head
+    o = F.group_norm(o.reshape(B * T, C), n_head, ln_weight, ln_bias, eps).view(B, T, C)
+    bonus = (r * k * r_k.view(1, 1, C)).view(B, T, n_head, N).sum(-1, keepdim=True) * v.view(B, T, n_head, N)
+    return (o + bonus.view(B, T, C)) * g
+
+
+def cm_mix(x, shift, x_k):
+    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input."""
+    return x + (_token_shift(x, shift) - x) * x_k
+
+
+def sq_relu(k):
+    return torch.relu(k) ** 2
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The elementwise functions the blocks call: plain (:data:`PLAIN`) or compiled (:func:`compile_regions`)."""
+
+    tm_mix: Callable = tm_mix
+    tm_kernel_inputs: Callable = tm_kernel_inputs
+    tm_value_mix: Callable = tm_value_mix
+    tm_output: Callable = tm_output
+    cm_mix: Callable = cm_mix
+    sq_relu: Callable = sq_relu
+
+
+PLAIN = Regions()
+
+
+@lru_cache(maxsize=None)
+def compiled_regions() -> Regions:
+    """:class:`Regions` with every function through ``torch.compile`` (one compiled copy per process, shared by all
+    blocks; ``fullgraph``: the regions are pure tensor code, so a graph break would be a bug, not a fallback)."""
+    return Regions(**{f.name: torch.compile(getattr(PLAIN, f.name), fullgraph=True) for f in fields(Regions)})
+
+
+def compile_regions(model: nn.Module, enable: bool = True) -> int:
+    """Run the elementwise regions of every RWKV-7 block inside ``model`` compiled (``enable``) or plain.
+
+    Applied from outside the model code, like DDP or activation checkpointing; the matmuls, the WKV kernel (fla's
+    Triton kernels are not traced) and everything around the blocks stay eager. Returns the number of modules
+    switched. Numerics: the same operations, fused; fp32 results agree to rounding (the compiled kernels may
+    reassociate a reduction)."""
+    regions = compiled_regions() if enable else PLAIN
+    n = 0
+    for module in model.modules():
+        if isinstance(module, (TimeMix, ChannelMix)):
+            module.regions = regions
+            n += 1
+    return n
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time mixing (attention replacement) of one layer."""
 
     def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
+        self.regions = PLAIN
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.n_head, self.head_size = H, N
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
@@ -178,23 +268,20 @@ class TimeMix(nn.Module):
         """
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _token_shift(x, shift) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        ops = self.regions
+        xr, xw, xk, xv, xa, xg = ops.tm_mix(x, shift, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
 
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        # log decay in fp32: the decay compounds over the sequence, bf16 would lose it
-        w = -DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        w, a, kk, k = ops.tm_kernel_inputs(
+            k, torch.tanh(xw @ self.w1) @ self.w2, (xa @ self.a1) @ self.a2, self.w0, self.a0, self.k_k, self.k_a, H
+        )
         g = torch.sigmoid(xg @ self.g1) @ self.g2
-
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
-        k = k * (1 + (a - 1) * self.k_a)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = ops.tm_value_mix(v, v_first, self.v0, (xv @ self.v1) @ self.v2)
 
         b = kk * a
         if pad is not None:
@@ -207,11 +294,8 @@ class TimeMix(nn.Module):
             return t.view(B, T, H, N)
 
         o, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(b), wkv_state, backend)
-        o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
-        o = o + ((r * k * self.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)).view(
-            B, T, C
-        )
-        return self.output(o * g), wkv_state, v_first
+        o = ops.tm_output(o.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H)
+        return self.output(o), wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
@@ -219,13 +303,14 @@ class ChannelMix(nn.Module):
 
     def __init__(self, cfg: RWKV7Config) -> None:
         super().__init__()
+        self.regions = PLAIN
         self.x_k = nn.Parameter(torch.empty(1, 1, cfg.n_embd))
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        k = x + (_token_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2)
+        ops = self.regions
+        return self.value(ops.sq_relu(self.key(ops.cm_mix(x, shift, self.x_k))))
 
 
 class Block(nn.Module):
