@@ -1,0 +1,516 @@
+"""Issue #7, step 2 (GPU): train one design per run for a FIXED wall-clock budget on the Flickr30k captions bundle,
+then evaluate it on the validation images. Several runs per invocation, one after another in this process; each
+run's results are written (and the optional tar rewritten) as soon as it finishes, so a time-out loses only the
+run in progress.
+
+    python bench/captions_run.py --variants causal,twice,bidirectional --budget-s 100 \\
+        --data .device/captions/bundle --out /tmp/cap --tar $OUT/captions_1.tar --deadline-s 560 --device cuda
+
+Variants (every diffusion variant is the project defaults — ``causal`` context, ``eps`` latent target, ELBO text
+weighting, ``mixed`` modes with the default weights, p_uncond 0.1 — with ONE thing changed; ``causal`` is the
+defaults themselves):
+
+============== =======================================================================================
+causal         defaults (model.context=causal)
+twice          model.context=twice (the sequence read twice; 2x cost per step, so fewer steps in the budget)
+bidirectional  model.context=bidirectional
+sequential     training.loss_type=sequential: l2t for the first third of the budget, t2l the second, mixed last
+uniform        diffusion.text_weighting=uniform (plain masked CE instead of the ELBO weighting)
+v / x0         diffusion.latent_prediction=v / x0 (instead of eps)
+ar             baseline (a): autoregressive decoder with a latent prefix, greedy + beam search (captions_baselines)
+regress        baseline (b): mean-pooled encoder + MLP regressing the latent (captions_baselines)
+============== =======================================================================================
+
+Every run: a new RWKV-7 (default L6 D512, compact vocabulary of the training ids), batch 256, peak lr 1e-3 with
+100 warm-up steps and a cosine over the budget's wall clock to 0.1 x (captions_common), AdamW (wd 0.01, betas
+0.9/0.99), clip 1.0, bf16 autocast with fp32 master weights, rows of 40 tokens (text cut to 39, then end-of-text).
+Diffusion runs go through the project's Trainer (``train_step()``; the script only swaps in the time-based schedule
+and, for ``sequential``, sets the phase), so they are the code users run.
+
+Evaluation (validation split: 1014 images x 5 captions; "caption-1" of image i is validation row i):
+
+* diffusion: text NELBO in bits/token with the latent given (``evaluate.likelihood_metrics``: fixed noise, ELBO
+  weighting, condition dropout off) on all 5 x 1014 rows; L2T with the project's sampler defaults (ancestral,
+  ``--sample-steps`` 32, no guidance) from every caption-1 latent; T2L (DDIM, 32 steps) for every caption-1 and
+  every STS-B sentence;
+* ar: exact NLL in bits/token on the same rows and positions; greedy and beam-4 decoding from caption-1 latents;
+* regress: its prediction for the same T2L inputs.
+
+Output (``--out``; ``--tar`` rewrites one tar of it after every run): ``<variant>.json`` (config, steps, times,
+loss curve, likelihood, generated ids in World ids per decoder, decoded texts when the tokenizer is installed,
+T2L cosine to the true latents and STS-B Spearman as computed here), ``<variant>_t2l.npy`` (float32 [n_val + 2 x
+pairs, 32]: caption-1 predictions, then STS-B sentence-1s, then sentence-2s, raw latent space), ``log.txt``,
+``summary.json``. Score them on the CPU with ``bench/captions_score.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from captions_common import (  # noqa: E402
+    BudgetClock,
+    TimeCosineLR,
+    compact_vocab,
+    finite_or_none,
+    fixed_rows,
+    id_lists,
+    materialize_packs,
+    to_world,
+    train_for_budget,
+    write_json_atomic,
+)
+
+DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "v", "x0")
+BASELINES = ("ar", "regress")
+VARIANTS = DIFFUSION + BASELINES
+_T0 = time.perf_counter()
+_LOG: list[Path] = []
+
+
+class RunError(Exception):
+    """A one-line, user-facing problem with the arguments or the data."""
+
+
+def say(msg: str) -> None:
+    line = f"[captions_run {time.perf_counter() - _T0:6.0f}s] {msg}"
+    print(line, flush=True)
+    for p in _LOG:
+        with open(p, "a") as f:
+            f.write(line + "\n")
+
+
+# --------------------------------------------------------------------------------------------- shared settings
+def settings(args: argparse.Namespace) -> dict:
+    """The hyperparameters every run shares (recorded in each result)."""
+    return {"n_layer": args.n_layer, "n_embd": args.n_embd, "batch": args.batch, "lr": args.lr,
+            "warmup_steps": args.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.01, "betas": [0.9, 0.99],
+            "max_grad_norm": 1.0, "dtype": args.dtype, "length": args.length, "budget_s": args.budget_s,
+            "untimed_steps": args.untimed_steps, "seed": args.seed, "sample_steps": args.sample_steps,
+            "beams": args.beams, "ar_prefix": args.ar_prefix, "regress_loss": args.regress_loss,
+            "vocab": "data (compact)"}  # fmt: skip
+
+
+def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, save_dir: Path):
+    from rwkv_diffusion_rnn.config import TrainConfig
+
+    cfg = TrainConfig()
+    m, d, t, lg, dc = cfg.model, cfg.data, cfg.training, cfg.logging, cfg.diffusion
+    m.rwkv_name, m.n_layer, m.n_embd, m.vocab, m.freeze_backbone = "scratch", args.n_layer, args.n_embd, "data", False
+    d.json_path, d.token_dir, d.latent_dir = None, str(train_pack), ""
+    d.pad_to_length, d.max_length = args.length, args.length
+    t.dtype, t.train_batch_size, t.eval_batch_size = args.dtype, args.batch, args.eval_batch
+    t.lr, t.warmup_steps, t.min_lr_ratio, t.seed, t.device = args.lr, args.warmup_steps, 0.1, args.seed, args.device
+    t.max_steps = 10**9  # the budget decides; the Trainer's own step-based schedule is replaced
+    lg.save_dir, lg.progress, lg.tensorboard = str(save_dir), False, False
+    if variant in ("twice", "bidirectional"):
+        m.context = variant
+    elif variant == "sequential":
+        t.loss_type, t.sequential_schedule = "sequential", ["l2t:0"]
+    elif variant == "uniform":
+        dc.text_weighting = "uniform"
+    elif variant in ("v", "x0"):
+        dc.latent_prediction = variant
+    elif variant != "causal":
+        raise RunError(f"unknown diffusion variant {variant!r}")
+    return cfg
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def _tokenizer():
+    try:
+        from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+
+        return load_tokenizer("rwkv-world")
+    except Exception as exc:  # decoding here is a convenience: the scorer decodes the World ids itself
+        say(f"no tokenizer here ({type(exc).__name__}: {exc}); writing ids only")
+        return None
+
+
+def _texts(tok, world_rows: list[list[int]]) -> list[str] | None:
+    return None if tok is None else [tok.decode(r) for r in world_rows]
+
+
+class Eval:
+    """The evaluation inputs, in World ids and raw latents (shared by every run)."""
+
+    def __init__(self, bundle: dict, args: argparse.Namespace) -> None:
+        n_img = int(bundle["meta"]["counts"]["val_images"])
+        self.n_img = min(n_img, args.eval_limit) if args.eval_limit else n_img
+        pairs = int(bundle["meta"]["counts"]["stsb_pairs"])
+        self.pairs = min(pairs, args.eval_limit) if args.eval_limit else pairs
+        self.val_latents = np.array(bundle["val_latents"][: self.n_img], dtype=np.float32)  # a writable copy
+        self.val_tokens, self.val_offsets = np.asarray(bundle["val_tokens"]), np.asarray(bundle["val_offsets"])
+        self.sts_tokens, self.sts_offsets = np.asarray(bundle["stsb_tokens"]), np.asarray(bundle["stsb_offsets"])
+        self.sts_scores = np.asarray(bundle["stsb_scores"][: self.pairs], dtype=np.float64)
+        self.sts_rows = list(range(self.pairs)) + list(range(pairs, pairs + self.pairs))  # s1 ..., then s2 ...
+
+    def t2l_inputs(self, token_map) -> list[list[int]]:
+        """Model-id lists: caption-1 of each image, then the STS-B sentence-1s, then the sentence-2s."""
+        val = id_lists(self.val_tokens, self.val_offsets, token_map, self.n_img)
+        sts_all = id_lists(self.sts_tokens, self.sts_offsets, token_map)
+        return val + [sts_all[i] for i in self.sts_rows]
+
+    def t2l_fixed(self, token_map, length: int) -> tuple[np.ndarray, np.ndarray]:
+        lists = self.t2l_inputs(token_map)
+        flat = np.array([i for r in lists for i in r], dtype=np.int64)
+        off = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in lists], out=off[1:])
+        return fixed_rows(flat, off, length)  # already model ids
+
+    def t2l_metrics(self, pred: np.ndarray) -> dict:
+        from rwkv_diffusion_rnn import metrics as M
+
+        val = pred[: self.n_img]
+        s1, s2 = pred[self.n_img : self.n_img + self.pairs], pred[self.n_img + self.pairs :]
+        cos, half = M.mean_and_halfwidth(M.cosine_rows(val, self.val_latents))
+        rho = M.spearman(M.cosine_rows(s1, s2), self.sts_scores) if self.pairs > 1 else float("nan")
+        return {"val_cosine": finite_or_none(cos), "val_cosine_ci95": finite_or_none(half),
+                "stsb_spearman": finite_or_none(rho), "rows": {"val": self.n_img, "stsb_pairs": self.pairs}}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- diffusion
+def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, tok, vocab) -> tuple[dict, np.ndarray]:
+    from rwkv_diffusion_rnn.evaluate import likelihood_metrics
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    from rwkv_diffusion_rnn.sampling import sample_l2t, sample_t2l
+
+    cfg = diffusion_config(variant, args, train_pack, work / f"trainer_{variant}")
+    trainer = Trainer(cfg)
+    tm = trainer.token_map
+    if tm.vocab_ids != vocab.vocab_ids:  # the baselines build theirs from the bundle: they must agree
+        raise RunError(f"the Trainer's compact vocabulary ({tm.size} ids) differs from the bundle's ({vocab.size})")
+    clock = BudgetClock()
+    trainer.scheduler = TimeCosineLR(trainer.optimizer, args.lr, args.warmup_steps, args.budget_s, 0.1, clock)
+    phases: list[dict] = []
+
+    def before_step(step: int) -> None:  # sequential: the phase follows the budget's elapsed share
+        if variant != "sequential":
+            return
+        frac = clock.elapsed() / args.budget_s
+        mode = "l2t" if frac < 1 / 3 else "t2l" if frac < 2 / 3 else "mixed"
+        if not phases or phases[-1]["mode"] != mode:
+            phases.append({"mode": mode, "from_step": step, "t": round(clock.elapsed(), 2)})
+            trainer.cfg.training.sequential_schedule = [f"{mode}:0"]
+
+    n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    say(f"{variant}: {n_params:,} trainable parameters, compact vocabulary {tm.size}, {len(trainer.train_set):,} "
+        f"rows; training for {args.budget_s:.0f} s")  # fmt: skip
+    tr = train_for_budget(trainer.train_step, args.budget_s, clock, untimed_steps=args.untimed_steps,
+                          before_step=before_step, log=lambda s: say(f"{variant}: {s}"))  # fmt: skip
+    say(f"{variant}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, warm-up {tr['warmup_s']:.1f} s);"
+        f" last loss {tr['last'].get('loss', float('nan')):.4f}")  # fmt: skip
+
+    den = trainer.model.eval()
+    den.sample_banned_ids = (tm.unk,)
+    m = SimpleNamespace(denoiser=den, text=trainer.objective.text, latent=trainer.objective.latent,
+                        normalizer=trainer.normalizer, tokenizer=SimpleNamespace(eot_id=0, pad_id=0),
+                        config=trainer.cfg, step=trainer.step, path=None, token_map=tm)  # fmt: skip
+    dev = str(trainer.device)
+    t1 = time.perf_counter()
+    val_rows = trainer.val_set
+    if args.eval_limit:
+        from torch.utils.data import Subset
+
+        val_rows = Subset(trainer.val_set, range(min(len(trainer.val_set), 5 * ev.n_img)))
+    lik = likelihood_metrics(m, val_rows, batch_size=args.eval_batch, device=dev, seed=args.seed)
+    t_lik = time.perf_counter() - t1
+    say(f"{variant}: val NELBO {lik['val_text_nelbo_bits']:.4f} bits/token (uniform {lik['uniform_bits']:.2f}), "
+        f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}) [{t_lik:.0f} s]")  # fmt: skip
+    t1 = time.perf_counter()
+    ids = sample_l2t(m, ev.val_latents, num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed,
+                     device=dev)  # fmt: skip
+    t_l2t = time.perf_counter() - t1
+    world = to_world(tm, ids)
+    t1 = time.perf_counter()
+    pred = sample_t2l(m, ev.t2l_inputs(tm), num_steps=args.sample_steps, batch_size=args.eval_batch,
+                      seed=args.seed, device=dev)  # fmt: skip
+    t_t2l = time.perf_counter() - t1
+    t2l = ev.t2l_metrics(pred)
+    say(f"{variant}: L2T {len(ids)} rows in {t_l2t:.0f} s; T2L {pred.shape[0]} rows in {t_t2l:.0f} s: cosine "
+        f"{t2l['val_cosine']}, STS-B Spearman {t2l['stsb_spearman']}")  # fmt: skip
+    texts = _texts(tok, world)
+    if texts:
+        for i in range(min(3, len(texts))):
+            say(f"{variant}:   L2T[{i}] {texts[i]!r}")
+    result = {
+        "variant": variant, "kind": "diffusion",
+        "config": {"train_config": dataclasses.asdict(cfg), "shared": settings(args)},
+        "model": {"trainable_params": n_params, "vocab_size": tm.size},
+        "train": {**tr, "budget_s": args.budget_s, "phases": phases, "rows_seen": tr["steps"] * args.batch,
+                  "epochs": tr["steps"] * args.batch / len(trainer.train_set), "skipped": trainer.skipped},
+        "eval": {"likelihood": lik, "nelbo_bits": finite_or_none(lik["val_text_nelbo_bits"]),
+                 "likelihood_s": round(t_lik, 1), "l2t_s": round(t_l2t, 1), "t2l_s": round(t_t2l, 1)},
+        "l2t": {f"ancestral{args.sample_steps}": {"world_ids": world, "texts": texts}},
+        "t2l": t2l,
+    }  # fmt: skip
+    return result, pred
+
+
+# -------------------------------------------------------------------------------------------------- baselines
+class TrainData:
+    """Fixed-length training / validation rows in model ids, standardised latents, and the normaliser."""
+
+    def __init__(self, bundle: dict, args: argparse.Namespace) -> None:
+        from rwkv_diffusion_rnn.data_io import LatentStats
+
+        tok, off = np.asarray(bundle["train_tokens"]), np.asarray(bundle["train_offsets"])
+        self.token_map = compact_vocab(tok, off, args.length)
+        self.rows, self.text_len = fixed_rows(tok, off, args.length, self.token_map)
+        stats = LatentStats.load(Path(bundle["dir"]) / "latent_stats.json")
+        self.mean, self.std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+        self.z = ((np.asarray(bundle["train_latents"], np.float64) - self.mean) / self.std).astype(np.float32)
+        vt, vo = np.asarray(bundle["val_tokens"]), np.asarray(bundle["val_offsets"])
+        self.val_rows, _ = fixed_rows(vt, vo, args.length, self.token_map)
+        self.val_z = ((np.asarray(bundle["val_latents"], np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(raw, np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def raw(self, z: np.ndarray) -> np.ndarray:
+        return (np.asarray(z, np.float64) * self.std + self.mean).astype(np.float32)
+
+
+def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device, name: str) -> dict:
+    from captions_baselines import RowSource, make_step
+
+    from rwkv_diffusion_rnn.optimizer import build_optimizer
+
+    opt = build_optimizer(model, args.lr, 0.01, (0.9, 0.99))
+    clock = BudgetClock()
+    sched = TimeCosineLR(opt, args.lr, args.warmup_steps, args.budget_s, 0.1, clock)
+    src = RowSource(data.rows, data.text_len, data.z, args.batch, args.seed, dev)
+    step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype)
+    tr = train_for_budget(step, args.budget_s, clock, untimed_steps=args.untimed_steps,
+                          log=lambda s: say(f"{name}: {s}"))  # fmt: skip
+    tr.update(budget_s=args.budget_s, rows_seen=tr["steps"] * args.batch,
+              epochs=tr["steps"] * args.batch / data.rows.shape[0], skipped=tr["last"].get("skipped_total", 0))  # fmt: skip
+    say(f"{name}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, warm-up {tr['warmup_s']:.1f} s); "
+        f"last loss {tr['last'].get('loss', float('nan')):.4f}")  # fmt: skip
+    return tr
+
+
+def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dict, None]:
+    from captions_baselines import PrefixCaptioner, ar_loss, ar_nll_bits, beam_search
+
+    tm = data.token_map
+    model = PrefixCaptioner(args.n_layer, args.n_embd, tm.size, prefix_len=args.ar_prefix, seed=args.seed).to(dev)
+    model.banned = (tm.unk,)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"ar: {n_params:,} trainable parameters, compact vocabulary {tm.size}; training for {args.budget_s:.0f} s")
+    tr = _baseline_training(model, data, ar_loss, args, dev, "ar")
+    t1 = time.perf_counter()
+    n_val = data.val_rows.shape[0] if not args.eval_limit else min(data.val_rows.shape[0], 5 * ev.n_img)
+    nll = ar_nll_bits(model, torch.as_tensor(data.val_rows[:n_val], device=dev),
+                      torch.as_tensor(data.val_z[:n_val], device=dev), args.dtype, args.eval_batch)  # fmt: skip
+    t_lik = time.perf_counter() - t1
+    say(f"ar: val NLL {nll['val_nll_bits']:.4f} bits/token (uniform {nll['uniform_bits']:.2f}) [{t_lik:.0f} s]")
+    z = torch.as_tensor(data.standardise(ev.val_latents), device=dev)
+    l2t, secs = {}, {}
+    for name, k in (("greedy", 1), (f"beam{args.beams}", args.beams)):
+        t1 = time.perf_counter()
+        ids, logp = beam_search(model, z, args.length, beams=k, batch_size=args.eval_batch)
+        secs[name] = round(time.perf_counter() - t1, 1)
+        world = to_world(tm, ids)
+        l2t[name] = {"world_ids": world, "texts": _texts(tok, world), "mean_logprob": float(np.mean(logp))}
+        say(f"ar: {name}: {len(ids)} rows in {secs[name]:.0f} s, mean sequence log-prob {np.mean(logp):.3f}"
+            + (f"; [0] {l2t[name]['texts'][0]!r}" if l2t[name]["texts"] else ""))  # fmt: skip
+    result = {
+        "variant": "ar", "kind": "ar", "config": {"shared": settings(args), "prefix_len": args.ar_prefix},
+        "model": {"trainable_params": n_params, "vocab_size": tm.size},
+        "train": tr,
+        "eval": {"likelihood": nll, "nelbo_bits": finite_or_none(nll["val_nll_bits"]), "likelihood_s": round(t_lik, 1),
+                 "decode_s": secs},
+        "l2t": l2t, "t2l": None,
+    }  # fmt: skip
+    return result, None
+
+
+def run_regress(args, data: TrainData, ev: Eval, dev: torch.device) -> tuple[dict, np.ndarray]:
+    from captions_baselines import MeanPoolRegressor, regress_loss_fn, regress_predict
+
+    tm = data.token_map
+    model = MeanPoolRegressor(args.n_layer, args.n_embd, tm.size, seed=args.seed).to(dev)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"regress: {n_params:,} trainable parameters ({args.regress_loss}); training for {args.budget_s:.0f} s")
+    mean = torch.as_tensor(data.mean, dtype=torch.float32, device=dev)
+    std = torch.as_tensor(data.std, dtype=torch.float32, device=dev)
+    tr = _baseline_training(model, data, regress_loss_fn(args.regress_loss, mean, std), args, dev, "regress")
+    t1 = time.perf_counter()
+    rows, lens = ev.t2l_fixed(tm, args.length)
+    z = regress_predict(model, torch.as_tensor(rows, device=dev), torch.as_tensor(lens, device=dev), args.dtype,
+                        args.eval_batch)  # fmt: skip
+    pred = data.raw(z.cpu().numpy())
+    t2l = ev.t2l_metrics(pred)
+    say(f"regress: T2L {pred.shape[0]} rows in {time.perf_counter() - t1:.0f} s: cosine {t2l['val_cosine']}, "
+        f"STS-B Spearman {t2l['stsb_spearman']}")  # fmt: skip
+    result = {
+        "variant": "regress", "kind": "regress",
+        "config": {"shared": settings(args), "loss": args.regress_loss},
+        "model": {"trainable_params": n_params, "vocab_size": tm.size},
+        "train": tr, "eval": {"nelbo_bits": None}, "l2t": None, "t2l": t2l,
+    }  # fmt: skip
+    return result, pred
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+def _tar(out: Path, tar_path: Path) -> None:
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tf:
+        for f in sorted(out.iterdir()):
+            if f.is_file() and not f.name.endswith(".tmp"):
+                tf.add(f, arcname=f"{out.name}/{f.name}")
+    os.replace(tmp, tar_path)
+
+
+def parse_variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if not names or bad:
+        raise RunError(f"--variants: unknown {bad[0]!r}; expected a comma list of {', '.join(VARIANTS)}"
+                       if bad else "--variants is empty; expected e.g. causal,ar")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise RunError("--variants names a variant twice")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--variant", help="one variant (same as --variants NAME)")
+    ap.add_argument("--budget-s", type=float, default=100.0, help="timed training seconds per run (default 100)")
+    ap.add_argument("--data", required=True, help="bundle folder from bench/captions_prepare.py")
+    ap.add_argument("--out", required=True, help="folder for <variant>.json, <variant>_t2l.npy, log.txt")
+    ap.add_argument("--tar", help="rewrite this tar of --out after every run (one file to carry back)")
+    ap.add_argument("--work", help="scratch folder for the packs (default: <out>/../<out name>_work)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--length", type=int, default=40, help="row length: text cut to LENGTH - 1, then end-of-text")
+    ap.add_argument("--untimed-steps", type=int, default=2, help="first steps before the clock starts (warm-up)")
+    ap.add_argument("--sample-steps", type=int, default=32)
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")
+    ap.add_argument("--regress-loss", default="mse", choices=["mse", "cosine"])
+    ap.add_argument("--eval-batch", type=int, default=256)
+    ap.add_argument("--eval-limit", type=int, default=0, help="evaluate only this many images / STS-B pairs (tests)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="skip a run that would end after this many seconds since start (0: no deadline)")
+    ap.add_argument("--eval-reserve-s", type=float, default=60.0, help="seconds a run needs beyond its budget")
+    return ap
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    if bool(args.variants) == bool(args.variant):
+        raise RunError("give exactly one of --variants LIST or --variant NAME")
+    names = parse_variants(args.variants or args.variant)
+    for key in ("budget_s", "n_layer", "n_embd", "batch", "lr", "sample_steps", "beams", "ar_prefix", "eval_batch"):
+        if not getattr(args, key) > 0:
+            raise RunError(f"--{key.replace('_', '-')} must be > 0; got {getattr(args, key)}")
+    if args.length < 2:
+        raise RunError(f"--length must be >= 2; got {args.length}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    try:
+        names = check_args(args)
+        from captions_prepare import BundleError, load_bundle
+
+        try:
+            bundle = load_bundle(args.data, verify=True)
+        except BundleError as exc:
+            raise RunError(str(exc)) from None
+    except (RunError, DiffRwkvError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _LOG[:] = [out / "log.txt"]
+    work = Path(args.work) if args.work else out.parent / f"{out.name}_work"
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    say(f"variants {names}; budget {args.budget_s:.0f} s each; device {_device_name(dev)}; torch {torch.__version__}; "
+        f"bundle {args.data} ({bundle['meta']['counts']})")  # fmt: skip
+    train_pack = materialize_packs(bundle, work)
+    ev = Eval(bundle, args)
+    tok = _tokenizer()
+    data = vocab = None
+    summary = {"variants": names, "device": _device_name(dev), "torch": torch.__version__, "settings": settings(args),
+               "runs": {}}  # fmt: skip
+    for name in names:
+        elapsed = time.perf_counter() - _T0
+        if args.deadline_s and elapsed + args.budget_s + args.eval_reserve_s > args.deadline_s:
+            say(f"{name}: SKIPPED (would end after the {args.deadline_s:.0f} s deadline; {elapsed:.0f} s used)")
+            summary["runs"][name] = {"status": "skipped (deadline)"}
+            continue
+        t_run = time.perf_counter()
+        try:
+            if name in DIFFUSION:
+                if vocab is None:
+                    vocab = compact_vocab(bundle["train_tokens"], bundle["train_offsets"], args.length)
+                result, pred = run_diffusion(name, args, train_pack, ev, work, tok, vocab)
+            else:
+                if data is None:
+                    data = TrainData(bundle, args)
+                if name == "ar":
+                    result, pred = run_ar(args, data, ev, dev, tok)
+                else:
+                    result, pred = run_regress(args, data, ev, dev)
+            result.update(device=_device_name(dev), torch=torch.__version__, seconds_total=round(time.perf_counter() - t_run, 1),
+                          bundle=bundle["meta"]["files"].get("bundle.json", args.data))  # fmt: skip
+            if pred is not None:
+                np.save(out / f"{name}_t2l.npy", np.asarray(pred, dtype=np.float32))
+                result["t2l"]["file"] = f"{name}_t2l.npy"
+            write_json_atomic(out / f"{name}.json", result)
+            summary["runs"][name] = {"status": "ok", "steps": result["train"]["steps"],
+                                     "train_s": result["train"]["train_s"], "seconds_total": result["seconds_total"]}  # fmt: skip
+            say(f"{name}: done in {result['seconds_total']:.0f} s -> {out / (name + '.json')}")
+        except Exception as exc:  # one failed design must not cost the others
+            say(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            summary["runs"][name] = {"status": f"failed: {type(exc).__name__}: {exc}"}
+        finally:
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        write_json_atomic(out / "summary.json", summary)
+        if args.tar:
+            _tar(out, Path(args.tar))
+    failed = [n for n, r in summary["runs"].items() if r["status"] != "ok"]
+    say(f"finished: {len(names) - len(failed)} ok, {len(failed)} not ({', '.join(failed) or '-'})")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

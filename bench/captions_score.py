@@ -1,0 +1,243 @@
+"""Issue #7, step 3 (CPU, here): score the GPU runs against the floor and the human reference; one markdown table.
+
+    python bench/captions_score.py --runs /tmp/cap1.tar /tmp/cap2.tar --bundle .device/captions/bundle \\
+        --out docs/captions_scores.md
+
+``--runs``: folders or tars written by ``bench/captions_run.py`` (every ``<variant>.json`` in them; a variant met
+twice is an error). The generated World ids are decoded with the World tokenizer and RE-ENCODED with the bundle's
+encoder (all-MiniLM-L6-v2 + the saved PCA-32: ``latent_encoder.LatentEncoder``, from the bundle's recorded
+``--encoder-dir``). Definitions are the project's (``metrics.py`` / ``evaluate.l2t_scores``):
+
+* L2T cos: cosine of the re-encoded generation to the source latent (caption-1 of the image), mean over images;
+  R@1: share of images whose own source latent is the nearest of all the evaluated images' (ties count against);
+  BLEU / chrF: sacrebleu corpus scores against caption-1 (one reference; 0-100);
+* T2L cos: cosine of the predicted latent to caption-1's true latent; STS-B rho: Spearman of the cosine of the
+  predicted latents of each STS-B dev pair against the human score, beside the encoder's own 32-d rho (ceiling);
+* bits/tok: the diffusion text NELBO (latent given; an upper bound) or the AR baseline's exact NLL, both over the
+  same 40-token rows of the 5 x 1014 validation captions (end-of-text padding included, as trained);
+* reference rows: ``floor`` — a random TRAINING caption per image (seeded, from the bundle), re-encoded (for T2L:
+  its latent; STS-B 0 by definition: a latent that ignores the text ranks pairs at random); ``human`` — caption-2
+  of the same image written by another person, re-encoded (what a perfect captioner that is not a copier scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+COLUMNS = [("variant", "run"), ("decoder", "decoder"), ("steps", "steps"), ("train_s", "train s"),
+           ("n", "images"), ("l2t_cosine", "L2T cos"), ("l2t_retrieval_top1", "L2T R@1"), ("bleu", "BLEU"),
+           ("chrf", "chrF"), ("t2l_cosine", "T2L cos"), ("sts_spearman", "STS-B rho"), ("bits", "bits/tok")]  # fmt: skip
+
+
+class ScoreError(Exception):
+    """A one-line, user-facing problem with the inputs."""
+
+
+def collect_runs(paths: list[str], scratch: Path) -> dict[str, tuple[dict, Path]]:
+    """``{variant: (result, folder)}`` from folders and tars of captions_run outputs."""
+    found: dict[str, tuple[dict, Path]] = {}
+    for k, p in enumerate(map(Path, paths)):
+        if p.is_file() and tarfile.is_tarfile(p):
+            dest = scratch / f"tar{k}"
+            with tarfile.open(p) as tf:
+                tf.extractall(dest, filter="data")
+            folders = sorted({f.parent for f in dest.rglob("*.json")})
+        elif p.is_dir():
+            folders = [p]
+        else:
+            raise ScoreError(f"{p}: not a folder or tar of captions_run.py outputs")
+        for folder in folders:
+            for f in sorted(folder.glob("*.json")):
+                if f.name == "summary.json":
+                    continue
+                try:
+                    res = json.loads(f.read_text())
+                except ValueError as exc:
+                    raise ScoreError(f"{f}: not JSON ({exc})") from exc
+                if not isinstance(res, dict) or "variant" not in res or "kind" not in res:
+                    continue
+                v = res["variant"]
+                if v in found:
+                    raise ScoreError(f"{f}: variant {v!r} also in {found[v][1]}; score one result per variant")
+                found[v] = (res, folder)
+    if not found:
+        raise ScoreError(f"no <variant>.json results in {', '.join(paths)}")
+    return found
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, batch_size: int = 64) -> dict:
+    """All rows of the table. ``encoder``: ``encode(texts) -> [N, 32]`` (the bundle's encoder; tests inject one)."""
+    from rwkv_diffusion_rnn import metrics as M
+    from rwkv_diffusion_rnn.eval_data import Targets, encode_texts
+    from rwkv_diffusion_rnn.evaluate import l2t_scores, sts_spearman
+
+    folder = Path(bundle["dir"])
+    val_texts = json.loads((folder / "val_texts.json").read_text(encoding="utf-8"))
+    floor_texts = json.loads((folder / "floor.json").read_text(encoding="utf-8"))["texts"]
+    val_lat = np.asarray(bundle["val_latents"], dtype=np.float32)
+    n_img = int(bundle["meta"]["counts"]["val_images"])
+    pairs_all = int(bundle["meta"]["counts"]["stsb_pairs"])
+    sts_lat = np.asarray(bundle["stsb_latents"], dtype=np.float32)
+    sts_scores = np.asarray(bundle["stsb_scores"], dtype=np.float64)
+    train_mean = np.asarray(bundle["train_latents"], dtype=np.float64).mean(0)
+
+    def targets(n: int) -> Targets:
+        return Targets(texts=val_texts[:n], tokens=[], latents=val_lat[:n])
+
+    def enc(texts: list[str]) -> np.ndarray:
+        return encode_texts(encoder, texts, batch_size)
+
+    rows, examples, sizes = [], {}, set()
+    for variant, (res, where) in sorted(runs.items(), key=lambda kv: list(VARIANT_ORDER).index(kv[0])
+                                        if kv[0] in VARIANT_ORDER else 99):  # fmt: skip
+        tr = res.get("train") or {}
+        base = {"variant": variant, "steps": tr.get("steps"), "train_s": tr.get("train_s"),
+                "bits": (res.get("eval") or {}).get("nelbo_bits"), "kind": res["kind"]}  # fmt: skip
+        t2l = {}
+        if res.get("t2l"):
+            info = res["t2l"]
+            path = where / info["file"]
+            try:
+                pred = np.load(path, allow_pickle=False).astype(np.float64)
+            except (OSError, ValueError) as exc:
+                raise ScoreError(f"{path}: cannot read the T2L predictions ({exc})") from exc
+            n, pairs = int(info["rows"]["val"]), int(info["rows"]["stsb_pairs"])
+            if pred.shape != (n + 2 * pairs, val_lat.shape[1]):
+                raise ScoreError(f"{path}: shape {pred.shape}; expected ({n + 2 * pairs}, {val_lat.shape[1]})")
+            cos, half = M.mean_and_halfwidth(M.cosine_rows(pred[:n], val_lat[:n]))
+            s1 = sts_lat[:pairs]
+            s2 = sts_lat[pairs_all : pairs_all + pairs]
+            t2l = {"t2l_cosine": cos, "t2l_cosine_ci95": half,
+                   "sts_spearman": sts_spearman(pred[n : n + pairs], pred[n + pairs :], sts_scores[:pairs]),
+                   "sts_pairs": pairs, "sts_encoder_spearman": sts_spearman(s1, s2, sts_scores[:pairs]), "n_t2l": n}  # fmt: skip
+        decoders = res.get("l2t") or {}
+        if not decoders:
+            rows.append({**base, "decoder": "—", **t2l})
+        for k, (dec, out) in enumerate(decoders.items()):
+            ids = out["world_ids"]
+            n = len(ids)
+            if n > n_img:
+                raise ScoreError(f"{where}/{variant}.json: {n} generations for {n_img} validation images")
+            sizes.add(n)
+            texts = [tokenizer.decode([i for i in r if 0 < i < 65536]) for r in ids]
+            sc = l2t_scores(texts, enc(texts), targets(n))
+            rows.append({**base, "decoder": dec, "n": n, **sc, **(t2l if k == 0 else {})})
+            examples[f"{variant} ({dec})"] = texts[:5]
+    refs = []
+    for n in sorted(sizes or {min(n_img, len(floor_texts))}):
+        fl = floor_texts[:n]
+        fl_lat = enc(fl)
+        floor = {"variant": "floor", "decoder": "random training caption", "n": n, **l2t_scores(fl, fl_lat, targets(n))}
+        floor["t2l_cosine"], floor["t2l_cosine_ci95"] = M.mean_and_halfwidth(M.cosine_rows(fl_lat, val_lat[:n]))
+        floor["sts_spearman"] = 0.0
+        human_txt = val_texts[n_img : n_img + n]
+        human = {"variant": "human", "decoder": "caption-2 of the same image", "n": n,
+                 **l2t_scores(human_txt, enc(human_txt), targets(n))}  # fmt: skip
+        human["sts_spearman"] = sts_spearman(sts_lat[:pairs_all], sts_lat[pairs_all:], sts_scores)
+        human["decoder"] += " (STS-B: the encoder itself)"
+        const = {"variant": "constant", "decoder": "T2L = the training-mean latent", "n": n,
+                 "t2l_cosine": float(M.cosine_rows(np.broadcast_to(train_mean, (n, train_mean.size)), val_lat[:n]).mean())}
+        refs += [floor, human, const]
+        examples.setdefault("source (caption-1)", val_texts[:5])
+        examples.setdefault("floor", fl[:5])
+    return {"rows": rows, "references": refs, "examples": examples,
+            "stsb_encoder_spearman": float(bundle["meta"].get("stsb_encoder_spearman", float("nan")))}  # fmt: skip
+
+
+VARIANT_ORDER = ("causal", "twice", "bidirectional", "sequential", "uniform", "v", "x0", "ar", "regress")
+
+
+def table(scores: dict) -> str:
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in scores["rows"] + scores["references"]:
+        cells = []
+        for key, _ in COLUMNS:
+            v = r.get(key)
+            digits = 1 if key in ("bleu", "chrf", "train_s") else 3
+            cells.append(_fmt(v, digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    out += "\nExamples (first validation images; generations from caption-1's latent):\n\n"
+    for name, texts in scores["examples"].items():
+        out += f"* **{name}**: " + " / ".join(repr(t) for t in texts[:3]) + "\n"
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="captions_run.py output folders or tars")
+    ap.add_argument("--bundle", default=".device/captions/bundle")
+    ap.add_argument("--encoder-dir", help="prepare-latents folder of the encoder (default: the bundle's source)")
+    ap.add_argument("--out", required=True, help="markdown table to write (a .json with every number beside it)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    return ap
+
+
+def main(argv: list[str] | None = None, encoder=None, tokenizer=None) -> int:
+    """``encoder`` / ``tokenizer``: injected by tests; default the bundle's LatentEncoder and the World tokenizer."""
+    args = build_parser().parse_args(argv)
+    from captions_prepare import BundleError, load_bundle
+
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    try:
+        bundle = load_bundle(args.bundle)
+        if encoder is None:
+            from rwkv_diffusion_rnn.latent_encoder import LatentEncoder
+
+            enc_dir = args.encoder_dir or bundle["meta"]["sources"]["encoder_dir"]
+            encoder = LatentEncoder.from_dir(enc_dir)
+        if tokenizer is None:
+            from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer("rwkv-world")
+        with tempfile.TemporaryDirectory() as scratch:
+            runs = collect_runs(args.runs, Path(scratch))
+            scores = score(runs, bundle, encoder, tokenizer, args.batch_size)
+    except (ScoreError, BundleError, DiffRwkvError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md = table(scores)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(_jsonable(scores), indent=1) + "\n")
+    print(md, flush=True)
+    print(f"written: {out} and {out.with_suffix('.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""bench/captions_*.py (issue #7) on a tiny synthetic caption set: prepare -> run (diffusion + both baselines) -> score,
+plus the beam search against exhaustive search. CPU, a few seconds of training per run.
+
+The captions are generated per "image" (a subject and a place shared by its 5 captions, adjectives and verbs
+varying), tokenized with the real World tokenizer, and encoded with a bag-of-words stub encoder injected into
+prepare and score (the real MiniLM is not needed, and the properties checked do not depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+pytest.importorskip("pyrwkv_tokenizer")
+
+import captions_prepare as prep  # noqa: E402
+import captions_run  # noqa: E402
+import captions_score  # noqa: E402
+from captions_baselines import beam_search  # noqa: E402
+
+SUBJECTS = ["man", "woman", "dog", "child", "girl", "boy", "cat", "worker", "player", "dancer"]
+PLACES = ["on the beach", "in a park", "on a street", "near a lake", "in the snow", "at a market", "on a stage"]
+ADJS = ["young", "old", "small", "happy", "tall", "tired"]
+VERBS = ["runs", "sits", "jumps", "walks", "waits", "plays"]
+
+
+class BowEncoder:
+    """Stub sentence encoder: the normalised sum of a fixed random 32-d vector per lower-cased word."""
+
+    def __init__(self, dim: int = 32) -> None:
+        self.dim = dim
+        self.projection = argparse.Namespace(out_dim=dim)  # what eval_data.encode_texts reads
+
+    def _vec(self, word: str) -> np.ndarray:
+        return np.random.default_rng(zlib.crc32(word.encode())).standard_normal(self.dim)
+
+    def encode(self, texts, batch_size: int = 64) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim))
+        for i, t in enumerate(texts):
+            for w in t.lower().replace(".", " ").split():
+                out[i] += self._vec(w)
+        norm = np.linalg.norm(out, axis=1, keepdims=True)
+        return (out / np.where(norm > 0, norm, 1)).astype(np.float32)
+
+
+def caption(rng, subject: str, place: str) -> str:
+    return f"A {rng.choice(ADJS)} {subject} {rng.choice(VERBS)} {place}."
+
+
+def write_inputs(root: Path, rng, n_train: int, n_img: int, n_pairs: int, enc: BowEncoder) -> argparse.Namespace:
+    """A pack, a prepare-latents style encoder folder and an STS-B csv, as the real inputs are laid out."""
+    from rwkv_diffusion_rnn.data_io import LatentStats
+    from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("rwkv-world")
+    train = [caption(rng, rng.choice(SUBJECTS), rng.choice(PLACES)) for _ in range(n_train)]
+    pack = root / "pack"
+    pack.mkdir()
+    ids = tok.encode_batch(train)
+    flat, off = prep.ragged(ids)
+    lat = enc.encode(train)
+    np.save(pack / "tokens.npy", flat)
+    np.save(pack / "offsets.npy", off)
+    np.save(pack / "latents.npy", lat)
+    blobs = [t.encode() for t in train]
+    np.save(pack / "text_bytes.npy", np.frombuffer(b"".join(blobs), dtype=np.uint8))
+    np.save(pack / "text_offsets.npy", np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64))
+    LatentStats.compute(lat).save(pack / "latent_stats.json")
+    (pack / "pack_meta.json").write_text(json.dumps({"format": "diffrwkv-pack/1", "count": n_train}))
+    enc_dir = root / "enc"
+    (enc_dir / "latents" / "validation").mkdir(parents=True)
+    images = [(rng.choice(SUBJECTS), rng.choice(PLACES)) for _ in range(n_img)]
+    rows = []
+    for k in range(1, 6):  # val.1 (one caption per image), then val.2, ...
+        for i, (s, p) in enumerate(images):
+            text = caption(rng, s, p)
+            j = len(rows)
+            np.save(enc_dir / "latents" / "validation" / f"{j:08d}.npy", enc.encode([text])[0])
+            rows.append({"text": text, "latent_path": f"latents/validation/{j:08d}.npy", "source": f"x/val.{k}.en.gz:{i + 1}"})
+    (enc_dir / "validation_data.json").write_text(json.dumps(rows))
+    sts = root / "sts.csv"
+    with open(sts, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        for i in range(n_pairs):
+            a = caption(rng, rng.choice(SUBJECTS), rng.choice(PLACES))
+            b = caption(rng, rng.choice(SUBJECTS), rng.choice(PLACES))
+            w.writerow(["main-captions", "MSRvid", "2012test", f"{i:04d}", f"{rng.uniform(0, 5):.2f}", a, b])
+    return argparse.Namespace(pack=str(pack), encoder_dir=str(enc_dir), stsb=str(sts), out=str(root / "bundle"),
+                              seed=0, overwrite=False, val_images=n_img)  # fmt: skip
+
+
+def test_prepare_run_score_end_to_end(tmp_path):
+    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs every run; printed on failure
+    rng = np.random.default_rng(seed)
+    enc = BowEncoder()
+    n_img, n_pairs = 12, 10
+    args = write_inputs(tmp_path, rng, n_train=240, n_img=n_img, n_pairs=n_pairs, enc=enc)
+    meta = prep.build(args, encoder=enc)
+    bundle = prep.load_bundle(args.out, verify=True)
+    assert meta["counts"] == {"train": 240, "val": 5 * n_img, "val_images": n_img, "stsb_pairs": n_pairs,
+                              "train_tokens": int(bundle["train_offsets"][-1])}, seed  # fmt: skip
+    assert bundle["train_latents"].dtype == np.float16 and bundle["train_tokens"].dtype == np.uint16
+    assert bundle["stsb_latents"].shape == (2 * n_pairs, 32) and bundle["floor_latents"].shape == (n_img, 32)
+    assert -1 <= meta["stsb_encoder_spearman"] <= 1
+    with pytest.raises(prep.BundleError, match="exists"):  # never overwrites silently
+        prep.build(args, encoder=enc)
+
+    out, tar = tmp_path / "runs", tmp_path / "runs.tar"
+    budget = 1.5
+    rc = captions_run.main(["--variants", "causal,ar,regress", "--data", args.out, "--out", str(out), "--tar", str(tar),
+                            "--device", "cpu", "--dtype", "fp32", "--n-layer", "1", "--n-embd", "64", "--batch", "16",
+                            "--budget-s", str(budget), "--length", "16", "--warmup-steps", "5", "--sample-steps", "4",
+                            "--beams", "2", "--eval-batch", "64", "--lr", "3e-3"])  # fmt: skip
+    assert rc == 0, seed
+    world_train = set(np.asarray(bundle["train_tokens"]).tolist())
+    res = {v: json.loads((out / f"{v}.json").read_text()) for v in ("causal", "ar", "regress")}
+    for v, r in res.items():
+        tr = r["train"]
+        assert tr["steps"] == tr["untimed_steps"] + tr["timed_steps"] and tr["timed_steps"] >= 1, (v, tr)
+        assert budget <= tr["train_s"] < budget + 30, (v, tr["train_s"])  # the loop ran the whole budget, then stopped
+        assert all(math.isfinite(c["loss"]) for c in tr["curve"]), v
+    for v, decs in (("causal", ["ancestral4"]), ("ar", ["greedy", "beam2"])):
+        assert sorted(res[v]["l2t"]) == sorted(decs)
+        for d in decs:
+            rows = res[v]["l2t"][d]["world_ids"]
+            assert len(rows) == n_img
+            # generated ids are World ids the training data contains (never end-of-text, <mask> or unknown)
+            assert all(0 < i < 65536 and i in world_train for r in rows for i in r), (v, d)
+    lik = res["causal"]["eval"]["likelihood"]
+    assert 0 < lik["val_text_nelbo_bits"] < 3 * lik["uniform_bits"] and lik["rows"] == 5 * n_img
+    nll = res["ar"]["eval"]["likelihood"]
+    assert nll["tokens"] == 5 * n_img * 16
+    # the AR baseline learned something in its budget: below the uniform code length
+    assert 0 < nll["val_nll_bits"] < nll["uniform_bits"], (seed, nll)
+    for v in ("causal", "regress"):
+        pred = np.load(out / f"{v}_t2l.npy")
+        assert pred.shape == (n_img + 2 * n_pairs, 32) and np.isfinite(pred).all(), v
+        assert res[v]["t2l"]["rows"] == {"val": n_img, "stsb_pairs": n_pairs}
+    with tarfile.open(tar) as tf:
+        names = {Path(n).name for n in tf.getnames()}
+    assert {"causal.json", "ar.json", "regress.json", "causal_t2l.npy", "regress_t2l.npy", "summary.json"} <= names
+
+    md = tmp_path / "scores.md"
+    assert captions_score.main(["--runs", str(tar), "--bundle", args.out, "--out", str(md)], encoder=enc) == 0
+    sc = json.loads(md.with_suffix(".json").read_text())
+    got = {(r["variant"], r["decoder"]) for r in sc["rows"]}
+    assert got == {("causal", "ancestral4"), ("ar", "greedy"), ("ar", "beam2"), ("regress", "—")}
+    for r in sc["rows"] + sc["references"]:
+        for key in ("l2t_cosine", "t2l_cosine", "sts_spearman"):
+            if r.get(key) is not None:
+                assert -1 <= r[key] <= 1, (r["variant"], key)
+        for key in ("l2t_retrieval_top1",):
+            if r.get(key) is not None:
+                assert 0 <= r[key] <= 1
+        for key in ("bleu", "chrf"):
+            if r.get(key) is not None:
+                assert 0 <= r[key] <= 100
+    ref = {r["variant"]: r for r in sc["references"]}
+    # caption-2 of the same image shares its subject and place with caption-1: above the random-caption floor
+    assert ref["human"]["l2t_cosine"] > ref["floor"]["l2t_cosine"] + 0.2, (seed, ref)
+    t2l_row = next(r for r in sc["rows"] if r["variant"] == "causal")
+    cos = captions_score_cos(np.load(out / "causal_t2l.npy")[:n_img], np.asarray(bundle["val_latents"][:n_img]))
+    assert t2l_row["t2l_cosine"] == pytest.approx(cos, abs=1e-9)
+    assert "| causal |" in md.read_text()
+
+
+def captions_score_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+class TableModel(torch.nn.Module):
+    """next_logits from a fixed random table indexed by the prefix so far (the interface beam_search uses)."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        super().__init__()
+        self.vocab_size, self.banned, self.g, self.table = vocab, (), torch.Generator().manual_seed(seed), {}
+
+    def logits(self, prefix: tuple[int, ...]) -> torch.Tensor:
+        if prefix not in self.table:
+            self.table[prefix] = torch.randn(self.vocab_size, generator=self.g) * 2
+        return self.table[prefix]
+
+    def next_logits(self, z, ids):
+        return torch.stack([self.logits(tuple(r)) for r in ids.tolist()])
+
+
+def brute_force(model: TableModel, length: int) -> tuple[list[int], float]:
+    """Best sequence over all continuations (stopping at the first end-of-text), by enumeration."""
+    best, best_lp = None, -math.inf
+    for seq in itertools.product(range(model.vocab_size), repeat=length):
+        if 0 in seq and any(t != 0 for t in seq[seq.index(0) :]):
+            continue  # after the first end-of-text only end-of-text (at no cost) follows
+        lp, prefix = 0.0, ()
+        for t in seq:
+            if prefix and prefix[-1] == 0:
+                break
+            lp += float(torch.log_softmax(model.logits(prefix).double(), -1)[t])
+            prefix += (t,)
+        if lp > best_lp:
+            best, best_lp = list(seq[: seq.index(0)] if 0 in seq else seq), lp
+    return best, best_lp
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_beam_search_is_exact_when_wide_and_greedy_when_narrow(trial):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    V, L = 3, 3
+    model = TableModel(V, seed)
+    z = torch.zeros(1, 4)
+    want, want_lp = brute_force(model, L)
+    (got,), lp = beam_search(model, z, L, beams=V ** (L - 1), batch_size=1)  # keeps every live prefix: exact
+    assert got == want and lp[0] == pytest.approx(want_lp), seed
+    greedy, prefix = [], ()
+    for _ in range(L):  # greedy by hand
+        t = int(model.logits(prefix).argmax())
+        prefix += (t,)
+        if t == 0:
+            break
+        greedy.append(t)
+    (got1,), _ = beam_search(model, z, L, beams=1, batch_size=1)
+    assert got1 == greedy, seed
+    model.banned = (want[0],) if want else (1,)
+    (got_b,), _ = beam_search(model, z, L, beams=4, batch_size=1)
+    assert model.banned[0] not in got_b, seed
+
+
+def test_run_rejects_bad_arguments(tmp_path, capsys):
+    assert captions_run.main(["--variants", "causal,nope", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err
+    assert captions_run.main(["--variant", "causal", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                              "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bundle.json" in err
