@@ -149,14 +149,20 @@ def _last_valid(x: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor | Non
 # functions stay the reference (tests/models/test_rwkv7_regions.py compares the two).
 
 
-def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g):
-    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xa, xg)."""
+def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):
+    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xa, xg).
+
+    All six only feed matmuls, so under autocast five are returned in its dtype ``mm_dtype``: the rounding autocast
+    applies at the matmul, done once in the region (fused when compiled). ``xv`` stays as it is: it feeds two matmuls,
+    and a bf16 tensor would sum their two gradients in bf16 where autocast sums them in fp32."""
     xx = _token_shift(x, shift) - x
-    return tuple(x + xx * m for m in (x_r, x_w, x_k, x_v, x_a, x_g))
+    xr, xw, xk, xv, xa, xg = (x + xx * m for m in (x_r, x_w, x_k, x_v, x_a, x_g))
+    return _cast(xr, mm_dtype), _cast(xw, mm_dtype), _cast(xk, mm_dtype), xv, _cast(xa, mm_dtype), _cast(xg, mm_dtype)
 
 
 def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):
-    """Log decay ``w`` (fp32), in-context rate ``a``, normalised key ``kk`` and the gated key, all ``[B, T, C]``.
+    """The WKV operands besides r and v, all ``[B, T, C]``: log decay ``w`` (fp32), the gated key ``k``, the
+    transition vectors ``-kk`` and ``kk * a`` (``kk`` the per-head normalised key, ``a`` the in-context rate).
 
     ``w_low`` = tanh(xw w1) w2 and ``a_low`` = (xa a1) a2 are the low-rank outputs."""
     B, T, C = k.shape
@@ -165,7 +171,7 @@ def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):
     a = torch.sigmoid(a0 + a_low)
     kk = F.normalize((k * k_k).view(B, T, n_head, C // n_head), dim=-1, p=2.0).view(B, T, C)
     k = k * (1 + (a - 1) * k_a)
-    return w, a, kk, k
+    return w, k, -kk, kk * a
 
 
 def tm_value_mix(v, v_first, v0, v_low):
@@ -173,18 +179,31 @@ def tm_value_mix(v, v_first, v0, v_low):
     return v + (v_first - v) * torch.sigmoid(v0 + v_low)
 
 
-def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int):
-    """GroupNorm of the WKV output ``o`` ``[B, T, C]``, plus the per-head bonus (r . (k * r_k)) v, times the gate."""
+def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, mm_dtype: torch.dtype | None = None):
+    """GroupNorm of the WKV output ``o`` ``[B, T, C]``, plus the per-head bonus (r . (k * r_k)) v, times the gate
+    (in ``mm_dtype`` when given: the result only feeds the output projection)."""
     B, T, C = o.shape
     N = C // n_head
     o = F.group_norm(o.reshape(B * T, C), n_head, ln_weight, ln_bias, eps).view(B, T, C)
     bonus = (r * k * r_k.view(1, 1, C)).view(B, T, n_head, N).sum(-1, keepdim=True) * v.view(B, T, n_head, N)
-    return (o + bonus.view(B, T, C)) * g
+    return _cast((o + bonus.view(B, T, C)) * g, mm_dtype)
 
 
-def cm_mix(x, shift, x_k):
-    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input."""
-    return x + (_token_shift(x, shift) - x) * x_k
+def cm_mix(x, shift, x_k, mm_dtype: torch.dtype | None = None):
+    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input (in ``mm_dtype`` when given, see :func:`tm_mix`)."""
+    return _cast(x + (_token_shift(x, shift) - x) * x_k, mm_dtype)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None else x.to(dtype)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast ``x`` to at a matmul, or None (autocast off, or ``x`` not floating point)."""
+    dev = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def sq_relu(k):
@@ -268,13 +287,15 @@ class TimeMix(nn.Module):
         """
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        ops = self.regions
-        xr, xw, xk, xv, xa, xg = ops.tm_mix(x, shift, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        ops, mm_dtype = self.regions, matmul_dtype(x)
+        xr, xw, xk, xv, xa, xg = ops.tm_mix(
+            x, shift, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g, mm_dtype
+        )
 
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        w, a, kk, k = ops.tm_kernel_inputs(
+        w, k, neg_kk, b = ops.tm_kernel_inputs(
             k, torch.tanh(xw @ self.w1) @ self.w2, (xa @ self.a1) @ self.a2, self.w0, self.a0, self.k_k, self.k_a, H
         )
         g = torch.sigmoid(xg @ self.g1) @ self.g2
@@ -283,7 +304,6 @@ class TimeMix(nn.Module):
         else:
             v = ops.tm_value_mix(v, v_first, self.v0, (xv @ self.v1) @ self.v2)
 
-        b = kk * a
         if pad is not None:
             # padding must not touch the state: decay 1 (log 0), no write (k = 0), no transition term (b = 0)
             w = w.masked_fill(pad, 0.0)
@@ -293,8 +313,10 @@ class TimeMix(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, H, N)
 
-        o, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(b), wkv_state, backend)
-        o = ops.tm_output(o.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H)
+        o, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(neg_kk), heads(b), wkv_state, backend)
+        o = ops.tm_output(
+            o.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype
+        )
         return self.output(o), wkv_state, v_first
 
 
@@ -310,7 +332,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         ops = self.regions
-        return self.value(ops.sq_relu(self.key(ops.cm_mix(x, shift, self.x_k))))
+        return self.value(ops.sq_relu(self.key(ops.cm_mix(x, shift, self.x_k, matmul_dtype(x)))))
 
 
 class Block(nn.Module):

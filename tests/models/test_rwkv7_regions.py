@@ -11,9 +11,10 @@ from rwkv_diffusion_rnn.models.rwkv7 import PLAIN, ChannelMix, TimeMix, compile_
 from tests.conftest import random_rwkv7
 
 
-def _loss_and_grads(model, ids, mask, targets):
+def _loss_and_grads(model, ids, mask, targets, bf16=False):
     model.zero_grad(set_to_none=True)
-    logits = model(ids, attention_mask=mask)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        logits = model(ids, attention_mask=mask).float()
     loss = torch.nn.functional.cross_entropy(logits[mask.bool()], targets[mask.bool()])
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -23,8 +24,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.mark.slow  # two torch.compile graphs per region (forward, backward): ~1 min on 2 cores
-def test_compiled_regions_match_plain_forward_and_backward():
+@pytest.mark.slow  # two torch.compile graphs per region (forward, backward): ~30 s per case on 2 cores
+@pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 2e-2)])  # bf16: the fused kernels round differently
+def test_compiled_regions_match_plain_forward_and_backward(bf16, tol):
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
     model = random_rwkv7(2, 128, vocab_size=300, seed=seed).train()
@@ -33,16 +35,18 @@ def test_compiled_regions_match_plain_forward_and_backward():
     targets = torch.randint(0, 300, (B, T))
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 11:] = 0  # a right-padded row: the padding path goes through the same regions
-    ref_logits, ref_grads = _loss_and_grads(model, ids, mask, targets)
+    ref_logits, ref_grads = _loss_and_grads(model, ids, mask, targets, bf16)
 
     assert compile_regions(model) == 4  # 2 layers x (time-mix, channel-mix)
     assert all(m.regions is compiled_regions() for m in model.modules() if isinstance(m, (TimeMix, ChannelMix)))
-    logits, grads = _loss_and_grads(model, ids, mask, targets)
+    logits, grads = _loss_and_grads(model, ids, mask, targets, bf16)
     compile_regions(model, enable=False)
     assert all(m.regions is PLAIN for m in model.modules() if isinstance(m, (TimeMix, ChannelMix)))
 
     assert ref_logits.abs().max() > 1.0  # not a comparison of near-zero tensors
-    assert _rel(logits, ref_logits) < 1e-5, f"seed {seed}"
+    assert _rel(logits, ref_logits) < tol, f"seed {seed}"
     assert set(grads) == set(ref_grads) and len(grads) > 20
     worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
-    assert _rel(grads[worst], ref_grads[worst]) < 1e-4, f"seed {seed}: {worst}"
+    assert _rel(grads[worst], ref_grads[worst]) < 10 * tol, f"seed {seed}: {worst}"
+    print(f"relative error: logits {_rel(logits, ref_logits):.2e}, worst gradient {worst} "
+          f"{_rel(grads[worst], ref_grads[worst]):.2e}")
