@@ -273,7 +273,7 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions})  # fmt: skip
 
 
-def fla_runner(a, shape, dev: torch.device, autocast) -> Runner:
+def fla_runner(a, shape, dev: torch.device, autocast, weights: torch.dtype = torch.float32) -> Runner:
     from fla.models import RWKV7Config as FlaConfig
     from fla.models import RWKV7ForCausalLM
 
@@ -288,7 +288,7 @@ def fla_runner(a, shape, dev: torch.device, autocast) -> Runner:
     accepted = inspect.signature(FlaConfig.__init__).parameters
     config = FlaConfig(**{k: v for k, v in want.items() if k in accepted})
     torch.manual_seed(0)
-    model = RWKV7ForCausalLM(config).to(dev).train()
+    model = RWKV7ForCausalLM(config).to(dev, weights).train()
 
     def loss_fn(model, ids):
         return model(input_ids=ids, labels=ids).loss
@@ -296,6 +296,7 @@ def fla_runner(a, shape, dev: torch.device, autocast) -> Runner:
     grad, frozen = matrix_params(model)
     notes = {k: getattr(config, k) for k in ("fuse_cross_entropy", "fuse_linear_cross_entropy", "fuse_norm")
              if hasattr(config, k)}  # fmt: skip
+    notes["weights"] = str(weights).removeprefix("torch.")
     step = _lm_step(model, _adamw(model, dev), _ids(a, V, dev), autocast, loss_fn)
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
@@ -333,18 +334,30 @@ def build_runner(row: str, a, shape, work: Path, dev: torch.device) -> Runner:
     )
 
 
+def _loss_of(result) -> float | None:
+    """The loss a step returned (the trainer's metrics dict or the LM step's float)."""
+    value = result.get("loss") if isinstance(result, dict) else result
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
+    first_loss = None
     for i in range(a.warmup):
-        dt = _timed(runner.step, dev)
-        log(f"  warm-up step {i + 1}/{a.warmup}: {dt:.2f} s")
+        t0 = time.perf_counter()
+        result = runner.step()
+        if i == 0:
+            first_loss = _loss_of(result)
+        log(f"  warm-up step {i + 1}/{a.warmup}: {time.perf_counter() - t0:.2f} s, loss {_f(_loss_of(result), '.4f')}")
     times = [_timed(runner.step, dev) for _ in range(a.steps)]
     med = statistics.median(times)
-    flops = counted_flops(runner.step) if a.count_flops else None
+    # a FLOP count through compiled code would recompile under the counting mode: the eager run gives the number
+    flops = counted_flops(runner.step) if a.count_flops and not (a.compile or a.compile_regions) else None
     n_model = 6 * runner.params_grad + 4 * runner.params_frozen
     out = {
         "tokens_per_s": runner.text_tokens / med,
         "positions_per_s": runner.positions / med,
         "step_ms_median": 1000 * med,
+        "first_loss": first_loss,  # same seeds and data in every run: compares e.g. --compile-regions with eager
         "step_ms": [round(1000 * t, 2) for t in times],
         "params_grad": runner.params_grad,
         "params_frozen": runner.params_frozen,
@@ -378,7 +391,18 @@ def run_row(row: str, shape_name: str, a, work: Path, dev: torch.device, peak: f
     runner = None
     try:
         runner = build_runner(row, a, shape, work, dev)
-        rec.update(status="ok", notes=runner.notes, **measure(runner, a, dev, peak))
+        try:
+            rec.update(status="ok", notes=runner.notes, **measure(runner, a, dev, peak))
+        except Exception as exc:
+            if row != "fla-rwkv7-lm" or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            # fla's fused kernels may refuse fp32 weights under autocast: measure it as fla trains, in bf16
+            log(f"  fp32 weights + autocast failed ({str(exc).splitlines()[0][:100]}); retrying with bf16 weights")
+            runner.close()
+            runner = None
+            free_memory(dev)
+            runner = fla_runner(a, shape, dev, contextlib.nullcontext, weights=torch.bfloat16)
+            rec.update(status="ok (bf16 weights)", notes=runner.notes, **measure(runner, a, dev, peak))
     except torch.OutOfMemoryError:
         rec["status"] = "OOM"
     except Exception as exc:  # one failing row must not lose the others
@@ -454,15 +478,15 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
         "MFU = (6 N_grad + 4 N_frozen) x text tokens/s / ceiling; HFU = counted matmul FLOPs per step x steps/s / "
         "ceiling (bench/throughput.py docstring).",
         "",
-        "| shape | row | tokens/s | step ms | peak GiB | params grad / frozen (M) | MFU | HFU | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | row | tokens/s | step ms | peak GiB | params grad / frozen (M) | MFU | HFU | loss 1st step | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         params = f"{r['params_grad'] / 1e6:.1f} / {r['params_frozen'] / 1e6:.1f}" if "params_grad" in r else "-"
         lines.append(
             f"| {r['shape']} | {r['row']} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('step_ms_median'), '.1f')}"
             f" | {_f(r.get('peak_mem_gib'), '.1f')} | {params} | {_f(r.get('mfu'), '.1%')} | {_f(r.get('hfu'), '.1%')}"
-            f" | {r['status']} |"
+            f" | {_f(r.get('first_loss'), '.4f')} | {r['status']} |"
         )
     if sampling:
         lines += ["", "| shape | sampling run | per s | unit | total s |", "|---|---|---:|---|---:|"]

@@ -33,6 +33,7 @@ def test_tiny_cpu_run_writes_consistent_rows(tmp_path):
         assert math.isclose(r["tokens_per_s"] * r["step_ms_median"] / 1000, 2 * 16, rel_tol=1e-6)
         assert len(r["step_ms"]) == 2 and all(t > 0 for t in r["step_ms"])
         assert 0 < r["mfu"] and r["flops_counted_per_step"] > 0
+        assert math.isfinite(r["first_loss"]) and r["first_loss"] > 0
     # the frozen row credits the backbone's matrices as frozen, the full row as trained
     assert by_row["denoiser-twice-frozen"]["params_frozen"] > 0 and by_row["denoiser-causal-full"]["params_frozen"] == 0
     # a plain LM step executes at least the 6 N FLOPs per predicted token of the MFU model (the reference WKV's
