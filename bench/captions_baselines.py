@@ -7,8 +7,9 @@
     ``L - 1`` tokens, then end-of-text up to ``L``), every position in the loss, so its validation NLL in bits per
     token counts exactly the tokens the diffusion NELBO counts (the NLL is exact; the NELBO is an upper bound).
     Decoding: greedy and beam search (no length normalisation; a finished beam extends only with end-of-text at
-    log-probability 0). Each decoding step re-reads the whole prefix (rows are <= 40 tokens: simple, and correct
-    on every WKV backend).
+    log-probability 0). Each decoding step re-reads the whole row, right-padded to the full length so that every
+    step has one input shape (rows are <= 40 tokens: simple, correct on every WKV backend, no per-length kernel
+    tuning).
 (b) ``regress`` — text -> latent: the same RWKV-7 shape as an encoder over the fixed-length row, its final hidden
     states mean-pooled over the text and its first end-of-text, and an MLP head (the denoiser's latent-head shape)
     predicting the standardised latent; loss MSE (default) or 1 - cosine in the raw latent space.
@@ -40,8 +41,16 @@ def _autocast(device: torch.device, dtype: str):
 class PrefixCaptioner(nn.Module):
     """Latent-prefixed autoregressive RWKV-7 decoder (baseline a)."""
 
-    def __init__(self, n_layer: int, n_embd: int, vocab_size: int, latent_dim: int = 32, prefix_len: int = 4,
-                 wkv_backend: str = "auto", seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        n_layer: int,
+        n_embd: int,
+        vocab_size: int,
+        latent_dim: int = 32,
+        prefix_len: int = 4,
+        wkv_backend: str = "auto",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if prefix_len < 1:
             raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
@@ -66,17 +75,23 @@ class PrefixCaptioner(nn.Module):
         h = self._hidden(z, ids[:, :-1])
         return self.backbone.head(h[:, self.prefix_len - 1 :])
 
-    def next_logits(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, V]`` of the token after ``ids`` ``[B, t]`` (t may be 0)."""
+    def next_logits(self, z: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
+        """Logits ``[B, V]`` of the token after ``ids`` ``[B, t]`` (t may be 0). ``pad_to``: right-pad the tokens
+        with end-of-text to this many first, so every decoding step runs ONE input shape (no kernel re-tuning per
+        length on the GPU); the model is causal, so positions after ``t`` do not change the logits read."""
+        t = ids.shape[1]
+        if pad_to is not None and pad_to > t:
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], pad_to - t), EOT)], 1)
         h = self._hidden(z, ids)
-        return self.backbone.head(h[:, -1])
+        return self.backbone.head(h[:, self.prefix_len - 1 + t])
 
 
 class MeanPoolRegressor(nn.Module):
     """RWKV-7 encoder + mean pooling + MLP -> standardised latent (baseline b)."""
 
-    def __init__(self, n_layer: int, n_embd: int, vocab_size: int, latent_dim: int = 32, wkv_backend: str = "auto",
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, n_layer: int, n_embd: int, vocab_size: int, latent_dim: int = 32, wkv_backend: str = "auto", seed: int = 0
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.backbone = RWKV7(RWKV7Config.for_shape(n_layer, n_embd, vocab_size), wkv_backend=wkv_backend)
@@ -95,8 +110,9 @@ class MeanPoolRegressor(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def beam_search(model: PrefixCaptioner, z: torch.Tensor, length: int, beams: int = 4,
-                batch_size: int = 256) -> tuple[list[list[int]], np.ndarray]:  # fmt: skip
+def beam_search(
+    model: PrefixCaptioner, z: torch.Tensor, length: int, beams: int = 4, batch_size: int = 256
+) -> tuple[list[list[int]], np.ndarray]:
     """Decode up to ``length`` tokens per row of standardised latents ``z`` [N, D]. ``beams`` = 1 is greedy.
     Returns (ids cut at the first end-of-text, model ids; sequence log-probabilities [N])."""
     model.eval()
@@ -114,7 +130,7 @@ def beam_search(model: PrefixCaptioner, z: torch.Tensor, length: int, beams: int
         scores[:, 0] = 0.0
         done = torch.zeros(B * K, dtype=torch.bool, device=z.device)
         for _ in range(length):
-            logp = torch.log_softmax(model.next_logits(zk, seqs).double(), -1)  # [B*K, V]
+            logp = torch.log_softmax(model.next_logits(zk, seqs, length - 1).double(), -1)  # [B*K, V]
             if model.banned:
                 logp[:, list(model.banned)] = float("-inf")
             V = logp.shape[1]
@@ -142,8 +158,9 @@ def beam_search(model: PrefixCaptioner, z: torch.Tensor, length: int, beams: int
 class RowSource:
     """Fixed-length rows and latents on the device, batched in the Trainer's order."""
 
-    def __init__(self, rows: np.ndarray, text_len: np.ndarray, z_std: np.ndarray, batch: int, seed: int,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, rows: np.ndarray, text_len: np.ndarray, z_std: np.ndarray, batch: int, seed: int, device: torch.device
+    ) -> None:
         self.rows = torch.as_tensor(rows, dtype=torch.long, device=device)
         self.text_len = torch.as_tensor(text_len, dtype=torch.long, device=device)
         self.z = torch.as_tensor(z_std, dtype=torch.float32, device=device)
@@ -162,8 +179,16 @@ class RowSource:
         return self.rows[idx], self.text_len[idx], self.z[idx]
 
 
-def make_step(model: nn.Module, optimizer, scheduler, loss_fn, source: RowSource, device: torch.device,
-              dtype: str, max_grad_norm: float = 1.0):  # fmt: skip
+def make_step(
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    loss_fn,
+    source: RowSource,
+    device: torch.device,
+    dtype: str,
+    max_grad_norm: float = 1.0,
+):
     """One optimizer step per call (the Trainer's rule: clip, skip a non-finite step, schedule every step)."""
     from rwkv_diffusion_rnn.optimizer import clip_and_check_grads
 
@@ -186,8 +211,13 @@ def make_step(model: nn.Module, optimizer, scheduler, loss_fn, source: RowSource
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state["step"] += 1
-        return {"step": state["step"], "loss": loss_f, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                "skipped_total": state["skipped"]}  # fmt: skip
+        return {
+            "step": state["step"],
+            "loss": loss_f,
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "skipped_total": state["skipped"],
+        }
 
     return step
 
@@ -212,8 +242,7 @@ def regress_loss_fn(kind: str, mean: torch.Tensor, std: torch.Tensor):
 
 
 @torch.no_grad()
-def ar_nll_bits(model: PrefixCaptioner, rows: torch.Tensor, z: torch.Tensor, dtype: str,
-                batch_size: int = 256) -> dict:  # fmt: skip
+def ar_nll_bits(model: PrefixCaptioner, rows: torch.Tensor, z: torch.Tensor, dtype: str, batch_size: int = 256) -> dict:
     """Validation NLL in bits per token over every position of the fixed-length rows (as the NELBO counts)."""
     model.eval()
     total, count = 0.0, 0
@@ -223,13 +252,17 @@ def ar_nll_bits(model: PrefixCaptioner, rows: torch.Tensor, z: torch.Tensor, dty
             logits = model(zb, ids)
         total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="sum"))
         count += ids.numel()
-    return {"val_nll_bits": total / max(count, 1) / math.log(2), "tokens": count,
-            "uniform_bits": math.log2(model.vocab_size)}  # fmt: skip
+    return {
+        "val_nll_bits": total / max(count, 1) / math.log(2),
+        "tokens": count,
+        "uniform_bits": math.log2(model.vocab_size),
+    }
 
 
 @torch.no_grad()
-def regress_predict(model: MeanPoolRegressor, rows: torch.Tensor, text_len: torch.Tensor, dtype: str,
-                    batch_size: int = 256) -> torch.Tensor:  # fmt: skip
+def regress_predict(
+    model: MeanPoolRegressor, rows: torch.Tensor, text_len: torch.Tensor, dtype: str, batch_size: int = 256
+) -> torch.Tensor:
     """Standardised predictions [N, D] (float32)."""
     model.eval()
     out = []

@@ -45,11 +45,18 @@ def materialize_packs(bundle: dict, work: str | Path) -> Path:
         np.save(folder / "offsets.npy", offsets)
         np.save(folder / "latents.npy", latents)
         (folder / "latent_stats.json").write_bytes((Path(bundle["dir"]) / "latent_stats.json").read_bytes())
-        meta = {"format": "diffrwkv-pack/1", "count": int(latents.shape[0]), "latent_dim": int(latents.shape[1]),
-                "token_dtype": "uint16", "num_tokens": int(offsets[-1]),
-                "max_length": int(np.diff(offsets).max()), "vocab_size": 65536,
-                "source": {"bundle": str(bundle["dir"]), "split": split, "format": meta_src["format"]},
-                "skipped": 0, "problems": []}  # fmt: skip
+        meta = {
+            "format": "diffrwkv-pack/1",
+            "count": int(latents.shape[0]),
+            "latent_dim": int(latents.shape[1]),
+            "token_dtype": "uint16",
+            "num_tokens": int(offsets[-1]),
+            "max_length": int(np.diff(offsets).max()),
+            "vocab_size": 65536,
+            "source": {"bundle": str(bundle["dir"]), "split": split, "format": meta_src["format"]},
+            "skipped": 0,
+            "problems": [],
+        }
         (folder / "pack_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return root / "train"
 
@@ -130,8 +137,9 @@ class TimeCosineLR:
     every param group. Duck-types the scheduler interface the Trainer calls (``step``, ``get_last_lr``,
     ``state_dict``), so it can replace ``trainer.scheduler``."""
 
-    def __init__(self, optimizer, peak_lr: float, warmup_steps: int, budget_s: float, min_ratio: float,
-                 clock: BudgetClock) -> None:  # fmt: skip
+    def __init__(
+        self, optimizer, peak_lr: float, warmup_steps: int, budget_s: float, min_ratio: float, clock: BudgetClock
+    ) -> None:
         self.optimizer, self.peak, self.warmup = optimizer, float(peak_lr), max(1, int(warmup_steps))
         self.budget, self.min_ratio, self.clock, self.n = float(budget_s), float(min_ratio), clock, 0
         self._apply()
@@ -157,8 +165,17 @@ class TimeCosineLR:
         return {"n": self.n, "elapsed": self.clock.elapsed()}
 
 
-def train_for_budget(step_fn, budget_s: float, clock: BudgetClock, *, untimed_steps: int = 2,
-                     before_step=None, log=None, log_every_s: float = 15.0, curve_every: int = 25) -> dict:  # fmt: skip
+def train_for_budget(
+    step_fn,
+    budget_s: float,
+    clock: BudgetClock,
+    *,
+    untimed_steps: int = 2,
+    before_step=None,
+    log=None,
+    log_every_s: float = 15.0,
+    curve_every: int = 25,
+) -> dict:
     """Call ``step_fn() -> dict`` (needs "loss") until the budget is spent (see the module docstring). Returns
     steps, timing, a loss curve (every ``curve_every`` steps) and the last record."""
     steps, curve, last = 0, [], {}
@@ -179,14 +196,25 @@ def train_for_budget(step_fn, budget_s: float, clock: BudgetClock, *, untimed_st
         if not math.isfinite(float(rec.get("loss", float("nan")))):
             rec["nonfinite"] = True
         if steps % curve_every == 0 or steps == 1:
-            curve.append({"step": steps, "t": round(clock.elapsed(), 2),
-                          **{k: round(float(v), 5) for k, v in rec.items() if isinstance(v, (int, float))}})  # fmt: skip
+            curve.append(
+                {
+                    "step": steps,
+                    "t": round(clock.elapsed(), 2),
+                    **{k: round(float(v), 5) for k, v in rec.items() if isinstance(v, (int, float))},
+                }
+            )
         if log is not None and clock.started and clock.elapsed() >= next_log:
             next_log += log_every_s
             log(f"step {steps} t={clock.elapsed():.0f}s loss {float(rec['loss']):.4f}")
-    return {"steps": steps, "untimed_steps": min(untimed_steps, steps), "timed_steps": max(0, steps - untimed_steps),
-            "warmup_s": round(warmup_s, 2), "train_s": round(clock.elapsed(), 2), "curve": curve,
-            "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}  # fmt: skip
+    return {
+        "steps": steps,
+        "untimed_steps": min(untimed_steps, steps),
+        "timed_steps": max(0, steps - untimed_steps),
+        "warmup_s": round(warmup_s, 2),
+        "train_s": round(clock.elapsed(), 2),
+        "curve": curve,
+        "last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+    }
 
 
 def write_json_atomic(path: Path, data) -> None:

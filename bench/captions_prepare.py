@@ -94,8 +94,10 @@ def read_pack(pack: Path) -> dict:
     out = {name: _load(pack / f"{name}.npy", mmap_mode="r") for name in ("tokens", "offsets", "latents")}
     n = int(meta["count"])
     if out["latents"].shape != (n, 32) or out["offsets"].shape != (n + 1,):
-        raise BundleError(f"{pack}: expected {n} rows of 32-d latents and {n + 1} offsets; got "
-                          f"{out['latents'].shape} and {out['offsets'].shape}")  # fmt: skip
+        raise BundleError(
+            f"{pack}: expected {n} rows of 32-d latents and {n + 1} offsets; got "
+            f"{out['latents'].shape} and {out['offsets'].shape}"
+        )
     for name in ("text_bytes", "text_offsets"):
         if not (pack / f"{name}.npy").is_file():
             raise BundleError(f"{pack}: no {name}.npy; the floor needs the training texts")
@@ -137,8 +139,10 @@ def check_encoder(encoder, texts: list[str], stored: np.ndarray, n: int = 8) -> 
 
     worst = float(cosine_rows(encoder.encode(texts[:n]), stored[:n]).min())
     if worst < 0.999:
-        raise BundleError(f"the encoder re-encodes stored validation latents at cosine {worst:.4f} (expected > 0.999): "
-                          "--encoder-dir is not the folder these latents were made with")  # fmt: skip
+        raise BundleError(
+            f"the encoder re-encodes stored validation latents at cosine {worst:.4f} (expected > 0.999): "
+            "--encoder-dir is not the folder these latents were made with"
+        )
     return worst
 
 
@@ -198,15 +202,25 @@ def build(args: argparse.Namespace, encoder=None, tokenizer=None) -> dict:
         np.save(stage / f"{name}.npy", a)
     shutil.copyfile(pack / "latent_stats.json", stage / "latent_stats.json")
     (stage / "val_texts.json").write_text(json.dumps(val_texts, ensure_ascii=False) + "\n", encoding="utf-8")
-    floor = {"train_rows": floor_rows.tolist(), "texts": [pack_text(p, int(i)) for i in floor_rows],
-             "note": "one random training caption per validation image (rng [seed, 7]); its stored latent in "
-                     "floor_latents.npy is its encoding by the same encoder"}  # fmt: skip
+    floor = {
+        "train_rows": floor_rows.tolist(),
+        "texts": [pack_text(p, int(i)) for i in floor_rows],
+        "note": "one random training caption per validation image (rng [seed, 7]); its stored latent in "
+        "floor_latents.npy is its encoding by the same encoder",
+    }
     (stage / "floor.json").write_text(json.dumps(floor, ensure_ascii=False) + "\n", encoding="utf-8")
-    enc_meta = json.loads((enc_dir / "latent_encoder.json").read_text()) if (enc_dir / "latent_encoder.json").is_file() else {}
+    enc_meta = (
+        json.loads((enc_dir / "latent_encoder.json").read_text()) if (enc_dir / "latent_encoder.json").is_file() else {}
+    )
     meta = {
         "format": FORMAT,
-        "counts": {"train": n_train, "val": len(val_texts), "val_images": n_images, "stsb_pairs": len(scores),
-                   "train_tokens": int(arrays["train_offsets"][-1])},
+        "counts": {
+            "train": n_train,
+            "val": len(val_texts),
+            "val_images": n_images,
+            "stsb_pairs": len(scores),
+            "train_tokens": int(arrays["train_offsets"][-1]),
+        },
         "sources": {"pack": str(pack), "encoder_dir": str(enc_dir), "stsb": str(args.stsb)},
         "encoder": enc_meta,
         "encoder_check_min_cosine": worst,
@@ -214,7 +228,7 @@ def build(args: argparse.Namespace, encoder=None, tokenizer=None) -> dict:
         "seed": args.seed,
         "files": {f.name: sha256(f) for f in sorted(stage.iterdir())},
         "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
+    }
     (stage / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -231,7 +245,9 @@ def load_bundle(folder: str | Path, verify: bool = False) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: cannot read ({exc}); expected a bundle written by bench/captions_prepare.py") from exc
+        raise BundleError(
+            f"{path}: cannot read ({exc}); expected a bundle written by bench/captions_prepare.py"
+        ) from exc
     if meta.get("format") != FORMAT:
         raise BundleError(f"{path}: format {meta.get('format')!r}; expected {FORMAT!r}")
     b = {"meta": meta, "dir": folder}

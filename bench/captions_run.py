@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import sys
 import tarfile
@@ -97,12 +96,27 @@ def say(msg: str) -> None:
 # --------------------------------------------------------------------------------------------- shared settings
 def settings(args: argparse.Namespace) -> dict:
     """The hyperparameters every run shares (recorded in each result)."""
-    return {"n_layer": args.n_layer, "n_embd": args.n_embd, "batch": args.batch, "lr": args.lr,
-            "warmup_steps": args.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.01, "betas": [0.9, 0.99],
-            "max_grad_norm": 1.0, "dtype": args.dtype, "length": args.length, "budget_s": args.budget_s,
-            "untimed_steps": args.untimed_steps, "seed": args.seed, "sample_steps": args.sample_steps,
-            "beams": args.beams, "ar_prefix": args.ar_prefix, "regress_loss": args.regress_loss,
-            "vocab": "data (compact)"}  # fmt: skip
+    return {
+        "n_layer": args.n_layer,
+        "n_embd": args.n_embd,
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "min_lr_ratio": 0.1,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.99],
+        "max_grad_norm": 1.0,
+        "dtype": args.dtype,
+        "length": args.length,
+        "budget_s": args.budget_s,
+        "untimed_steps": args.untimed_steps,
+        "seed": args.seed,
+        "sample_steps": args.sample_steps,
+        "beams": args.beams,
+        "ar_prefix": args.ar_prefix,
+        "regress_loss": args.regress_loss,
+        "vocab": "data (compact)",
+    }
 
 
 def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, save_dir: Path):
@@ -182,8 +196,12 @@ class Eval:
         s1, s2 = pred[self.n_img : self.n_img + self.pairs], pred[self.n_img + self.pairs :]
         cos, half = M.mean_and_halfwidth(M.cosine_rows(val, self.val_latents))
         rho = M.spearman(M.cosine_rows(s1, s2), self.sts_scores) if self.pairs > 1 else float("nan")
-        return {"val_cosine": finite_or_none(cos), "val_cosine_ci95": finite_or_none(half),
-                "stsb_spearman": finite_or_none(rho), "rows": {"val": self.n_img, "stsb_pairs": self.pairs}}  # fmt: skip
+        return {
+            "val_cosine": finite_or_none(cos),
+            "val_cosine_ci95": finite_or_none(half),
+            "stsb_spearman": finite_or_none(rho),
+            "rows": {"val": self.n_img, "stsb_pairs": self.pairs},
+        }
 
 
 # ------------------------------------------------------------------------------------------------- diffusion
@@ -211,18 +229,36 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
             trainer.cfg.training.sequential_schedule = [f"{mode}:0"]
 
     n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    say(f"{variant}: {n_params:,} trainable parameters, compact vocabulary {tm.size}, {len(trainer.train_set):,} "
-        f"rows; training for {args.budget_s:.0f} s")  # fmt: skip
-    tr = train_for_budget(trainer.train_step, args.budget_s, clock, untimed_steps=args.untimed_steps,
-                          before_step=before_step, log=lambda s: say(f"{variant}: {s}"))  # fmt: skip
-    say(f"{variant}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, warm-up {tr['warmup_s']:.1f} s);"
-        f" last loss {tr['last'].get('loss', float('nan')):.4f}")  # fmt: skip
+    say(
+        f"{variant}: {n_params:,} trainable parameters, compact vocabulary {tm.size}, {len(trainer.train_set):,} "
+        f"rows; training for {args.budget_s:.0f} s"
+    )
+    tr = train_for_budget(
+        trainer.train_step,
+        args.budget_s,
+        clock,
+        untimed_steps=args.untimed_steps,
+        before_step=before_step,
+        log=lambda s: say(f"{variant}: {s}"),
+    )
+    say(
+        f"{variant}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, "
+        f"warm-up {tr['warmup_s']:.1f} s); last loss {tr['last'].get('loss', float('nan')):.4f}"
+    )
 
     den = trainer.model.eval()
     den.sample_banned_ids = (tm.unk,)
-    m = SimpleNamespace(denoiser=den, text=trainer.objective.text, latent=trainer.objective.latent,
-                        normalizer=trainer.normalizer, tokenizer=SimpleNamespace(eot_id=0, pad_id=0),
-                        config=trainer.cfg, step=trainer.step, path=None, token_map=tm)  # fmt: skip
+    m = SimpleNamespace(
+        denoiser=den,
+        text=trainer.objective.text,
+        latent=trainer.objective.latent,
+        normalizer=trainer.normalizer,
+        tokenizer=SimpleNamespace(eot_id=0, pad_id=0),
+        config=trainer.cfg,
+        step=trainer.step,
+        path=None,
+        token_map=tm,
+    )
     dev = str(trainer.device)
     t1 = time.perf_counter()
     val_rows = trainer.val_set
@@ -232,35 +268,53 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         val_rows = Subset(trainer.val_set, range(min(len(trainer.val_set), 5 * ev.n_img)))
     lik = likelihood_metrics(m, val_rows, batch_size=args.eval_batch, device=dev, seed=args.seed)
     t_lik = time.perf_counter() - t1
-    say(f"{variant}: val NELBO {lik['val_text_nelbo_bits']:.4f} bits/token (uniform {lik['uniform_bits']:.2f}), "
-        f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}) [{t_lik:.0f} s]")  # fmt: skip
+    say(
+        f"{variant}: val NELBO {lik['val_text_nelbo_bits']:.4f} bits/token (uniform {lik['uniform_bits']:.2f}), "
+        f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}) [{t_lik:.0f} s]"
+    )
     t1 = time.perf_counter()
-    ids = sample_l2t(m, ev.val_latents, num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed,
-                     device=dev)  # fmt: skip
+    ids = sample_l2t(
+        m, ev.val_latents, num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed, device=dev
+    )
     t_l2t = time.perf_counter() - t1
     world = to_world(tm, ids)
     t1 = time.perf_counter()
-    pred = sample_t2l(m, ev.t2l_inputs(tm), num_steps=args.sample_steps, batch_size=args.eval_batch,
-                      seed=args.seed, device=dev)  # fmt: skip
+    pred = sample_t2l(
+        m, ev.t2l_inputs(tm), num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed, device=dev
+    )
     t_t2l = time.perf_counter() - t1
     t2l = ev.t2l_metrics(pred)
-    say(f"{variant}: L2T {len(ids)} rows in {t_l2t:.0f} s; T2L {pred.shape[0]} rows in {t_t2l:.0f} s: cosine "
-        f"{t2l['val_cosine']}, STS-B Spearman {t2l['stsb_spearman']}")  # fmt: skip
+    say(
+        f"{variant}: L2T {len(ids)} rows in {t_l2t:.0f} s; T2L {pred.shape[0]} rows in {t_t2l:.0f} s: cosine "
+        f"{t2l['val_cosine']}, STS-B Spearman {t2l['stsb_spearman']}"
+    )
     texts = _texts(tok, world)
     if texts:
         for i in range(min(3, len(texts))):
             say(f"{variant}:   L2T[{i}] {texts[i]!r}")
     result = {
-        "variant": variant, "kind": "diffusion",
+        "variant": variant,
+        "kind": "diffusion",
         "config": {"train_config": dataclasses.asdict(cfg), "shared": settings(args)},
         "model": {"trainable_params": n_params, "vocab_size": tm.size},
-        "train": {**tr, "budget_s": args.budget_s, "phases": phases, "rows_seen": tr["steps"] * args.batch,
-                  "epochs": tr["steps"] * args.batch / len(trainer.train_set), "skipped": trainer.skipped},
-        "eval": {"likelihood": lik, "nelbo_bits": finite_or_none(lik["val_text_nelbo_bits"]),
-                 "likelihood_s": round(t_lik, 1), "l2t_s": round(t_l2t, 1), "t2l_s": round(t_t2l, 1)},
+        "train": {
+            **tr,
+            "budget_s": args.budget_s,
+            "phases": phases,
+            "rows_seen": tr["steps"] * args.batch,
+            "epochs": tr["steps"] * args.batch / len(trainer.train_set),
+            "skipped": trainer.skipped,
+        },
+        "eval": {
+            "likelihood": lik,
+            "nelbo_bits": finite_or_none(lik["val_text_nelbo_bits"]),
+            "likelihood_s": round(t_lik, 1),
+            "l2t_s": round(t_l2t, 1),
+            "t2l_s": round(t_t2l, 1),
+        },
         "l2t": {f"ancestral{args.sample_steps}": {"world_ids": world, "texts": texts}},
         "t2l": t2l,
-    }  # fmt: skip
+    }
     return result, pred
 
 
@@ -298,12 +352,19 @@ def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device,
     sched = TimeCosineLR(opt, args.lr, args.warmup_steps, args.budget_s, 0.1, clock)
     src = RowSource(data.rows, data.text_len, data.z, args.batch, args.seed, dev)
     step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype)
-    tr = train_for_budget(step, args.budget_s, clock, untimed_steps=args.untimed_steps,
-                          log=lambda s: say(f"{name}: {s}"))  # fmt: skip
-    tr.update(budget_s=args.budget_s, rows_seen=tr["steps"] * args.batch,
-              epochs=tr["steps"] * args.batch / data.rows.shape[0], skipped=tr["last"].get("skipped_total", 0))  # fmt: skip
-    say(f"{name}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, warm-up {tr['warmup_s']:.1f} s); "
-        f"last loss {tr['last'].get('loss', float('nan')):.4f}")  # fmt: skip
+    tr = train_for_budget(
+        step, args.budget_s, clock, untimed_steps=args.untimed_steps, log=lambda s: say(f"{name}: {s}")
+    )
+    tr.update(
+        budget_s=args.budget_s,
+        rows_seen=tr["steps"] * args.batch,
+        epochs=tr["steps"] * args.batch / data.rows.shape[0],
+        skipped=tr["last"].get("skipped_total", 0),
+    )
+    say(
+        f"{name}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, warm-up {tr['warmup_s']:.1f} s); "
+        f"last loss {tr['last'].get('loss', float('nan')):.4f}"
+    )
     return tr
 
 
@@ -318,8 +379,13 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
     tr = _baseline_training(model, data, ar_loss, args, dev, "ar")
     t1 = time.perf_counter()
     n_val = data.val_rows.shape[0] if not args.eval_limit else min(data.val_rows.shape[0], 5 * ev.n_img)
-    nll = ar_nll_bits(model, torch.as_tensor(data.val_rows[:n_val], device=dev),
-                      torch.as_tensor(data.val_z[:n_val], device=dev), args.dtype, args.eval_batch)  # fmt: skip
+    nll = ar_nll_bits(
+        model,
+        torch.as_tensor(data.val_rows[:n_val], device=dev),
+        torch.as_tensor(data.val_z[:n_val], device=dev),
+        args.dtype,
+        args.eval_batch,
+    )
     t_lik = time.perf_counter() - t1
     say(f"ar: val NLL {nll['val_nll_bits']:.4f} bits/token (uniform {nll['uniform_bits']:.2f}) [{t_lik:.0f} s]")
     z = torch.as_tensor(data.standardise(ev.val_latents), device=dev)
@@ -330,16 +396,25 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
         secs[name] = round(time.perf_counter() - t1, 1)
         world = to_world(tm, ids)
         l2t[name] = {"world_ids": world, "texts": _texts(tok, world), "mean_logprob": float(np.mean(logp))}
-        say(f"ar: {name}: {len(ids)} rows in {secs[name]:.0f} s, mean sequence log-prob {np.mean(logp):.3f}"
-            + (f"; [0] {l2t[name]['texts'][0]!r}" if l2t[name]["texts"] else ""))  # fmt: skip
+        say(
+            f"ar: {name}: {len(ids)} rows in {secs[name]:.0f} s, mean sequence log-prob {np.mean(logp):.3f}"
+            + (f"; [0] {l2t[name]['texts'][0]!r}" if l2t[name]["texts"] else "")
+        )
     result = {
-        "variant": "ar", "kind": "ar", "config": {"shared": settings(args), "prefix_len": args.ar_prefix},
+        "variant": "ar",
+        "kind": "ar",
+        "config": {"shared": settings(args), "prefix_len": args.ar_prefix},
         "model": {"trainable_params": n_params, "vocab_size": tm.size},
         "train": tr,
-        "eval": {"likelihood": nll, "nelbo_bits": finite_or_none(nll["val_nll_bits"]), "likelihood_s": round(t_lik, 1),
-                 "decode_s": secs},
-        "l2t": l2t, "t2l": None,
-    }  # fmt: skip
+        "eval": {
+            "likelihood": nll,
+            "nelbo_bits": finite_or_none(nll["val_nll_bits"]),
+            "likelihood_s": round(t_lik, 1),
+            "decode_s": secs,
+        },
+        "l2t": l2t,
+        "t2l": None,
+    }
     return result, None
 
 
@@ -355,18 +430,25 @@ def run_regress(args, data: TrainData, ev: Eval, dev: torch.device) -> tuple[dic
     tr = _baseline_training(model, data, regress_loss_fn(args.regress_loss, mean, std), args, dev, "regress")
     t1 = time.perf_counter()
     rows, lens = ev.t2l_fixed(tm, args.length)
-    z = regress_predict(model, torch.as_tensor(rows, device=dev), torch.as_tensor(lens, device=dev), args.dtype,
-                        args.eval_batch)  # fmt: skip
+    z = regress_predict(
+        model, torch.as_tensor(rows, device=dev), torch.as_tensor(lens, device=dev), args.dtype, args.eval_batch
+    )
     pred = data.raw(z.cpu().numpy())
     t2l = ev.t2l_metrics(pred)
-    say(f"regress: T2L {pred.shape[0]} rows in {time.perf_counter() - t1:.0f} s: cosine {t2l['val_cosine']}, "
-        f"STS-B Spearman {t2l['stsb_spearman']}")  # fmt: skip
+    say(
+        f"regress: T2L {pred.shape[0]} rows in {time.perf_counter() - t1:.0f} s: cosine {t2l['val_cosine']}, "
+        f"STS-B Spearman {t2l['stsb_spearman']}"
+    )
     result = {
-        "variant": "regress", "kind": "regress",
+        "variant": "regress",
+        "kind": "regress",
         "config": {"shared": settings(args), "loss": args.regress_loss},
         "model": {"trainable_params": n_params, "vocab_size": tm.size},
-        "train": tr, "eval": {"nelbo_bits": None}, "l2t": None, "t2l": t2l,
-    }  # fmt: skip
+        "train": tr,
+        "eval": {"nelbo_bits": None},
+        "l2t": None,
+        "t2l": t2l,
+    }
     return result, pred
 
 
@@ -384,8 +466,11 @@ def parse_variants(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if not names or bad:
-        raise RunError(f"--variants: unknown {bad[0]!r}; expected a comma list of {', '.join(VARIANTS)}"
-                       if bad else "--variants is empty; expected e.g. causal,ar")  # fmt: skip
+        raise RunError(
+            f"--variants: unknown {bad[0]!r}; expected a comma list of {', '.join(VARIANTS)}"
+            if bad
+            else "--variants is empty; expected e.g. causal,ar"
+        )
     if len(set(names)) != len(names):
         raise RunError("--variants names a variant twice")
     return names
@@ -416,8 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batch", type=int, default=256)
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate only this many images / STS-B pairs (tests)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--deadline-s", type=float, default=0.0,
-                    help="skip a run that would end after this many seconds since start (0: no deadline)")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="skip a run that would end after this many seconds since start (0: no deadline)",
+    )
     ap.add_argument("--eval-reserve-s", type=float, default=60.0, help="seconds a run needs beyond its budget")
     return ap
 
@@ -460,14 +549,21 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    say(f"variants {names}; budget {args.budget_s:.0f} s each; device {_device_name(dev)}; torch {torch.__version__}; "
-        f"bundle {args.data} ({bundle['meta']['counts']})")  # fmt: skip
+    say(
+        f"variants {names}; budget {args.budget_s:.0f} s each; device {_device_name(dev)}; torch {torch.__version__}; "
+        f"bundle {args.data} ({bundle['meta']['counts']})"
+    )
     train_pack = materialize_packs(bundle, work)
     ev = Eval(bundle, args)
     tok = _tokenizer()
     data = vocab = None
-    summary = {"variants": names, "device": _device_name(dev), "torch": torch.__version__, "settings": settings(args),
-               "runs": {}}  # fmt: skip
+    summary = {
+        "variants": names,
+        "device": _device_name(dev),
+        "torch": torch.__version__,
+        "settings": settings(args),
+        "runs": {},
+    }
     for name in names:
         elapsed = time.perf_counter() - _T0
         if args.deadline_s and elapsed + args.budget_s + args.eval_reserve_s > args.deadline_s:
@@ -487,14 +583,22 @@ def main(argv: list[str] | None = None) -> int:
                     result, pred = run_ar(args, data, ev, dev, tok)
                 else:
                     result, pred = run_regress(args, data, ev, dev)
-            result.update(device=_device_name(dev), torch=torch.__version__, seconds_total=round(time.perf_counter() - t_run, 1),
-                          bundle=bundle["meta"]["files"].get("bundle.json", args.data))  # fmt: skip
+            result.update(
+                device=_device_name(dev),
+                torch=torch.__version__,
+                seconds_total=round(time.perf_counter() - t_run, 1),
+                bundle={"path": str(args.data), "files_sha256": bundle["meta"]["files"]},
+            )
             if pred is not None:
                 np.save(out / f"{name}_t2l.npy", np.asarray(pred, dtype=np.float32))
                 result["t2l"]["file"] = f"{name}_t2l.npy"
             write_json_atomic(out / f"{name}.json", result)
-            summary["runs"][name] = {"status": "ok", "steps": result["train"]["steps"],
-                                     "train_s": result["train"]["train_s"], "seconds_total": result["seconds_total"]}  # fmt: skip
+            summary["runs"][name] = {
+                "status": "ok",
+                "steps": result["train"]["steps"],
+                "train_s": result["train"]["train_s"],
+                "seconds_total": result["seconds_total"],
+            }
             say(f"{name}: done in {result['seconds_total']:.0f} s -> {out / (name + '.json')}")
         except Exception as exc:  # one failed design must not cost the others
             say(f"{name}: FAILED: {type(exc).__name__}: {exc}")

@@ -34,9 +34,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COLUMNS = [("variant", "run"), ("decoder", "decoder"), ("steps", "steps"), ("train_s", "train s"),
-           ("n", "images"), ("l2t_cosine", "L2T cos"), ("l2t_retrieval_top1", "L2T R@1"), ("bleu", "BLEU"),
-           ("chrf", "chrF"), ("t2l_cosine", "T2L cos"), ("sts_spearman", "STS-B rho"), ("bits", "bits/tok")]  # fmt: skip
+COLUMNS = [
+    ("variant", "run"),
+    ("decoder", "decoder"),
+    ("steps", "steps"),
+    ("train_s", "train s"),
+    ("n", "images"),
+    ("l2t_cosine", "L2T cos"),
+    ("l2t_retrieval_top1", "L2T R@1"),
+    ("bleu", "BLEU"),
+    ("chrf", "chrF"),
+    ("t2l_cosine", "T2L cos"),
+    ("sts_spearman", "STS-B rho"),
+    ("bits", "bits/tok"),
+]
 
 
 class ScoreError(Exception):
@@ -108,11 +119,17 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
         return encode_texts(encoder, texts, batch_size)
 
     rows, examples, sizes = [], {}, set()
-    for variant, (res, where) in sorted(runs.items(), key=lambda kv: list(VARIANT_ORDER).index(kv[0])
-                                        if kv[0] in VARIANT_ORDER else 99):  # fmt: skip
+    for variant, (res, where) in sorted(
+        runs.items(), key=lambda kv: list(VARIANT_ORDER).index(kv[0]) if kv[0] in VARIANT_ORDER else 99
+    ):
         tr = res.get("train") or {}
-        base = {"variant": variant, "steps": tr.get("steps"), "train_s": tr.get("train_s"),
-                "bits": (res.get("eval") or {}).get("nelbo_bits"), "kind": res["kind"]}  # fmt: skip
+        base = {
+            "variant": variant,
+            "steps": tr.get("steps"),
+            "train_s": tr.get("train_s"),
+            "bits": (res.get("eval") or {}).get("nelbo_bits"),
+            "kind": res["kind"],
+        }
         t2l = {}
         if res.get("t2l"):
             info = res["t2l"]
@@ -127,9 +144,14 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
             cos, half = M.mean_and_halfwidth(M.cosine_rows(pred[:n], val_lat[:n]))
             s1 = sts_lat[:pairs]
             s2 = sts_lat[pairs_all : pairs_all + pairs]
-            t2l = {"t2l_cosine": cos, "t2l_cosine_ci95": half,
-                   "sts_spearman": sts_spearman(pred[n : n + pairs], pred[n + pairs :], sts_scores[:pairs]),
-                   "sts_pairs": pairs, "sts_encoder_spearman": sts_spearman(s1, s2, sts_scores[:pairs]), "n_t2l": n}  # fmt: skip
+            t2l = {
+                "t2l_cosine": cos,
+                "t2l_cosine_ci95": half,
+                "sts_spearman": sts_spearman(pred[n : n + pairs], pred[n + pairs :], sts_scores[:pairs]),
+                "sts_pairs": pairs,
+                "sts_encoder_spearman": sts_spearman(s1, s2, sts_scores[:pairs]),
+                "n_t2l": n,
+            }
         decoders = res.get("l2t") or {}
         if not decoders:
             rows.append({**base, "decoder": "—", **t2l})
@@ -151,17 +173,29 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
         floor["t2l_cosine"], floor["t2l_cosine_ci95"] = M.mean_and_halfwidth(M.cosine_rows(fl_lat, val_lat[:n]))
         floor["sts_spearman"] = 0.0
         human_txt = val_texts[n_img : n_img + n]
-        human = {"variant": "human", "decoder": "caption-2 of the same image", "n": n,
-                 **l2t_scores(human_txt, enc(human_txt), targets(n))}  # fmt: skip
+        human = {
+            "variant": "human",
+            "decoder": "caption-2 of the same image",
+            "n": n,
+            **l2t_scores(human_txt, enc(human_txt), targets(n)),
+        }
         human["sts_spearman"] = sts_spearman(sts_lat[:pairs_all], sts_lat[pairs_all:], sts_scores)
         human["decoder"] += " (STS-B: the encoder itself)"
-        const = {"variant": "constant", "decoder": "T2L = the training-mean latent", "n": n,
-                 "t2l_cosine": float(M.cosine_rows(np.broadcast_to(train_mean, (n, train_mean.size)), val_lat[:n]).mean())}
+        const = {
+            "variant": "constant",
+            "decoder": "T2L = the training-mean latent",
+            "n": n,
+            "t2l_cosine": float(M.cosine_rows(np.broadcast_to(train_mean, (n, train_mean.size)), val_lat[:n]).mean()),
+        }
         refs += [floor, human, const]
         examples.setdefault("source (caption-1)", val_texts[:5])
         examples.setdefault("floor", fl[:5])
-    return {"rows": rows, "references": refs, "examples": examples,
-            "stsb_encoder_spearman": float(bundle["meta"].get("stsb_encoder_spearman", float("nan")))}  # fmt: skip
+    return {
+        "rows": rows,
+        "references": refs,
+        "examples": examples,
+        "stsb_encoder_spearman": float(bundle["meta"].get("stsb_encoder_spearman", float("nan"))),
+    }
 
 
 VARIANT_ORDER = ("causal", "twice", "bidirectional", "sequential", "uniform", "v", "x0", "ar", "regress")
