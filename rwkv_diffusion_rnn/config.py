@@ -16,6 +16,8 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 LOSS_TYPES = ("unconditional", "l2t", "t2l", "mixed", "sequential")
 DTYPES = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("auto", "file", "dcp")
 
 
 @dataclass
@@ -109,6 +111,10 @@ class TrainingConfig:
     seed: int = 0
     resume: str | None = None  # a checkpoint folder (step_XXXXXXXX) or a save_dir (newest checkpoint)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # several processes (docs/multi_gpu.md): ddp = every rank holds the whole model, gradients all-reduced;
+    # fsdp = FSDP2 (fully_shard per RWKV block, then the root): parameters, gradients and optimizer state sharded
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each RWKV block in the backward pass (memory for compute)
 
 
 @dataclass
@@ -119,6 +125,9 @@ class LoggingConfig:
     save_dir: str = "outputs/rwkv_mmdit"
     save_freq: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 3
+    # file: one folder of safetensors written by rank 0 (needs the whole model on rank 0); dcp: sharded
+    # torch.distributed.checkpoint, written by every rank, loadable on any number of ranks; auto: dcp under fsdp
+    checkpoint_format: str = "auto"
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "diffrwkv"
@@ -173,6 +182,14 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.logging.log_freq >= 1 and cfg.logging.save_freq >= 1 and cfg.logging.eval_freq >= 1,
          "logging.log_freq, logging.eval_freq and logging.save_freq must be >= 1"),
         (cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample must be 'error' or 'skip'"),
+        (t.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}; got '{t.strategy}'"),
+        (cfg.logging.checkpoint_format in CHECKPOINT_FORMATS,
+         f"logging.checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}; "
+         f"got '{cfg.logging.checkpoint_format}'"),
+        (t.strategy != "fsdp" or t.dtype != "fp16",
+         "training.strategy=fsdp supports training.dtype fp32 or bf16, not fp16 (no sharded loss scaler)"),
+        (t.strategy != "fsdp" or m.unfreeze_after_steps == 0,
+         "training.strategy=fsdp needs model.unfreeze_after_steps=0 (the trainable set is fixed when sharding)"),
     ]  # fmt: skip
     for ok, msg in checks:
         if not ok:

@@ -421,3 +421,39 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     for s in (loader.sampler, loader.batch_sampler):
         if hasattr(s, "set_epoch"):
             s.set_epoch(epoch)
+
+
+# ------------------------------------------------------------------------------------------ training sample order
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of epoch ``epoch``: a permutation of ``range(n)`` that depends on ``(seed, epoch)`` only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def stream_rows(seed: int, n: int, start: int, count: int) -> np.ndarray:
+    """Rows at positions ``[start, start + count)`` of the training stream: epoch 0's permutation, then epoch 1's,
+    ... concatenated. A global batch is a consecutive slice of it, so a batch that crosses an epoch's end takes the
+    rest of that epoch and the start of the next one: every row is seen exactly once per ``n`` positions (no row is
+    dropped, none repeated), whatever the batch size, and a position in global samples fixes the order whatever the
+    number of processes."""
+    if n <= 0 or start < 0 or count < 0:
+        raise DiffRwkvError(f"stream_rows: need n > 0, start >= 0, count >= 0 (got {n}, {start}, {count})")
+    out, pos, end = [], start, start + count
+    while pos < end:
+        epoch, k = divmod(pos, n)
+        take = min(n - k, end - pos)
+        out.append(epoch_permutation(seed, epoch, n)[k : k + take])
+        pos += take
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def shard_rows(rows: np.ndarray, micro_steps: int, world: int, rank: int) -> list[np.ndarray]:
+    """Rank ``rank``'s rows of a global batch ``rows``, per micro-step: micro-step ``m`` covers the ``m``-th of
+    ``micro_steps`` equal consecutive slices and rank ``r`` takes every ``world``-th row of it from ``r``. Ranks are
+    disjoint and together cover ``rows``, and the global micro-batch is the same for every ``(world, per-rank
+    batch)`` with the same product."""
+    if len(rows) % (micro_steps * world):
+        raise DiffRwkvError(f"shard_rows: {len(rows)} rows do not split into {micro_steps} micro-steps x {world} ranks")
+    per_micro = len(rows) // micro_steps
+    return [rows[m * per_micro : (m + 1) * per_micro][rank::world] for m in range(micro_steps)]

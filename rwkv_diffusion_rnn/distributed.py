@@ -2,7 +2,8 @@
 
 Single-process runs need none of it: every helper works (as the identity) without an initialised process group.
 Launch several processes with ``torchrun --nproc_per_node N rwkv_diffusion_rnn/train_rwkv.py ...``; the backend
-is NCCL on CUDA and gloo on the CPU (so CI exercises the same code path).
+is NCCL on CUDA and gloo on the CPU (so CI exercises the same code path). ``training.strategy`` (ddp | fsdp) picks
+how the trainer spreads the model over them; see docs/multi_gpu.md.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def all_true(flag: bool, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0.5)
+
+
+def gather_objects(obj):
+    """Every rank's ``obj`` as a list on rank 0 (None on the others); ``[obj]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out if dist.get_rank() == 0 else None
 
 
 def barrier() -> None:

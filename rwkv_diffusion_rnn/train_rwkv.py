@@ -5,6 +5,8 @@
         training.train_batch_size=1 training.dtype=fp32 data.max_samples=10 model.rwkv_name=/path/to/rwkv7-g1.pth
     diffrwkv train model.rwkv_name=scratch model.freeze_backbone=false ...       # same thing
     torchrun --nproc_per_node 2 rwkv_diffusion_rnn/train_rwkv.py ...             # several processes (DDP)
+    torchrun --nproc_per_node 4 rwkv_diffusion_rnn/train_rwkv.py training.strategy=fsdp \
+        training.activation_checkpointing=true ...                               # sharded (FSDP2), docs/multi_gpu.md
 
 Bad input or an unreachable checkpoint stops with one line (``error: ...``, exit status 2).
 """
