@@ -201,7 +201,7 @@ def backbone_file(root: Path, shape: tuple[int, int, int], dev: torch.device) ->
 def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch.device) -> Runner:
     from rwkv_diffusion_rnn.config import TrainConfig
     from rwkv_diffusion_rnn.improved_trainer import Trainer
-    from rwkv_diffusion_rnn.models.rwkv7 import compile_regions
+    from rwkv_diffusion_rnn.models.rwkv7 import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
 
     data = synthetic_data(work / f"data_T{a.length}_V{shape[2]}", 2 * a.batch, a.length, shape[2])
@@ -218,12 +218,14 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     trainer = Trainer(cfg)
     if a.compile_regions:
         compile_regions(trainer.model)
+    if a.compile_blocks:
+        compile_blocks(trainer.model)
     grad, frozen_n = matrix_params(trainer.model, skip=tuple(f"backbone.{n}" for n in trainer.model.unused_backbone))
     copies = 2 if context == "twice" else 1
     positions = a.batch * copies * (a.length + m.latent_prefix_len + m.latent_readout_len)
     positions *= 2 if context == "bidirectional" else 1  # the time-mix also runs over the reversed sequence
     notes = {"wkv_backend": resolve_backend(m.wkv_backend, dev), "loss_type": t.loss_type, "compile": t.compile,
-             "compile_regions": a.compile_regions}  # fmt: skip
+             "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks}  # fmt: skip
 
     def close() -> None:
         trainer.close()
@@ -255,7 +257,7 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_regions
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks, compile_regions
 
     torch.manual_seed(0)
     with torch.device(dev):
@@ -263,6 +265,8 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
     model.train()
     if a.compile_regions:
         compile_regions(model)
+    if a.compile_blocks:
+        compile_blocks(model)
 
     def loss_fn(model, ids):
         logits = model(ids[:, :-1])
@@ -270,7 +274,8 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
 
     grad, frozen = matrix_params(model)
     step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
-    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions})  # fmt: skip
+    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions,
+                                                                 "compile_blocks": a.compile_blocks})  # fmt: skip
 
 
 def fla_runner(a, shape, dev: torch.device, autocast, weights: torch.dtype = torch.float32) -> Runner:
@@ -351,7 +356,7 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
     times = [_timed(runner.step, dev) for _ in range(a.steps)]
     med = statistics.median(times)
     # a FLOP count through compiled code would recompile under the counting mode: the eager run gives the number
-    flops = counted_flops(runner.step) if a.count_flops and not (a.compile or a.compile_regions) else None
+    flops = counted_flops(runner.step) if a.count_flops and not (a.compile or a.compile_regions or a.compile_blocks) else None
     n_model = 6 * runner.params_grad + 4 * runner.params_frozen
     out = {
         "tokens_per_s": runner.text_tokens / med,
@@ -519,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
     p.add_argument("--compile-regions", action="store_true",
                    help="torch.compile the blocks' elementwise regions (models/rwkv7.py compile_regions) in our rows")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7.py compile_blocks)")
     p.add_argument("--no-count-flops", dest="count_flops", action="store_false", help="skip the HFU column")
     p.add_argument("--sampling", action="store_true", help="also measure sampling speed per shape")
     p.add_argument("--sampling-batch", type=int, default=256)
@@ -552,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tflops": peak / 1e12,
         "peak_what": what,
         **{k: getattr(a, k) for k in ("batch", "length", "dtype", "steps", "warmup", "compile", "compile_regions",
-                                          "wkv_backend")},
+                                          "compile_blocks", "wkv_backend")},
     }
     results: list[dict] = []
     sampling: list[dict] = []

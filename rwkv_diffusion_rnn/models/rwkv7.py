@@ -248,6 +248,33 @@ def compile_regions(model: nn.Module, enable: bool = True) -> int:
     return n
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every RWKV-7 :class:`Block` inside ``model`` in place (the torchtitan recipe: one block at a
+    time, so all blocks of one kind share one compiled graph). The WKV call is excluded from tracing
+    (:func:`~rwkv_diffusion_rnn.models.wkv7.wkv7` is ``torch.compiler.disable``), so a block compiles into the part
+    before it (ln1, token shift, projections, low-rank paths, kernel inputs) and the part after it (GroupNorm, bonus,
+    gate, output projection, residual, ln2, FFN), each fused with its matmuls' prologues and epilogues; LoRA hooks
+    are traced along. Wider than :func:`compile_regions` (use one or the other). Returns the number of blocks."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+            n += 1
+    return n
+
+
+@torch.compiler.disable
+def _wkv7_channels(r, w, k, v, a, b, state, backend: str | None, n_head: int):
+    """:func:`wkv7` on ``[B, T, C]`` operands (split into heads here), returning ``o`` ``[B, T, C]`` and the state.
+
+    The split happens outside any compiled graph on purpose: with :func:`compile_blocks` the WKV call is a graph
+    break, and handing views across a break makes AOTAutograd regenerate them, which torch 2.13 got wrong
+    (garbage shapes at random)."""
+    B, T, C = r.shape
+    o, state = wkv7(*(x.view(B, T, n_head, C // n_head) for x in (r, w, k, v, a, b)), state, backend)
+    return o.reshape(B, T, C), state
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time mixing (attention replacement) of one layer."""
 
@@ -310,13 +337,8 @@ class TimeMix(nn.Module):
             k = k.masked_fill(pad, 0.0)
             b = b.masked_fill(pad, 0.0)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, H, N)
-
-        o, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), heads(neg_kk), heads(b), wkv_state, backend)
-        o = ops.tm_output(
-            o.reshape(B, T, C), self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype
-        )
+        o, wkv_state = _wkv7_channels(r, w, k, v, neg_kk, b, wkv_state, backend, H)
+        o = ops.tm_output(o, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype)
         return self.output(o), wkv_state, v_first
 
 

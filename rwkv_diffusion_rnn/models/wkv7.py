@@ -136,6 +136,7 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     return name
 
 
+@torch.compiler.disable  # never traced: fla's Triton kernels and the reference's time loop run as they are
 def wkv7(
     r: torch.Tensor,
     w: torch.Tensor,
