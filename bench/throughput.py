@@ -92,14 +92,15 @@ def matmul_peak(dev: torch.device) -> tuple[float, str]:
         n, dtype, reps = 8192, torch.bfloat16, 20
     else:
         n, dtype, reps = 512, torch.float32, 5
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(3):
-        times.append(_timed(lambda: [a @ b for _ in range(reps)], dev))
-    del a, b
+    x = torch.randn(n, n, device=dev, dtype=dtype)
+    y = torch.randn(n, n, device=dev, dtype=dtype)
+
+    def matmuls() -> None:
+        for _ in range(reps):
+            x @ y
+
+    matmuls()
+    times = [_timed(matmuls, dev) for _ in range(3)]
     return 2 * n**3 * reps / min(times), f"{str(dtype).removeprefix('torch.')} {n}^3 matmul"
 
 
@@ -274,8 +275,8 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
 
     grad, frozen = matrix_params(model)
     step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
-    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions,
-                                                                 "compile_blocks": a.compile_blocks})  # fmt: skip
+    notes = {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks}
+    return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
 def fla_runner(a, shape, dev: torch.device, autocast, weights: torch.dtype = torch.float32) -> Runner:
@@ -352,11 +353,13 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
         result = runner.step()
         if i == 0:
             first_loss = _loss_of(result)
-        log(f"  warm-up step {i + 1}/{a.warmup}: {time.perf_counter() - t0:.2f} s, loss {_f(_loss_of(result), '.4f')}")
+        dt, loss = time.perf_counter() - t0, _loss_of(result)
+        log(f"  warm-up step {i + 1}/{a.warmup}: {dt:.2f} s, loss {_f(loss, '.4f')}")
     times = [_timed(runner.step, dev) for _ in range(a.steps)]
     med = statistics.median(times)
     # a FLOP count through compiled code would recompile under the counting mode: the eager run gives the number
-    flops = counted_flops(runner.step) if a.count_flops and not (a.compile or a.compile_regions or a.compile_blocks) else None
+    compiled = a.compile or a.compile_regions or a.compile_blocks
+    flops = counted_flops(runner.step) if a.count_flops and not compiled else None
     n_model = 6 * runner.params_grad + 4 * runner.params_frozen
     out = {
         "tokens_per_s": runner.text_tokens / med,
@@ -483,7 +486,8 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
         "MFU = (6 N_grad + 4 N_frozen) x text tokens/s / ceiling; HFU = counted matmul FLOPs per step x steps/s / "
         "ceiling (bench/throughput.py docstring).",
         "",
-        "| shape | row | tokens/s | step ms | peak GiB | params grad / frozen (M) | MFU | HFU | loss 1st step | status |",
+        "| shape | row | tokens/s | step ms | peak GiB | params grad / frozen (M) | MFU | HFU | loss 1st step "
+        "| status |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -522,10 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla (our RWKV-7 rows)")
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
-    p.add_argument("--compile-regions", action="store_true",
-                   help="torch.compile the blocks' elementwise regions (models/rwkv7.py compile_regions) in our rows")
-    p.add_argument("--compile-blocks", action="store_true",
-                   help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7.py compile_blocks)")
+    p.add_argument(
+        "--compile-regions",
+        action="store_true",
+        help="torch.compile the blocks' elementwise regions (models/rwkv7.py compile_regions) in our rows",
+    )
+    p.add_argument(
+        "--compile-blocks",
+        action="store_true",
+        help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7.py compile_blocks)",
+    )
     p.add_argument("--no-count-flops", dest="count_flops", action="store_false", help="skip the HFU column")
     p.add_argument("--sampling", action="store_true", help="also measure sampling speed per shape")
     p.add_argument("--sampling-batch", type=int, default=256)
@@ -558,8 +568,20 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "peak_tflops": peak / 1e12,
         "peak_what": what,
-        **{k: getattr(a, k) for k in ("batch", "length", "dtype", "steps", "warmup", "compile", "compile_regions",
-                                          "compile_blocks", "wkv_backend")},
+        **{
+            k: getattr(a, k)
+            for k in (
+                "batch",
+                "length",
+                "dtype",
+                "steps",
+                "warmup",
+                "compile",
+                "compile_regions",
+                "compile_blocks",
+                "wkv_backend",
+            )
+        },
     }
     results: list[dict] = []
     sampling: list[dict] = []

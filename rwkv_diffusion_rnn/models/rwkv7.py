@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -225,7 +225,7 @@ class Regions:
 PLAIN = Regions()
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled_regions() -> Regions:
     """:class:`Regions` with every function through ``torch.compile`` (one compiled copy per process, shared by all
     blocks; ``fullgraph``: the regions are pure tensor code, so a graph break would be a bug, not a fallback)."""
@@ -254,11 +254,13 @@ def compile_blocks(model: nn.Module) -> int:
     (:func:`~rwkv_diffusion_rnn.models.wkv7.wkv7` is ``torch.compiler.disable``), so a block compiles into the part
     before it (ln1, token shift, projections, low-rank paths, kernel inputs) and the part after it (GroupNorm, bonus,
     gate, output projection, residual, ln2, FFN), each fused with its matmuls' prologues and epilogues; LoRA hooks
-    are traced along. Wider than :func:`compile_regions` (use one or the other). Returns the number of blocks."""
+    are traced along. Wider than :func:`compile_regions` (use one or the other). Idempotent (a trainer may call it
+    again after unfreezing). Returns the number of blocks."""
     n = 0
     for module in model.modules():
         if isinstance(module, Block):
-            module.compile()
+            if getattr(module, "_compiled_call_impl", None) is None:
+                module.compile()
             n += 1
     return n
 
@@ -312,8 +314,7 @@ class TimeMix(nn.Module):
 
         Returns the output ``[B, T, C]``, the new WKV state and ``v_first`` (layer 0's values, mixed into later layers).
         """
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
+        H = self.n_head
         ops, mm_dtype = self.regions, matmul_dtype(x)
         xr, xw, xk, xv, xa, xg = ops.tm_mix(
             x, shift, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g, mm_dtype

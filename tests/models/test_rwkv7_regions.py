@@ -56,8 +56,10 @@ def test_compiled_regions_match_plain_forward_and_backward(bf16, tol):
     assert set(grads) == set(ref_grads) and len(grads) > 20
     worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
     assert _rel(grads[worst], ref_grads[worst]) < 10 * tol, f"seed {seed}: {worst}"
-    print(f"relative error: logits {_rel(logits, ref_logits):.2e}, worst gradient {worst} "
-          f"{_rel(grads[worst], ref_grads[worst]):.2e}")
+    print(
+        f"relative error: logits {_rel(logits, ref_logits):.2e}, worst gradient {worst} "
+        f"{_rel(grads[worst], ref_grads[worst]):.2e}"
+    )
 
 
 @pytest.mark.slow  # torch.compile of a whole block (forward, backward): ~40 s per case on 2 cores
