@@ -305,12 +305,13 @@ class TimeMix(nn.Module):
         self,
         x: torch.Tensor,
         shift: torch.Tensor,
-        wkv_state: torch.Tensor,
+        wkv_state: torch.Tensor | None,
         v_first: torch.Tensor | None,
         pad: torch.Tensor | None,
         backend: str | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, T, C]`` (after ln1), shift ``[B, C]``, wkv_state ``[B, H, N, N]``, pad ``[B, T, 1]`` bool or None.
+        """x ``[B, T, C]`` (after ln1), shift ``[B, C]``, wkv_state ``[B, H, N, N]`` (None: zeros), pad ``[B, T, 1]``
+        bool or None.
 
         Returns the output ``[B, T, C]``, the new WKV state and ``v_first`` (layer 0's values, mixed into later layers).
         """
@@ -381,7 +382,7 @@ class Block(nn.Module):
         v_bwd = None
         if rev is not None:
             h_rev = _gather_time(h, rev)
-            dx_rev, _, v_bwd = self.att(h_rev, torch.zeros_like(att_x), torch.zeros_like(wkv), v_first[1], pad, backend)
+            dx_rev, _, v_bwd = self.att(h_rev, torch.zeros_like(att_x), None, v_first[1], pad, backend)
             dx = 0.5 * (dx + _gather_time(dx_rev, rev))
         new_att_x = _last_valid(h, att_x, lengths)
         x = x + dx
@@ -443,10 +444,13 @@ class RWKV7(nn.Module):
         """
         B, T, _ = x.shape
         carried = state is not None
-        if state is None:
-            state = RWKV7State.zeros(self.cfg, B, x.device, x.dtype)
-        elif state.batch_size != B:
+        if carried and state.batch_size != B:
             raise DiffRwkvError(f"state has batch size {state.batch_size}, input has {B}")
+        if carried:
+            att_in, wkv_in, ffn_in = state.att_x, state.wkv, state.ffn_x
+        else:  # a fresh sequence: zero token-shift inputs and no WKV state (the kernels' zero state, not read)
+            zeros = x.new_zeros(len(self.blocks), B, x.shape[-1])
+            att_in, wkv_in, ffn_in = zeros, [None] * len(self.blocks), zeros
         pad = lengths = None
         if attention_mask is not None:
             mask = attention_mask.bool()
@@ -469,7 +473,7 @@ class RWKV7(nn.Module):
             if pre_block is not None:
                 x = pre_block(i, x)
             x, (ax, s, fx), v_first = block(
-                x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first, pad, lengths, self.wkv_backend, rev
+                x, att_in[i], wkv_in[i], ffn_in[i], v_first, pad, lengths, self.wkv_backend, rev
             )
             att_x.append(ax)
             wkv.append(s)
