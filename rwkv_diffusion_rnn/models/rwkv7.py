@@ -371,8 +371,9 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg)
 
     def forward(self, x, att_x, wkv, ffn_x, v_first, pad, lengths, backend, rev=None):
-        """One layer. ``v_first`` is a (forward, reversed) pair; ``rev`` ``[B, T]`` (optional) is the index that
-        reverses each row's real tokens: the time-mix then also runs over the reversed sequence with the same
+        """One layer. ``v_first`` is a (forward, reversed) pair; ``rev`` (optional) reverses each row's real tokens,
+        either a ``[B, T]`` index (:func:`reverse_index`) or :data:`FLIP` (every row full: reverse the time axis):
+        the time-mix then also runs over the reversed sequence with the same
         weights (from a zero state) and the two outputs are averaged.
 
         Returns ``x``, the layer's new (att_x, wkv, ffn_x) and the ``v_first`` pair.
@@ -381,9 +382,9 @@ class Block(nn.Module):
         dx, new_wkv, v_fwd = self.att(h, att_x, wkv, v_first[0], pad, backend)
         v_bwd = None
         if rev is not None:
-            h_rev = _gather_time(h, rev)
+            h_rev = _reverse_time(h, rev)
             dx_rev, _, v_bwd = self.att(h_rev, torch.zeros_like(att_x), None, v_first[1], pad, backend)
-            dx = 0.5 * (dx + _gather_time(dx_rev, rev))
+            dx = 0.5 * (dx + _reverse_time(dx_rev, rev))
         new_att_x = _last_valid(h, att_x, lengths)
         x = x + dx
         h = self.ln2(x)
@@ -394,6 +395,15 @@ class Block(nn.Module):
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, t]]`` for ``x`` ``[B, T, C]`` and ``index`` ``[B, T]``."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+#: ``Block.forward``'s ``rev`` when no row is padded: a plain flip of the time axis (its backward is a flip too,
+#: where a gather's backward is a scatter-add)
+FLIP = "flip"
+
+
+def _reverse_time(x: torch.Tensor, rev: torch.Tensor | str) -> torch.Tensor:
+    return x.flip(1) if isinstance(rev, str) else _gather_time(x, rev)
 
 
 def reverse_index(lengths: torch.Tensor, total: int) -> torch.Tensor:
@@ -464,8 +474,7 @@ class RWKV7(nn.Module):
         if bidirectional:
             if carried:
                 raise DiffRwkvError("a bidirectional pass cannot continue from a recurrent state")
-            full = torch.full((B,), T, device=x.device, dtype=torch.long)
-            rev = reverse_index(lengths if lengths is not None else full, T)
+            rev = reverse_index(lengths, T) if lengths is not None else FLIP
         x = self.blocks[0].ln0(x)
         att_x, wkv, ffn_x = [], [], []
         v_first = (None, None)
