@@ -1,10 +1,12 @@
 """Training throughput on one GPU (issue #6): our denoiser's real training step against plain language models.
 
-    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/throughput --shapes 0.1b            # ~4 min on an H100
-    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/throughput --shapes 0.4b
-    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/throughput --shapes 1.5b --rows denoiser-causal-full,rwkv7-lm
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_0.1b --shapes 0.1b          # every row at 0.1B
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_0.4b --shapes 0.4b
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_1.5b --shapes 1.5b --rows denoiser-causal-full,rwkv7-lm
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_cb --shapes 0.1b --compile-blocks \
+        --rows denoiser-causal-full,denoiser-causal-frozen,rwkv7-lm                       # fused blocks vs the above
     PYTHONPATH=$PWD python bench/throughput.py --out $OUT/sampling --shapes 0.1b --rows none --sampling
-    python bench/throughput.py --device cpu --shapes tiny --steps 2 --warmup 1 --out /tmp/tp   # CPU smoke (the test)
+    python bench/throughput.py --device cpu --shapes tiny --steps 2 --warmup 1 --length 32 --out /tmp/tp  # CPU smoke
 
 Rows (``--rows``, comma-separated; default all), each at one g1 shape (``--shapes``; L layers, D width, V vocab):
 

@@ -10,6 +10,12 @@ Shapes: B batch, T time, C = n_embd, H heads, N = head size (64), L layers, V vo
 The model takes and returns a recurrent :class:`RWKV7State`, so a sequence processed in pieces equals one pass.
 Right-padded batches are handled through ``attention_mask`` (1 = token, 0 = padding at the end of a row): padding
 leaves the state untouched, so the returned state is each row's state after its last real token.
+
+Speed (issue #6): on a GPU the blocks' elementwise work (token shift, six mixes, decay / key / value-residual
+arithmetic, GroupNorm, bonus, gate, squared ReLU; ~200 kernels per layer and step in eager mode) moves more bytes
+than the matmuls at the g1 sizes. :func:`compile_blocks` (each block through ``torch.compile``, the WKV kernel
+excluded) or the narrower :func:`compile_regions` fuse it; both are opt-in, applied from outside the model, and
+tested against the eager code (tests/models/test_rwkv7_regions.py). bench/throughput.py measures them.
 """
 
 from __future__ import annotations
