@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device(a.device)
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda" alone: the current device, named by index from here on
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (none in the hot path)
     out = Path(a.out) if a.out else None

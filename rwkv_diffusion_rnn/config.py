@@ -108,6 +108,7 @@ class TrainingConfig:
     dtype: str = "bf16"  # fp32 | bf16 | fp16: autocast dtype; master weights stay fp32
     ema_decay: float = 0.0  # 0: no EMA
     compile: bool = False  # torch.compile the denoiser
+    compile_blocks: bool = False  # torch.compile each RWKV-7 block, the WKV kernel excluded (models/rwkv7.py)
     seed: int = 0
     resume: str | None = None  # a checkpoint folder (step_XXXXXXXX) or a save_dir (newest checkpoint)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -65,7 +65,7 @@ from rwkv_diffusion_rnn.data_simple import (
 )
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
 from rwkv_diffusion_rnn.optimizer import (
@@ -180,6 +180,8 @@ class Trainer:
         self.checkpoint_format = "dcp" if fmt == "dcp" or (fmt == "auto" and t.strategy == "fsdp") else "file"
         if t.activation_checkpointing:
             self._checkpoint_blocks()
+        if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
+            compile_blocks(self.model)
         self.sharded = t.strategy == "fsdp" and self.dist.enabled
         if self.sharded:
             self._shard()  # before the optimizer and the EMA: they must hold the sharded parameters
