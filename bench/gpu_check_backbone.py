@@ -8,7 +8,9 @@
 2. The whole model (random L4 D256 V65536 checkpoint, fresh noise on every tensor): logits and all parameter
    gradients of the fla backend against the reference backend in fp32; in bf16 the reference backend's own bf16
    error is printed beside fla's.
-3. fla's ``RWKV7ForCausalLM`` loaded from our converted checkpoint (``save_hf``) against our logits (fp32).
+3. The bidirectional pass (``context=bidirectional``) over right-padded rows: fla under bf16 autocast (fp32 weights,
+   as in training) against the fp32 reference, and a padded row against the same row alone.
+4. fla's ``RWKV7ForCausalLM`` loaded from our converted checkpoint (``save_hf``) against our logits (fp32).
 
 Prints a table; exits non-zero if any bound is missed.
 """
@@ -113,6 +115,46 @@ def check_model(dtype: torch.dtype, seed: int) -> None:
            max(BOUND[dtype], 1.5 * same))  # fmt: skip
 
 
+def _bidir_run(cfg, seed, backend, autocast, ids, mask):
+    """fp32 weights (as in training), optional bf16 autocast, a bidirectional pass over right-padded rows."""
+    model = random_rwkv7(cfg, seed=seed, wkv_backend=backend).to("cuda").train()
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        h, _ = model.forward_embeds(model.emb(ids), attention_mask=mask, bidirectional=True)
+        logits = model.head(model.ln_out(h)).float()
+    keep = mask.bool()
+    torch.nn.functional.cross_entropy(logits[keep], ids[keep]).backward()
+    grads = {n: p.grad.detach().float() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach()[keep], grads, model
+
+
+def check_bidirectional(seed: int) -> None:
+    """The bidirectional pass (the denoiser's ``context=bidirectional``) with right padding: fla under bf16 autocast
+    against the fp32 reference, judged like the model check; then a padded row against the same row alone."""
+    cfg = RWKV7Config.for_shape(4, 256)
+    lengths = [200, 150, 97]
+    ids = torch.randint(1, cfg.vocab_size, (3, 200), device="cuda")
+    mask = (torch.arange(200, device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]).long()
+    truth = _bidir_run(cfg, seed, "reference", False, ids, mask)
+    fla = _bidir_run(cfg, seed, "fla", True, ids, mask)
+    ref = _bidir_run(cfg, seed, "reference", True, ids, mask)
+    dtype = torch.bfloat16
+    ref_logits = rel(ref[0], truth[0])
+    record("bidir: logits, reference backend under bf16 autocast", dtype, ref_logits, info=True)
+    record("bidir: logits, fla (bf16 autocast) vs fp32 reference", dtype, rel(fla[0], truth[0]),
+           max(BOUND[dtype], 1.5 * ref_logits))  # fmt: skip
+    worst = max(truth[1], key=lambda n: rel(fla[1][n], truth[1][n]))
+    same = rel(ref[1][worst], truth[1][worst])
+    record(f"bidir: same param, reference backend ({worst})", dtype, same, info=True)
+    record(f"bidir: worst param grad, fla vs fp32 ref ({worst})", dtype, rel(fla[1][worst], truth[1][worst]),
+           max(BOUND[dtype], 1.5 * same))  # fmt: skip
+    model = fla[2]
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        n = lengths[2]
+        padded, _ = model.forward_embeds(model.emb(ids), attention_mask=mask, bidirectional=True)
+        alone, _ = model.forward_embeds(model.emb(ids[2:3, :n]), bidirectional=True)
+    record("bidir: padded row vs the same row alone (fla, bf16)", dtype, rel(padded[2, :n].float(), alone[0].float()))
+
+
 def check_fla_model(seed: int) -> None:
     import fla  # noqa: F401  (registers RWKV7ForCausalLM with transformers)
     from fla.models import RWKV7ForCausalLM
@@ -133,7 +175,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
-    ap.add_argument("--parts", default="op,model,fla", help="comma list of op, model, fla")
+    ap.add_argument("--parts", default="op,model,bidir,fla", help="comma list of op, model, bidir, fla")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtypes.split(",")]
@@ -151,6 +193,9 @@ def main() -> int:
         if "model" in parts:
             check_model(dtype, seed)
             print(f"[{time.time() - t0:.0f}s] model {dtype} done", flush=True)
+    if "bidir" in parts:
+        check_bidirectional(seed)
+        print(f"[{time.time() - t0:.0f}s] bidirectional done", flush=True)
     if "fla" in parts:
         check_fla_model(seed)
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | seed {seed} | {time.time() - t0:.0f}s")

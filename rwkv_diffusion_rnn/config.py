@@ -83,7 +83,7 @@ class DiffusionConfig:
     text_eps: float = 1e-3
     text_weighting: str = "elbo"  # elbo (MDLM continuous-time NELBO) | uniform (plain masked CE)
     latent_schedule: str = "cosine"  # continuous-time cosine VP
-    latent_prediction: str = "eps"  # eps | x0 | v
+    latent_prediction: str = "x0"  # x0 | eps | v (x0 won text->latent on captions: docs/RESULTS.md 2026-11-27)
     antithetic: bool = True
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance (the condition is fed fully noised)
 

@@ -214,7 +214,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
                 assert 0 <= r[key] <= 1
         for key in ("bleu", "chrf"):
             if r.get(key) is not None:
-                assert 0 <= r[key] <= 100
+                assert 0 <= r[key] <= 100 + 1e-9  # sacrebleu can round a perfect score to 100.00000000000004
     ref = {r["variant"]: r for r in sc["references"]}
     # caption-2 of the same image shares its subject and place with caption-1: above the random-caption floor
     assert ref["human"]["l2t_cosine"] > ref["floor"]["l2t_cosine"] + 0.2, (seed, ref)
