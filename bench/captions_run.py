@@ -6,9 +6,9 @@ run in progress.
     python bench/captions_run.py --variants causal,twice,bidirectional --budget-s 100 \\
         --data .device/captions/bundle --out /tmp/cap --tar $OUT/captions_1.tar --deadline-s 560 --device cuda
 
-Variants (every diffusion variant is the project defaults — ``causal`` context, ``eps`` latent target, ELBO text
-weighting, ``mixed`` modes with the default weights, p_uncond 0.1 — with ONE thing changed; ``causal`` is the
-defaults themselves):
+Variants (every diffusion variant is the project defaults — ``causal`` context, ``x0`` latent target (``eps``
+before 2026-11-27), ELBO text weighting, ``mixed`` modes with the default weights, p_uncond 0.1 — with ONE thing
+changed; ``causal`` is the defaults themselves):
 
 ============== =======================================================================================
 causal         defaults (model.context=causal)
@@ -16,7 +16,9 @@ twice          model.context=twice (the sequence read twice; 2x cost per step, s
 bidirectional  model.context=bidirectional
 sequential     training.loss_type=sequential: l2t for the first third of the budget, t2l the second, mixed last
 uniform        diffusion.text_weighting=uniform (plain masked CE instead of the ELBO weighting)
-v / x0         diffusion.latent_prediction=v / x0 (instead of eps)
+eps / v / x0   diffusion.latent_prediction=eps / v / x0 (the default is x0 since 2026-11-27, when it won this
+               comparison; the first table in docs/RESULTS.md was run with the eps default, so its ``causal`` row
+               is today's ``eps``)
 ar             baseline (a): autoregressive decoder with a latent prefix, greedy + beam search (captions_baselines)
 regress        baseline (b): mean-pooled encoder + MLP regressing the latent (captions_baselines)
 ============== =======================================================================================
@@ -74,7 +76,7 @@ from captions_common import (  # noqa: E402
     write_json_atomic,
 )
 
-DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "v", "x0")
+DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "eps", "v", "x0")
 BASELINES = ("ar", "regress")
 VARIANTS = DIFFUSION + BASELINES
 _T0 = time.perf_counter()
@@ -94,6 +96,20 @@ def say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shared settings
+def l2t_decoders(args) -> list[tuple[str, int]]:
+    """``--l2t-decoders`` as (strategy, steps) pairs; the default is the project sampler at ``--sample-steps``."""
+    spec = (args.l2t_decoders or "").strip()
+    if not spec:
+        return [("ancestral", args.sample_steps)]
+    out = []
+    for item in spec.split(","):
+        strategy, _, steps = item.strip().partition(":")
+        if strategy not in ("ancestral", "confidence", "threshold") or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS, e.g. confidence:32")
+        out.append((strategy, int(steps)))
+    return out
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The hyperparameters every run shares (recorded in each result)."""
     return {
@@ -107,6 +123,7 @@ def settings(args: argparse.Namespace) -> dict:
         "betas": [0.9, 0.99],
         "max_grad_norm": 1.0,
         "dtype": args.dtype,
+        "l2t_decoders": [f"{st}{n}" for st, n in l2t_decoders(args)],
         "length": args.length,
         "budget_s": args.budget_s,
         "untimed_steps": args.untimed_steps,
@@ -137,7 +154,7 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
         t.loss_type, t.sequential_schedule = "sequential", ["l2t:0"]
     elif variant == "uniform":
         dc.text_weighting = "uniform"
-    elif variant in ("v", "x0"):
+    elif variant in ("eps", "v", "x0"):
         dc.latent_prediction = variant
     elif variant != "causal":
         raise RunError(f"unknown diffusion variant {variant!r}")
@@ -273,11 +290,14 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}) [{t_lik:.0f} s]"
     )
     t1 = time.perf_counter()
-    ids = sample_l2t(
-        m, ev.val_latents, num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed, device=dev
-    )
+    decoded: dict[str, dict] = {}
+    for strategy, steps in l2t_decoders(args):
+        ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, batch_size=args.eval_batch,
+                         seed=args.seed, device=dev)  # fmt: skip
+        w = to_world(tm, ids)
+        decoded[f"{strategy}{steps}"] = {"world_ids": w, "texts": _texts(tok, w)}
     t_l2t = time.perf_counter() - t1
-    world = to_world(tm, ids)
+    world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()
     pred = sample_t2l(
         m, ev.t2l_inputs(tm), num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed, device=dev
@@ -312,7 +332,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
             "l2t_s": round(t_l2t, 1),
             "t2l_s": round(t_t2l, 1),
         },
-        "l2t": {f"ancestral{args.sample_steps}": {"world_ids": world, "texts": texts}},
+        "l2t": decoded,
         "t2l": t2l,
     }
     return result, pred
@@ -495,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--length", type=int, default=40, help="row length: text cut to LENGTH - 1, then end-of-text")
     ap.add_argument("--untimed-steps", type=int, default=2, help="first steps before the clock starts (warm-up)")
     ap.add_argument("--sample-steps", type=int, default=32)
+    ap.add_argument(
+        "--l2t-decoders",
+        default="",
+        help="comma list of STRATEGY:STEPS for the diffusion runs' L2T (strategies: ancestral, confidence, threshold);"
+        " default: ancestral:<--sample-steps>. Each is scored as its own row",
+    )
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")
     ap.add_argument("--regress-loss", default="mse", choices=["mse", "cosine"])

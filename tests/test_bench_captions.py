@@ -163,6 +163,8 @@ def test_prepare_run_score_end_to_end(tmp_path):
             "5",
             "--sample-steps",
             "4",
+            "--l2t-decoders",
+            "ancestral:4,confidence:3",
             "--beams",
             "2",
             "--eval-batch",
@@ -179,7 +181,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
         assert tr["steps"] == tr["untimed_steps"] + tr["timed_steps"] and tr["timed_steps"] >= 1, (v, tr)
         assert budget <= tr["train_s"] < budget + 30, (v, tr["train_s"])  # the loop ran the whole budget, then stopped
         assert all(math.isfinite(c["loss"]) for c in tr["curve"]), v
-    for v, decs in (("causal", ["ancestral4"]), ("ar", ["greedy", "beam2"])):
+    for v, decs in (("causal", ["ancestral4", "confidence3"]), ("ar", ["greedy", "beam2"])):
         assert sorted(res[v]["l2t"]) == sorted(decs)
         for d in decs:
             rows = res[v]["l2t"][d]["world_ids"]
@@ -204,7 +206,13 @@ def test_prepare_run_score_end_to_end(tmp_path):
     assert captions_score.main(["--runs", str(tar), "--bundle", args.out, "--out", str(md)], encoder=enc) == 0
     sc = json.loads(md.with_suffix(".json").read_text())
     got = {(r["variant"], r["decoder"]) for r in sc["rows"]}
-    assert got == {("causal", "ancestral4"), ("ar", "greedy"), ("ar", "beam2"), ("regress", "—")}
+    assert got == {
+        ("causal", "ancestral4"),
+        ("causal", "confidence3"),
+        ("ar", "greedy"),
+        ("ar", "beam2"),
+        ("regress", "—"),
+    }
     for r in sc["rows"] + sc["references"]:
         for key in ("l2t_cosine", "t2l_cosine", "sts_spearman"):
             if r.get(key) is not None:

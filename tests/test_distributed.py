@@ -148,6 +148,23 @@ def test_dcp_saved_on_two_fsdp_ranks_resumes_on_one(setup, reference, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_ddp_with_sharded_checkpoints_saved_on_two_ranks_resumes_on_one(setup, reference, tmp_path):
+    """``logging.checkpoint_format=dcp`` under ddp (replicated weights): the same N -> M resume as fsdp."""
+    two = make_cfg(setup, tmp_path / "ck", training__train_batch_size=4, training__strategy="ddp",
+                   logging__checkpoint_format="dcp", **BASE)  # fmt: skip
+    res = _torchrun(tmp_path, two, 2, "ddp_save2", "save_at=3")
+    for r in res:  # ddp with 2 x 4 rows trains like one process with 8
+        _assert_same_training(reference, r)
+    saved = res[0]["saved"]
+    meta = json.loads(open(f"{saved}/meta.json").read())
+    assert meta["layout"] == "dcp" and meta["world_size"] == 2
+    one = make_cfg(setup, tmp_path / "one", training__train_batch_size=8, training__resume=saved, **BASE)
+    resumed = _local(one)
+    assert resumed["trainer"].step == 5 and len(resumed["losses"]) == 2
+    resumed["init"] = reference["init"]
+    _assert_same_training(reference, resumed, first_loss=3)
+
+
 def test_dcp_saved_on_one_process_resumes_on_two_fsdp_ranks(setup, reference, tmp_path):
     saved = reference["saved"]
     two = make_cfg(setup, tmp_path, training__train_batch_size=4, training__strategy="fsdp", **BASE)
