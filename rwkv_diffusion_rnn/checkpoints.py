@@ -524,7 +524,23 @@ def _load_safetensors(path: Path, expected: Mapping[str, Any] | None, device: st
         for name in sorted(set(got) | set(expected)):
             if got.get(name) != expected.get(name):
                 raise DiffRwkvError(f"{path}: tensor {name!r} is {got.get(name)}, meta.json says {expected.get(name)}")
+    require_finite(tensors, path)
     return tensors
+
+
+def require_finite(tensors: Mapping[str, Any], where: Any) -> None:
+    """Refuse floating tensors holding NaN or infinity (a diverged run's save, or a file altered with its checksums
+    fixed up): resuming or sampling from them would only spread the NaN."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DiffRwkvError(f"{where}: tensor {name!r} holds NaN or infinite values; expected finite weights")
+
+
+def _optimizer_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """The per-parameter tensors (Adam moments, ...) of an optimizer state dict, named ``state.<id>.<key>``."""
+    per_param = state.get("state", {}) if isinstance(state, Mapping) else {}
+    return {f"state.{pid}.{k}": v for pid, entry in per_param.items() if isinstance(entry, Mapping)
+            for k, v in entry.items() if isinstance(v, torch.Tensor)}  # fmt: skip
 
 
 def _load_pickle(path: Path, map_location: Any) -> Any:
@@ -573,6 +589,7 @@ def load_checkpoint(
     payload = _load_pickle(folder / "optimizer.pt", map_location)
     if not isinstance(payload, dict) or not {"optimizer", "scheduler"} <= payload.keys():
         raise DiffRwkvError(f"{folder / 'optimizer.pt'}: expected a dict with 'optimizer' and 'scheduler'")
+    require_finite(_optimizer_tensors(payload["optimizer"]), folder / "optimizer.pt")
     rng = {}
     for name in files:
         m = _RNG_FILE.match(name)
@@ -877,6 +894,7 @@ def load_dcp_tensors(folder: Path, prefixes: tuple[str, ...] = ("model", "ema"))
         dcp.load(want, checkpoint_id=str(where), no_dist=True)
     except Exception as exc:  # noqa: BLE001
         raise DiffRwkvError(f"{where}: unreadable distributed checkpoint ({_one_line(exc)})") from exc
+    require_finite(want, where)
     out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
     for key, t in want.items():
         section, name = key.split(".", 1)

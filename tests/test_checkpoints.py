@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -275,6 +276,29 @@ def test_a_pickle_that_would_run_code_is_refused(saved: tuple[Run, Path], tmp_pa
         load_checkpoint(path)
     one_line(err)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt"])
+def test_non_finite_values_are_refused_even_with_fixed_up_checksums(saved: tuple[Run, Path], file: str) -> None:
+    _, path = saved
+    if file == "model.safetensors":
+        tensors = safetensors.torch.load_file(str(path / file))
+        name = sorted(tensors)[int(torch.randint(0, len(tensors), ()))]
+        flat = tensors[name].view(-1)
+        flat[int(torch.randint(0, flat.numel(), ()))] = float("nan")
+        safetensors.torch.save_file(tensors, str(path / file))
+    else:
+        payload = torch.load(path / file, weights_only=True)
+        pid, entry = next(iter(payload["optimizer"]["state"].items()))
+        name = f"state.{pid}.exp_avg_sq"
+        entry["exp_avg_sq"].view(-1)[0] = float("inf")
+        torch.save(payload, path / file)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"][file] = {"bytes": (path / file).stat().st_size, "sha256": file_sha256(path / file)}
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DiffRwkvError, match="NaN or infinite") as err:
+        load_checkpoint(path)
+    assert name in one_line(err) and file in one_line(err)
 
 
 def test_crash_mid_save_leaves_no_step_folder(saved: tuple[Run, Path], monkeypatch: pytest.MonkeyPatch) -> None:
