@@ -231,10 +231,23 @@ class Regions:
 PLAIN = Regions()
 
 
+def inductor_guard() -> None:
+    """Switch off Inductor's "mix-order reduction" (CUDA/Triton only) before anything here is compiled. From torch
+    2.10 it mishandles the gradient of a per-channel parameter applied after a normalisation: on an H200 with torch
+    2.11 our compiled blocks failed in backward ("got [768] but expected shape compatible with [1, 1, 768]" for a
+    ``[1, 1, C]`` mix vector), the shape of pytorch/pytorch#178080, and #193061 reports silently wrong gradients from
+    the same pass. A process-wide Inductor setting; a no-op where the option does not exist."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
+
+
 @cache
 def compiled_regions() -> Regions:
     """:class:`Regions` with every function through ``torch.compile`` (one compiled copy per process, shared by all
     blocks; ``fullgraph``: the regions are pure tensor code, so a graph break would be a bug, not a fallback)."""
+    inductor_guard()
     return Regions(**{f.name: torch.compile(getattr(PLAIN, f.name), fullgraph=True) for f in fields(Regions)})
 
 
@@ -245,6 +258,8 @@ def compile_regions(model: nn.Module, enable: bool = True) -> int:
     Triton kernels are not traced) and everything around the blocks stay eager. Returns the number of modules
     switched. Numerics: the same operations, fused; fp32 results agree to rounding (the compiled kernels may
     reassociate a reduction)."""
+    if enable:
+        inductor_guard()  # also when the compiled regions were built earlier (cached) and the setting changed since
     regions = compiled_regions() if enable else PLAIN
     n = 0
     for module in model.modules():
@@ -262,6 +277,7 @@ def compile_blocks(model: nn.Module) -> int:
     gate, output projection, residual, ln2, FFN), each fused with its matmuls' prologues and epilogues; LoRA hooks
     are traced along. Wider than :func:`compile_regions` (use one or the other). Idempotent (a trainer may call it
     again after unfreezing). Returns the number of blocks."""
+    inductor_guard()
     n = 0
     for module in model.modules():
         if isinstance(module, Block):

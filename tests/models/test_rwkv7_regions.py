@@ -128,3 +128,16 @@ def test_compiled_blocks_in_the_denoiser_with_lora_and_reverse_pass():
     assert set(grads) == set(ref_grads) and any(n.startswith("lora.") for n in grads)
     worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
     assert _rel(grads[worst], ref_grads[worst]) < 1e-4, f"seed {seed}: {worst}"
+
+
+def test_compiling_switches_off_inductors_mix_order_reduction(monkeypatch):
+    """compile_blocks / compile_regions must not leave Inductor's mix-order reduction on (it broke the backward of our
+    compiled blocks on an H200 with torch 2.11; see inductor_guard)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reduction")
+    for switch in (lambda m: compile_blocks(m), lambda m: compile_regions(m)):
+        monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
+        switch(random_rwkv7(1, 64, vocab_size=256, seed=random.randrange(2**31)))
+        assert inductor_config.triton.mix_order_reduction is False
