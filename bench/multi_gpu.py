@@ -103,6 +103,8 @@ def backbone_file(root: Path, shape: tuple[int, int, int], device: str) -> Path:
         save_pth({k: v.to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # this (driver) process keeps its cache on GPU 0 while the workers run
     return path
 
 
@@ -141,6 +143,7 @@ def worker(a: argparse.Namespace) -> None:
     except torch.OutOfMemoryError:
         result["status"] = "OOM at build"
         _report(a.result, result, rank)
+        _end_if_distributed(rank, world, "OOM at build")
         return
     dev = trainer.device
     cuda = dev.type == "cuda"
@@ -172,6 +175,12 @@ def worker(a: argparse.Namespace) -> None:
                 say(f"{job['name']}: checkpoint {path}")
     except torch.OutOfMemoryError:
         status = "OOM"
+        if world > 1:  # rank 0's own numbers only: no collective after an OOM
+            result.update(status=status, losses=losses)
+            if cuda:
+                result["peak_gib_rank0"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+            _report(a.result, result, rank)
+            _end_if_distributed(rank, world, f"OOM at step {trainer.step + 1}")
     result["status"] = status
     result["losses"] = losses
     result["first_step"] = t.max_steps - len(losses) if status == "ok" else None
@@ -189,6 +198,15 @@ def worker(a: argparse.Namespace) -> None:
     trainer.close()
     _report(a.result, result, rank)
     distributed.cleanup()
+
+
+def _end_if_distributed(rank: int, world: int, why: str) -> None:
+    """Under several processes, leave at once with a non-zero status: the other ranks may wait in a collective this
+    one will not join, and torchrun ends them only when a rank fails (a clean exit would leave them hanging)."""
+    if world > 1:
+        print(f"rank {rank}: {why}; ending the job", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
 
 
 def _report(path: str, result: dict, rank: int) -> None:
@@ -209,13 +227,32 @@ def launch(a, name: str, nproc: int, job: dict) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), "worker", "--job", str(job_file), "--result", str(result_file)]  # fmt: skip
     env = dict(os.environ, **NCCL_ENV, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log(f"launch: {' '.join(cmd)}")
+    timeout = min(a.launch_timeout, a.deadline - time.monotonic())
+    if timeout < 60:
+        log(f"{name}: skipped, {max(timeout, 0):.0f} s of the --budget left")
+        return {"job": name, "status": "skipped (--budget spent)"}
+    log(f"launch (timeout {timeout:.0f} s): {' '.join(cmd)}")
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, cwd=REPO, timeout=a.launch_timeout)
-    out = json.loads(result_file.read_text()) if result_file.exists() else {"job": name, "status": "failed"}
+    # torchrun starts every worker in a session of its own: only torchrun itself can end them, on SIGTERM (a
+    # SIGKILL, as subprocess.run's timeout sends, would leave them holding the GPUs)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{name}: timed out after {timeout:.0f} s; stopping torchrun")
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        rc = "timeout"
+    out = json.loads(result_file.read_text()) if result_file.exists() else {"job": name}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
-    if r.returncode != 0 and out.get("status") in (None, "ok"):
-        out["status"] = f"failed (exit {r.returncode})"
+    if rc == "timeout" and out.get("status") in (None, "ok"):
+        out["status"] = f"timeout ({timeout:.0f} s)"
+    elif out.get("status") is None or (rc != 0 and out["status"] == "ok"):
+        out["status"] = f"failed (exit {rc})"
     return out
 
 
@@ -296,8 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsdp-gpus", type=int, default=4)
     p.add_argument("--fsdp-batch", type=int, default=8)
     p.add_argument("--resume-shape", default="0.4b", choices=sorted(SHAPES))
-    p.add_argument("--launch-timeout", type=int, default=560)
+    p.add_argument("--launch-timeout", type=int, default=560, help="seconds per torchrun launch")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=530,
+        help="seconds for this whole invocation (no launch starts or runs past it; 10-min device calls)",
+    )
     a = p.parse_args(argv)
+    a.deadline = time.monotonic() + a.budget
     if a.cmd == "worker":
         worker(a)
         return 0
