@@ -111,7 +111,7 @@ def test_compiled_blocks_in_the_denoiser_with_lora_and_reverse_pass():
     plain, compiled = make(), make()  # not deepcopy: the LoRA hooks close over their own adapters
     assert compile_blocks(compiled) == 2
     B, T = 3, 12
-    ids = torch.randint(0, 201, (B, T))
+    ids = torch.randint(0, 200, (B, T))  # real tokens only: 200 is the <mask> id, not a target
     mask = torch.ones(B, T, dtype=torch.long)
     mask[2, 7:] = 0
     z, t = torch.randn(B, 32), torch.rand(B)
