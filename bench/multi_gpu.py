@@ -45,6 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import backbone_file, synthetic_data  # noqa: E402
+
 SHAPES = {"tiny": (2, 64, 512), "0.1b": (12, 768, 65536), "0.4b": (24, 1024, 65536), "1.5b": (24, 2048, 65536),
           "2.9b": (32, 2560, 65536)}  # fmt: skip
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -56,56 +59,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def synthetic_data(root: Path, rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, str]:
-    """Seed layout: ``qwen_32d/train_data.json``, ``latents/train/*.npy``, ``rwkv_tokens/train/*.npz`` of ``rows``
-    random rows of exactly ``length`` ids in ``1 .. vocab - 1`` and random unit 32-d latents."""
-    import numpy as np
-
-    from rwkv_diffusion_rnn.data_io import LatentStats
-
-    data, tokens = root / "qwen_32d", root / "rwkv_tokens" / "train"
-    paths = {"json": str(data / "train_data.json"), "tokens": str(tokens), "latents": str(data / "latents" / "train")}
-    if (data / "latent_stats.json").exists():
-        return paths
-    rng = np.random.default_rng(seed)
-    (data / "latents" / "train").mkdir(parents=True, exist_ok=True)
-    tokens.mkdir(parents=True, exist_ok=True)
-    lat = rng.standard_normal((rows, 32)).astype(np.float32)
-    lat /= np.linalg.norm(lat, axis=1, keepdims=True)
-    meta = []
-    for i in range(rows):
-        key = f"{i:08d}"
-        np.save(data / "latents" / "train" / f"{key}.npy", lat[i])
-        ids = rng.integers(1, vocab, size=length, dtype=np.int64)
-        np.savez(tokens / f"{key}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-        meta.append({"text": f"row {i}", "latent_path": f"latents/train/{key}.npy"})
-    (data / "train_data.json").write_text(json.dumps(meta))
-    LatentStats.compute(lat).save(data / "latent_stats.json")  # last: its presence marks a complete folder
-    return paths
-
-
-def backbone_file(root: Path, shape: tuple[int, int, int], device: str) -> Path:
-    """A BlinkDL-format ``.pth`` (bf16) of a new RWKV-7 at ``shape``, initialised on ``device``; written once."""
-    import torch
-
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
-    from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
-
-    path = root / f"rwkv7_L{shape[0]}_D{shape[1]}_V{shape[2]}.pth"
-    if not path.exists():
-        log(f"writing backbone {path.name}")
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = RWKV7(RWKV7Config.for_shape(*shape))
-        tmp = path.with_suffix(".tmp")
-        save_pth({k: v.to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # this (driver) process keeps its cache on GPU 0 while the workers run
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -360,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    a.backbone = lambda shape: str(backbone_file(Path(a.work), shape, a.device))
+    a.backbone = lambda shape: str(backbone_file(Path(a.work), shape, a.device, log))
     a.dataset = lambda shape, rows: synthetic_data(Path(a.work) / f"data_T{a.length}_V{shape[2]}_{rows}", rows,
                                                    a.length, shape[2])  # fmt: skip
     parts = {"ddp": part_ddp, "fsdp": part_fsdp, "resume": part_resume}

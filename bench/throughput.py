@@ -66,7 +66,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_sampling, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_sampling, synthetic, when run as a script
+from synthetic import backbone_file, synthetic_data  # noqa: E402
 
 #: name -> (layers, width, vocabulary)
 SHAPES = {"tiny": (2, 64, 512), "0.1b": (12, 768, 65536), "0.4b": (24, 1024, 65536), "1.5b": (24, 2048, 65536)}
@@ -162,45 +163,6 @@ class Runner:
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def synthetic_data(root: Path, rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, str]:
-    """A seed-layout folder (``qwen_32d/train_data.json``, ``latents/train/*.npy``, ``rwkv_tokens/train/*.npz``) of
-    ``rows`` random rows of exactly ``length`` token ids in ``1 .. vocab - 1`` and random unit 32-d latents."""
-    from rwkv_diffusion_rnn.data_io import LatentStats
-
-    rng = np.random.default_rng(seed)
-    data, tokens = root / "qwen_32d", root / "rwkv_tokens" / "train"
-    (data / "latents" / "train").mkdir(parents=True, exist_ok=True)
-    tokens.mkdir(parents=True, exist_ok=True)
-    lat = rng.standard_normal((rows, 32)).astype(np.float32)
-    lat /= np.linalg.norm(lat, axis=1, keepdims=True)
-    meta = []
-    for i in range(rows):
-        key = f"{i:08d}"
-        np.save(data / "latents" / "train" / f"{key}.npy", lat[i])
-        ids = rng.integers(1, vocab, size=length, dtype=np.int64)
-        np.savez(tokens / f"{key}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-        meta.append({"text": f"row {i}", "latent_path": f"latents/train/{key}.npy"})
-    (data / "train_data.json").write_text(json.dumps(meta))
-    LatentStats.compute(lat).save(data / "latent_stats.json")
-    return {"json": str(data / "train_data.json"), "tokens": str(tokens), "latents": str(data / "latents" / "train")}
-
-
-def backbone_file(root: Path, shape: tuple[int, int, int], dev: torch.device) -> Path:
-    """A BlinkDL-format ``.pth`` of a new RWKV-7 (BlinkDL's init, built on ``dev`` for speed), stored in bf16 (the
-    trainer loads it as fp32 master weights, as it does g1 checkpoints, which are bf16 files)."""
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
-    from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
-
-    path = root / f"rwkv7_L{shape[0]}_D{shape[1]}_V{shape[2]}.pth"
-    if not path.exists():
-        torch.manual_seed(0)
-        with torch.device(dev):
-            model = RWKV7(RWKV7Config.for_shape(shape[0], shape[1], shape[2]))
-        save_pth({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path)
-        del model
-    return path
-
-
 def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch.device) -> Runner:
     from rwkv_diffusion_rnn.config import TrainConfig
     from rwkv_diffusion_rnn.improved_trainer import Trainer
