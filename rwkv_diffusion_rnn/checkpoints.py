@@ -306,6 +306,25 @@ def _remove_stale(save_dir: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def _meta(step, config, data_state, backbone, extra, ema_meta, rng_ranks, files, tensors, **layout) -> dict[str, Any]:
+    """The ``meta.json`` of a step folder (both layouts; ``layout`` adds the sharded one's keys)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        **layout,
+        "step": step,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "config": config,
+        "data_state": data_state,
+        "backbone": backbone,
+        "extra": extra,
+        "ema": ema_meta,
+        "rng_ranks": rng_ranks,
+        "tensors": tensors,
+        "files": files,
+    }
+
+
 def save_checkpoint(
     save_dir: str | os.PathLike[str],
     step: int,
@@ -386,20 +405,8 @@ def save_checkpoint(
         for name, write in files.items():
             write(tmp / name)
             digests[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_version": torch.__version__,
-            "config": config,
-            "data_state": data_state,
-            "backbone": backbone,
-            "extra": extra,
-            "ema": ema_meta,
-            "rng_ranks": sorted(per_rank),
-            "tensors": {"model": _tensor_info(model), "ema": _tensor_info(ema_tensors) if ema_tensors else None},
-            "files": digests,
-        }
+        tensors = {"model": _tensor_info(model), "ema": _tensor_info(ema_tensors) if ema_tensors else None}
+        meta = _meta(step, config, data_state, backbone, extra, ema_meta, sorted(per_rank), digests, tensors)
         _write_json(tmp / "meta.json", meta)
         _fsync_path(tmp)
         if final.exists():
@@ -749,22 +756,8 @@ def save_dcp_checkpoint(
                 _fsync_path(f)
                 digests[rel] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
             _fsync_path(tmp / DCP_DIR)
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "layout": "dcp",
-                "world_size": world_size,
-                "step": step,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "torch_version": torch.__version__,
-                "config": config,
-                "data_state": data_state,
-                "backbone": backbone,
-                "extra": extra,
-                "ema": ema_meta,
-                "rng_ranks": sorted(rng or {}),
-                "tensors": {},
-                "files": digests,
-            }
+            meta = _meta(step, config, data_state, backbone, extra, ema_meta, sorted(rng or {}), digests, tensors={},
+                         layout="dcp", world_size=world_size)  # fmt: skip
             _write_json(tmp / "meta.json", meta)
             _fsync_path(tmp)
             if final.exists():
