@@ -217,18 +217,6 @@ def table(scores: dict) -> str:
     return out
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="captions_run.py output folders or tars")
@@ -267,6 +255,8 @@ def main(argv: list[str] | None = None, encoder=None, tokenizer=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
+    from rwkv_diffusion_rnn.evaluate import _jsonable
+
     out.with_suffix(".json").write_text(json.dumps(_jsonable(scores), indent=1) + "\n")
     print(md, flush=True)
     print(f"written: {out} and {out.with_suffix('.json')}", flush=True)
