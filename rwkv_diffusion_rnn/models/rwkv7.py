@@ -278,6 +278,10 @@ def compile_blocks(model: nn.Module) -> int:
     are traced along. Wider than :func:`compile_regions` (use one or the other). Idempotent (a trainer may call it
     again after unfreezing). Returns the number of blocks."""
     inductor_guard()
+    # one graph per (first layer or not) x (grad or no grad) x (shape kind): well under 8, but a training run that
+    # also evaluates at other lengths should not fall back to eager for good after the 8th variant
+    if getattr(torch._dynamo.config, "recompile_limit", 64) < 64:
+        torch._dynamo.config.recompile_limit = 64
     n = 0
     for module in model.modules():
         if isinstance(module, Block):
@@ -305,6 +309,9 @@ class TimeMix(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
+        # the one place a layer's code differs: a bool, so torch.compile specialises 2 graphs, not one per layer (an
+        # int guard on layer_id recompiled every block and, past Dynamo's recompile limit of 8, left the rest eager)
+        self.first = layer_id == 0
         self.regions = PLAIN
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.n_head, self.head_size = H, N
@@ -350,7 +357,7 @@ class TimeMix(nn.Module):
             k, torch.tanh(xw @ self.w1) @ self.w2, (xa @ self.a1) @ self.a2, self.w0, self.a0, self.k_k, self.k_a, H
         )
         g = torch.sigmoid(xg @ self.g1) @ self.g2
-        if self.layer_id == 0:
+        if self.first:
             v_first = v
         else:
             v = ops.tm_value_mix(v, v_first, self.v0, (xv @ self.v1) @ self.v2)

@@ -130,14 +130,38 @@ def test_compiled_blocks_in_the_denoiser_with_lora_and_reverse_pass():
     assert _rel(grads[worst], ref_grads[worst]) < 1e-4, f"seed {seed}: {worst}"
 
 
-def test_compiling_switches_off_inductors_mix_order_reduction(monkeypatch):
+def test_compiling_switches_off_inductors_mix_order_reduction():
     """compile_blocks / compile_regions must not leave Inductor's mix-order reduction on (it broke the backward of our
     compiled blocks on an H200 with torch 2.11; see inductor_guard)."""
     import torch._inductor.config as inductor_config
 
     if not hasattr(inductor_config.triton, "mix_order_reduction"):
         pytest.skip("this torch has no mix-order reduction")
-    for switch in (lambda m: compile_blocks(m), lambda m: compile_regions(m)):
-        monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
-        switch(random_rwkv7(1, 64, vocab_size=256, seed=random.randrange(2**31)))
-        assert inductor_config.triton.mix_order_reduction is False
+    # saved and restored by hand: pytest's monkeypatch undo breaks Inductor's config proxy (the option "does not
+    # exist" for every later compile in the process)
+    before = inductor_config.triton.mix_order_reduction
+    try:
+        for switch in (lambda m: compile_blocks(m), lambda m: compile_regions(m)):
+            inductor_config.triton.mix_order_reduction = True
+            switch(random_rwkv7(1, 64, vocab_size=256, seed=random.randrange(2**31)))
+            assert inductor_config.triton.mix_order_reduction is False
+    finally:
+        inductor_config.triton.mix_order_reduction = before
+
+
+@pytest.mark.slow  # ~20 s of torch.compile on 2 cores
+def test_compiled_blocks_share_graphs_across_layers():
+    """compile_blocks compiles a block once for layer 0 and once for the rest, whatever the depth: a guard on the
+    layer index compiled every layer anew, and past Dynamo's recompile limit (8) the deeper blocks ran eager (seen on
+    an H200: 12 layers, blocks 8-11 uncompiled)."""
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for n_layer in (2, 5):
+        torch._dynamo.reset()
+        counters.clear()
+        model = random_rwkv7(n_layer, 64, vocab_size=100, seed=random.randrange(2**31)).train()
+        assert compile_blocks(model) == n_layer
+        model(torch.randint(0, 100, (2, 9))).float().pow(2).mean().backward()
+        graphs[n_layer] = counters["stats"]["unique_graphs"]
+    assert graphs[2] > 0 and graphs[5] == graphs[2], graphs
