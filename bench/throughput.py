@@ -178,6 +178,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     d.pad_to_length = d.max_length = a.length
     d.validation_fraction = 0.0
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
+    t.cuda_graphs = a.cuda_graphs
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
     lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
     trainer = Trainer(cfg)
@@ -190,7 +191,8 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     positions = a.batch * copies * (a.length + m.latent_prefix_len + m.latent_readout_len)
     positions *= 2 if context == "bidirectional" else 1  # the time-mix also runs over the reversed sequence
     notes = {"wkv_backend": resolve_backend(m.wkv_backend, dev), "loss_type": t.loss_type, "compile": t.compile,
-             "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks}  # fmt: skip
+             "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
+             "cuda_graphs": a.cuda_graphs}  # fmt: skip
 
     def close() -> None:
         trainer.close()
@@ -232,6 +234,10 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         compile_regions(model)
     if a.compile_blocks:
         compile_blocks(model)
+    if a.cuda_graphs:
+        from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
+
+        enable_cuda_graphs(model)
 
     def loss_fn(model, ids):
         logits = model(ids[:, :-1])
@@ -239,7 +245,8 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
 
     grad, frozen = matrix_params(model)
     step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
-    notes = {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks}
+    notes = {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
+             "cuda_graphs": a.cuda_graphs}  # fmt: skip
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
@@ -294,7 +301,9 @@ def build_runner(row: str, a, shape, work: Path, dev: torch.device) -> Runner:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]
 
     def autocast():
-        return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=dtype, cache_enabled=not a.cuda_graphs)  # graphs: no cast cache
 
     if row.startswith("denoiser-"):
         _, context, mode = row.split("-")
@@ -322,7 +331,7 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
     times = [_timed(runner.step, dev) for _ in range(a.steps)]
     med = statistics.median(times)
     # a FLOP count through compiled code would recompile under the counting mode: the eager run gives the number
-    compiled = a.compile or a.compile_regions or a.compile_blocks
+    compiled = a.compile or a.compile_regions or a.compile_blocks or a.cuda_graphs
     flops = counted_flops(runner.step) if a.count_flops and not compiled else None
     n_model = 6 * runner.params_grad + 4 * runner.params_frozen
     out = {
@@ -499,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-blocks",
         action="store_true",
         help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7.py compile_blocks)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay our backbone's blocks (fwd + bwd) as CUDA graphs (models/graphs.py; training.cuda_graphs)",
     )
     p.add_argument("--no-count-flops", dest="count_flops", action="store_false", help="skip the HFU column")
     p.add_argument("--sampling", action="store_true", help="also measure sampling speed per shape")

@@ -65,6 +65,7 @@ from rwkv_diffusion_rnn.data_simple import (
 )
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
@@ -182,6 +183,13 @@ class Trainer:
             self._checkpoint_blocks()
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model)
+        if t.cuda_graphs:
+            if self.device.type != "cuda" or self.dist.enabled or t.activation_checkpointing or t.compile:
+                raise DiffRwkvError(
+                    "training.cuda_graphs needs one process on a CUDA device, without activation checkpointing or "
+                    f"training.compile (here: device {self.device}, {self.dist.world_size} processes)"
+                )
+            enable_cuda_graphs(self.model)
         self.sharded = t.strategy == "fsdp" and self.dist.enabled
         if self.sharded:
             self._shard()  # before the optimizer and the EMA: they must hold the sharded parameters
@@ -338,7 +346,8 @@ class Trainer:
         dtype = AUTOCAST[self.cfg.training.dtype]
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        # CUDA graphs replay every weight cast inside the graph; autocast's cast cache cannot be captured
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cfg.training.cuda_graphs)
 
     def train_step(self) -> dict:
         """One optimizer step (all micro-steps). Returns the step's metrics."""

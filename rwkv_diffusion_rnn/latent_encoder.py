@@ -88,6 +88,7 @@ class SentenceTransformerEmbedder:
             raise DiffRwkvError(
                 "encoding text needs the package 'sentence-transformers' (pip install sentence-transformers)"
             ) from exc
+
         def load(offline: bool):
             return SentenceTransformer(
                 source,

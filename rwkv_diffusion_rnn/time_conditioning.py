@@ -72,12 +72,22 @@ class TimeConditioner(nn.Module):
         if not per_position:
             mod = mod.unsqueeze(1)  # broadcast over positions
 
-        def pre_block(i: int, x: torch.Tensor) -> torch.Tensor:
-            if i >= self.n_sites:
-                return x
-            m = mod[:, :, i].to(x.dtype)  # [B, S or 1, 1 or 2, C]
-            if self.mode == "film":
-                return x * (1 + m[:, :, 0]) + m[:, :, 1]
-            return x + m[:, :, 0]
+        return SiteModulation(mod, self.mode, self.n_sites)
 
-        return pre_block
+
+class SiteModulation:
+    """``pre_block(i, x) -> x``: the modulation of site ``i`` applied to block input ``x`` ``[B, T, C]``.
+
+    A plain object holding its one tensor ``mod`` ``[B, S or 1, sites, 1 or 2, C]``, so that a CUDA graph of the blocks
+    (models/graphs.py) can take ``mod`` as an input and rebuild the hook around its own copy."""
+
+    def __init__(self, mod: torch.Tensor, mode: str, n_sites: int) -> None:
+        self.mod, self.mode, self.n_sites = mod, mode, n_sites
+
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i >= self.n_sites:
+            return x
+        m = self.mod[:, :, i].to(x.dtype)  # [B, S or 1, 1 or 2, C]
+        if self.mode == "film":
+            return x * (1 + m[:, :, 0]) + m[:, :, 1]
+        return x + m[:, :, 0]

@@ -462,6 +462,7 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.graphs = None  # models/graphs.py BlockGraphs when CUDA graphs are on (enable_cuda_graphs)
         if init:  # skipped when weights are about to be loaded (e.g. built on the meta device)
             self.reset_parameters()
 
@@ -473,13 +474,16 @@ class RWKV7(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pre_block: PreBlockHook | None = None,
         bidirectional: bool = False,
-    ) -> tuple[torch.Tensor, RWKV7State]:
+        need_state: bool = True,
+    ) -> tuple[torch.Tensor, RWKV7State | None]:
         """Run the blocks on embeddings ``x`` ``[B, T, C]``; returns the hidden states BEFORE ``ln_out`` and the state.
 
         ``attention_mask`` ``[B, T]`` (1 = token, 0 = right padding). ``ln0`` is applied here, so ``x`` is the raw
         embedding (``emb(input_ids)``), exactly as in BlinkDL's model. ``pre_block(i, x)`` runs before block ``i``
         (after ``ln0`` for block 0). ``bidirectional``: every time-mix also reads each row's real tokens in reverse
         (see :meth:`Block.forward`); not pretrained semantics, and no state can be carried in or out.
+        ``need_state=False`` (no ``state`` given): the state is not built and None is returned in its place; such a
+        training pass runs through CUDA graphs when they are on (models/graphs.py).
         """
         B, T, _ = x.shape
         carried = state is not None
@@ -504,6 +508,13 @@ class RWKV7(nn.Module):
             if carried:
                 raise DiffRwkvError("a bidirectional pass cannot continue from a recurrent state")
             rev = reverse_index(lengths, T) if lengths is not None else FLIP
+        if not need_state and not carried:
+            h = self.graphs.run(self, x, pad, rev, pre_block) if self.graphs is not None else None
+            if h is None:
+                from rwkv_diffusion_rnn.models.graphs import run_blocks
+
+                h = run_blocks(self.blocks, x, pad, rev, pre_block, self.wkv_backend)
+            return h, None
         x = self.blocks[0].ln0(x)
         att_x, wkv, ffn_x = [], [], []
         v_first = (None, None)
@@ -520,14 +531,14 @@ class RWKV7(nn.Module):
 
     def hidden_states(self, input_ids, state=None, attention_mask=None, return_state: bool = False):
         """Final hidden states after ``ln_out``, ``[B, T, C]`` (and the new state if ``return_state``)."""
-        h, new_state = self.forward_embeds(self.emb(input_ids), state, attention_mask)
+        h, new_state = self.forward_embeds(self.emb(input_ids), state, attention_mask, need_state=return_state)
         h = self.ln_out(h)
         return (h, new_state) if return_state else h
 
     def forward(self, input_ids, state=None, attention_mask=None, return_state: bool = False):
         """Logits ``[B, T, V]`` (and the new :class:`RWKV7State` if ``return_state``)."""
-        h, new_state = self.hidden_states(input_ids, state, attention_mask, return_state=True)
-        logits = self.head(h)
+        h, new_state = self.forward_embeds(self.emb(input_ids), state, attention_mask, need_state=return_state)
+        logits = self.head(self.ln_out(h))
         return (logits, new_state) if return_state else logits
 
     # ------------------------------------------------------------------ state dict compatibility

@@ -235,7 +235,12 @@ class RWKVDenoiser(nn.Module):
             t_pos = torch.cat([t_text.new_zeros(B, P), t_text, t_text.amax(1, keepdim=True).expand(B, R)], 1)
             t_text = t_pos.gather(1, lay.source)  # [B, S]: the time of every sequence position
         h, _ = self.backbone.forward_embeds(
-            x, None, lay.mask, pre_block=self.time(t_text, t_latent), bidirectional=self.cfg.context == "bidirectional"
+            x,
+            None,
+            lay.mask,
+            pre_block=self.time(t_text, t_latent),
+            bidirectional=self.cfg.context == "bidirectional",
+            need_state=False,
         )
         return self._read(h, lay.text_pos, lay.readout_pos, text_select)
 

@@ -1,0 +1,82 @@
+"""The CUDA-graph switch (models/graphs.py) on CPU: the stateless block path it captures equals the stateful one,
+and everything around it stays eager and exact where no graph can run. The graphs themselves are checked on a GPU
+by bench/gpu_check_graphs.py (CI has no GPU)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.graphs import BlockGraphs, enable_cuda_graphs
+from rwkv_diffusion_rnn.time_conditioning import SiteModulation
+from tests.conftest import random_rwkv7
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_stateless_path_equals_the_stateful_one(bidirectional):
+    """forward_embeds(need_state=False) (what a graph captures) gives the same hidden states and gradients as the
+    path that builds the state: FiLM on every block, a right-padded row, causal or bidirectional."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    L, C, V, B, T = 3, 64, 200, 3, 11
+    model = random_rwkv7(L, C, vocab_size=V, seed=seed).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0
+    mod = 0.1 * torch.randn(B, 1, L, 2, C)
+    g_out = torch.randn(B, T, C)
+    results = []
+    for need_state in (True, False):
+        model.zero_grad(set_to_none=True)
+        m = mod.clone().requires_grad_()
+        h, state = model.forward_embeds(model.emb(ids), None, mask, pre_block=SiteModulation(m, "film", L),
+                                        bidirectional=bidirectional, need_state=need_state)  # fmt: skip
+        assert (state is None) == (not need_state)
+        (h * g_out).sum().backward()
+        results.append((h.detach(), m.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (h0, m0, g0), (h1, m1, g1) = results
+    assert h0.abs().max() > 0.1
+    torch.testing.assert_close(h1, h0, rtol=1e-6, atol=1e-6, msg=f"seed {seed}")
+    torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    assert set(g0) == set(g1) and len(g0) > 20
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=f"seed {seed}: {n}")
+
+
+def test_graphs_stay_off_where_they_cannot_run():
+    """On CPU, in eval mode or without gradients the switched model runs eager (no capture, no replay), with the same
+    logits; a copy of the model (EMA, deepcopy) starts without captured graphs."""
+    seed = random.randrange(2**31)
+    model = random_rwkv7(2, 64, vocab_size=100, seed=seed).train()
+    ids = torch.randint(0, 100, (2, 9))
+    ref = model(ids)
+    assert enable_cuda_graphs(model) == 1 and isinstance(model.graphs, BlockGraphs)
+    torch.testing.assert_close(model(ids), ref)
+    with torch.no_grad():
+        model(ids)
+    assert model.graphs.replays == 0 and not model.graphs.graphs
+    model.graphs.replays = 5
+    twin = copy.deepcopy(model)
+    assert isinstance(twin.graphs, BlockGraphs) and twin.graphs.replays == 0 and twin.graphs is not model.graphs
+
+
+def test_trainer_refuses_cuda_graphs_without_a_gpu(tmp_path):
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config
+    from rwkv_diffusion_rnn.models.rwkv7 import random_rwkv7 as new_rwkv7
+    from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
+    from tests.data_helpers import make_dataset
+    from tests.train_helpers import make_cfg
+
+    paths = make_dataset(tmp_path / "ds", n=16, seed=random.randrange(1000))
+    save_pth(new_rwkv7(RWKV7Config.for_shape(2, 64), seed=0).state_dict(), tmp_path / "bb.pth")
+    cfg = make_cfg((tmp_path, paths), tmp_path / "run", training__cuda_graphs=True, training__device="cpu")
+    with pytest.raises(DiffRwkvError, match="training.cuda_graphs needs one process on a CUDA device"):
+        Trainer(cfg)
