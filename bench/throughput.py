@@ -5,6 +5,8 @@
     PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_1.5b --shapes 1.5b --rows denoiser-causal-full,rwkv7-lm
     PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_cb --shapes 0.1b --compile-blocks \
         --rows denoiser-causal-full,denoiser-causal-frozen,rwkv7-lm                       # fused blocks vs the above
+    PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_fast --shapes 0.1b --compile-blocks --cuda-graphs \
+        --rows denoiser-causal-full,rwkv7-lm                                              # the fast path
     PYTHONPATH=$PWD python bench/throughput.py --out $OUT/sampling --shapes 0.1b --rows none --sampling
     python bench/throughput.py --device cpu --shapes tiny --steps 2 --warmup 1 --length 32 --out /tmp/tp  # CPU smoke
 
