@@ -114,6 +114,40 @@ def test_resume_is_bitwise_exact(setup, tmp_path):
     assert all(torch.equal(ea["shadow"][k], eb["shadow"][k]) for k in ea["shadow"])
 
 
+def test_prefetched_data_trains_exactly_as_read_in_step(setup, tmp_path):
+    """Reading the next step's rows during this step (on by default on CUDA) changes nothing: the same losses and
+    weights bit for bit, through a resume; a row that cannot be read fails at its own step, not one early."""
+    over = dict(training__max_steps=6, training__loss_type="mixed", logging__save_freq=1000)
+    plain = Trainer(make_cfg(setup, tmp_path / "plain", **over))
+    ahead = Trainer(make_cfg(setup, tmp_path / "ahead", **over))
+    assert plain.prefetch_data is False  # CPU default
+    ahead.prefetch_data = True
+    recs = run(plain, 3), run(ahead, 3)
+    assert ahead._prefetched is not None and ahead._prefetched[0] == 3
+    assert [r["loss"] for r in recs[0]] == [r["loss"] for r in recs[1]]
+    ahead.step = 5  # e.g. a resume elsewhere: the prefetched step-3 rows must not be used
+    plain.step = 5
+    assert [run(plain, 1)[0]["loss"]] == [run(ahead, 1)[0]["loss"]]
+    a, b = plain.trainable_tensors(), ahead.trainable_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    calls = []
+    real = ahead._load
+
+    def failing(step):
+        calls.append(step)
+        if step == 7:
+            raise RuntimeError("unreadable row")
+        return real(step)
+
+    ahead._load = failing
+    ahead.step = 6
+    run(ahead, 1)  # step 7's rows are prefetched here and fail quietly
+    with pytest.raises(RuntimeError, match="unreadable row"):
+        run(ahead, 1)  # ... and fail loudly at step 7 itself
+    assert calls == [7, 7]  # step 6 ran on the rows prefetched during step 5
+
+
 def test_nonfinite_batch_is_skipped_and_logged(setup, tmp_path):
     trainer = Trainer(make_cfg(setup, tmp_path, training__max_steps=6, logging__log_freq=100))
 

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
@@ -34,6 +35,8 @@ from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7State, _gather_time
 from rwkv_diffusion_rnn.time_conditioning import TimeConditioner
 
 CONTEXTS = ("causal", "twice", "bidirectional")
+#: training's masked-position head runs on a multiple of this many rows (see ``RWKVDenoiser._read``)
+HEAD_ROWS = 512
 
 
 @dataclass
@@ -249,7 +252,14 @@ class RWKVDenoiser(nn.Module):
         text_hidden = ln_out(_gather_time(h, text_pos))
         readout = ln_out(_gather_time(h, readout_pos))  # [B, R, C]
         latent = self.latent_head(readout.flatten(1).to(self.latent_head[0].weight.dtype))
-        logits = self.text_logits(text_hidden[text_select]) if text_select is not None else None
+        logits = None
+        if text_select is not None:
+            rows = text_hidden[text_select]  # [N, C], N = the number of selected positions: new every step
+            n = rows.shape[0]
+            # the head's matmuls at N rounded up to a multiple of HEAD_ROWS: cuBLAS plans each new shape on the host
+            # (~3-5 ms per matmul on an H200), and N is new every training step; the zero rows get no gradient
+            pad = -n % HEAD_ROWS
+            logits = self.text_logits(F.pad(rows, (0, 0, 0, pad)) if pad else rows)[:n]
         return DenoiserOutput(text_hidden, latent.float(), logits)
 
     # ------------------------------------------------------------------ cached (semi-autoregressive) decoding

@@ -167,3 +167,26 @@ def test_sampling_logits_never_offer_banned_ids():
         logits = d.sampling_logits(h)
     assert torch.isinf(logits[..., [7, 299]]).all() and torch.isfinite(logits[..., :7]).all()
     torch.testing.assert_close(logits[..., 8:299], d.text_logits(h)[..., 8:299])
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_selected_logits_are_the_head_on_the_selected_rows(lm_head):
+    """Training's masked-position logits (computed on a row count rounded up to HEAD_ROWS) equal the head on the
+    selected hidden states, row for row, and the padding rows pass no gradient back."""
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import HEAD_ROWS
+
+    d = _denoiser("causal", lm_head=lm_head).train()
+    ids, mask, z, tt, tl = _inputs(B=4, T=21)
+    sel = (torch.rand(ids.shape) < 0.6) & mask.bool()
+    sel[0, 3] = True
+    n = int(sel.sum())
+    assert n % HEAD_ROWS != 0
+    out = d(ids, mask, z, tt, tl, text_select=sel)
+    assert out.text_logits.shape == (n, 300)
+    ref = d.text_logits(out.text_hidden[sel])
+    torch.testing.assert_close(out.text_logits, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out.text_logits)
+    head = d.backbone.head if lm_head else d.text_head
+    (gw,) = torch.autograd.grad((out.text_logits * g).sum(), head.weight, retain_graph=True)
+    (gw_ref,) = torch.autograd.grad((ref * g).sum(), head.weight)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
