@@ -483,7 +483,8 @@ class RWKV7(nn.Module):
         (after ``ln0`` for block 0). ``bidirectional``: every time-mix also reads each row's real tokens in reverse
         (see :meth:`Block.forward`); not pretrained semantics, and no state can be carried in or out.
         ``need_state=False`` (no ``state`` given): the state is not built and None is returned in its place; such a
-        training pass runs through CUDA graphs when they are on (models/graphs.py).
+        training pass runs through CUDA graphs when they are on (models/graphs.py); that path takes the mask as it
+        is (right padding is not re-checked: a check is a host sync).
         """
         B, T, _ = x.shape
         carried = state is not None
@@ -495,13 +496,18 @@ class RWKV7(nn.Module):
             zeros = x.new_zeros(len(self.blocks), B, x.shape[-1])
             att_in, wkv_in, ffn_in = zeros, [None] * len(self.blocks), zeros
         pad = lengths = None
+        graphed = not need_state and not carried and self.graphs is not None and self.graphs.usable(self, x, pre_block)
         if attention_mask is not None:
             mask = attention_mask.bool()
             if mask.shape != (B, T):
                 raise DiffRwkvError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, T)}")
-            if T > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            if graphed:
+                # a CUDA-graphed training pass (the denoiser's own right-padded layout): no host sync before the
+                # graph, so padding stays a tensor even where no row is padded (an all-False pad changes nothing)
+                pad, lengths = ~mask.unsqueeze(-1), mask.sum(1)
+            elif T > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 raise DiffRwkvError("attention_mask must be right-padded (ones, then zeros) in every row")
-            if not bool(mask.all()):
+            elif not bool(mask.all()):
                 pad, lengths = ~mask.unsqueeze(-1), mask.sum(1)
         rev = None
         if bidirectional:
