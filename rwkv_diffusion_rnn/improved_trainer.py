@@ -399,9 +399,10 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.sharded:
             grad_norm, finite = _clip_sharded_grads(params, t.max_grad_norm, self.device)
+            finite = finite and bool(torch.isfinite(sums).all())
         else:
-            grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm)
-        finite = distributed.all_true(finite and bool(torch.isfinite(sums).all()), self.device)
+            grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm, also_finite=sums)  # one sync for both
+        finite = distributed.all_true(finite, self.device)
         if finite:
             self.scaler.step(self.optimizer)
             if self.ema is not None:

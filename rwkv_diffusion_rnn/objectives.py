@@ -132,12 +132,14 @@ class DiffusionObjective:
     def loss(self, denoiser, c: Corrupted, norm: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch normalised by GLOBAL counts ``norm`` = ``[text, latent]`` (summed over ranks and
         micro-steps), times ``scale`` (the world size under DDP, which averages gradients over ranks)."""
-        out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=c.masked)
+        # the masked positions as one flat index: one host sync for the head's rows, the targets and the weights
+        picked = c.masked.flatten().nonzero().squeeze(1)
+        out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked)
         logits = out.text_logits.float()  # [N, V] at the masked positions; float32 log-softmax over 65k classes
-        targets = c.input_ids[c.masked]
+        targets = c.input_ids.flatten()[picked]
         ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
         if self.text.weighting == "elbo":
-            w = self.text.schedule.elbo_weight(c.t_text.float())[:, None].expand_as(c.masked)[c.masked]
+            w = self.text.schedule.elbo_weight(c.t_text.float())[:, None].expand_as(c.masked).flatten()[picked]
         else:
             w = torch.ones_like(ce)
         text_sum = (ce * w).sum()

@@ -338,19 +338,26 @@ class EMA:
 
 
 @torch.no_grad()
-def clip_and_check_grads(params: Iterable[torch.Tensor], max_norm: float) -> tuple[float, bool]:
+def clip_and_check_grads(
+    params: Iterable[torch.Tensor], max_norm: float, also_finite: torch.Tensor | None = None
+) -> tuple[float, bool]:
     """Global L2 norm of the gradients, and whether it is finite; clip to ``max_norm`` only when it is.
 
     A non-finite norm leaves the gradients untouched: the caller skips the step (after all-reducing the flag, so
     every rank skips together) and zeroes them. ``max_norm <= 0`` measures without clipping. Parameters without
     a gradient are ignored. The norm is accumulated in fp32 per device, then summed on the first device.
+    ``also_finite`` (e.g. the step's loss sums): ``finite`` also requires every value of it to be finite, read in
+    the same device sync.
 
     Returns:
         ``(total_norm, finite)``; the norm is a Python float (one device sync).
     """
     grads = [p.grad for p in params if p.grad is not None]
+    extra_ok = True if also_finite is None else None
     if not grads:
-        return 0.0, True
+        if extra_ok is None:
+            extra_ok = bool(torch.isfinite(also_finite).all())
+        return 0.0, extra_ok
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
@@ -361,8 +368,13 @@ def clip_and_check_grads(params: Iterable[torch.Tensor], max_norm: float) -> tup
         for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)
     ]
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    total_f = float(total)
-    finite = math.isfinite(total_f)
+    if extra_ok is None:
+        ok = torch.isfinite(also_finite).all().to(first, torch.float32)
+        total_f, ok_f = torch.stack([total, ok]).tolist()
+        extra_ok = ok_f == 1.0
+    else:
+        total_f = float(total)
+    finite = math.isfinite(total_f) and extra_ok
     if finite and max_norm > 0 and total_f > max_norm:
         coef = max_norm / (total_f + 1e-6)
         for gs in by_device.values():

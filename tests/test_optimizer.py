@@ -311,3 +311,13 @@ def test_non_finite_grads_are_reported_and_left_alone(bad: float) -> None:
     for p, c in zip(params, copies, strict=False):
         assert torch.equal(p.grad.nan_to_num(), c.nan_to_num())
     assert clip_and_check_grads([nn.Parameter(torch.zeros(3))], 1.0) == (0.0, True)
+
+
+def test_clip_and_check_grads_also_checks_an_extra_tensor_in_the_same_sync() -> None:
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    norm, finite = clip_and_check_grads([p], max_norm=0.0, also_finite=torch.tensor([1.0, 2.0]))
+    assert finite and abs(norm - float(p.grad.norm())) < 1e-5
+    norm2, finite = clip_and_check_grads([p], max_norm=0.0, also_finite=torch.tensor([1.0, float("nan")]))
+    assert not finite and norm2 == norm  # the gradients are fine; the loss sums are not
+    assert clip_and_check_grads([], 1.0, also_finite=torch.tensor([float("inf")])) == (0.0, False)

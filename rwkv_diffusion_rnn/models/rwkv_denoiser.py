@@ -229,9 +229,9 @@ class RWKVDenoiser(nn.Module):
         active block at its time); the latent prefix then gets t = 0 and the readout the row's largest t, so that
         everything before the active block is conditioned on fixed times and can be cached (:meth:`prefill`).
 
-        ``text_select`` ``[B, T]`` bool: also return logits at those positions only (training uses the masked ones:
-        the head is most of the FLOPs at 65k classes; computing it inside ``forward`` keeps DDP's gradient hooks in
-        charge of every parameter)."""
+        ``text_select`` ``[B, T]`` bool, or the same positions as a flat index into ``B x T`` (row-major): also return
+        logits at those positions only, in that order (training uses the masked ones: the head is most of the FLOPs
+        at 65k classes; computing it inside ``forward`` keeps DDP's gradient hooks in charge of every parameter)."""
         x, lay = self.embed_inputs(noisy_ids, attention_mask, z_t)
         if t_text.dim() == 2:
             B, P, R = t_text.shape[0], self.cfg.latent_prefix_len, self.cfg.latent_readout_len
@@ -254,7 +254,10 @@ class RWKVDenoiser(nn.Module):
         latent = self.latent_head(readout.flatten(1).to(self.latent_head[0].weight.dtype))
         logits = None
         if text_select is not None:
-            rows = text_hidden[text_select]  # [N, C], N = the number of selected positions: new every step
+            if text_select.dtype == torch.bool:  # [B, T] mask, or a flat index into B x T (no second host sync)
+                rows = text_hidden[text_select]  # [N, C], N = the number of selected positions: new every step
+            else:
+                rows = text_hidden.flatten(0, 1).index_select(0, text_select)
             n = rows.shape[0]
             # the head's matmuls at N rounded up to a multiple of HEAD_ROWS: cuBLAS plans each new shape on the host
             # (~3-5 ms per matmul on an H200), and N is new every training step; the zero rows get no gradient

@@ -190,3 +190,14 @@ def test_selected_logits_are_the_head_on_the_selected_rows(lm_head):
     (gw,) = torch.autograd.grad((out.text_logits * g).sum(), head.weight, retain_graph=True)
     (gw_ref,) = torch.autograd.grad((ref * g).sum(), head.weight)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_selection_by_flat_index_equals_selection_by_mask():
+    d = _denoiser("twice")
+    ids, mask, z, tt, tl = _inputs(B=3, T=10)
+    sel = (torch.rand(ids.shape) < 0.5) & mask.bool()
+    sel[2, 0] = True
+    by_mask = d(ids, mask, z, tt, tl, text_select=sel).text_logits
+    by_index = d(ids, mask, z, tt, tl, text_select=sel.flatten().nonzero().squeeze(1)).text_logits
+    assert by_mask.shape[0] == int(sel.sum())
+    torch.testing.assert_close(by_index, by_mask, rtol=0, atol=0)
