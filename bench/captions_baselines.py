@@ -33,9 +33,10 @@ from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 EOT = 0
 
 
-def _autocast(device: torch.device, dtype: str):
+def _autocast(device: torch.device, dtype: str, cache: bool = True):
+    """``cache=False`` for a step that replays CUDA graphs (autocast's weight-cast cache cannot be captured)."""
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    return torch.autocast(device.type, dtype=dt) if dt is not None else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dt, cache_enabled=cache) if dt is not None else contextlib.nullcontext()
 
 
 class PrefixCaptioner(nn.Module):
@@ -67,7 +68,7 @@ class PrefixCaptioner(nn.Module):
         return torch.cat([prefix, self.backbone.emb(ids).to(prefix.dtype)], 1)
 
     def _hidden(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        h, _ = self.backbone.forward_embeds(self._inputs(z, ids))
+        h, _ = self.backbone.forward_embeds(self._inputs(z, ids), need_state=False)  # graph-eligible in training
         return self.backbone.ln_out(h)
 
     def forward(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -188,17 +189,26 @@ def make_step(
     device: torch.device,
     dtype: str,
     max_grad_norm: float = 1.0,
+    fast: bool = False,
 ):
-    """One optimizer step per call (the Trainer's rule: clip, skip a non-finite step, schedule every step)."""
+    """One optimizer step per call (the Trainer's rule: clip, skip a non-finite step, schedule every step).
+    ``fast``: the model's RWKV-7 blocks compiled and replayed as CUDA graphs, as ``training.compile_blocks`` +
+    ``training.cuda_graphs`` do for the diffusion runs."""
     from rwkv_diffusion_rnn.optimizer import clip_and_check_grads
 
     state = {"step": 0, "skipped": 0}
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if fast:
+        from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
+        from rwkv_diffusion_rnn.models.rwkv7 import compile_blocks
+
+        compile_blocks(model)
+        enable_cuda_graphs(model)
 
     def step() -> dict:
         model.train()
         ids, text_len, z = source.batch_at(state["step"])
-        with _autocast(device, dtype):
+        with _autocast(device, dtype, cache=not fast):
             loss = loss_fn(model, ids, text_len, z)
         loss.backward()
         grad_norm, finite = clip_and_check_grads(params, max_grad_norm)

@@ -123,6 +123,7 @@ def settings(args: argparse.Namespace) -> dict:
         "betas": [0.9, 0.99],
         "max_grad_norm": 1.0,
         "dtype": args.dtype,
+        "fast": args.fast,
         "l2t_decoders": [f"{st}{n}" for st, n in l2t_decoders(args)],
         "length": args.length,
         "budget_s": args.budget_s,
@@ -147,6 +148,7 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
     t.dtype, t.train_batch_size, t.eval_batch_size = args.dtype, args.batch, args.eval_batch
     t.lr, t.warmup_steps, t.min_lr_ratio, t.seed, t.device = args.lr, args.warmup_steps, 0.1, args.seed, args.device
     t.max_steps = 10**9  # the budget decides; the Trainer's own step-based schedule is replaced
+    t.compile_blocks = t.cuda_graphs = args.fast
     lg.save_dir, lg.progress, lg.tensorboard = str(save_dir), False, False
     if variant in ("twice", "bidirectional"):
         m.context = variant
@@ -371,7 +373,7 @@ def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device,
     clock = BudgetClock()
     sched = TimeCosineLR(opt, args.lr, args.warmup_steps, args.budget_s, 0.1, clock)
     src = RowSource(data.rows, data.text_len, data.z, args.batch, args.seed, dev)
-    step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype)
+    step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype, fast=args.fast)
     tr = train_for_budget(
         step, args.budget_s, clock, untimed_steps=args.untimed_steps, log=lambda s: say(f"{name}: {s}")
     )
@@ -507,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", help="scratch folder for the packs (default: <out>/../<out name>_work)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        help="every run (diffusion and baselines) with compiled RWKV-7 blocks replayed as CUDA graphs (GPU only)",
+    )
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-embd", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256)
@@ -548,6 +555,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise RunError(f"--length must be >= 2; got {args.length}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.fast and not args.device.startswith("cuda"):
+        raise RunError(f"--fast replays CUDA graphs: it needs --device cuda (got {args.device})")
     return names
 
 

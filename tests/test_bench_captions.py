@@ -305,6 +305,20 @@ def test_run_rejects_bad_arguments(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bundle.json" in err
+    fast_on_cpu = [
+        "--variant",
+        "ar",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+        "--fast",
+    ]
+    assert captions_run.main(fast_on_cpu) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--fast" in err and "cuda" in err
 
 
 def test_ar_decoding_step_matches_teacher_forcing_and_ignores_padding():
