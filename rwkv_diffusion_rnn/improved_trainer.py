@@ -184,6 +184,8 @@ class Trainer:
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model)
         if t.cuda_graphs:
+            if m.lora_rank > 0:  # the adapters live outside the blocks: a graph of the blocks would not train them
+                raise DiffRwkvError("training.cuda_graphs cannot be combined with model.lora_rank > 0")
             if self.device.type != "cuda" or self.dist.enabled or t.activation_checkpointing or t.compile:
                 raise DiffRwkvError(
                     "training.cuda_graphs needs one process on a CUDA device, without activation checkpointing or "

@@ -14,7 +14,9 @@ most :attr:`BlockGraphs.max_variants`; past that, eager. Graphs are used only wh
 * no recurrent state in or out (``forward_embeds(..., need_state=False)``);
 * a ``pre_block`` hook that is a :class:`~rwkv_diffusion_rnn.time_conditioning.SiteModulation` (its tensor becomes
   a graph input) or none;
-* one process (DDP/FSDP hook into every parameter's gradient; not combined here).
+* one process (DDP/FSDP hook into every parameter's gradient; not combined here);
+* every trainable tensor the blocks use is a parameter of the blocks (LoRA adapters, held outside them and applied
+  by hooks, would get no gradient: the trainer refuses ``model.lora_rank`` with graphs).
 
 Rules the caller keeps (each checked, with a one-line error where it would otherwise give wrong numbers): every
 graphed forward is followed by its backward before the next graphed forward (the graph's activations are static

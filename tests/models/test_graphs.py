@@ -80,3 +80,6 @@ def test_trainer_refuses_cuda_graphs_without_a_gpu(tmp_path):
     cfg = make_cfg((tmp_path, paths), tmp_path / "run", training__cuda_graphs=True, training__device="cpu")
     with pytest.raises(DiffRwkvError, match="training.cuda_graphs needs one process on a CUDA device"):
         Trainer(cfg)
+    cfg.model.lora_rank = 4  # adapters outside the blocks would silently get no gradient from a graph of the blocks
+    with pytest.raises(DiffRwkvError, match="cannot be combined with model.lora_rank"):
+        Trainer(cfg)
