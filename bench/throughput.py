@@ -181,7 +181,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     d.pad_to_length = d.max_length = a.length
     d.validation_fraction = 0.0
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
-    t.cuda_graphs = a.cuda_graphs
+    t.cuda_graphs, t.chunked_ce = a.cuda_graphs, a.chunked_ce
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
     lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
     trainer = Trainer(cfg)
@@ -195,7 +195,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     positions *= 2 if context == "bidirectional" else 1  # the time-mix also runs over the reversed sequence
     notes = {"wkv_backend": resolve_backend(m.wkv_backend, dev), "loss_type": t.loss_type, "compile": t.compile,
              "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
-             "cuda_graphs": a.cuda_graphs}  # fmt: skip
+             "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce}  # fmt: skip
 
     def close() -> None:
         trainer.close()
@@ -243,13 +243,18 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         enable_cuda_graphs(model)
 
     def loss_fn(model, ids):
+        if a.chunked_ce:  # head + cross-entropy in row chunks (models/chunked_ce.py): no [B*T, V] logits kept
+            from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
+
+            h = model.hidden_states(ids[:, :-1])
+            return linear_cross_entropy(h.flatten(0, 1), model.head.weight, ids[:, 1:].flatten())[0].mean()
         logits = model(ids[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
     grad, frozen = matrix_params(model)
     step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
-             "cuda_graphs": a.cuda_graphs}  # fmt: skip
+             "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce}  # fmt: skip
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
@@ -522,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action="store_true",
         help="replay our backbone's blocks (fwd + bwd) as CUDA graphs (models/graphs.py; training.cuda_graphs)",
+    )
+    p.add_argument(
+        "--chunked-ce",
+        action="store_true",
+        help="our rows: head + cross-entropy in row chunks, no logits kept (models/chunked_ce.py)",
     )
     p.add_argument("--no-count-flops", dest="count_flops", action="store_false", help="skip the HFU column")
     p.add_argument("--sampling", action="store_true", help="also measure sampling speed per shape")

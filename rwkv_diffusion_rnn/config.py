@@ -109,9 +109,8 @@ class TrainingConfig:
     ema_decay: float = 0.0  # 0: no EMA
     compile: bool = False  # torch.compile the denoiser
     compile_blocks: bool = False  # torch.compile each RWKV-7 block, the WKV kernel excluded (models/rwkv7.py)
-    cuda_graphs: bool = (
-        False  # replay the backbone's blocks (fwd + bwd) as CUDA graphs; one CUDA process (models/graphs.py)
-    )
+    chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
+    cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)
     seed: int = 0
     resume: str | None = None  # a checkpoint folder (step_XXXXXXXX) or a save_dir (newest checkpoint)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -73,10 +73,12 @@ class DiffusionObjective:
         latent_loss_weight: float = 1.0,
         max_length: int | None = None,
         seed: int = 0,
+        chunked_ce: bool = False,
     ) -> None:
         self.text, self.latent, self.normalizer = text, latent, normalizer
         self.p_uncond, self.latent_loss_weight = p_uncond, latent_loss_weight
         self.max_length, self.seed = max_length, seed
+        self.chunked_ce = chunked_ce
 
     def generator(self, step: int, micro: int, salt: int = 0) -> torch.Generator:
         # distinct, reproducible streams per (step, micro-step); salt separates e.g. evaluation from training
@@ -134,10 +136,16 @@ class DiffusionObjective:
         micro-steps), times ``scale`` (the world size under DDP, which averages gradients over ranks)."""
         # the masked positions as one flat index: one host sync for the head's rows, the targets and the weights
         picked = c.masked.flatten().nonzero().squeeze(1)
-        out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked)
-        logits = out.text_logits.float()  # [N, V] at the masked positions; float32 log-softmax over 65k classes
         targets = c.input_ids.flatten()[picked]
-        ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
+        if self.chunked_ce:  # the head + cross-entropy in row chunks, no [N, V] logits kept (models/chunked_ce.py)
+            out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked,
+                           text_targets=targets)  # fmt: skip
+            ce, pred = out.text_ce, out.text_pred
+        else:
+            out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked)
+            logits = out.text_logits.float()  # [N, V] at the masked positions; float32 log-softmax over 65k classes
+            ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
+            pred = logits.argmax(-1) if len(targets) else targets
         if self.text.weighting == "elbo":
             w = self.text.schedule.elbo_weight(c.t_text.float())[:, None].expand_as(c.masked).flatten()[picked]
         else:
@@ -148,6 +156,6 @@ class DiffusionObjective:
         latent_loss = latent_sum / norm[1].clamp_min(1.0)
         loss = (text_loss + self.latent_loss_weight * latent_loss) * scale
         with torch.no_grad():
-            acc = (logits.argmax(-1) == targets).float().sum() if len(targets) else torch.zeros((), device=ce.device)
+            acc = (pred == targets).float().sum() if len(targets) else torch.zeros((), device=ce.device)
             stats = torch.stack([text_sum.detach(), ce.detach().sum(), acc, latent_sum.detach()])
         return loss, {"sums": stats, "n_masked": c.masked.sum()}

@@ -148,6 +148,21 @@ def test_prefetched_data_trains_exactly_as_read_in_step(setup, tmp_path):
     assert calls == [7, 7]  # step 6 ran on the rows prefetched during step 5
 
 
+def test_chunked_head_cross_entropy_trains_as_the_logits_path(setup, tmp_path):
+    """training.chunked_ce (the masked-position head + cross-entropy in row chunks, no [N, V] logits kept) gives the
+    logits path's losses, accuracy and weights to fp32 rounding over several steps of every mode."""
+    over = dict(training__max_steps=5, training__loss_type="mixed", logging__save_freq=1000)
+    plain = Trainer(make_cfg(setup, tmp_path / "plain", **over))
+    chunked = Trainer(make_cfg(setup, tmp_path / "chunked", training__chunked_ce=True, **over))
+    a, b = run(plain, 5), run(chunked, 5)
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["masked_acc"] == pytest.approx(y["masked_acc"], abs=1e-6)
+    wa, wb = plain.trainable_tensors(), chunked.trainable_tensors()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst < 1e-4, worst
+
+
 def test_nonfinite_batch_is_skipped_and_logged(setup, tmp_path):
     trainer = Trainer(make_cfg(setup, tmp_path, training__max_steps=6, logging__log_freq=100))
 

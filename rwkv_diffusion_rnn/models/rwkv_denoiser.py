@@ -63,6 +63,9 @@ class DenoiserOutput:
     text_hidden: torch.Tensor  # [B, T, C] after ln_out, aligned with the text positions (apply text_logits)
     latent: torch.Tensor  # [B, D] latent prediction (eps / x0 / v)
     text_logits: torch.Tensor | None = None  # [N, V] at the positions of ``text_select`` (when given)
+    # with ``text_targets`` instead of logits (models/chunked_ce.py): per-position cross-entropy [N] and argmax [N]
+    text_ce: torch.Tensor | None = None
+    text_pred: torch.Tensor | None = None
 
 
 @dataclass
@@ -221,6 +224,7 @@ class RWKVDenoiser(nn.Module):
         t_text: torch.Tensor,
         t_latent: torch.Tensor,
         text_select: torch.Tensor | None = None,
+        text_targets: torch.Tensor | None = None,
     ) -> DenoiserOutput:
         """noisy_ids ``[B, T]`` (``<mask>`` = vocab size), attention_mask ``[B, T]`` (right padding), z_t ``[B, D]``
         standardised noisy latent, t_latent ``[B]`` in [0, 1], t_text ``[B]`` or ``[B, T]``.
@@ -231,7 +235,9 @@ class RWKVDenoiser(nn.Module):
 
         ``text_select`` ``[B, T]`` bool, or the same positions as a flat index into ``B x T`` (row-major): also return
         logits at those positions only, in that order (training uses the masked ones: the head is most of the FLOPs
-        at 65k classes; computing it inside ``forward`` keeps DDP's gradient hooks in charge of every parameter)."""
+        at 65k classes; computing it inside ``forward`` keeps DDP's gradient hooks in charge of every parameter).
+        ``text_targets`` ``[N]`` (with ``text_select``): return the cross-entropy against them and the argmax instead
+        of the logits, computed in row chunks that never hold all ``[N, V]`` logits (models/chunked_ce.py)."""
         x, lay = self.embed_inputs(noisy_ids, attention_mask, z_t)
         if t_text.dim() == 2:
             B, P, R = t_text.shape[0], self.cfg.latent_prefix_len, self.cfg.latent_readout_len
@@ -245,9 +251,9 @@ class RWKVDenoiser(nn.Module):
             bidirectional=self.cfg.context == "bidirectional",
             need_state=False,
         )
-        return self._read(h, lay.text_pos, lay.readout_pos, text_select)
+        return self._read(h, lay.text_pos, lay.readout_pos, text_select, text_targets)
 
-    def _read(self, h, text_pos, readout_pos, text_select) -> DenoiserOutput:
+    def _read(self, h, text_pos, readout_pos, text_select, text_targets=None) -> DenoiserOutput:
         ln_out = self.backbone.ln_out
         text_hidden = ln_out(_gather_time(h, text_pos))
         readout = ln_out(_gather_time(h, readout_pos))  # [B, R, C]
@@ -259,6 +265,12 @@ class RWKVDenoiser(nn.Module):
             else:
                 rows = text_hidden.flatten(0, 1).index_select(0, text_select)
             n = rows.shape[0]
+            if text_targets is not None:  # chunks of one shape; no [N, V] logits kept
+                from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
+
+                head = self.backbone.head if self.cfg.use_rwkv_lm_head else self.text_head
+                ce, pred = linear_cross_entropy(rows, head.weight, text_targets)
+                return DenoiserOutput(text_hidden, latent.float(), None, ce, pred)
             # the head's matmuls at N rounded up to a multiple of HEAD_ROWS: cuBLAS plans each new shape on the host
             # (~3-5 ms per matmul on an H200), and N is new every training step; the zero rows get no gradient
             pad = -n % HEAD_ROWS

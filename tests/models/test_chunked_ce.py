@@ -1,0 +1,60 @@
+"""Chunked head + cross-entropy (models/chunked_ce.py) against F.cross_entropy on materialised logits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
+
+
+def _case(n, c, v, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g, requires_grad=True)
+    w = (torch.randn(v, c, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    gl = torch.rand(n, generator=g)  # a weighted sum, as the ELBO weighting does
+    return h, w, y, gl
+
+
+@pytest.mark.parametrize("n,chunk", [(37, 8), (64, 16), (5, 1024), (1, 1)])
+def test_matches_cross_entropy_on_logits_fp32(n, chunk):
+    seed = random.randrange(2**31)
+    h, w, y, gl = _case(n, 24, 301, seed)
+    ref = F.cross_entropy(h @ w.T, y, reduction="none")
+    (ref * gl).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, pred = linear_cross_entropy(h, w, y, chunk=chunk)
+    (loss * gl).sum().backward()
+    assert loss.dtype == torch.float32 and pred.dtype == torch.long and not pred.requires_grad
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    assert torch.equal(pred, (h @ w.T).argmax(-1))
+    torch.testing.assert_close(h.grad, ref_gh, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(w.grad, ref_gw, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+
+
+def test_under_bf16_autocast_matches_autocast_logits():
+    """Under autocast the reference is what the trainer did before: bf16 logits, fp32 log-softmax."""
+    seed = random.randrange(2**31)
+    h, w, y, gl = _case(50, 32, 500, seed)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = F.cross_entropy((h @ w.T).float(), y, reduction="none")
+    (ref * gl).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, _ = linear_cross_entropy(h, w, y, chunk=16)
+    (loss * gl).sum().backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3, msg=f"seed {seed}")
+    for got, want in ((h.grad, ref_gh), (w.grad, ref_gw)):
+        assert float((got - want).norm() / want.norm()) < 2e-2, f"seed {seed}"
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
