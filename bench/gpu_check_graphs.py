@@ -7,7 +7,8 @@
    output and every parameter / input gradient; fp32 and bf16 autocast (no cast cache in both); rows full or
    right-padded; causal or bidirectional.
 2. Trainer level: ``Trainer.train_step`` with ``training.cuda_graphs`` on and off from the same seed (L4 D256 V65536,
-   mixed modes, bf16, padded rows): the losses of 6 steps, and the step time of each.
+   mixed modes, bf16, padded rows), with 1 and with 2 micro-batches a step (gradient accumulation): the losses of 6
+   steps, and the step time of each.
 
 Prints a table; exits non-zero if a bound is missed or a graphed run raised.
 """
@@ -93,7 +94,7 @@ def random_rwkv7_cuda(L: int, C: int, V: int):
     return model.train()
 
 
-def trainer_level(work: Path) -> None:
+def trainer_level(work: Path, accum: int = 1) -> None:
     from synthetic import backbone_file, synthetic_data
 
     from rwkv_diffusion_rnn.config import TrainConfig
@@ -110,8 +111,8 @@ def trainer_level(work: Path) -> None:
         d.json_path, d.token_dir, d.latent_dir = data["json"], data["tokens"], data["latents"]
         d.pad_to_length, d.max_length, d.validation_fraction = pad_to, pad_to, 0.0
         t.dtype, t.train_batch_size, t.device, t.max_steps, t.warmup_steps, t.lr = "bf16", 8, "cuda", 100, 2, 1e-3
-        t.loss_type, t.seed, t.cuda_graphs = "mixed", 0, graphs
-        lg.save_dir, lg.progress, lg.tensorboard = str(work / f"run_{graphs}"), False, False
+        t.loss_type, t.seed, t.cuda_graphs, t.grad_accum_steps = "mixed", 0, graphs, accum
+        lg.save_dir, lg.progress, lg.tensorboard = str(work / f"run_{graphs}_{accum}"), False, False
         trainer = Trainer(cfg)
         losses, times = [], []
         for _ in range(6):
@@ -122,14 +123,14 @@ def trainer_level(work: Path) -> None:
             times.append(time.perf_counter() - t0)
         if graphs:
             replays = trainer.model.backbone.graphs.replays
-            assert replays == 6, f"{replays} graph replays in 6 steps"
+            assert replays == 6 * accum, f"{replays} graph replays in 6 steps of {accum} micro-batches"
         trainer.close()
         out[graphs] = (losses, statistics.median(times[2:]))
-        print(f"trainer cuda_graphs={graphs}: losses {[round(x, 5) for x in losses]}, "
+        print(f"trainer cuda_graphs={graphs} grad_accum_steps={accum}: losses {[round(x, 5) for x in losses]}, "
               f"median step {out[graphs][1] * 1e3:.1f} ms", flush=True)  # fmt: skip
     diff = max(abs(a - b) / abs(a) for a, b in zip(out[False][0], out[True][0], strict=True))
-    record("trainer: losses of 6 steps, graphs vs eager (bf16)", diff, 1e-3)
-    rows.append({"check": "trainer step ms (eager, graphs)", "eager_ms": out[False][1] * 1e3,
+    record(f"trainer, {accum} micro-batch(es) a step: losses of 6 steps, graphs vs eager (bf16)", diff, 1e-3)
+    rows.append({"check": f"trainer step ms (eager, graphs), accum {accum}", "eager_ms": out[False][1] * 1e3,
                  "graphs_ms": out[True][1] * 1e3})  # fmt: skip
 
 
@@ -149,12 +150,14 @@ def main() -> int:
         except Exception as e:  # report every case
             traceback.print_exc()
             failed.append(f"model {dt} {pad} {bi}: {type(e).__name__}: {e}")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer_level(Path(tmp))
-    except Exception as e:
-        traceback.print_exc()
-        failed.append(f"trainer: {type(e).__name__}: {e}")
+    # 2 micro-batches a step: the graph's static gradient buffers must not be adopted as p.grad (graphs.own_gradients)
+    for accum in (1, 2):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer_level(Path(tmp), accum)
+        except Exception as e:
+            traceback.print_exc()
+            failed.append(f"trainer (accum {accum}): {type(e).__name__}: {e}")
     bad = [r for r in rows if r.get("ok") is False]
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | {len(rows)} rows, {len(bad)} over their "
           f"bound, {len(failed)} errors", flush=True)  # fmt: skip

@@ -65,7 +65,7 @@ from rwkv_diffusion_rnn.data_simple import (
 )
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
+from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
@@ -192,6 +192,11 @@ class Trainer:
                     f"training.compile (here: device {self.device}, {self.dist.world_size} processes)"
                 )
             enable_cuda_graphs(self.model)
+            if not cfg.data.pad_to_length:
+                distributed.print0(
+                    "note: training.cuda_graphs captures one graph (and its activation memory) per batch shape; "
+                    "set data.pad_to_length so that every batch has one shape"
+                )
         self.sharded = t.strategy == "fsdp" and self.dist.enabled
         if self.sharded:
             self._shard()  # before the optimizer and the EMA: they must hold the sharded parameters
@@ -386,6 +391,8 @@ class Trainer:
         norm = distributed.all_reduce_sum(torch.stack([c.counts(weighting) for c in corrupted]).sum(0))
         sums = torch.zeros(4, device=self.device)
         n_masked = torch.zeros((), device=self.device)
+        if t.cuda_graphs and len(corrupted) > 1:  # accumulate into gradients of our own, not the graph's buffers
+            own_gradients(self.model)
         for m, c in enumerate(corrupted):
             # fsdp reduce-scatters every micro-step into the fp32 sharded gradients (no unsharded gradient kept)
             sync = m == len(corrupted) - 1 or not self.dist.enabled or self.sharded

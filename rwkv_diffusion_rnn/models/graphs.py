@@ -21,11 +21,18 @@ most :attr:`BlockGraphs.max_variants`; past that, eager. Graphs are used only wh
 Rules the caller keeps (each checked, with a one-line error where it would otherwise give wrong numbers): every
 graphed forward is followed by its backward before the next graphed forward (the graph's activations are static
 buffers), and autocast runs with ``cache_enabled=False`` (the trainer does so when graphs are on).
+
+Gradient accumulation: the graphed backward hands out the parameters' gradients as views of static buffers that the
+next replay overwrites, and autograd adopts such a tensor as ``p.grad`` when ``p.grad`` is None — so a second
+micro-batch would overwrite the first one's gradient and then add it to itself (pytorch/pytorch#181723). Before the
+first backward of an optimizer step with several micro-batches, :func:`own_gradients` gives each block parameter a
+zero gradient of its own, which autograd then adds into (the trainer does so).
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -95,6 +102,8 @@ class BlockGraphs:
             and torch.is_grad_enabled()
             and (pre_block is None or isinstance(pre_block, SiteModulation))
             and not torch.cuda.is_current_stream_capturing()
+            # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in model.blocks.modules())
         )
 
     def run(self, model: nn.Module, x: torch.Tensor, pad, rev, pre_block) -> torch.Tensor | None:
@@ -116,7 +125,9 @@ class BlockGraphs:
         if pre_block is not None:
             hook = (pre_block.mode, pre_block.n_sites)
             inputs.append(pre_block.mod)
-        params = tuple(p.requires_grad for p in model.blocks.parameters())
+        # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
+        # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
+        params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in model.blocks.parameters())
         key = (
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in inputs),
             rev_kind,
@@ -141,12 +152,30 @@ class BlockGraphs:
         out = graphed(*inputs)
         if out.requires_grad:
             self.pending = True
-            out.register_hook(self._backward_started)
+            out.register_hook(self._clear_pending)
+            # an output dropped without a backward (an exception between the two) frees the graph for the next step
+            weakref.finalize(out, self._clear_pending)
         self.replays += 1
         return out
 
-    def _backward_started(self, grad: torch.Tensor) -> None:
+    def _clear_pending(self, *_) -> None:
         self.pending = False
+
+
+def own_gradients(model: nn.Module) -> int:
+    """Give every trainable parameter of the graphed block stacks inside ``model`` a zero gradient of its own where
+    it has none, so that the next graphed backward adds into it instead of handing over a static buffer (see the
+    module notes on gradient accumulation). Returns the number of gradients allocated."""
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, RWKV7) and module.graphs is not None:
+            for p in module.blocks.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                    n += 1
+    return n
 
 
 def enable_cuda_graphs(model: nn.Module) -> int:

@@ -475,6 +475,7 @@ class RWKV7(nn.Module):
         pre_block: PreBlockHook | None = None,
         bidirectional: bool = False,
         need_state: bool = True,
+        trusted_mask: bool = False,
     ) -> tuple[torch.Tensor, RWKV7State | None]:
         """Run the blocks on embeddings ``x`` ``[B, T, C]``; returns the hidden states BEFORE ``ln_out`` and the state.
 
@@ -483,8 +484,9 @@ class RWKV7(nn.Module):
         (after ``ln0`` for block 0). ``bidirectional``: every time-mix also reads each row's real tokens in reverse
         (see :meth:`Block.forward`); not pretrained semantics, and no state can be carried in or out.
         ``need_state=False`` (no ``state`` given): the state is not built and None is returned in its place; such a
-        training pass runs through CUDA graphs when they are on (models/graphs.py); that path takes the mask as it
-        is (right padding is not re-checked: a check is a host sync).
+        training pass runs through CUDA graphs when they are on (models/graphs.py). ``trusted_mask``: the caller
+        built ``attention_mask`` right-padded itself (the denoiser's layout), so a graphed pass need not check it
+        (a check is a host sync); every other pass checks.
         """
         B, T, _ = x.shape
         carried = state is not None
@@ -501,8 +503,8 @@ class RWKV7(nn.Module):
             mask = attention_mask.bool()
             if mask.shape != (B, T):
                 raise DiffRwkvError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, T)}")
-            if graphed:
-                # a CUDA-graphed training pass (the denoiser's own right-padded layout): no host sync before the
+            if graphed and trusted_mask:
+                # a CUDA-graphed training pass on the denoiser's own right-padded layout: no host sync before the
                 # graph, so padding stays a tensor even where no row is padded (an all-False pad changes nothing)
                 pad, lengths = ~mask.unsqueeze(-1), mask.sum(1)
             elif T > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):

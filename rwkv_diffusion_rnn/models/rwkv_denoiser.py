@@ -250,6 +250,7 @@ class RWKVDenoiser(nn.Module):
             pre_block=self.time(t_text, t_latent),
             bidirectional=self.cfg.context == "bidirectional",
             need_state=False,
+            trusted_mask=True,  # right-padded by construction (layout)
         )
         return self._read(h, lay.text_pos, lay.readout_pos, text_select, text_targets)
 

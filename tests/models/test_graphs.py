@@ -83,3 +83,20 @@ def test_trainer_refuses_cuda_graphs_without_a_gpu(tmp_path):
     cfg.model.lora_rank = 4  # adapters outside the blocks would silently get no gradient from a graph of the blocks
     with pytest.raises(DiffRwkvError, match="cannot be combined with model.lora_rank"):
         Trainer(cfg)
+
+
+def test_own_gradients_gives_block_parameters_zero_gradients_of_their_own():
+    """Before a step of several micro-batches the trainer gives every trainable block parameter a gradient tensor,
+    so autograd adds into it rather than adopting a graph's static buffer (pytorch/pytorch#181723)."""
+    from rwkv_diffusion_rnn.models.graphs import own_gradients
+
+    model = random_rwkv7(2, 64, vocab_size=100, seed=random.randrange(2**31))
+    assert own_gradients(model) == 0  # graphs off: nothing to do
+    enable_cuda_graphs(model)
+    model.blocks[1].requires_grad_(False)
+    n = own_gradients(model)
+    trainable = [p for p in model.blocks.parameters() if p.requires_grad]
+    assert n == len(trainable) > 0
+    assert all(p.grad is not None and not p.grad.any() for p in trainable)
+    assert all(p.grad is None for p in model.blocks[1].parameters())
+    assert model.head.weight.grad is None and own_gradients(model) == 0  # outside the blocks; idempotent
