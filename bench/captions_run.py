@@ -32,9 +32,9 @@ and, for ``sequential``, sets the phase), so they are the code users run.
 Evaluation (validation split: 1014 images x 5 captions; "caption-1" of image i is validation row i):
 
 * diffusion: text NELBO in bits/token with the latent given (``evaluate.likelihood_metrics``: fixed noise, ELBO
-  weighting, condition dropout off) on all 5 x 1014 rows; L2T with the project's sampler defaults (ancestral,
-  ``--sample-steps`` 32, no guidance) from every caption-1 latent; T2L (DDIM, 32 steps) for every caption-1 and
-  every STS-B sentence;
+  weighting, condition dropout off) on all 5 x 1014 rows; L2T with the project's sampler defaults (confidence since
+  2026-11-27 session 2, ancestral before; ``--sample-steps`` 32, no guidance) from every caption-1 latent; T2L
+  (DDIM, 32 steps) for every caption-1 and every STS-B sentence;
 * ar: exact NLL in bits/token on the same rows and positions; greedy and beam-4 decoding from caption-1 latents;
 * regress: its prediction for the same T2L inputs.
 
@@ -100,7 +100,9 @@ def l2t_decoders(args) -> list[tuple[str, int]]:
     """``--l2t-decoders`` as (strategy, steps) pairs; the default is the project sampler at ``--sample-steps``."""
     spec = (args.l2t_decoders or "").strip()
     if not spec:
-        return [("ancestral", args.sample_steps)]
+        from rwkv_diffusion_rnn.sampling import L2T_STRATEGY
+
+        return [(L2T_STRATEGY, args.sample_steps)]
     out = []
     for item in spec.split(","):
         strategy, _, steps = item.strip().partition(":")
@@ -526,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--l2t-decoders",
         default="",
         help="comma list of STRATEGY:STEPS for the diffusion runs' L2T (strategies: ancestral, confidence, threshold);"
-        " default: ancestral:<--sample-steps>. Each is scored as its own row",
+        " default: the project's (confidence):<--sample-steps>. Each is scored as its own row",
     )
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")

@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra sample_l2t argument, e.g. strategy=confidence, temperature=0.8 (repeatable)",
+        help="extra sample_l2t argument, e.g. strategy=ancestral, guidance_scale=1.0 (repeatable)",
     )
     p.add_argument(
         "--t2l-option",

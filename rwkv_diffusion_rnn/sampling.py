@@ -78,6 +78,11 @@ __all__ = ["NO_CHANGE_CACHE", "clean_ids", "condition_text", "main", "resolve_le
 NO_CHANGE_CACHE = ("exact", "off", "mdlm")
 STREAM_TEXT, STREAM_UNCOND, STREAM_LATENT = 0, 1, 2
 
+#: latent -> text unmasking rule by default: commit the most confident drawn tokens first. On the offline demo's
+#: checkpoint (200 held-out rows, docs/RESULTS.md 2026-11-27) it lifted the round-trip cosine from 0.668 (ancestral)
+#: to 0.792 and retrieval top-1 from 0.69 to 0.85 at 16-64 steps. Joint samples keep "ancestral" (not measured).
+L2T_STRATEGY = "confidence"
+
 
 # ------------------------------------------------------------------------------------------------- inputs
 def _cfg(m, section: str, key: str, default=None):
@@ -285,7 +290,7 @@ def sample_l2t(
     *,
     length: int | Sequence[int] | None = None,
     num_steps: int = 32,
-    strategy: str = "ancestral",
+    strategy: str = L2T_STRATEGY,
     temperature: float = 1.0,
     top_p: float = 1.0,
     threshold: float = 0.9,
@@ -504,7 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use the first N input rows")
     p.add_argument("--out", metavar="FILE.jsonl", help="write JSON lines here (atomically); default: stdout")
     p.add_argument("--steps", type=int, default=32, help="diffusion steps (per block with --block-size)")
-    p.add_argument("--strategy", choices=TEXT_STRATEGIES, default="ancestral", help="text unmasking rule")
+    p.add_argument(
+        "--strategy",
+        choices=TEXT_STRATEGIES,
+        help=f"text unmasking rule (default: {L2T_STRATEGY} for latent -> text, ancestral for --unconditional)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for text draws")
     p.add_argument("--threshold", type=float, default=0.9, help="probability threshold of --strategy threshold")
@@ -538,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     common = {"num_steps": a.steps, "batch_size": a.batch_size, "seed": a.seed, "progress": not a.no_progress}
     text_opts = {"strategy": a.strategy, "temperature": a.temperature, "top_p": a.top_p, "threshold": a.threshold,
                  "length": a.length}  # fmt: skip
+    if a.strategy is None:
+        text_opts["strategy"] = "ancestral" if a.unconditional is not None else L2T_STRATEGY
     latent_opts = {"method": a.method, "eta": a.eta, "clip_x0": a.clip_x0}
     settings = {"checkpoint": str(m.path), "step": m.step, **common, "guidance_scale": a.guidance}
     del settings["progress"]
