@@ -96,20 +96,33 @@ def say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shared settings
-def l2t_decoders(args) -> list[tuple[str, int]]:
-    """``--l2t-decoders`` as (strategy, steps) pairs; the default is the project sampler at ``--sample-steps``."""
+def l2t_decoders(args) -> list[tuple[str, int, float]]:
+    """``--l2t-decoders`` as (strategy, steps, guidance) triples; the default is the project sampler at
+    ``--sample-steps`` without guidance. An item is ``STRATEGY:STEPS`` or ``STRATEGY:STEPS:gW`` (guidance scale W)."""
+    from rwkv_diffusion_rnn.sampling import L2T_STRATEGY
+
     spec = (args.l2t_decoders or "").strip()
     if not spec:
-        from rwkv_diffusion_rnn.sampling import L2T_STRATEGY
-
-        return [(L2T_STRATEGY, args.sample_steps)]
+        return [(L2T_STRATEGY, args.sample_steps, 0.0)]
     out = []
     for item in spec.split(","):
-        strategy, _, steps = item.strip().partition(":")
-        if strategy not in ("ancestral", "confidence", "threshold") or not steps.isdigit() or int(steps) < 1:
-            raise SystemExit(f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS, e.g. confidence:32")
-        out.append((strategy, int(steps)))
+        parts = item.strip().split(":")
+        strategy, steps, guide = parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "g0"
+        try:
+            w = float(guide[1:]) if guide.startswith("g") else -1.0
+        except ValueError:
+            w = -1.0
+        ok = strategy in ("ancestral", "confidence", "threshold") and steps.isdigit() and int(steps) >= 1
+        if not ok or len(parts) > 3 or w < 0:
+            raise SystemExit(
+                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW], e.g. confidence:16:g1"
+            )
+        out.append((strategy, int(steps), w))
     return out
+
+
+def decoder_name(strategy: str, steps: int, guidance: float) -> str:
+    return f"{strategy}{steps}" + (f"-g{guidance:g}" if guidance else "")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -126,7 +139,7 @@ def settings(args: argparse.Namespace) -> dict:
         "max_grad_norm": 1.0,
         "dtype": args.dtype,
         "fast": args.fast,
-        "l2t_decoders": [f"{st}{n}" for st, n in l2t_decoders(args)],
+        "l2t_decoders": [decoder_name(*d) for d in l2t_decoders(args)],
         "length": args.length,
         "budget_s": args.budget_s,
         "untimed_steps": args.untimed_steps,
@@ -295,11 +308,11 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     )
     t1 = time.perf_counter()
     decoded: dict[str, dict] = {}
-    for strategy, steps in l2t_decoders(args):
-        ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, batch_size=args.eval_batch,
-                         seed=args.seed, device=dev)  # fmt: skip
+    for strategy, steps, guidance in l2t_decoders(args):
+        ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, guidance_scale=guidance,
+                         batch_size=args.eval_batch, seed=args.seed, device=dev)  # fmt: skip
         w = to_world(tm, ids)
-        decoded[f"{strategy}{steps}"] = {"world_ids": w, "texts": _texts(tok, w)}
+        decoded[decoder_name(strategy, steps, guidance)] = {"world_ids": w, "texts": _texts(tok, w)}
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()
@@ -527,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--l2t-decoders",
         default="",
-        help="comma list of STRATEGY:STEPS for the diffusion runs' L2T (strategies: ancestral, confidence, threshold);"
-        " default: the project's (confidence):<--sample-steps>. Each is scored as its own row",
+        help="comma list of STRATEGY:STEPS[:gW] for the diffusion runs' L2T (strategies: ancestral, confidence, "
+        "threshold; gW: classifier-free guidance W); default: the project's (confidence):<--sample-steps>. Each is "
+        "scored as its own row",
     )
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")

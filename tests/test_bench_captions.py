@@ -164,7 +164,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
             "--sample-steps",
             "4",
             "--l2t-decoders",
-            "ancestral:4,confidence:3",
+            "ancestral:4,confidence:3:g1",
             "--beams",
             "2",
             "--eval-batch",
@@ -181,7 +181,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
         assert tr["steps"] == tr["untimed_steps"] + tr["timed_steps"] and tr["timed_steps"] >= 1, (v, tr)
         assert budget <= tr["train_s"] < budget + 30, (v, tr["train_s"])  # the loop ran the whole budget, then stopped
         assert all(math.isfinite(c["loss"]) for c in tr["curve"]), v
-    for v, decs in (("causal", ["ancestral4", "confidence3"]), ("ar", ["greedy", "beam2"])):
+    for v, decs in (("causal", ["ancestral4", "confidence3-g1"]), ("ar", ["greedy", "beam2"])):
         assert sorted(res[v]["l2t"]) == sorted(decs)
         for d in decs:
             rows = res[v]["l2t"][d]["world_ids"]
@@ -208,7 +208,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
     got = {(r["variant"], r["decoder"]) for r in sc["rows"]}
     assert got == {
         ("causal", "ancestral4"),
-        ("causal", "confidence3"),
+        ("causal", "confidence3-g1"),
         ("ar", "greedy"),
         ("ar", "beam2"),
         ("regress", "—"),
@@ -337,3 +337,18 @@ def test_ar_decoding_step_matches_teacher_forcing_and_ignores_padding():
     assert torch.allclose(step, m(z, ids)[:, t], atol=1e-5), seed  # logits for token t given tokens < t
     other = m.next_logits(torch.randn(3, 32), ids[:, :t])
     assert not torch.allclose(step, other, atol=1e-4), seed  # the latent prefix conditions the prediction
+
+
+def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
+    from types import SimpleNamespace
+
+    ok = SimpleNamespace(l2t_decoders="ancestral:32, confidence:16:g1.5", sample_steps=8)
+    assert captions_run.l2t_decoders(ok) == [("ancestral", 32, 0.0), ("confidence", 16, 1.5)]
+    assert [captions_run.decoder_name(*d) for d in captions_run.l2t_decoders(ok)] == [
+        "ancestral32",
+        "confidence16-g1.5",
+    ]
+    assert captions_run.l2t_decoders(SimpleNamespace(l2t_decoders="", sample_steps=8)) == [("confidence", 8, 0.0)]
+    for bad in ("confidence", "greedy:8", "confidence:0", "confidence:8:x1", "confidence:8:g-1", "confidence:8:g1:z"):
+        with pytest.raises(SystemExit, match="expected STRATEGY:STEPS"):
+            captions_run.l2t_decoders(SimpleNamespace(l2t_decoders=bad, sample_steps=8))
