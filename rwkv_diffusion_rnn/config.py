@@ -193,6 +193,9 @@ def validate(cfg: TrainConfig) -> None:
          "training.strategy=fsdp supports training.dtype fp32 or bf16, not fp16 (no sharded loss scaler)"),
         (t.strategy != "fsdp" or m.unfreeze_after_steps == 0,
          "training.strategy=fsdp needs model.unfreeze_after_steps=0 (the trainable set is fixed when sharding)"),
+        (not t.cuda_graphs or (m.lora_rank == 0 and not t.activation_checkpointing and not t.compile),
+         "training.cuda_graphs cannot be combined with model.lora_rank > 0, training.activation_checkpointing or "
+         "training.compile"),
     ]  # fmt: skip
     for ok, msg in checks:
         if not ok:

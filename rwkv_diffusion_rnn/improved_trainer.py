@@ -183,13 +183,11 @@ class Trainer:
             self._checkpoint_blocks()
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model)
-        if t.cuda_graphs:
-            if m.lora_rank > 0:  # the adapters live outside the blocks: a graph of the blocks would not train them
-                raise DiffRwkvError("training.cuda_graphs cannot be combined with model.lora_rank > 0")
-            if self.device.type != "cuda" or self.dist.enabled or t.activation_checkpointing or t.compile:
+        if t.cuda_graphs:  # (LoRA, whose adapters sit outside the graphed blocks, etc.: refused by validate)
+            if self.device.type != "cuda" or self.dist.enabled:
                 raise DiffRwkvError(
-                    "training.cuda_graphs needs one process on a CUDA device, without activation checkpointing or "
-                    f"training.compile (here: device {self.device}, {self.dist.world_size} processes)"
+                    f"training.cuda_graphs needs one process on a CUDA device (here: device {self.device}, "
+                    f"{self.dist.world_size} processes)"
                 )
             enable_cuda_graphs(self.model)
             if not cfg.data.pad_to_length:

@@ -80,9 +80,11 @@ def test_trainer_refuses_cuda_graphs_without_a_gpu(tmp_path):
     cfg = make_cfg((tmp_path, paths), tmp_path / "run", training__cuda_graphs=True, training__device="cpu")
     with pytest.raises(DiffRwkvError, match="training.cuda_graphs needs one process on a CUDA device"):
         Trainer(cfg)
-    cfg.model.lora_rank = 4  # adapters outside the blocks would silently get no gradient from a graph of the blocks
-    with pytest.raises(DiffRwkvError, match="cannot be combined with model.lora_rank"):
-        Trainer(cfg)
+    for section, key, value in (("model", "lora_rank", 4), ("training", "activation_checkpointing", True)):
+        bad = make_cfg((tmp_path, paths), tmp_path / "run", training__cuda_graphs=True, **{f"{section}__{key}": value})
+        # LoRA adapters sit outside the blocks and would silently get no gradient from a graph of the blocks
+        with pytest.raises(DiffRwkvError, match="training.cuda_graphs cannot be combined with model.lora_rank"):
+            Trainer(bad)
 
 
 def test_own_gradients_gives_block_parameters_zero_gradients_of_their_own():
