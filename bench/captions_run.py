@@ -114,9 +114,7 @@ def l2t_decoders(args) -> list[tuple[str, int, float]]:
             w = -1.0
         ok = strategy in ("ancestral", "confidence", "threshold") and steps.isdigit() and int(steps) >= 1
         if not ok or len(parts) > 3 or w < 0:
-            raise SystemExit(
-                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW], e.g. confidence:16:g1"
-            )
+            raise SystemExit(f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW], e.g. confidence:16:g1")
         out.append((strategy, int(steps), w))
     return out
 
@@ -145,6 +143,7 @@ def settings(args: argparse.Namespace) -> dict:
         "untimed_steps": args.untimed_steps,
         "seed": args.seed,
         "sample_steps": args.sample_steps,
+        "t2l_steps": args.t2l_steps or args.sample_steps,
         "beams": args.beams,
         "ar_prefix": args.ar_prefix,
         "regress_loss": args.regress_loss,
@@ -317,8 +316,9 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()
     pred = sample_t2l(
-        m, ev.t2l_inputs(tm), num_steps=args.sample_steps, batch_size=args.eval_batch, seed=args.seed, device=dev
-    )
+        m, ev.t2l_inputs(tm), num_steps=args.t2l_steps or args.sample_steps, batch_size=args.eval_batch,
+        seed=args.seed, device=dev,
+    )  # fmt: skip
     t_t2l = time.perf_counter() - t1
     t2l = ev.t2l_metrics(pred)
     say(
@@ -538,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--untimed-steps", type=int, default=2, help="first steps before the clock starts (warm-up)")
     ap.add_argument("--sample-steps", type=int, default=32)
     ap.add_argument(
+        "--t2l-steps",
+        type=int,
+        default=0,
+        help="DDIM steps for the diffusion runs' T2L (default: --sample-steps); 1 = the x0 model's single prediction "
+        "from pure noise, i.e. its posterior mean E[z0 | text]",
+    )
+    ap.add_argument(
         "--l2t-decoders",
         default="",
         help="comma list of STRATEGY:STEPS[:gW] for the diffusion runs' L2T (strategies: ancestral, confidence, "
@@ -567,6 +574,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for key in ("budget_s", "n_layer", "n_embd", "batch", "lr", "sample_steps", "beams", "ar_prefix", "eval_batch"):
         if not getattr(args, key) > 0:
             raise RunError(f"--{key.replace('_', '-')} must be > 0; got {getattr(args, key)}")
+    if args.t2l_steps < 0:
+        raise RunError(f"--t2l-steps must be >= 1 (0: --sample-steps); got {args.t2l_steps}")
     if args.length < 2:
         raise RunError(f"--length must be >= 2; got {args.length}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

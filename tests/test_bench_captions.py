@@ -163,6 +163,8 @@ def test_prepare_run_score_end_to_end(tmp_path):
             "5",
             "--sample-steps",
             "4",
+            "--t2l-steps",
+            "1",
             "--l2t-decoders",
             "ancestral:4,confidence:3:g1",
             "--beams",
