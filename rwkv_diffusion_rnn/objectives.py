@@ -145,7 +145,7 @@ class DiffusionObjective:
             out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked)
             logits = out.text_logits.float()  # [N, V] at the masked positions; float32 log-softmax over 65k classes
             ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
-            pred = logits.argmax(-1) if len(targets) else targets
+            pred = logits.argmax(-1)
         if self.text.weighting == "elbo":
             w = self.text.schedule.elbo_weight(c.t_text.float())[:, None].expand_as(c.masked).flatten()[picked]
         else:

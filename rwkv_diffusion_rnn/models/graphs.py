@@ -107,9 +107,8 @@ class BlockGraphs:
         )
 
     def run(self, model: nn.Module, x: torch.Tensor, pad, rev, pre_block) -> torch.Tensor | None:
-        """The blocks' output through a CUDA graph, or None when this call cannot be graphed (the caller runs eager)."""
-        if not self.usable(model, x, pre_block):
-            return None
+        """The blocks' output through a CUDA graph, or None past :attr:`max_variants` (the caller runs eager). The
+        caller has checked :meth:`usable`."""
         if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
             raise DiffRwkvError(
                 "CUDA graphs need autocast without its weight cache: torch.autocast(..., cache_enabled=False)"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.graphs import run_blocks
 from rwkv_diffusion_rnn.models.wkv7 import wkv7
 
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
@@ -492,11 +493,6 @@ class RWKV7(nn.Module):
         carried = state is not None
         if carried and state.batch_size != B:
             raise DiffRwkvError(f"state has batch size {state.batch_size}, input has {B}")
-        if carried:
-            att_in, wkv_in, ffn_in = state.att_x, state.wkv, state.ffn_x
-        else:  # a fresh sequence: zero token-shift inputs and no WKV state (the kernels' zero state, not read)
-            zeros = x.new_zeros(len(self.blocks), B, x.shape[-1])
-            att_in, wkv_in, ffn_in = zeros, [None] * len(self.blocks), zeros
         pad = lengths = None
         graphed = not need_state and not carried and self.graphs is not None and self.graphs.usable(self, x, pre_block)
         if attention_mask is not None:
@@ -517,12 +513,15 @@ class RWKV7(nn.Module):
                 raise DiffRwkvError("a bidirectional pass cannot continue from a recurrent state")
             rev = reverse_index(lengths, T) if lengths is not None else FLIP
         if not need_state and not carried:
-            h = self.graphs.run(self, x, pad, rev, pre_block) if self.graphs is not None else None
+            h = self.graphs.run(self, x, pad, rev, pre_block) if graphed else None
             if h is None:
-                from rwkv_diffusion_rnn.models.graphs import run_blocks
-
                 h = run_blocks(self.blocks, x, pad, rev, pre_block, self.wkv_backend)
             return h, None
+        if carried:
+            att_in, wkv_in, ffn_in = state.att_x, state.wkv, state.ffn_x
+        else:  # a fresh sequence: zero token-shift inputs and no WKV state (the kernels' zero state, not read)
+            zeros = x.new_zeros(len(self.blocks), B, x.shape[-1])
+            att_in, wkv_in, ffn_in = zeros, [None] * len(self.blocks), zeros
         x = self.blocks[0].ln0(x)
         att_x, wkv, ffn_x = [], [], []
         v_first = (None, None)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7State, _gather_time
 from rwkv_diffusion_rnn.time_conditioning import TimeConditioner
 
@@ -267,8 +268,6 @@ class RWKVDenoiser(nn.Module):
                 rows = text_hidden.flatten(0, 1).index_select(0, text_select)
             n = rows.shape[0]
             if text_targets is not None:  # chunks of one shape; no [N, V] logits kept
-                from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
-
                 head = self.backbone.head if self.cfg.use_rwkv_lm_head else self.text_head
                 ce, pred = linear_cross_entropy(rows, head.weight, text_targets)
                 return DenoiserOutput(text_hidden, latent.float(), None, ce, pred)
