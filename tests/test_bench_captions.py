@@ -226,8 +226,9 @@ def test_prepare_run_score_end_to_end(tmp_path):
             if r.get(key) is not None:
                 assert 0 <= r[key] <= 100 + 1e-9  # sacrebleu can round a perfect score to 100.00000000000004
     ref = {r["variant"]: r for r in sc["references"]}
-    # caption-2 of the same image shares its subject and place with caption-1: above the random-caption floor
-    assert ref["human"]["l2t_cosine"] > ref["floor"]["l2t_cosine"] + 0.2, (seed, ref)
+    # caption-2 of the same image shares its subject and place with caption-1: above the random-caption floor.
+    # Over 3,000 simulated draws of this generator the gap is 0.33 +- 0.055 (min 0.105); 0.2 failed 0.9 % of seeds.
+    assert ref["human"]["l2t_cosine"] > ref["floor"]["l2t_cosine"] + 0.08, (seed, ref)
     t2l_row = next(r for r in sc["rows"] if r["variant"] == "causal")
     cos = captions_score_cos(np.load(out / "causal_t2l.npy")[:n_img], np.asarray(bundle["val_latents"][:n_img]))
     assert t2l_row["t2l_cosine"] == pytest.approx(cos, abs=1e-9)
