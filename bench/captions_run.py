@@ -96,31 +96,40 @@ def say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shared settings
-def l2t_decoders(args) -> list[tuple[str, int, float]]:
-    """``--l2t-decoders`` as (strategy, steps, guidance) triples; the default is the project sampler at
-    ``--sample-steps`` without guidance. An item is ``STRATEGY:STEPS`` or ``STRATEGY:STEPS:gW`` (guidance scale W)."""
+def l2t_decoders(args) -> list[tuple[str, int, float, int | None]]:
+    """``--l2t-decoders`` as (strategy, steps, guidance, block size) tuples; the default is the project sampler at
+    ``--sample-steps`` without guidance, all positions at once. An item is ``STRATEGY:STEPS`` followed by optional
+    ``gW`` (classifier-free guidance scale W) and ``bN`` (semi-autoregressive blocks of N tokens, STEPS steps each,
+    the committed prefix kept as RWKV state in causal context), in either order: ``confidence:16:g1``,
+    ``confidence:1:b1`` (strictly left to right, one token per model call)."""
     from rwkv_diffusion_rnn.sampling import L2T_STRATEGY
 
     spec = (args.l2t_decoders or "").strip()
     if not spec:
-        return [(L2T_STRATEGY, args.sample_steps, 0.0)]
+        return [(L2T_STRATEGY, args.sample_steps, 0.0, None)]
     out = []
     for item in spec.split(","):
         parts = item.strip().split(":")
-        strategy, steps, guide = parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "g0"
-        try:
-            w = float(guide[1:]) if guide.startswith("g") else -1.0
-        except ValueError:
-            w = -1.0
+        strategy, steps = parts[0], parts[1] if len(parts) > 1 else ""
+        opts = {p[:1]: p[1:] for p in parts[2:]}
         ok = strategy in ("ancestral", "confidence", "threshold") and steps.isdigit() and int(steps) >= 1
-        if not ok or len(parts) > 3 or w < 0:
-            raise SystemExit(f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW], e.g. confidence:16:g1")
-        out.append((strategy, int(steps), w))
+        ok = ok and len(opts) == len(parts) - 2 and set(opts) <= {"g", "b"}
+        w, block = 0.0, None
+        try:
+            w = float(opts.get("g", "0"))
+            block = int(opts["b"]) if "b" in opts else None
+        except ValueError:
+            ok = False
+        if not ok or w < 0 or (block is not None and block < 1):
+            raise SystemExit(
+                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW][:bN], e.g. confidence:16:g1"
+            )
+        out.append((strategy, int(steps), w, block))
     return out
 
 
-def decoder_name(strategy: str, steps: int, guidance: float) -> str:
-    return f"{strategy}{steps}" + (f"-g{guidance:g}" if guidance else "")
+def decoder_name(strategy: str, steps: int, guidance: float, block: int | None = None) -> str:
+    return f"{strategy}{steps}" + (f"-g{guidance:g}" if guidance else "") + (f"-b{block}" if block else "")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -307,11 +316,11 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     )
     t1 = time.perf_counter()
     decoded: dict[str, dict] = {}
-    for strategy, steps, guidance in l2t_decoders(args):
+    for strategy, steps, guidance, block in l2t_decoders(args):
         ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, guidance_scale=guidance,
-                         batch_size=args.eval_batch, seed=args.seed, device=dev)  # fmt: skip
+                         block_size=block, batch_size=args.eval_batch, seed=args.seed, device=dev)  # fmt: skip
         w = to_world(tm, ids)
-        decoded[decoder_name(strategy, steps, guidance)] = {"world_ids": w, "texts": _texts(tok, w)}
+        decoded[decoder_name(strategy, steps, guidance, block)] = {"world_ids": w, "texts": _texts(tok, w)}
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()
@@ -547,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--l2t-decoders",
         default="",
-        help="comma list of STRATEGY:STEPS[:gW] for the diffusion runs' L2T (strategies: ancestral, confidence, "
-        "threshold; gW: classifier-free guidance W); default: the project's (confidence):<--sample-steps>. Each is "
+        help="comma list of STRATEGY:STEPS[:gW][:bN] for the diffusion runs' L2T (strategies: ancestral, confidence, "
+        "threshold; gW: classifier-free guidance W; bN: semi-autoregressive blocks of N tokens); default: the project's (confidence):<--sample-steps>. Each is "
         "scored as its own row",
     )
     ap.add_argument("--beams", type=int, default=4)
