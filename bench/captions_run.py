@@ -98,40 +98,42 @@ def say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shared settings
-def l2t_decoders(args) -> list[tuple[str, int, float, int | None]]:
-    """``--l2t-decoders`` as (strategy, steps, guidance, block size) tuples; the default is the project sampler at
-    ``--sample-steps`` without guidance, all positions at once. An item is ``STRATEGY:STEPS`` followed by optional
-    ``gW`` (classifier-free guidance scale W) and ``bN`` (semi-autoregressive blocks of N tokens, STEPS steps each,
-    the committed prefix kept as RWKV state in causal context), in either order: ``confidence:16:g1``,
-    ``confidence:1:b1`` (strictly left to right, one token per model call)."""
+def l2t_decoders(args) -> list[tuple[str, int, float, int | None, float]]:
+    """``--l2t-decoders`` as (strategy, steps, guidance, block size, temperature) tuples; the default is the project
+    sampler at ``--sample-steps`` without guidance, all positions at once, temperature 1. An item is
+    ``STRATEGY:STEPS`` followed, in any order, by optional ``gW`` (classifier-free guidance scale W), ``bN``
+    (semi-autoregressive blocks of N tokens, STEPS steps each, the committed prefix kept as RWKV state in causal
+    context) and ``tX`` (sampling temperature X; t0 = argmax): ``confidence:16:g1``, ``confidence:1:b1:t0``
+    (strictly left to right, greedy, one token per model call)."""
     from rwkv_diffusion_rnn.sampling import L2T_STRATEGY
 
     spec = (args.l2t_decoders or "").strip()
     if not spec:
-        return [(L2T_STRATEGY, args.sample_steps, 0.0, None)]
+        return [(L2T_STRATEGY, args.sample_steps, 0.0, None, 1.0)]
     out = []
     for item in spec.split(","):
         parts = item.strip().split(":")
         strategy, steps = parts[0], parts[1] if len(parts) > 1 else ""
         opts = {p[:1]: p[1:] for p in parts[2:]}
         ok = strategy in ("ancestral", "confidence", "threshold") and steps.isdigit() and int(steps) >= 1
-        ok = ok and len(opts) == len(parts) - 2 and set(opts) <= {"g", "b"}
-        w, block = 0.0, None
+        ok = ok and len(opts) == len(parts) - 2 and set(opts) <= {"g", "b", "t"}
+        w, block, temp = 0.0, None, 1.0
         try:
-            w = float(opts.get("g", "0"))
+            w, temp = float(opts.get("g", "0")), float(opts.get("t", "1"))
             block = int(opts["b"]) if "b" in opts else None
         except ValueError:
             ok = False
-        if not ok or w < 0 or (block is not None and block < 1):
+        if not ok or w < 0 or temp < 0 or (block is not None and block < 1):
             raise SystemExit(
-                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW][:bN], e.g. confidence:16:g1"
+                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW][:bN][:tX], e.g. confidence:16:g1"
             )
-        out.append((strategy, int(steps), w, block))
+        out.append((strategy, int(steps), w, block, temp))
     return out
 
 
-def decoder_name(strategy: str, steps: int, guidance: float, block: int | None = None) -> str:
-    return f"{strategy}{steps}" + (f"-g{guidance:g}" if guidance else "") + (f"-b{block}" if block else "")
+def decoder_name(strategy: str, steps: int, guidance: float, block: int | None = None, temperature: float = 1.0) -> str:
+    name = f"{strategy}{steps}" + (f"-g{guidance:g}" if guidance else "") + (f"-b{block}" if block else "")
+    return name + (f"-t{temperature:g}" if temperature != 1.0 else "")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -320,11 +322,13 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     )
     t1 = time.perf_counter()
     decoded: dict[str, dict] = {}
-    for strategy, steps, guidance, block in l2t_decoders(args):
+    for dec in l2t_decoders(args):
+        strategy, steps, guidance, block, temperature = dec
         ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, guidance_scale=guidance,
-                         block_size=block, batch_size=args.eval_batch, seed=args.seed, device=dev)  # fmt: skip
+                         block_size=block, temperature=temperature, batch_size=args.eval_batch, seed=args.seed,
+                         device=dev)  # fmt: skip
         w = to_world(tm, ids)
-        decoded[decoder_name(strategy, steps, guidance, block)] = {"world_ids": w, "texts": _texts(tok, w)}
+        decoded[decoder_name(*dec)] = {"world_ids": w, "texts": _texts(tok, w)}
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()
@@ -560,9 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--l2t-decoders",
         default="",
-        help="comma list of STRATEGY:STEPS[:gW][:bN] for the diffusion runs' L2T (strategies: ancestral, confidence, "
-        "threshold; gW: classifier-free guidance W; bN: semi-autoregressive blocks of N tokens); default: the project's (confidence):<--sample-steps>. Each is "
-        "scored as its own row",
+        help="comma list of STRATEGY:STEPS[:gW][:bN][:tX] for the diffusion runs' L2T (strategies: ancestral, "
+        "confidence, threshold; gW: classifier-free guidance W; bN: semi-autoregressive blocks of N tokens; tX: "
+        "temperature, t0 = argmax); default: the project's (confidence):<--sample-steps>. Each is scored as its own "
+        "row",
     )
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")
