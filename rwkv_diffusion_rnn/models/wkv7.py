@@ -13,6 +13,8 @@ Backends
 --------
 ``reference``  plain PyTorch loop over time with an fp32 state: runs anywhere, differentiable, the ground truth.
 ``fla``        fla's Triton ``chunk_rwkv7`` (CUDA only; install ``diffrwkv[gpu]``).
+``triton``     our own sequential Triton kernels, forward and backward (:mod:`.wkv7_triton`; CUDA only, needs
+               ``triton``; opt-in: ``auto`` never picks it).
 ``auto``       ``fla`` for CUDA tensors when fla imports, else ``reference``.
 
 The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
@@ -21,6 +23,7 @@ The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globall
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from functools import lru_cache
@@ -125,6 +128,25 @@ def wkv7_fla(
         output_final_state=True,
     )
     return o, S
+
+
+@register_backend("triton")
+def wkv7_triton(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our sequential Triton kernels (:mod:`.wkv7_triton`, imported on first use); same contract as
+    :func:`wkv7_reference`."""
+    if importlib.util.find_spec("triton") is None:
+        raise DiffRwkvError("WKV backend 'triton' needs the triton package on a CUDA machine (pip install triton)")
+    from rwkv_diffusion_rnn.models.wkv7_triton import wkv7_triton as run
+
+    return run(r, w, k, v, a, b, state)
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
