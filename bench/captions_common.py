@@ -132,6 +132,32 @@ class BudgetClock:
         return 0.0 if self.t0 is None else time.perf_counter() - self.t0
 
 
+class StepClock(BudgetClock):
+    """A budget counted in training steps instead of seconds (``captions_run.py --budget-steps``): for studies on a
+    shared machine, where the wall clock measures the neighbours as much as the run. ``elapsed()`` is the number of
+    timed steps started (:func:`train_for_budget` ticks it), so :class:`TimeCosineLR` follows steps; ``wall()`` is
+    the wall clock since the start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def tick(self) -> None:
+        if self.started:
+            self.n += 1
+
+    def elapsed(self) -> float:
+        return float(self.n)
+
+    def wall(self) -> float:
+        return super().elapsed()
+
+
+def make_clock(budget_steps: int) -> BudgetClock:
+    """A :class:`StepClock` when a step budget is given (> 0), else the wall clock."""
+    return StepClock() if budget_steps > 0 else BudgetClock()
+
+
 class TimeCosineLR:
     """Learning rate ``peak x min(1, (n + 1) / warmup) x cosine(elapsed / budget)`` (floor ``min_ratio``), set on
     every param group. Duck-types the scheduler interface the Trainer calls (``step``, ``get_last_lr``,
@@ -176,8 +202,9 @@ def train_for_budget(
     log_every_s: float = 15.0,
     curve_every: int = 25,
 ) -> dict:
-    """Call ``step_fn() -> dict`` (needs "loss") until the budget is spent (see the module docstring). Returns
-    steps, timing, a loss curve (every ``curve_every`` steps) and the last record."""
+    """Call ``step_fn() -> dict`` (needs "loss") until the budget is spent (see the module docstring): seconds, or
+    timed steps with a :class:`StepClock`. Returns steps, timing (``train_s``: the budget's unit; ``wall_s``:
+    seconds), a loss curve (every ``curve_every`` steps) and the last record."""
     steps, curve, last = 0, [], {}
     t_start = time.perf_counter()
     warmup_s = 0.0
@@ -190,6 +217,8 @@ def train_for_budget(
             break
         if before_step is not None:
             before_step(steps)
+        if isinstance(clock, StepClock):
+            clock.tick()  # counted when it starts, as the wall clock has run on by the time the step sets its lr
         rec = step_fn()
         steps += 1
         last = rec
@@ -203,15 +232,17 @@ def train_for_budget(
                     **{k: round(float(v), 5) for k, v in rec.items() if isinstance(v, (int, float))},
                 }
             )
-        if log is not None and clock.started and clock.elapsed() >= next_log:
+        wall = clock.wall() if isinstance(clock, StepClock) else clock.elapsed()
+        if log is not None and clock.started and wall >= next_log:
             next_log += log_every_s
-            log(f"step {steps} t={clock.elapsed():.0f}s loss {float(rec['loss']):.4f}")
+            log(f"step {steps} t={wall:.0f}s loss {float(rec['loss']):.4f}")
     return {
         "steps": steps,
         "untimed_steps": min(untimed_steps, steps),
         "timed_steps": max(0, steps - untimed_steps),
         "warmup_s": round(warmup_s, 2),
         "train_s": round(clock.elapsed(), 2),
+        "wall_s": round(clock.wall() if isinstance(clock, StepClock) else clock.elapsed(), 2),
         "curve": curve,
         "last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
     }

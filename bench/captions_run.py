@@ -66,12 +66,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from captions_common import (  # noqa: E402
-    BudgetClock,
     TimeCosineLR,
     compact_vocab,
     finite_or_none,
     fixed_rows,
     id_lists,
+    make_clock,
     materialize_packs,
     to_world,
     train_for_budget,
@@ -136,6 +136,15 @@ def decoder_name(strategy: str, steps: int, guidance: float, block: int | None =
     return name + (f"-t{temperature:g}" if temperature != 1.0 else "")
 
 
+def budget_of(args: argparse.Namespace) -> float:
+    """The training budget in its unit: timed steps with ``--budget-steps``, else seconds."""
+    return float(args.budget_steps) if args.budget_steps > 0 else float(args.budget_s)
+
+
+def budget_text(args: argparse.Namespace) -> str:
+    return f"{args.budget_steps} steps" if args.budget_steps > 0 else f"{args.budget_s:.0f} s"
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The hyperparameters every run shares (recorded in each result)."""
     return {
@@ -153,6 +162,7 @@ def settings(args: argparse.Namespace) -> dict:
         "l2t_decoders": [decoder_name(*d) for d in l2t_decoders(args)],
         "length": args.length,
         "budget_s": args.budget_s,
+        "budget_steps": args.budget_steps,
         "untimed_steps": args.untimed_steps,
         "seed": args.seed,
         "sample_steps": args.sample_steps,
@@ -263,14 +273,14 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     tm = trainer.token_map
     if tm.vocab_ids != vocab.vocab_ids:  # the baselines build theirs from the bundle: they must agree
         raise RunError(f"the Trainer's compact vocabulary ({tm.size} ids) differs from the bundle's ({vocab.size})")
-    clock = BudgetClock()
-    trainer.scheduler = TimeCosineLR(trainer.optimizer, args.lr, args.warmup_steps, args.budget_s, 0.1, clock)
+    clock, budget = make_clock(args.budget_steps), budget_of(args)
+    trainer.scheduler = TimeCosineLR(trainer.optimizer, args.lr, args.warmup_steps, budget, 0.1, clock)
     phases: list[dict] = []
 
     def before_step(step: int) -> None:  # sequential: the phase follows the budget's elapsed share
         if variant != "sequential":
             return
-        frac = clock.elapsed() / args.budget_s
+        frac = clock.elapsed() / budget
         mode = "l2t" if frac < 1 / 3 else "t2l" if frac < 2 / 3 else "mixed"
         if not phases or phases[-1]["mode"] != mode:
             phases.append({"mode": mode, "from_step": step, "t": round(clock.elapsed(), 2)})
@@ -279,11 +289,11 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     say(
         f"{variant}: {n_params:,} trainable parameters, compact vocabulary {tm.size}, {len(trainer.train_set):,} "
-        f"rows; training for {args.budget_s:.0f} s"
+        f"rows; training for {budget_text(args)}"
     )
     tr = train_for_budget(
         trainer.train_step,
-        args.budget_s,
+        budget,
         clock,
         untimed_steps=args.untimed_steps,
         before_step=before_step,
@@ -354,6 +364,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         "train": {
             **tr,
             "budget_s": args.budget_s,
+            "budget_steps": args.budget_steps,
             "phases": phases,
             "rows_seen": tr["steps"] * args.batch,
             "epochs": tr["steps"] * args.batch / len(trainer.train_set),
@@ -402,15 +413,14 @@ def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device,
     from rwkv_diffusion_rnn.optimizer import build_optimizer
 
     opt = build_optimizer(model, args.lr, 0.01, (0.9, 0.99))
-    clock = BudgetClock()
-    sched = TimeCosineLR(opt, args.lr, args.warmup_steps, args.budget_s, 0.1, clock)
+    clock, budget = make_clock(args.budget_steps), budget_of(args)
+    sched = TimeCosineLR(opt, args.lr, args.warmup_steps, budget, 0.1, clock)
     src = RowSource(data.rows, data.text_len, data.z, args.batch, args.seed, dev)
     step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype, fast=args.fast)
-    tr = train_for_budget(
-        step, args.budget_s, clock, untimed_steps=args.untimed_steps, log=lambda s: say(f"{name}: {s}")
-    )
+    tr = train_for_budget(step, budget, clock, untimed_steps=args.untimed_steps, log=lambda s: say(f"{name}: {s}"))
     tr.update(
         budget_s=args.budget_s,
+        budget_steps=args.budget_steps,
         rows_seen=tr["steps"] * args.batch,
         epochs=tr["steps"] * args.batch / data.rows.shape[0],
         skipped=tr["last"].get("skipped_total", 0),
@@ -429,7 +439,7 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
     model = PrefixCaptioner(args.n_layer, args.n_embd, tm.size, prefix_len=args.ar_prefix, seed=args.seed).to(dev)
     model.banned = (tm.unk,)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"ar: {n_params:,} trainable parameters, compact vocabulary {tm.size}; training for {args.budget_s:.0f} s")
+    say(f"ar: {n_params:,} trainable parameters, compact vocabulary {tm.size}; training for {budget_text(args)}")
     tr = _baseline_training(model, data, ar_loss, args, dev, "ar")
     t1 = time.perf_counter()
     n_val = data.val_rows.shape[0] if not args.eval_limit else min(data.val_rows.shape[0], 5 * ev.n_img)
@@ -478,7 +488,7 @@ def run_regress(args, data: TrainData, ev: Eval, dev: torch.device) -> tuple[dic
     tm = data.token_map
     model = MeanPoolRegressor(args.n_layer, args.n_embd, tm.size, seed=args.seed).to(dev)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"regress: {n_params:,} trainable parameters ({args.regress_loss}); training for {args.budget_s:.0f} s")
+    say(f"regress: {n_params:,} trainable parameters ({args.regress_loss}); training for {budget_text(args)}")
     mean = torch.as_tensor(data.mean, dtype=torch.float32, device=dev)
     std = torch.as_tensor(data.std, dtype=torch.float32, device=dev)
     tr = _baseline_training(model, data, regress_loss_fn(args.regress_loss, mean, std), args, dev, "regress")
@@ -535,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", help="comma list of: " + ", ".join(VARIANTS))
     ap.add_argument("--variant", help="one variant (same as --variants NAME)")
     ap.add_argument("--budget-s", type=float, default=100.0, help="timed training seconds per run (default 100)")
+    ap.add_argument(
+        "--budget-steps",
+        type=int,
+        default=0,
+        help="train each run for this many timed steps instead of --budget-s seconds (studies on a shared CPU, "
+        "where the wall clock also measures the neighbours); the lr cosine then follows steps",
+    )
     ap.add_argument("--data", required=True, help="bundle folder from bench/captions_prepare.py")
     ap.add_argument("--out", required=True, help="folder for <variant>.json, <variant>_t2l.npy, log.txt")
     ap.add_argument("--tar", help="rewrite this tar of --out after every run (one file to carry back)")
@@ -592,6 +609,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for key in ("budget_s", "n_layer", "n_embd", "batch", "lr", "sample_steps", "beams", "ar_prefix", "eval_batch"):
         if not getattr(args, key) > 0:
             raise RunError(f"--{key.replace('_', '-')} must be > 0; got {getattr(args, key)}")
+    if args.budget_steps < 0:
+        raise RunError(f"--budget-steps must be >= 0 (0: the --budget-s clock); got {args.budget_steps}")
     if args.t2l_steps < 0:
         raise RunError(f"--t2l-steps must be >= 1 (0: --sample-steps); got {args.t2l_steps}")
     if args.length < 2:
@@ -628,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     say(
-        f"variants {names}; budget {args.budget_s:.0f} s each; device {_device_name(dev)}; torch {torch.__version__}; "
+        f"variants {names}; budget {budget_text(args)} each; device {_device_name(dev)}; torch {torch.__version__}; "
         f"bundle {args.data} ({bundle['meta']['counts']})"
     )
     train_pack = materialize_packs(bundle, work)
@@ -644,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in names:
         elapsed = time.perf_counter() - _T0
-        if args.deadline_s and elapsed + args.budget_s + args.eval_reserve_s > args.deadline_s:
+        expected = elapsed + (0.0 if args.budget_steps > 0 else args.budget_s) + args.eval_reserve_s
+        if args.deadline_s and expected > args.deadline_s:
             say(f"{name}: SKIPPED (would end after the {args.deadline_s:.0f} s deadline; {elapsed:.0f} s used)")
             summary["runs"][name] = {"status": "skipped (deadline)"}
             continue

@@ -370,3 +370,28 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
     for bad in bads:
         with pytest.raises(SystemExit, match="expected STRATEGY:STEPS"):
             captions_run.l2t_decoders(SimpleNamespace(l2t_decoders=bad, sample_steps=8))
+
+
+def test_step_budget_trains_exactly_that_many_timed_steps_and_the_lr_follows_steps():
+    from types import SimpleNamespace
+
+    from captions_common import StepClock, TimeCosineLR, train_for_budget
+
+    n = int(np.random.default_rng().integers(5, 40))  # a fresh budget each run
+    opt = SimpleNamespace(param_groups=[{"lr": 0.0}])
+    clock = StepClock()
+    sched = TimeCosineLR(opt, 1.0, 1, n, 0.1, clock)
+    lrs = []
+
+    def step():
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+        return {"loss": 1.0}
+
+    tr = train_for_budget(step, n, clock, untimed_steps=2)
+    assert (tr["steps"], tr["timed_steps"], tr["train_s"]) == (n + 2, n, n), (n, tr)
+    assert tr["wall_s"] >= 0
+    # timed step j (0-based) runs at the cosine of j / n: full lr first, falling monotonically to near the floor
+    timed = lrs[2:]
+    want = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * j / n)) for j in range(n)]
+    assert timed == pytest.approx(want), n
