@@ -42,6 +42,7 @@ tests run them without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -246,6 +247,11 @@ def _block(bv: int, N: int) -> int:
     return bv
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _forward(r, w, k, v, a, b, state, save: bool):
     B, T, H, N = r.shape
     C = CONFIG.chunk
@@ -257,11 +263,12 @@ def _forward(r, w, k, v, a, b, state, save: bool):
     sa = torch.empty(B, T, H, N, device=r.device, dtype=f32) if save else ht  # ht: a dummy pointer, never used
     # checkpoints, transposed (S^T, contiguous along k): the state before steps 0, C, 2C, ..., then the final state
     ckpt = torch.empty(B, H, NC + 1, N, N, device=r.device, dtype=f32) if save else ht
-    _wkv7_fwd_kernel[(N // BV, B * H)](
-        r, w, k, v, a, b, state if state is not None else ht, o, ht, sa, ckpt, T, NC,
-        H=H, N=N, BV=BV, C=C, HAS_H0=state is not None, SAVE=save,
-        num_warps=CONFIG.fwd_warps, num_stages=1,
-    )  # fmt: skip
+    with _on_device(r):
+        _wkv7_fwd_kernel[(N // BV, B * H)](
+            r, w, k, v, a, b, state if state is not None else ht, o, ht, sa, ckpt, T, NC,
+            H=H, N=N, BV=BV, C=C, HAS_H0=state is not None, SAVE=save,
+            num_warps=CONFIG.fwd_warps, num_stages=1,
+        )  # fmt: skip
     return o, ht, sa, ckpt
 
 
@@ -290,12 +297,13 @@ class _WKV7Triton(torch.autograd.Function):
         dv = torch.empty_like(v)
         dh0T = torch.empty(B, H, N, N, device=r.device, dtype=f32)
         dhtT = dht.float().transpose(-1, -2).contiguous() if dht is not None else dh0T  # kernel-side: S^T layout
-        _wkv7_bwd_kernel[(N // BV, B * H)](
-            r, w, k, v, a, b, do, sa, ckpt, dhtT,
-            dr, dw, dk, dv, da, db, dh0T, T, ckpt.shape[2] - 1,
-            H=H, N=N, BV=BV, C=ctx.chunk, HAS_DHT=dht is not None, ATOMIC=atomic,
-            num_warps=CONFIG.bwd_warps, num_stages=1,
-        )  # fmt: skip
+        with _on_device(r):
+            _wkv7_bwd_kernel[(N // BV, B * H)](
+                r, w, k, v, a, b, do, sa, ckpt, dhtT,
+                dr, dw, dk, dv, da, db, dh0T, T, ckpt.shape[2] - 1,
+                H=H, N=N, BV=BV, C=ctx.chunk, HAS_DHT=dht is not None, ATOMIC=atomic,
+                num_warps=CONFIG.bwd_warps, num_stages=1,
+            )  # fmt: skip
         if atomic:
             dr, dw, dk, da, db = (g.to(x.dtype) for g, x in zip((dr, dw, dk, da, db), (r, w, k, a, b), strict=True))
         dh0 = dh0T.transpose(-1, -2).contiguous() if ctx.needs_input_grad[6] else None
@@ -315,8 +323,10 @@ def wkv7_triton(
     if not (r.is_cuda or INTERPRET):
         raise DiffRwkvError("WKV backend 'triton' runs on CUDA tensors only; use backend 'reference' on the CPU")
     B, T, H, N = r.shape
-    if N & (N - 1) or N > 128:
-        raise DiffRwkvError(f"WKV backend 'triton' needs a power-of-two head size <= 128, got {N}")
+    if N < 2 or N & (N - 1) or N > 128:
+        raise DiffRwkvError(f"WKV backend 'triton' needs a power-of-two head size in [2, 128], got {N}")
+    if T * H * N >= 2**31:  # in-kernel time offsets are int32
+        raise DiffRwkvError(f"WKV backend 'triton': T * H * N = {T * H * N} too large (< 2^31)")
     for name, x in zip("wkvab", (w, k, v, a, b), strict=True):
         if x.shape != r.shape:
             raise DiffRwkvError(f"WKV operand {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)}")
