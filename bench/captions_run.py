@@ -16,6 +16,8 @@ twice          model.context=twice (the sequence read twice; 2x cost per step, s
 bidirectional  model.context=bidirectional
 sequential     training.loss_type=sequential: l2t for the first third of the budget, t2l the second, mixed last
 uniform        diffusion.text_weighting=uniform (plain masked CE instead of the ELBO weighting)
+prefix         diffusion.clean_prefix=0.5: half the text rows clean up to a random boundary (semi-autoregressive
+               decoding in-distribution; score it with ``bN`` decoders)
 l2t            training.loss_type=l2t: a latent -> text decoder only, like baseline (a) (its T2L is untrained: the
                diagnostic of how much of the gap to the AR decoder the other tasks' share of the batch explains)
 eps / v / x0   diffusion.latent_prediction=eps / v / x0 (the default is x0 since 2026-11-27, when it won this
@@ -78,7 +80,7 @@ from captions_common import (  # noqa: E402
     write_json_atomic,
 )
 
-DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "eps", "v", "x0", "l2t")
+DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "eps", "v", "x0", "l2t", "prefix")
 BASELINES = ("ar", "regress")
 VARIANTS = DIFFUSION + BASELINES
 _T0 = time.perf_counter()
@@ -195,6 +197,8 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
         dc.text_weighting = "uniform"
     elif variant == "l2t":
         t.loss_type = "l2t"
+    elif variant == "prefix":
+        dc.clean_prefix = 0.5
     elif variant in ("eps", "v", "x0"):
         dc.latent_prediction = variant
     elif variant != "causal":

@@ -86,6 +86,9 @@ class DiffusionConfig:
     latent_prediction: str = "x0"  # x0 | eps | v (x0 won text->latent on captions: docs/RESULTS.md 2026-11-27)
     antithetic: bool = True
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance (the condition is fed fully noised)
+    # share of text-loss rows whose text before a random boundary is given clean (t = 0) while the rest is diffused
+    # at the row's t: trains semi-autoregressive decoding (--block-size) in-distribution (objectives.py)
+    clean_prefix: float = 0.0
 
 
 @dataclass
@@ -176,6 +179,7 @@ def validate(cfg: TrainConfig) -> None:
         (len(t.betas) == 2, "training.betas must have two values"),
         (0 <= t.ema_decay < 1, "training.ema_decay must be in [0, 1)"),
         (0 <= d.p_uncond < 1, "diffusion.p_uncond must be in [0, 1)"),
+        (0 <= d.clean_prefix <= 1, "diffusion.clean_prefix must be in [0, 1]"),
         (d.latent_prediction in ("eps", "x0", "v"),
          f"diffusion.latent_prediction must be eps, x0 or v; got '{d.latent_prediction}'"),
         (m.latent_dim >= 1, "model.latent_dim must be >= 1"),

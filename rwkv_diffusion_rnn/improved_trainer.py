@@ -204,7 +204,7 @@ class Trainer:
                                dc.text_weighting, dc.antithetic)  # fmt: skip
         latent = GaussianDiffusion(build_latent_schedule(dc.latent_schedule), dc.latent_prediction, dc.antithetic)
         self.objective = DiffusionObjective(text, latent, self.normalizer, dc.p_uncond, t.latent_loss_weight,
-                                            cfg.data.max_length, t.seed, t.chunked_ce)  # fmt: skip
+                                            cfg.data.max_length, t.seed, t.chunked_ce, dc.clean_prefix)  # fmt: skip
 
         self._plan_batch()
         self.global_batch = t.train_batch_size * self.dist.world_size * t.grad_accum_steps
@@ -460,7 +460,7 @@ class Trainer:
                     rows, weight = [0], 0.0  # fsdp: every rank must run every forward (it gathers parameters)
                 batch = {k: v.to(self.device) for k, v in self.collate([self.val_set[j] for j in rows]).items()}
                 for mode, slot in (("l2t", 0), ("t2l", 2)):
-                    c = self.objective.corrupt(batch, mode, i, slot, 0, 1, salt=99991)
+                    c = self.objective.corrupt(batch, mode, i, slot, 0, 1, salt=99991, clean_prefix=0.0)
                     norm = c.counts(self.objective.text.weighting)
                     with self._autocast():
                         loss, st = self.objective.loss(self.model, c, torch.ones(2, device=self.device))

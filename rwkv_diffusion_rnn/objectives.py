@@ -13,6 +13,15 @@ unconditional  sampled                     sampled                     text + la
 With probability ``p_uncond`` an l2t / t2l row drops its condition: the condition is fed fully noised (t = 1; for
 text every token is ``<mask>``), which is exactly what classifier-free guidance feeds at sampling time.
 
+Clean prefix (``clean_prefix`` p, ``diffusion.clean_prefix``): a share p of the rows with a text loss picks a
+boundary k uniformly among its real positions; positions before k are given clean at t = 0 and the rest is masked
+at the row's t as usual, so ``t_text`` becomes per position ``[B, T]``. The loss is then the masked-diffusion ELBO
+of the suffix given the prefix (normalised by the suffix's tokens), which is what semi-autoregressive decoding asks
+of the model: committed text at t = 0, the active block at t (sampling.py, ``block_size``). With a one-token block
+at t = 1 it is the next-token prediction of an autoregressive decoder. The idea is Block Diffusion's (Arriola et
+al. 2025, clean earlier blocks, noisy current block) with one block boundary per row. Its draws come after all
+others, so p = 0 leaves every other draw, and every earlier run, unchanged.
+
 Exactness across processes: every random draw of a micro-step (modes, times, masking uniforms, Gaussian noise) is
 made for the GLOBAL micro-batch from a CPU generator seeded by ``(seed, step, micro_step)``, and each rank takes its
 rows (``rank::world``, the rows the batch sampler gave it). One process with a doubled batch therefore sees exactly
@@ -46,16 +55,19 @@ class Corrupted:
     z0: torch.Tensor  # [B, D] standardised clean latent
     eps: torch.Tensor  # [B, D]
     z_t: torch.Tensor  # [B, D]
-    t_text: torch.Tensor  # [B]
+    t_text: torch.Tensor  # [B], or [B, T] with clean prefixes (0 before each row's boundary)
     t_latent: torch.Tensor  # [B]
     text_rows: torch.Tensor  # [B] bool: rows with a text loss
     latent_rows: torch.Tensor  # [B] bool: rows with a latent loss
     modes: torch.Tensor  # [B] long
+    text_positions: torch.Tensor | None = None  # [B, T] bool: the positions of the text ELBO (None: real tokens)
 
     def counts(self, weighting: str) -> torch.Tensor:
-        """Local normalisers ``[text, latent]``: tokens of text-loss rows (elbo) or masked tokens (uniform); rows."""
+        """Local normalisers ``[text, latent]``: tokens under the text ELBO of text-loss rows (elbo; a clean prefix
+        is not) or masked tokens (uniform); rows."""
         if weighting == "elbo":
-            n_text = (self.attention_mask.bool() & self.text_rows[:, None]).sum()
+            pos = self.attention_mask.bool() if self.text_positions is None else self.text_positions
+            n_text = (pos & self.text_rows[:, None]).sum()
         else:
             n_text = self.masked.sum()
         return torch.stack([n_text.float(), self.latent_rows.sum().float()])
@@ -74,11 +86,12 @@ class DiffusionObjective:
         max_length: int | None = None,
         seed: int = 0,
         chunked_ce: bool = False,
+        clean_prefix: float = 0.0,
     ) -> None:
         self.text, self.latent, self.normalizer = text, latent, normalizer
         self.p_uncond, self.latent_loss_weight = p_uncond, latent_loss_weight
         self.max_length, self.seed = max_length, seed
-        self.chunked_ce = chunked_ce
+        self.chunked_ce, self.clean_prefix = chunked_ce, clean_prefix
 
     def generator(self, step: int, micro: int, salt: int = 0) -> torch.Generator:
         # distinct, reproducible streams per (step, micro-step); salt separates e.g. evaluation from training
@@ -93,8 +106,11 @@ class DiffusionObjective:
         rank: int = 0,
         world: int = 1,
         salt: int = 0,
+        clean_prefix: float | None = None,
     ) -> Corrupted:
-        """Corrupt the local rows of a micro-batch. ``modes``: one mode name, or mixing weights per mode name."""
+        """Corrupt the local rows of a micro-batch. ``modes``: one mode name, or mixing weights per mode name.
+        ``clean_prefix``: the share of text rows given a clean prefix (None: the objective's; evaluation passes 0)."""
+        p_prefix = self.clean_prefix if clean_prefix is None else clean_prefix
         ids, attn, lat = batch["input_ids"], batch["attention_mask"], batch["latent"]
         dev = ids.device
         b, T = ids.shape
@@ -113,9 +129,13 @@ class DiffusionObjective:
         drop = torch.rand(G, generator=g) < self.p_uncond
         u = torch.rand(G, L, generator=g)
         eps = torch.randn(G, lat.shape[-1], generator=g)
+        with_prefix, cut = torch.zeros(G, dtype=torch.bool), torch.zeros(G)
+        if p_prefix > 0:  # drawn last: without clean prefixes every earlier draw is what it always was
+            with_prefix, cut = torch.rand(G, generator=g) < p_prefix, torch.rand(G, generator=g)
 
         rows = slice(rank, G, world)
         mode, t_text, t_lat, drop, u, eps = (x[rows] for x in (mode, t_text, t_lat, drop, u, eps))
+        with_prefix, cut = with_prefix[rows].to(dev), cut[rows].to(dev)
         # the clean condition is t = 0; a dropped condition is fully noised, t = 1
         t_text = torch.where(mode == T2L, torch.where(drop, 1.0, 0.0), t_text)
         t_lat = torch.where(mode == L2T, torch.where(drop, 1.0, 0.0), t_lat)
@@ -124,12 +144,21 @@ class DiffusionObjective:
         real = attn.bool()
         masked = (u < self.text.schedule.mask_prob(t_text)[:, None]) & real
         masked = torch.where(((mode == T2L) & drop)[:, None], real, masked)  # dropped text: all <mask>
+        text_rows = mode != T2L
+        positions = None
+        if p_prefix > 0:  # boundary k uniform over the row's real positions; before it: clean, t = 0
+            k = (cut * real.sum(1)).floor().long()
+            k = torch.where(with_prefix & text_rows, k, 0)
+            positions = torch.arange(T, device=dev)[None] >= k[:, None]  # [B, T]: under the ELBO
+            masked = masked & positions
+            t_text = torch.where(positions, t_text[:, None], 0.0)  # [B, T]
+            positions = positions & real
         noisy = torch.where(masked, torch.full_like(ids, self.text.mask_id), ids)
         z0 = self.normalizer.normalize(lat.float())
         z_t = self.latent.q_sample(z0, t_lat, eps)
-        text_rows = mode != T2L
         masked = masked & text_rows[:, None]  # a t2l row's masks are its (dropped) condition, not a target
-        return Corrupted(ids, attn, noisy, masked, z0, eps, z_t, t_text, t_lat, text_rows, mode != L2T, mode)
+        return Corrupted(ids, attn, noisy, masked, z0, eps, z_t, t_text, t_lat, text_rows, mode != L2T, mode,
+                         positions)  # fmt: skip
 
     def loss(self, denoiser, c: Corrupted, norm: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch normalised by GLOBAL counts ``norm`` = ``[text, latent]`` (summed over ranks and
@@ -147,7 +176,8 @@ class DiffusionObjective:
             ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
             pred = logits.argmax(-1)
         if self.text.weighting == "elbo":
-            w = self.text.schedule.elbo_weight(c.t_text.float())[:, None].expand_as(c.masked).flatten()[picked]
+            t_pos = c.t_text.float() if c.t_text.dim() == 2 else c.t_text.float()[:, None].expand_as(c.masked)
+            w = self.text.schedule.elbo_weight(t_pos.flatten()[picked])  # a masked position has its row's t
         else:
             w = torch.ones_like(ce)
         text_sum = (ce * w).sum()
