@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=512, help="text tokens per row")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla (our RWKV-7 rows)")
+    p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla | triton (our RWKV-7 rows)")
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
     p.add_argument(
         "--compile-regions",
