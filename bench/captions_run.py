@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import sys
 import tarfile
@@ -176,6 +177,27 @@ def settings(args: argparse.Namespace) -> dict:
     }
 
 
+def parse_overrides(items: list[str] | None) -> list[tuple[str, str, object]]:
+    """``--set SECTION.KEY=VALUE`` items as (section, key, value), checked against TrainConfig's fields; VALUE is
+    read as JSON when it parses (numbers, true/false, lists), else kept as a string."""
+    from rwkv_diffusion_rnn.config import TrainConfig
+
+    cfg, out = TrainConfig(), []
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not hasattr(cfg, section) or not hasattr(getattr(cfg, section), name):
+            raise RunError(
+                f"--set {item!r}: expected SECTION.KEY=VALUE with a TrainConfig key, e.g. model.latent_prefix_len=4"
+            )
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.append((section, name, value))
+    return out
+
+
 def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, save_dir: Path):
     from rwkv_diffusion_rnn.config import TrainConfig
 
@@ -203,6 +225,8 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
         dc.latent_prediction = variant
     elif variant != "causal":
         raise RunError(f"unknown diffusion variant {variant!r}")
+    for section, name, value in parse_overrides(args.set):
+        setattr(getattr(cfg, section), name, value)
     return cfg
 
 
@@ -595,6 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--regress-loss", default="mse", choices=["mse", "cosine"])
     ap.add_argument("--eval-batch", type=int, default=256)
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate only this many images / STS-B pairs (tests)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a TrainConfig key in every diffusion run, after the variant's own change (repeatable), e.g. "
+        "--set model.latent_prefix_len=4; name such runs apart with --tag",
+    )
+    ap.add_argument("--tag", default="", help="suffix of every run's name in the outputs, e.g. -p4 (causal-p4.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--deadline-s",
@@ -613,6 +645,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for key in ("budget_s", "n_layer", "n_embd", "batch", "lr", "sample_steps", "beams", "ar_prefix", "eval_batch"):
         if not getattr(args, key) > 0:
             raise RunError(f"--{key.replace('_', '-')} must be > 0; got {getattr(args, key)}")
+    parse_overrides(args.set)
+    if args.tag and not all(ch.isalnum() or ch in "-_." for ch in args.tag):
+        raise RunError(f"--tag {args.tag!r}: letters, digits, '-', '_' and '.' only (it names files)")
     if args.budget_steps < 0:
         raise RunError(f"--budget-steps must be >= 0 (0: the --budget-s clock); got {args.budget_steps}")
     if args.t2l_steps < 0:
@@ -665,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings(args),
         "runs": {},
     }
-    for name in names:
+    for variant in names:
+        name = variant + args.tag  # the run's name in every output
         elapsed = time.perf_counter() - _T0
         expected = elapsed + (0.0 if args.budget_steps > 0 else args.budget_s) + args.eval_reserve_s
         if args.deadline_s and expected > args.deadline_s:
@@ -674,18 +710,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t_run = time.perf_counter()
         try:
-            if name in DIFFUSION:
+            if variant in DIFFUSION:
                 if vocab is None:
                     vocab = compact_vocab(bundle["train_tokens"], bundle["train_offsets"], args.length)
-                result, pred = run_diffusion(name, args, train_pack, ev, work, tok, vocab)
+                result, pred = run_diffusion(variant, args, train_pack, ev, work, tok, vocab)
             else:
                 if data is None:
                     data = TrainData(bundle, args)
-                if name == "ar":
+                if variant == "ar":
                     result, pred = run_ar(args, data, ev, dev, tok)
                 else:
                     result, pred = run_regress(args, data, ev, dev)
             result.update(
+                variant=name,
+                overrides=args.set or [],
                 device=_device_name(dev),
                 torch=torch.__version__,
                 seconds_total=round(time.perf_counter() - t_run, 1),

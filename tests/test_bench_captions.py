@@ -395,3 +395,20 @@ def test_step_budget_trains_exactly_that_many_timed_steps_and_the_lr_follows_ste
     timed = lrs[2:]
     want = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * j / n)) for j in range(n)]
     assert timed == pytest.approx(want), n
+
+
+def test_set_overrides_parse_into_config_keys_and_bad_ones_are_one_line(tmp_path, capsys):
+    got = captions_run.parse_overrides(["model.latent_prefix_len=4", "diffusion.text_weighting=uniform",
+                                        "training.mixed_weights={\"l2t\": 2, \"t2l\": 1}"])  # fmt: skip
+    assert got == [("model", "latent_prefix_len", 4), ("diffusion", "text_weighting", "uniform"),
+                   ("training", "mixed_weights", {"l2t": 2, "t2l": 1})]  # fmt: skip
+    args = captions_run.build_parser().parse_args(
+        ["--variant", "causal", "--data", "x", "--out", "y", "--set", "model.latent_prefix_len=3"]
+    )
+    cfg = captions_run.diffusion_config("uniform", args, tmp_path, tmp_path)
+    assert cfg.model.latent_prefix_len == 3 and cfg.diffusion.text_weighting == "uniform"  # variant + override
+    for bad in (["--set", "model.no_such_key=1"], ["--set", "latent_prefix_len=4"], ["--tag", "a/b"]):
+        argv = ["--variant", "causal", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *bad]
+        assert captions_run.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: --"), err
