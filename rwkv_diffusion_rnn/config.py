@@ -48,6 +48,7 @@ class ModelConfig:
     context: str = "causal"  # causal | twice | bidirectional (DESIGN §2)
     time_conditioning: str = "film"  # film | add
     film_every_block: bool = False
+    latent_film: bool = False  # the noisy latent also feeds the FiLM MLP: every position sees it, not only the prefix
     time_embed_dim: int = 128
     latent_head_hidden: int = 0  # 0: backbone width
 

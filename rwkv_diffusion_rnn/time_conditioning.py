@@ -9,6 +9,11 @@ modulation of the residual stream. A "site" is the input of a block: site 0 is t
 
 The output layer is zero-initialised, so at step 0 the modulation is the identity and a pretrained backbone sees
 exactly its pretrained inputs.
+
+With ``latent_dim`` > 0 (``model.latent_film``) the (noisy, standardised) latent is a third input of the MLP, through
+its own linear embedding: the modulation then carries the latent to every position of the sites (adaLN with a class
+embedding, as DiT conditions on labels), where the latent prefix reaches later positions only through the
+recurrent state.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class TimeConditioner(nn.Module):
     """(t_text [B], t_latent [B]) -> a function ``pre_block(i, x)`` that modulates block inputs ``x`` ``[B, T, C]``."""
 
     def __init__(self, n_embd: int, n_layer: int, mode: str = "film", every_block: bool = False,
-                 embed_dim: int = 128, hidden: int | None = None) -> None:  # fmt: skip
+                 embed_dim: int = 128, hidden: int | None = None, latent_dim: int = 0) -> None:  # fmt: skip
         super().__init__()
         if mode not in MODES:
             raise DiffRwkvError(f"model.time_conditioning must be one of {', '.join(MODES)}; got '{mode}'")
@@ -49,24 +54,34 @@ class TimeConditioner(nn.Module):
         self.n_sites = n_layer if every_block else 1
         per_site = (2 if mode == "film" else 1) * n_embd
         hidden = hidden or n_embd
-        self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.latent_dim = latent_dim
+        self.latent_in = nn.Linear(latent_dim, embed_dim) if latent_dim else None
+        n_in = (3 if latent_dim else 2) * embed_dim
+        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.out = nn.Linear(hidden, self.n_sites * per_site)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, t_text: torch.Tensor, t_latent: torch.Tensor):
+    def forward(self, t_text: torch.Tensor, t_latent: torch.Tensor, z: torch.Tensor | None = None):
         """Returns ``pre_block(i, x) -> x`` for :meth:`RWKV7.forward_embeds`.
 
         Times are ``[B]`` (one per row) or ``[B, S]`` (one per sequence position, as semi-autoregressive sampling
-        uses: committed positions are clean, t = 0, while the active block is noisy)."""
+        uses: committed positions are clean, t = 0, while the active block is noisy). ``z`` ``[B, D]``: the latent,
+        used only when built with ``latent_dim`` (ignored otherwise)."""
         per_position = t_text.dim() == 2 or t_latent.dim() == 2
         if per_position:
             S = (t_text if t_text.dim() == 2 else t_latent).shape[1]
             t_text = t_text if t_text.dim() == 2 else t_text[:, None].expand(-1, S)
             t_latent = t_latent if t_latent.dim() == 2 else t_latent[:, None].expand(-1, S)
         shape = t_text.shape
-        e = torch.cat([sinusoidal_embedding(t_text.reshape(-1), self.embed_dim),
-                       sinusoidal_embedding(t_latent.reshape(-1), self.embed_dim)], -1)  # fmt: skip
+        parts = [sinusoidal_embedding(t_text.reshape(-1), self.embed_dim),
+                 sinusoidal_embedding(t_latent.reshape(-1), self.embed_dim)]  # fmt: skip
+        if self.latent_in is not None:
+            if z is None:
+                raise DiffRwkvError("this time conditioner was built with latent_dim: pass the latent z")
+            ez = self.latent_in(z.to(self.latent_in.weight.dtype))  # [B, E]
+            parts.append((ez[:, None].expand(-1, shape[1], -1) if len(shape) == 2 else ez).reshape(-1, self.embed_dim))
+        e = torch.cat([p.float() for p in parts], -1)
         mod = self.out(self.mlp(e.to(self.out.weight.dtype)))  # [B(*S), sites * per_site]
         mod = mod.view(*shape, self.n_sites, -1, self.n_embd)  # [B, (S,) sites, 1 or 2, C]
         if not per_position:

@@ -50,6 +50,7 @@ class DenoiserConfig:
     context: str = "causal"  # causal | twice | bidirectional
     time_conditioning: str = "film"  # film | add
     film_every_block: bool = False  # modulate every block's input, not only block 0's
+    latent_film: bool = False  # the noisy latent also feeds the FiLM MLP (each position sees it, not only the prefix)
     time_embed_dim: int = 128  # sinusoidal features per time
     use_rwkv_lm_head: bool = False  # reuse the backbone's (next-token) LM head instead of a fresh one
     latent_head_hidden: int = 0  # 0: the backbone width
@@ -131,8 +132,9 @@ class RWKVDenoiser(nn.Module):
         self.readout_proj = nn.Linear(D, R * C)
         self.readout_pos = nn.Parameter(torch.randn(R, C) * 0.02)
         self.time = TimeConditioner(
-            C, backbone.cfg.n_layer, cfg.time_conditioning, cfg.film_every_block, cfg.time_embed_dim
-        )
+            C, backbone.cfg.n_layer, cfg.time_conditioning, cfg.film_every_block, cfg.time_embed_dim,
+            latent_dim=D if cfg.latent_film else 0,
+        )  # fmt: skip
         if not cfg.use_rwkv_lm_head:
             self.text_head = nn.Linear(C, self.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=0.5 / math.sqrt(C))
@@ -248,7 +250,7 @@ class RWKVDenoiser(nn.Module):
             x,
             None,
             lay.mask,
-            pre_block=self.time(t_text, t_latent),
+            pre_block=self.time(t_text, t_latent, z_t),
             bidirectional=self.cfg.context == "bidirectional",
             need_state=False,
             trusted_mask=True,  # right-padded by construction (layout)
@@ -295,7 +297,7 @@ class RWKVDenoiser(nn.Module):
         if x.shape[1] == 0:
             return PrefixCache(None, None)
         times = x.new_zeros(B, x.shape[1], dtype=torch.float32)
-        h, state = self.backbone.forward_embeds(x, None, None, pre_block=self.time(times, t_latent))
+        h, state = self.backbone.forward_embeds(x, None, None, pre_block=self.time(times, t_latent, z_t))
         return PrefixCache(state, h[:, -1:])
 
     def forward_cached(
@@ -317,7 +319,7 @@ class RWKVDenoiser(nn.Module):
         readout = (self.readout_proj(z).view(B, R, C) + self.readout_pos).to(text.dtype)
         x = torch.cat([text, readout], 1)
         times = t_block.float()[:, None].expand(B, x.shape[1])
-        h, _ = self.backbone.forward_embeds(x, cache.state, None, pre_block=self.time(times, t_latent))
+        h, _ = self.backbone.forward_embeds(x, cache.state, None, pre_block=self.time(times, t_latent, z_t))
         dev = block_ids.device
         text_pos = torch.arange(Kb, device=dev).expand(B, Kb)
         if self.cfg.use_rwkv_lm_head:  # position i is read one step earlier: the cache's last output for i = 0

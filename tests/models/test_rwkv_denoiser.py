@@ -12,12 +12,14 @@ from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 CONTEXTS = ["causal", "twice", "bidirectional"]
 
 
-def _denoiser(context: str, lm_head: bool = False, prefix: int = 2, readout: int = 2, seed: int | None = None):
+def _denoiser(context: str, lm_head: bool = False, prefix: int = 2, readout: int = 2, seed: int | None = None,
+              latent_film: bool = False):  # fmt: skip
     seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
     backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=seed)
     cfg = DenoiserConfig(
-        context=context, use_rwkv_lm_head=lm_head, latent_prefix_len=prefix, latent_readout_len=readout
-    )
+        context=context, use_rwkv_lm_head=lm_head, latent_prefix_len=prefix, latent_readout_len=readout,
+        latent_film=latent_film,
+    )  # fmt: skip
     d = RWKVDenoiser(backbone, cfg).eval()
     with torch.no_grad():  # leave the zero-init regime so every path carries signal
         d.latent_head[2].weight.normal_()
@@ -127,10 +129,36 @@ def test_lora_adapters_start_as_identity():
         assert (lora(ids, mask, z, t1, t2).text_hidden - ref).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_latent_film_brings_the_latent_to_every_position_without_a_prefix(context):
+    """model.latent_film: with no latent prefix, a causal model's text positions depend on the latent only through
+    the FiLM MLP (off: not at all; the other contexts also see the readout); zero-initialised, it starts as the
+    identity like the time conditioning."""
+    ids, mask, z, t1, t2 = _inputs()
+    z2 = z + torch.randn_like(z)
+    real = mask.bool()[..., None]
+    with torch.no_grad():
+        for film in (False, True):
+            d = _denoiser(context, prefix=0, latent_film=film)
+            diff = d(ids, mask, z2, t1, t2).text_hidden - d(ids, mask, z, t1, t2).text_hidden
+            delta = (diff * real).abs().amax((1, 2))
+            if film:
+                assert (delta > 1e-4).all(), delta  # every row, from its first position on
+                assert (d(ids[:, :1], mask[:, :1], z2, t1, t2).text_hidden - d(ids[:, :1], mask[:, :1], z, t1, t2)
+                        .text_hidden).abs().max() > 1e-4  # fmt: skip
+                d.time.out.weight.zero_()
+                same = d(ids, mask, z2, t1, t2).text_hidden - d(ids, mask, z, t1, t2).text_hidden
+                if context == "causal":  # zero-initialised output layer: the latent is not yet read there
+                    assert (same * real).abs().max() == 0
+            elif context == "causal":
+                assert delta.max() == 0, delta
+
+
 @pytest.mark.parametrize("lm_head", [False, True])
 @pytest.mark.parametrize("K", [0, 5])
-def test_cached_block_equals_rereading_the_committed_text(lm_head, K):
-    d = _denoiser("causal", lm_head, prefix=1 if lm_head else 2)
+@pytest.mark.parametrize("latent_film", [False, True])
+def test_cached_block_equals_rereading_the_committed_text(lm_head, K, latent_film):
+    d = _denoiser("causal", lm_head, prefix=1 if lm_head else 2, latent_film=latent_film)
     B, Kb = 3, 4
     committed = torch.randint(1, 300, (B, K))
     block = torch.randint(1, 300, (B, Kb))
