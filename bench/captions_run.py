@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a TrainConfig key in every diffusion run, after the variant's own change (repeatable), e.g. "
         "--set model.latent_prefix_len=4; name such runs apart with --tag",
     )
-    ap.add_argument("--tag", default="", help="suffix of every run's name in the outputs, e.g. -p4 (causal-p4.json)")
+    ap.add_argument("--tag", default="", help="suffix of every run's name in the outputs: --tag p4 -> causal-p4.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--deadline-s",
@@ -648,6 +648,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     parse_overrides(args.set)
     if args.tag and not all(ch.isalnum() or ch in "-_." for ch in args.tag):
         raise RunError(f"--tag {args.tag!r}: letters, digits, '-', '_' and '.' only (it names files)")
+    if args.tag.startswith("-"):
+        raise RunError(f"--tag {args.tag!r}: give the suffix without its leading '-' (--tag p4 names causal-p4)")
     if args.budget_steps < 0:
         raise RunError(f"--budget-steps must be >= 0 (0: the --budget-s clock); got {args.budget_steps}")
     if args.t2l_steps < 0:
@@ -701,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     for variant in names:
-        name = variant + args.tag  # the run's name in every output
+        name = f"{variant}-{args.tag}" if args.tag else variant  # the run's name in every output
         elapsed = time.perf_counter() - _T0
         expected = elapsed + (0.0 if args.budget_steps > 0 else args.budget_s) + args.eval_reserve_s
         if args.deadline_s and expected > args.deadline_s:
