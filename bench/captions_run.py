@@ -291,6 +291,23 @@ class Eval:
 
 
 # ------------------------------------------------------------------------------------------------- diffusion
+class OtherLatent(torch.utils.data.Dataset):
+    """The rows of ``base``, each with the next row's latent (the last with the first's): validation rows list the
+    images in order, so the neighbour is another image. The likelihood with the wrong latent minus the likelihood with
+    the right one is the information the model reads from the latent, in bits per token."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        row = dict(self.base[i])
+        row["latent"] = self.base[(i + 1) % len(self.base)]["latent"]
+        return row
+
+
 def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, tok, vocab) -> tuple[dict, np.ndarray]:
     from rwkv_diffusion_rnn.evaluate import likelihood_metrics
     from rwkv_diffusion_rnn.improved_trainer import Trainer
@@ -353,10 +370,14 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
 
         val_rows = Subset(trainer.val_set, range(min(len(trainer.val_set), 5 * ev.n_img)))
     lik = likelihood_metrics(m, val_rows, batch_size=args.eval_batch, device=dev, seed=args.seed)
+    wrong = likelihood_metrics(m, OtherLatent(val_rows), batch_size=args.eval_batch, device=dev, seed=args.seed)
+    lik["val_text_nelbo_bits_other_latent"] = wrong["val_text_nelbo_bits"]
+    lik["latent_info_bits"] = wrong["val_text_nelbo_bits"] - lik["val_text_nelbo_bits"]
     t_lik = time.perf_counter() - t1
     say(
         f"{variant}: val NELBO {lik['val_text_nelbo_bits']:.4f} bits/token (uniform {lik['uniform_bits']:.2f}), "
-        f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}) [{t_lik:.0f} s]"
+        f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}); with another image's "
+        f"latent {wrong['val_text_nelbo_bits']:.4f} bits/token [{t_lik:.0f} s]"
     )
     t1 = time.perf_counter()
     decoded: dict[str, dict] = {}
@@ -401,6 +422,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         "eval": {
             "likelihood": lik,
             "nelbo_bits": finite_or_none(lik["val_text_nelbo_bits"]),
+            "latent_info_bits": finite_or_none(lik["latent_info_bits"]),
             "likelihood_s": round(t_lik, 1),
             "l2t_s": round(t_l2t, 1),
             "t2l_s": round(t_t2l, 1),
@@ -471,15 +493,17 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
     tr = _baseline_training(model, data, ar_loss, args, dev, "ar")
     t1 = time.perf_counter()
     n_val = data.val_rows.shape[0] if not args.eval_limit else min(data.val_rows.shape[0], 5 * ev.n_img)
-    nll = ar_nll_bits(
-        model,
-        torch.as_tensor(data.val_rows[:n_val], device=dev),
-        torch.as_tensor(data.val_z[:n_val], device=dev),
-        args.dtype,
-        args.eval_batch,
-    )
+    val_ids = torch.as_tensor(data.val_rows[:n_val], device=dev)
+    val_z = torch.as_tensor(data.val_z[:n_val], device=dev)
+    nll = ar_nll_bits(model, val_ids, val_z, args.dtype, args.eval_batch)
+    # the same rows, each with the NEXT row's latent (another image): what the latent is worth to the model
+    wrong = ar_nll_bits(model, val_ids, val_z.roll(-1, 0), args.dtype, args.eval_batch)["val_nll_bits"]
+    nll.update(val_nll_bits_other_latent=wrong, latent_info_bits=wrong - nll["val_nll_bits"])
     t_lik = time.perf_counter() - t1
-    say(f"ar: val NLL {nll['val_nll_bits']:.4f} bits/token (uniform {nll['uniform_bits']:.2f}) [{t_lik:.0f} s]")
+    say(
+        f"ar: val NLL {nll['val_nll_bits']:.4f} bits/token (uniform {nll['uniform_bits']:.2f}); with another "
+        f"image's latent {wrong:.4f} [{t_lik:.0f} s]"
+    )
     z = torch.as_tensor(data.standardise(ev.val_latents), device=dev)
     l2t, secs = {}, {}
     for name, k in (("greedy", 1), (f"beam{args.beams}", args.beams)):
@@ -501,6 +525,7 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
         "eval": {
             "likelihood": nll,
             "nelbo_bits": finite_or_none(nll["val_nll_bits"]),
+            "latent_info_bits": finite_or_none(nll["latent_info_bits"]),
             "likelihood_s": round(t_lik, 1),
             "decode_s": secs,
         },

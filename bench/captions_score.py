@@ -15,6 +15,8 @@ encoder (all-MiniLM-L6-v2 + the saved PCA-32: ``latent_encoder.LatentEncoder``, 
   predicted latents of each STS-B dev pair against the human score, beside the encoder's own 32-d rho (ceiling);
 * bits/tok: the diffusion text NELBO (latent given; an upper bound) or the AR baseline's exact NLL, both over the
   same 40-token rows of the 5 x 1014 validation captions (end-of-text padding included, as trained);
+* latent bits/tok: the same bits/tok with each validation row given the NEXT row's latent (another image) minus
+  bits/tok with its own: what the model reads from the latent (0: it ignores it);
 * reference rows: ``floor`` — a random TRAINING caption per image (seeded, from the bundle), re-encoded (for T2L:
   its latent; STS-B 0 by definition: a latent that ignores the text ranks pairs at random); ``human`` — caption-2
   of the same image written by another person, re-encoded (what a perfect captioner that is not a copier scores).
@@ -47,6 +49,7 @@ COLUMNS = [
     ("t2l_cosine", "T2L cos"),
     ("sts_spearman", "STS-B rho"),
     ("bits", "bits/tok"),
+    ("latent_info", "latent bits/tok"),
 ]
 
 
@@ -128,6 +131,7 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
             "steps": tr.get("steps"),
             "train_s": tr.get("train_s"),
             "bits": (res.get("eval") or {}).get("nelbo_bits"),
+            "latent_info": (res.get("eval") or {}).get("latent_info_bits"),
             "kind": res["kind"],
         }
         t2l = {}

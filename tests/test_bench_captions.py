@@ -192,6 +192,10 @@ def test_prepare_run_score_end_to_end(tmp_path):
             assert all(0 < i < 65536 and i in world_train for r in rows for i in r), (v, d)
     lik = res["causal"]["eval"]["likelihood"]
     assert 0 < lik["val_text_nelbo_bits"] < 3 * lik["uniform_bits"] and lik["rows"] == 5 * n_img
+    # the likelihood again with each row given the next row's latent (another image): it must move
+    for v in ("causal", "ar"):
+        info = res[v]["eval"]["latent_info_bits"]
+        assert info is not None and math.isfinite(info) and info != 0, (seed, v, info)
     nll = res["ar"]["eval"]["likelihood"]
     assert nll["tokens"] == 5 * n_img * 16
     # the AR baseline learned something in its budget: below the uniform code length
@@ -233,6 +237,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
     cos = captions_score_cos(np.load(out / "causal_t2l.npy")[:n_img], np.asarray(bundle["val_latents"][:n_img]))
     assert t2l_row["t2l_cosine"] == pytest.approx(cos, abs=1e-9)
     assert "| causal |" in md.read_text()
+    assert {r["variant"]: r["latent_info"] for r in sc["rows"]}["ar"] == res["ar"]["eval"]["latent_info_bits"]
 
 
 def captions_score_cos(a: np.ndarray, b: np.ndarray) -> float:
