@@ -53,6 +53,8 @@ def wkv7_reference(
     a: torch.Tensor,
     b: torch.Tensor,
     state: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequential WKV-7.
 
@@ -60,16 +62,17 @@ def wkv7_reference(
         r, w, k, a, b: ``[B, T, H, N]``; ``w`` is the log decay.
         v: ``[B, T, H, N]``.
         state: ``[B, H, N, N]`` (``S[k, v]``), fp32; zeros when None.
+        compute_dtype: the state's and the step's dtype (float64 makes the oracle the kernels' tests compare with).
 
     Returns:
-        ``o`` ``[B, T, H, N]`` in the dtype of ``r``, and the final state ``[B, H, N, N]`` in fp32.
+        ``o`` ``[B, T, H, N]`` in the dtype of ``r``, and the final state ``[B, H, N, N]`` in ``compute_dtype``.
     """
     B, T, H, N = r.shape
     dtype = r.dtype
     # The state accumulates over the whole sequence: keep it (and the step's operands) in fp32 whatever the
     # activation dtype, as BlinkDL's reference does.
-    r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
-    S = state.float() if state is not None else r.new_zeros(B, H, N, N)
+    r, w, k, v, a, b = (x.to(compute_dtype) for x in (r, w, k, v, a, b))
+    S = state.to(compute_dtype) if state is not None else r.new_zeros(B, H, N, N)
     decay = torch.exp(w)
     outs = []
     for t in range(T):

@@ -48,21 +48,11 @@ CASES = [
 
 
 def reference64(r, w, k, v, a, b, state=None):
-    """``wkv7_reference``'s recurrence, but in float64 throughout (the reference itself computes in fp32)."""
-    B, T, H, N = r.shape
-    r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
-    S = state.double() if state is not None else r.new_zeros(B, H, N, N)
-    decay = torch.exp(w)
-    outs = []
-    for t in range(T):
-        sa = torch.einsum("bhk,bhkv->bhv", a[:, t], S)
-        S = (
-            S * decay[:, t, :, :, None]
-            + b[:, t, :, :, None] * sa[:, :, None, :]
-            + k[:, t, :, :, None] * v[:, t, :, None, :]
-        )
-        outs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], S))
-    return torch.stack(outs, dim=1), S
+    """``wkv7_reference`` in float64 throughout (by default it computes in fp32). Imported here: the interpreter
+    subprocess must set TRITON_INTERPRET before the package (which pulls in triton) is imported."""
+    from rwkv_diffusion_rnn.models.wkv7 import wkv7_reference
+
+    return wkv7_reference(r, w, k, v, a, b, state, compute_dtype=torch.float64)
 
 
 def make_inputs(B, T, H, N, dtype, w_dtype, with_state, seed, floor_decay=False):
