@@ -131,6 +131,13 @@ class BudgetClock:
     def elapsed(self) -> float:
         return 0.0 if self.t0 is None else time.perf_counter() - self.t0
 
+    def tick(self) -> None:
+        """A training step starts (the wall clock needs no count)."""
+
+    def wall(self) -> float:
+        """Seconds since the start, whatever the budget's unit."""
+        return BudgetClock.elapsed(self)
+
 
 class StepClock(BudgetClock):
     """A budget counted in training steps instead of seconds (``captions_run.py --budget-steps``): for studies on a
@@ -148,9 +155,6 @@ class StepClock(BudgetClock):
 
     def elapsed(self) -> float:
         return float(self.n)
-
-    def wall(self) -> float:
-        return super().elapsed()
 
 
 def make_clock(budget_steps: int) -> BudgetClock:
@@ -217,8 +221,7 @@ def train_for_budget(
             break
         if before_step is not None:
             before_step(steps)
-        if isinstance(clock, StepClock):
-            clock.tick()  # counted when it starts, as the wall clock has run on by the time the step sets its lr
+        clock.tick()  # a step counts when it starts, as the wall clock has run on by the time the step sets its lr
         rec = step_fn()
         steps += 1
         last = rec
@@ -232,7 +235,7 @@ def train_for_budget(
                     **{k: round(float(v), 5) for k, v in rec.items() if isinstance(v, (int, float))},
                 }
             )
-        wall = clock.wall() if isinstance(clock, StepClock) else clock.elapsed()
+        wall = clock.wall()
         if log is not None and clock.started and wall >= next_log:
             next_log += log_every_s
             log(f"step {steps} t={wall:.0f}s loss {float(rec['loss']):.4f}")
@@ -242,7 +245,7 @@ def train_for_budget(
         "timed_steps": max(0, steps - untimed_steps),
         "warmup_s": round(warmup_s, 2),
         "train_s": round(clock.elapsed(), 2),
-        "wall_s": round(clock.wall() if isinstance(clock, StepClock) else clock.elapsed(), 2),
+        "wall_s": round(clock.wall(), 2),
         "curve": curve,
         "last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
     }
