@@ -356,7 +356,39 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
     }
     if dev.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        if a.profile:
+            out["profile"] = kernel_profile(runner.step, dev, a.profile)
     return out
+
+
+def kernel_profile(step: Callable[[], object], dev: torch.device, top: int, steps: int = 3) -> dict:
+    """GPU time per step by kernel name over ``steps`` profiled steps (torch.profiler): where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(dev)
+        wall = (time.perf_counter() - t0) / steps
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        # kernels only: a user annotation (e.g. "Optimizer.step#AdamW.step") is a range over kernels counted already
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            entry = per_name.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time / 1000 / steps  # us -> ms, per step
+            entry[1] += 1
+    gpu_ms = sum(v[0] for v in per_name.values())
+    kernels = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    return {
+        "wall_ms_per_step": 1000 * wall,
+        "gpu_kernel_ms_per_step": gpu_ms,
+        "kernels_per_step": sum(v[1] for v in per_name.values()) / steps,
+        "top": [
+            {"name": n[:120], "ms_per_step": round(v[0], 3), "calls_per_step": v[1] / steps} for n, v in kernels[:top]
+        ],
+    }
 
 
 def free_memory(dev: torch.device) -> None:
@@ -478,6 +510,21 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
             f" | {_f(r.get('peak_mem_gib'), '.1f')} | {params} | {_f(r.get('mfu'), '.1%')} | {_f(r.get('hfu'), '.1%')}"
             f" | {_f(r.get('first_loss'), '.4f')} | {r['status']} |"
         )
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            lines += [
+                "",
+                f"Profile {r['shape']} {r['row']}: {prof['wall_ms_per_step']:.1f} ms wall, "
+                f"{prof['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels, "
+                f"{prof['kernels_per_step']:.0f} kernels per step",
+                "",
+                "| kernel | ms / step | calls / step |",
+                "|---|---:|---:|",
+            ]
+            lines += [
+                f"| `{k['name'][:90]}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" for k in prof["top"]
+            ]
     if sampling:
         lines += ["", "| shape | sampling run | per s | unit | total s |", "|---|---|---:|---|---:|"]
         for r in sampling:
@@ -512,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype")
     p.add_argument("--device", default="cuda")
     p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla | triton (our RWKV-7 rows)")
+    p.add_argument(
+        "--triton-config",
+        default=None,
+        help="launch parameters of backend triton: KEY=INT,... (models/wkv7_triton.py TritonWKVConfig) or the JSON "
+        "written by bench/gpu_check_wkv.py (its 'config_timed')",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after timing, profile 3 steps per row (torch.profiler) and keep the K kernels with most GPU time",
+    )
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
     p.add_argument(
         "--compile-regions",
@@ -550,6 +610,25 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown shape or row {bad[0]!r}; shapes: {', '.join(SHAPES)}; rows: {', '.join(ALL_ROWS)}")
         return 2
+    triton_config = None
+    if a.triton_config:
+        from rwkv_diffusion_rnn.models import wkv7_triton
+
+        try:
+            if "=" in a.triton_config:  # inline: fwd_bv=32,fwd_warps=2,...
+                triton_config = dict(kv.split("=", 1) for kv in a.triton_config.split(","))
+            else:
+                triton_config = json.loads(Path(a.triton_config).read_text())["config_timed"]
+            for k, v in triton_config.items():
+                if not hasattr(wkv7_triton.CONFIG, k):
+                    raise KeyError(f"unknown launch parameter {k!r}")
+                setattr(wkv7_triton.CONFIG, k, int(v))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(
+                f"--triton-config {a.triton_config}: expected KEY=INT,... ({', '.join(vars(wkv7_triton.CONFIG))}) "
+                f"or gpu_check_wkv.py's JSON with 'config_timed' ({e})"
+            )
+            return 2
     dev = torch.device(a.device)
     if dev.type == "cuda":
         if dev.index is None:  # "cuda" alone: the current device, named by index from here on
@@ -567,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "peak_tflops": peak / 1e12,
         "peak_what": what,
+        "triton_config": triton_config,
         **{
             k: getattr(a, k)
             for k in (
