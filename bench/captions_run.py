@@ -7,15 +7,17 @@ run in progress.
         --data .device/captions/bundle --out /tmp/cap --tar $OUT/captions_1.tar --deadline-s 560 --device cuda
 
 Variants (every diffusion variant is the project defaults — ``causal`` context, ``x0`` latent target (``eps``
-before 2026-11-27), ELBO text weighting, ``mixed`` modes with the default weights, p_uncond 0.1 — with ONE thing
-changed; ``causal`` is the defaults themselves):
+before 2026-11-27), uniform text weighting (ELBO before session 4 of 2026-11-27), ``mixed`` modes with the default
+weights, p_uncond 0.1 — with ONE thing changed; ``causal`` is the defaults themselves):
 
 ============== =======================================================================================
 causal         defaults (model.context=causal)
 twice          model.context=twice (the sequence read twice; 2x cost per step, so fewer steps in the budget)
 bidirectional  model.context=bidirectional
 sequential     training.loss_type=sequential: l2t for the first third of the budget, t2l the second, mixed last
-uniform        diffusion.text_weighting=uniform (plain masked CE instead of the ELBO weighting)
+uniform        diffusion.text_weighting=uniform (plain masked CE; the default since it won this comparison, so today
+               the same as ``causal``: kept so the older tables' commands still run)
+elbo           diffusion.text_weighting=elbo (the MDLM 1/t weights, the default before session 4 of 2026-11-27)
 prefix         diffusion.clean_prefix=0.5: half the text rows clean up to a random boundary (semi-autoregressive
                decoding in-distribution; score it with ``bN`` decoders)
 l2t            training.loss_type=l2t: a latent -> text decoder only, like baseline (a) (its T2L is untrained: the
@@ -81,7 +83,7 @@ from captions_common import (  # noqa: E402
     write_json_atomic,
 )
 
-DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "eps", "v", "x0", "l2t", "prefix")
+DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "elbo", "eps", "v", "x0", "l2t", "prefix")
 BASELINES = ("ar", "regress")
 VARIANTS = DIFFUSION + BASELINES
 _T0 = time.perf_counter()
@@ -215,8 +217,8 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
         m.context = variant
     elif variant == "sequential":
         t.loss_type, t.sequential_schedule = "sequential", ["l2t:0"]
-    elif variant == "uniform":
-        dc.text_weighting = "uniform"
+    elif variant in ("uniform", "elbo"):
+        dc.text_weighting = variant
     elif variant == "l2t":
         t.loss_type = "l2t"
     elif variant == "prefix":

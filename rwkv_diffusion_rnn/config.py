@@ -82,7 +82,9 @@ class DataSection:
 class DiffusionConfig:
     text_schedule: str = "loglinear"  # MDLM log-linear masking schedule
     text_eps: float = 1e-3
-    text_weighting: str = "elbo"  # elbo (MDLM continuous-time NELBO) | uniform (plain masked CE)
+    # uniform (plain masked CE) | elbo (MDLM continuous-time NELBO weights 1/t). uniform won latent -> text on real
+    # captions in every GPU comparison, with a lower validation NELBO too (docs/RESULTS.md 2026-11-27 session 4)
+    text_weighting: str = "uniform"
     latent_schedule: str = "cosine"  # continuous-time cosine VP
     latent_prediction: str = "x0"  # x0 | eps | v (x0 won text->latent on captions: docs/RESULTS.md 2026-11-27)
     antithetic: bool = True

@@ -410,8 +410,8 @@ def test_set_overrides_parse_into_config_keys_and_bad_ones_are_one_line(tmp_path
     args = captions_run.build_parser().parse_args(
         ["--variant", "causal", "--data", "x", "--out", "y", "--set", "model.latent_prefix_len=3"]
     )
-    cfg = captions_run.diffusion_config("uniform", args, tmp_path, tmp_path)
-    assert cfg.model.latent_prefix_len == 3 and cfg.diffusion.text_weighting == "uniform"  # variant + override
+    cfg = captions_run.diffusion_config("elbo", args, tmp_path, tmp_path)  # elbo: not the default weighting
+    assert cfg.model.latent_prefix_len == 3 and cfg.diffusion.text_weighting == "elbo"  # variant + override
     for bad in (["--set", "model.no_such_key=1"], ["--set", "latent_prefix_len=4"], ["--tag", "a/b"], ["--tag=-p4"]):
         argv = ["--variant", "causal", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *bad]
         assert captions_run.main(argv) == 2
