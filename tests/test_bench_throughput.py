@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 
 import pytest
@@ -53,3 +54,38 @@ def test_tiny_cpu_run_writes_consistent_rows(tmp_path):
 def test_unknown_row_is_refused(capsys):
     assert throughput.main(["--device", "cpu", "--shapes", "tiny", "--rows", "nope"]) == 2
     assert "nope" in capsys.readouterr().out
+
+
+def test_triton_config_inline_sets_the_launch_parameters_and_bad_ones_are_one_line(capsys, monkeypatch):
+    pytest.importorskip("triton")
+    from rwkv_diffusion_rnn.models import wkv7_triton
+
+    rng = random.Random()
+    fwd_bv, bwd_warps = rng.choice([4, 8, 16, 32]), rng.choice([1, 2, 4])
+    monkeypatch.setattr(wkv7_triton, "CONFIG", wkv7_triton.TritonWKVConfig())
+    argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "none", "--triton-config",
+            f"fwd_bv={fwd_bv},bwd_warps={bwd_warps}"]  # fmt: skip
+    assert throughput.main(argv) == 0
+    assert (wkv7_triton.CONFIG.fwd_bv, wkv7_triton.CONFIG.bwd_warps) == (fwd_bv, bwd_warps)
+    assert wkv7_triton.CONFIG.chunk == wkv7_triton.TritonWKVConfig().chunk  # the rest untouched
+    capsys.readouterr()
+    for bad in ("fwd_bv=8,no_such=1", "fwd_bv=eight", "/no/such/file.json"):
+        assert throughput.main(["--device", "cpu", "--rows", "none", "--triton-config", bad]) == 2
+        out = capsys.readouterr().out.strip()
+        assert out.count("\n") == 0 and out.startswith("--triton-config"), out
+
+
+def test_markdown_renders_a_rows_kernel_profile():
+    rng = random.Random()
+    top = [{"name": f"kernel_{i}_{rng.randrange(10**6)}", "ms_per_step": rng.uniform(0.1, 9), "calls_per_step": i + 1}
+           for i in range(rng.randrange(1, 6))]  # fmt: skip
+    row = {"shape": "0.1b", "row": "rwkv7-lm", "status": "ok", "tokens_per_s": 1e5, "step_ms_median": 80.0,
+           "profile": {"wall_ms_per_step": 81.0, "gpu_kernel_ms_per_step": 70.5, "kernels_per_step": 1873.0,
+                       "top": top}}  # fmt: skip
+    meta = {"device": "cpu", "date": "d", "command": "c", "versions": {"torch": "t", "fla": None, "transformers": "x"},
+            "peak_tflops": 1.0, "peak_what": "w", "batch": 1, "length": 1, "dtype": "bf16", "steps": 1,
+            "warmup": 1}  # fmt: skip
+    md = throughput.markdown(meta, [row], [])
+    assert "Profile 0.1b rwkv7-lm: 81.0 ms wall, 70.5 ms of GPU kernels, 1873 kernels per step" in md
+    for k in top:
+        assert f"| `{k['name']}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" in md
