@@ -572,6 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="after timing, profile 3 steps per row (torch.profiler) and keep the K kernels with most GPU time",
     )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --compile-blocks: torch._functorch.config.activation_memory_budget = F in (0, 1], the share of the "
+        "saved activations the compiled blocks may keep (the partitioner recomputes the cheapest rest); 1 = torch's "
+        "default",
+    )
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
     p.add_argument(
         "--compile-regions",
@@ -629,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"or gpu_check_wkv.py's JSON with 'config_timed' ({e})"
             )
             return 2
+    if a.memory_budget is not None:
+        if not 0 < a.memory_budget <= 1:
+            print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
+            return 2
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = a.memory_budget  # read when a block is compiled
     dev = torch.device(a.device)
     if dev.type == "cuda":
         if dev.index is None:  # "cuda" alone: the current device, named by index from here on
@@ -647,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tflops": peak / 1e12,
         "peak_what": what,
         "triton_config": triton_config,
+        "memory_budget": a.memory_budget,
         **{
             k: getattr(a, k)
             for k in (

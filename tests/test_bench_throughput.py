@@ -89,3 +89,18 @@ def test_markdown_renders_a_rows_kernel_profile():
     assert "Profile 0.1b rwkv7-lm: 81.0 ms wall, 70.5 ms of GPU kernels, 1873 kernels per step" in md
     for k in top:
         assert f"| `{k['name']}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" in md
+
+
+def test_memory_budget_sets_the_partitioners_budget_and_refuses_out_of_range(capsys, monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    budget = round(random.uniform(0.05, 0.95), 3)
+    argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "none", "--memory-budget", str(budget)]
+    assert throughput.main(argv) == 0
+    assert functorch_config.activation_memory_budget == budget
+    capsys.readouterr()
+    for bad in ("0", "1.5", "-0.2"):
+        assert throughput.main(["--device", "cpu", "--rows", "none", "--memory-budget", bad]) == 2
+        out = capsys.readouterr().out.strip()
+        assert out.count("\n") == 0 and out.startswith("--memory-budget"), out
