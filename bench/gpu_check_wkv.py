@@ -136,28 +136,23 @@ def sweep(shape, dtype, w_fp32) -> dict:
     """Time the triton launch configurations; set wt.CONFIG to the fastest and return the table."""
     table = {"fwd": {}, "bwd": {}}
     print(f"\nsweep B{shape[0]} T{shape[1]} H{shape[2]} N{shape[3]}: forward (BV, warps) -> ms")
-    for bv, nw in FWD_CONFIGS:
-        wt.CONFIG.fwd_bv, wt.CONFIG.fwd_warps = bv, nw
-        try:
-            t = bench_backend("triton", shape, dtype, w_fp32)["fwd_ms"]
-        except Exception as e:  # a configuration the compiler or the GPU refuses
-            print(f"  fwd {bv:>3} {nw}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
-            continue
-        table["fwd"][f"{bv}x{nw}"] = t
-        print(f"  fwd {bv:>3} {nw}: {t:.3f}")
-    best_fwd = min(table["fwd"], key=table["fwd"].get)
-    wt.CONFIG.fwd_bv, wt.CONFIG.fwd_warps = (int(x) for x in best_fwd.split("x"))
-    for bv, nw in BWD_CONFIGS:
-        wt.CONFIG.bwd_bv, wt.CONFIG.bwd_warps = bv, nw
-        try:
-            t = bench_backend("triton", shape, dtype, w_fp32)["bwd_ms"]
-        except Exception as e:
-            print(f"  bwd {bv:>3} {nw}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
-            continue
-        table["bwd"][f"{bv}x{nw}"] = t
-        print(f"  bwd {bv:>3} {nw}: {t:.3f}")
-    best_bwd = min(table["bwd"], key=table["bwd"].get)
-    wt.CONFIG.bwd_bv, wt.CONFIG.bwd_warps = (int(x) for x in best_bwd.split("x"))
+    best = {}
+    for part, configs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)):  # the forward first: the backward times on top
+        for bv, nw in configs:
+            setattr(wt.CONFIG, f"{part}_bv", bv)
+            setattr(wt.CONFIG, f"{part}_warps", nw)
+            try:
+                t = bench_backend("triton", shape, dtype, w_fp32)[f"{part}_ms"]
+            except Exception as e:  # a configuration the compiler or the GPU refuses
+                print(f"  {part} {bv:>3} {nw}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                continue
+            table[part][f"{bv}x{nw}"] = t
+            print(f"  {part} {bv:>3} {nw}: {t:.3f}")
+        best[part] = min(table[part], key=table[part].get)
+        bv, nw = (int(x) for x in best[part].split("x"))
+        setattr(wt.CONFIG, f"{part}_bv", bv)
+        setattr(wt.CONFIG, f"{part}_warps", nw)
+    best_fwd, best_bwd = best["fwd"], best["bwd"]
     table["best"] = {"fwd": best_fwd, "bwd": best_bwd}
     print(f"  best: fwd {best_fwd}, bwd {best_bwd} (BV x warps) -> {wt.CONFIG}")
     return table

@@ -78,6 +78,19 @@ class TritonWKVConfig:
 CONFIG = TritonWKVConfig()
 
 
+@triton.jit
+def _step_vectors(r, w, k, a, b, v, at, offs_k, offs_v):
+    """One step's key-side vectors r, w, k, a, b and the program's block of v, at element offset ``at``, in fp32."""
+    return (
+        tl.load(r + at + offs_k).to(tl.float32),
+        tl.load(w + at + offs_k).to(tl.float32),
+        tl.load(k + at + offs_k).to(tl.float32),
+        tl.load(a + at + offs_k).to(tl.float32),
+        tl.load(b + at + offs_k).to(tl.float32),
+        tl.load(v + at + offs_v).to(tl.float32),
+    )
+
+
 @triton.jit(do_not_specialize=["T", "NC"])
 def _wkv7_fwd_kernel(
     r,
@@ -116,21 +129,11 @@ def _wkv7_fwd_kernel(
     base = (i_b * T * H + i_h) * N  # element (b, t = 0, h, 0) of a [B, T, H, N] tensor
     step = H * N
     # step 0's vectors; each iteration then loads the next step's while it computes (register double buffering)
-    rn = tl.load(r + base + offs_k).to(tl.float32)
-    wn = tl.load(w + base + offs_k).to(tl.float32)
-    kn = tl.load(k + base + offs_k).to(tl.float32)
-    an = tl.load(a + base + offs_k).to(tl.float32)
-    bn = tl.load(b + base + offs_k).to(tl.float32)
-    vn = tl.load(v + base + offs_v).to(tl.float32)
+    rn, wn, kn, an, bn, vn = _step_vectors(r, w, k, a, b, v, base, offs_k, offs_v)
     for t in range(T):
         r_t, w_t, k_t, a_t, b_t, v_t = rn, wn, kn, an, bn, vn
         nxt = base + tl.minimum(t + 1, T - 1) * step
-        rn = tl.load(r + nxt + offs_k).to(tl.float32)
-        wn = tl.load(w + nxt + offs_k).to(tl.float32)
-        kn = tl.load(k + nxt + offs_k).to(tl.float32)
-        an = tl.load(a + nxt + offs_k).to(tl.float32)
-        bn = tl.load(b + nxt + offs_k).to(tl.float32)
-        vn = tl.load(v + nxt + offs_v).to(tl.float32)
+        rn, wn, kn, an, bn, vn = _step_vectors(r, w, k, a, b, v, nxt, offs_k, offs_v)
 
         if SAVE:
             if t % C == 0:  # the state before every C-th step: the backward's re-synchronisation points
@@ -192,24 +195,14 @@ def _wkv7_bwd_kernel(
     base = (i_b * T * H + i_h) * N
     step = H * N
     last = base + (T - 1) * step
-    rn = tl.load(r + last + offs_k).to(tl.float32)
-    wn = tl.load(w + last + offs_k).to(tl.float32)
-    kn = tl.load(k + last + offs_k).to(tl.float32)
-    an = tl.load(a + last + offs_k).to(tl.float32)
-    bn = tl.load(b + last + offs_k).to(tl.float32)
-    vn = tl.load(v + last + offs_v).to(tl.float32)
+    rn, wn, kn, an, bn, vn = _step_vectors(r, w, k, a, b, v, last, offs_k, offs_v)
     don = tl.load(do + last + offs_v).to(tl.float32)
     san = tl.load(sa_buf + last + offs_v)
     for i in range(T):
         t = T - 1 - i
         r_t, w_t, k_t, a_t, b_t, v_t, do_t, sa_t = rn, wn, kn, an, bn, vn, don, san
         nxt = base + tl.maximum(t - 1, 0) * step
-        rn = tl.load(r + nxt + offs_k).to(tl.float32)
-        wn = tl.load(w + nxt + offs_k).to(tl.float32)
-        kn = tl.load(k + nxt + offs_k).to(tl.float32)
-        an = tl.load(a + nxt + offs_k).to(tl.float32)
-        bn = tl.load(b + nxt + offs_k).to(tl.float32)
-        vn = tl.load(v + nxt + offs_v).to(tl.float32)
+        rn, wn, kn, an, bn, vn = _step_vectors(r, w, k, a, b, v, nxt, offs_k, offs_v)
         don = tl.load(do + nxt + offs_v).to(tl.float32)
         san = tl.load(sa_buf + nxt + offs_v)
 
