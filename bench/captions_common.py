@@ -17,6 +17,7 @@ The budget rule (the same for every run, diffusion or baseline):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -133,6 +134,16 @@ class BudgetClock:
 
     def tick(self) -> None:
         """A training step starts (the wall clock needs no count)."""
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not budget time (a validation pass between steps); the lr schedule does not move."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.t0 is not None:
+                self.t0 += time.perf_counter() - t
 
     def wall(self) -> float:
         """Seconds since the start, whatever the budget's unit."""

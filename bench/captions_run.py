@@ -57,6 +57,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import sys
 import tarfile
@@ -174,6 +175,7 @@ def settings(args: argparse.Namespace) -> dict:
         "t2l_steps": args.t2l_steps or args.sample_steps,
         "beams": args.beams,
         "ar_prefix": args.ar_prefix,
+        "ar_early_stop": args.ar_early_stop,
         "regress_loss": args.regress_loss,
         "vocab": "data (compact)",
     }
@@ -459,7 +461,9 @@ class TrainData:
         return (np.asarray(z, np.float64) * self.std + self.mean).astype(np.float32)
 
 
-def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device, name: str) -> dict:
+def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device, name: str, hook=None) -> dict:
+    """``hook(steps_done, clock, final=False)``: called before every step (e.g. a validation pass inside
+    ``clock.paused()``) and once after the last with ``final=True``."""
     from captions_baselines import RowSource, make_step
 
     from rwkv_diffusion_rnn.optimizer import build_optimizer
@@ -469,7 +473,16 @@ def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device,
     sched = TimeCosineLR(opt, args.lr, args.warmup_steps, budget, 0.1, clock)
     src = RowSource(data.rows, data.text_len, data.z, args.batch, args.seed, dev)
     step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype, fast=args.fast)
-    tr = train_for_budget(step, budget, clock, untimed_steps=args.untimed_steps, log=lambda s: say(f"{name}: {s}"))
+    tr = train_for_budget(
+        step,
+        budget,
+        clock,
+        untimed_steps=args.untimed_steps,
+        before_step=None if hook is None else (lambda n: hook(n, clock)),
+        log=lambda s: say(f"{name}: {s}"),
+    )
+    if hook is not None:
+        hook(tr["steps"], clock, True)  # the last weights are a candidate too
     tr.update(
         budget_s=args.budget_s,
         budget_steps=args.budget_steps,
@@ -484,6 +497,61 @@ def _baseline_training(model, data: TrainData, loss_fn, args, dev: torch.device,
     return tr
 
 
+class EarlyStop:
+    """The AR baseline's early stopping (``--ar-early-stop X``): every X budget units (seconds, or timed steps with
+    ``--budget-steps``) the validation NLL of captions 2-5 of the validation images, given their own latents, is
+    measured OUTSIDE the budget clock (``clock.paused()``: neither the budget nor the lr schedule moves), and the
+    weights of the best pass are kept; :meth:`finish` puts them back. Caption-1, the text every L2T decoder is scored
+    against, takes no part in the choice. What a user does with a captioner that overfits: the fair baseline."""
+
+    def __init__(self, model, val_ids: torch.Tensor, val_z: torch.Tensor, args) -> None:
+        if val_ids.shape[0] == 0:
+            raise RunError("--ar-early-stop: no validation rows beyond caption-1 to choose on (check --eval-limit)")
+        self.model, self.ids, self.z, self.args = model, val_ids, val_z, args
+        self.every, self.next_at = float(args.ar_early_stop), float(args.ar_early_stop)
+        self.best, self.best_at, self.best_state, self.curve, self.last_step = math.inf, None, None, [], -1
+        self.paused_s = 0.0
+
+    def __call__(self, steps: int, clock, final: bool = False) -> None:
+        if not clock.started or steps == self.last_step or (not final and clock.elapsed() < self.next_at):
+            return
+        from captions_baselines import ar_nll_bits
+
+        self.last_step = steps
+        while self.next_at <= clock.elapsed():
+            self.next_at += self.every
+        t = time.perf_counter()
+        with clock.paused():
+            nll = ar_nll_bits(self.model, self.ids, self.z, self.args.dtype, self.args.eval_batch)["val_nll_bits"]
+            at = {"step": steps, "t": round(clock.elapsed(), 2), "val_nll_bits": round(nll, 5)}
+            self.curve.append(at)
+            if nll < self.best:
+                self.best, self.best_at = nll, at
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.paused_s += time.perf_counter() - t
+        self.model.train()
+
+    def finish(self) -> dict:
+        """Load the best weights; what was chosen, and the validation curve."""
+        if self.best_state is not None:
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    v.copy_(self.best_state[k])  # in place: CUDA graphs captured the parameters' addresses
+        say(
+            f"ar: early stopping chose step {self.best_at['step']} (t={self.best_at['t']} of the budget; validation "
+            f"NLL {self.best:.4f} bits/token on captions 2-5) of {len(self.curve)} passes, {self.paused_s:.1f} s "
+            "outside the clock"
+        )
+        return {
+            "every": self.every,
+            "rows": int(self.ids.shape[0]),
+            "chosen": self.best_at,
+            "passes": len(self.curve),
+            "paused_s": round(self.paused_s, 2),
+            "curve": self.curve,
+        }
+
+
 def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dict, None]:
     from captions_baselines import PrefixCaptioner, ar_loss, ar_nll_bits, beam_search
 
@@ -492,11 +560,14 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
     model.banned = (tm.unk,)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"ar: {n_params:,} trainable parameters, compact vocabulary {tm.size}; training for {budget_text(args)}")
-    tr = _baseline_training(model, data, ar_loss, args, dev, "ar")
-    t1 = time.perf_counter()
     n_val = data.val_rows.shape[0] if not args.eval_limit else min(data.val_rows.shape[0], 5 * ev.n_img)
     val_ids = torch.as_tensor(data.val_rows[:n_val], device=dev)
     val_z = torch.as_tensor(data.val_z[:n_val], device=dev)
+    stopper = EarlyStop(model, val_ids[ev.n_img :], val_z[ev.n_img :], args) if args.ar_early_stop > 0 else None
+    tr = _baseline_training(model, data, ar_loss, args, dev, "ar", hook=stopper)
+    if stopper is not None:
+        tr["early_stop"] = stopper.finish()
+    t1 = time.perf_counter()
     nll = ar_nll_bits(model, val_ids, val_z, args.dtype, args.eval_batch)
     # the same rows, each with the NEXT row's latent (another image): what the latent is worth to the model
     wrong = ar_nll_bits(model, val_ids, val_z.roll(-1, 0), args.dtype, args.eval_batch)["val_nll_bits"]
@@ -643,6 +714,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")
+    ap.add_argument(
+        "--ar-early-stop",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="the AR baseline validates every X budget units (seconds; steps with --budget-steps) on captions 2-5 of "
+        "the validation images, outside the clock, and is scored with its best weights (default 0: the last weights)",
+    )
     ap.add_argument("--regress-loss", default="mse", choices=["mse", "cosine"])
     ap.add_argument("--eval-batch", type=int, default=256)
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate only this many images / STS-B pairs (tests)")
@@ -672,6 +751,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     for key in ("budget_s", "n_layer", "n_embd", "batch", "lr", "sample_steps", "beams", "ar_prefix", "eval_batch"):
         if not getattr(args, key) > 0:
             raise RunError(f"--{key.replace('_', '-')} must be > 0; got {getattr(args, key)}")
+    if not args.ar_early_stop >= 0:
+        raise RunError(f"--ar-early-stop must be >= 0 (0: off); got {args.ar_early_stop}")
     parse_overrides(args.set)
     if args.tag and not all(ch.isalnum() or ch in "-_." for ch in args.tag):
         raise RunError(f"--tag {args.tag!r}: letters, digits, '-', '_' and '.' only (it names files)")

@@ -17,6 +17,9 @@ encoder (all-MiniLM-L6-v2 + the saved PCA-32: ``latent_encoder.LatentEncoder``, 
   same 40-token rows of the 5 x 1014 validation captions (end-of-text padding included, as trained);
 * latent bits/tok: the same bits/tok with each validation row given the NEXT row's latent (another image) minus
   bits/tok with its own: what the model reads from the latent (0: it ignores it);
+* STS-B by genre (when the STS-B csv the bundle recorded, or ``--stsb``, is here): each genre's Spearman for every
+  T2L run beside the encoder's own on the same pairs, and the share of the genre's sentences holding a token that no
+  training caption has — a model trained from scratch on captions has never seen those words;
 * reference rows: ``floor`` — a random TRAINING caption per image (seeded, from the bundle), re-encoded (for T2L:
   its latent; STS-B 0 by definition: a latent that ignores the text ranks pairs at random); ``human`` — caption-2
   of the same image written by another person, re-encoded (what a perfect captioner that is not a copier scores).
@@ -99,7 +102,63 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
-def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, batch_size: int = 64) -> dict:
+def read_genres(path: str | Path, scores: np.ndarray) -> list[str]:
+    """The genre (first field) of each STS-B pair of ``path``, checked against the bundle's scores row by row: the
+    file the bundle was built from, not merely one of the same length."""
+    import csv
+
+    path, genres, found = Path(path), [], []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                if row and "".join(row).strip():
+                    genres.append(row[0])
+                    found.append(float(row[4]))
+    except (OSError, IndexError, ValueError) as exc:
+        raise ScoreError(f"{path}: cannot read the STS-B genres ({exc})") from exc
+    if len(found) != len(scores) or not np.allclose(found, scores, atol=1e-3):
+        raise ScoreError(f"{path}: its {len(found)} pairs are not the bundle's {len(scores)} (scores differ)")
+    return genres
+
+
+def by_genre(pred: np.ndarray | None, sts_lat: np.ndarray, sts_scores: np.ndarray, genres: list[str], oov) -> list:
+    """STS-B Spearman per genre: the T2L latents' (``pred``: the 2P STS-B rows, sentence-1s then sentence-2s) and the
+    encoder's own (the ceiling), with the share of the genre's sentences holding a token that no training caption
+    has (what a model trained from scratch on the captions never saw)."""
+    from rwkv_diffusion_rnn.evaluate import sts_spearman
+
+    P, out = len(sts_scores), []
+    g = np.asarray(genres)
+    for name in ["all"] + sorted(set(genres)):
+        m = np.ones(P, bool) if name == "all" else g == name
+        row = {
+            "genre": name,
+            "pairs": int(m.sum()),
+            "encoder": sts_spearman(sts_lat[:P][m], sts_lat[P:][m], sts_scores[m]),
+            "unseen_token_share": float(np.concatenate([oov[:P][m], oov[P:][m]]).mean()),
+        }
+        if pred is not None:
+            row["t2l"] = sts_spearman(pred[:P][m], pred[P:][m], sts_scores[m])
+        out.append(row)
+    return out
+
+
+def unseen_rows(bundle: dict) -> np.ndarray:
+    """Per STS-B sentence (2P): does it hold a token absent from every training caption?"""
+    seen = np.zeros(65536, bool)
+    seen[np.asarray(bundle["train_tokens"], dtype=np.int64)] = True
+    tok, off = np.asarray(bundle["stsb_tokens"], dtype=np.int64), np.asarray(bundle["stsb_offsets"])
+    return np.array([not seen[tok[off[i] : off[i + 1]]].all() for i in range(len(off) - 1)])
+
+
+def score(
+    runs: dict[str, tuple[dict, Path]],
+    bundle: dict,
+    encoder,
+    tokenizer,
+    batch_size: int = 64,
+    genres: list[str] | None = None,
+) -> dict:
     """All rows of the table. ``encoder``: ``encode(texts) -> [N, 32]`` (the bundle's encoder; tests inject one)."""
     from rwkv_diffusion_rnn import metrics as M
     from rwkv_diffusion_rnn.eval_data import Targets, encode_texts
@@ -121,7 +180,8 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
     def enc(texts: list[str]) -> np.ndarray:
         return encode_texts(encoder, texts, batch_size)
 
-    rows, examples, sizes = [], {}, set()
+    rows, examples, sizes, genre_rows = [], {}, set(), []
+    oov = unseen_rows(bundle) if genres is not None else None
     for variant, (res, where) in sorted(
         runs.items(), key=lambda kv: list(VARIANT_ORDER).index(kv[0]) if kv[0] in VARIANT_ORDER else 99
     ):
@@ -156,6 +216,8 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
                 "sts_encoder_spearman": sts_spearman(s1, s2, sts_scores[:pairs]),
                 "n_t2l": n,
             }
+            if genres is not None and pairs == pairs_all:
+                genre_rows.append({"variant": variant, "genres": by_genre(pred[n:], sts_lat, sts_scores, genres, oov)})
         decoders = res.get("l2t") or {}
         if not decoders:
             rows.append({**base, "decoder": "—", **t2l})
@@ -199,6 +261,7 @@ def score(runs: dict[str, tuple[dict, Path]], bundle: dict, encoder, tokenizer, 
         "references": refs,
         "examples": examples,
         "stsb_encoder_spearman": float(bundle["meta"].get("stsb_encoder_spearman", float("nan"))),
+        "stsb_by_genre": genre_rows,
     }
 
 
@@ -215,6 +278,20 @@ def table(scores: dict) -> str:
             cells.append(_fmt(v, digits))
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
+    if scores.get("stsb_by_genre"):
+        first = scores["stsb_by_genre"][0]["genres"]
+        out += "\nSTS-B Spearman by genre: T2L latents / the encoder's own 32-d (ceiling); share of sentences with a "
+        out += (
+            "token no training caption has:\n\n| run | "
+            + " | ".join(f"{g['genre']} ({g['pairs']} pairs)" for g in first)
+            + " |\n|---|"
+            + "---|" * len(first)
+            + "\n"
+        )
+        for r in scores["stsb_by_genre"]:
+            cells = [f"{_fmt(g['t2l'], 3)} / {_fmt(g['encoder'], 3)}" for g in r["genres"]]
+            out += f"| {r['variant']} | " + " | ".join(cells) + " |\n"
+        out += "| unseen-token share | " + " | ".join(f"{g['unseen_token_share']:.2f}" for g in first) + " |\n"
     out += "\nExamples (first validation images; generations from caption-1's latent):\n\n"
     for name, texts in scores["examples"].items():
         out += f"* **{name}**: " + " / ".join(repr(t) for t in texts[:3]) + "\n"
@@ -228,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder-dir", help="prepare-latents folder of the encoder (default: the bundle's source)")
     ap.add_argument("--out", required=True, help="markdown table to write (a .json with every number beside it)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--stsb",
+        help="the STS-B csv the bundle was built from, for the by-genre table (default: the bundle's recorded source; "
+        "skipped with a note when that file is not here)",
+    )
     return ap
 
 
@@ -249,9 +331,17 @@ def main(argv: list[str] | None = None, encoder=None, tokenizer=None) -> int:
             from rwkv_diffusion_rnn.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer("rwkv-world")
+        sts_path = args.stsb or bundle["meta"].get("sources", {}).get("stsb")
+        genres = None
+        if sts_path and Path(sts_path).is_file():
+            genres = read_genres(sts_path, np.asarray(bundle["stsb_scores"], dtype=np.float64))
+        elif args.stsb:
+            raise ScoreError(f"--stsb {args.stsb}: no such file")
+        else:
+            print(f"note: STS-B csv {sts_path} not here; no by-genre table (give --stsb)", file=sys.stderr)
         with tempfile.TemporaryDirectory() as scratch:
             runs = collect_runs(args.runs, Path(scratch))
-            scores = score(runs, bundle, encoder, tokenizer, args.batch_size)
+            scores = score(runs, bundle, encoder, tokenizer, args.batch_size, genres)
     except (ScoreError, BundleError, DiffRwkvError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

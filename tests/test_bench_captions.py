@@ -100,7 +100,9 @@ def write_inputs(root: Path, rng, n_train: int, n_img: int, n_pairs: int, enc: B
         for i in range(n_pairs):
             a = caption(rng, rng.choice(SUBJECTS), rng.choice(PLACES))
             b = caption(rng, rng.choice(SUBJECTS), rng.choice(PLACES))
-            w.writerow(["main-captions", "MSRvid", "2012test", f"{i:04d}", f"{rng.uniform(0, 5):.2f}", a, b])
+            genre = ("main-captions", "main-news", "main-forums")[i % 3]
+            b = "A quokka yodels." if i == 0 else b  # words no training caption has
+            w.writerow([genre, "MSRvid", "2012test", f"{i:04d}", f"{rng.uniform(0, 5):.2f}", a, b])
     return argparse.Namespace(
         pack=str(pack),
         encoder_dir=str(enc_dir),
@@ -173,6 +175,8 @@ def test_prepare_run_score_end_to_end(tmp_path):
             "64",
             "--lr",
             "3e-3",
+            "--ar-early-stop",
+            "0.5",
         ]
     )
     assert rc == 0, seed
@@ -198,6 +202,11 @@ def test_prepare_run_score_end_to_end(tmp_path):
         assert info is not None and math.isfinite(info) and info != 0, (seed, v, info)
     nll = res["ar"]["eval"]["likelihood"]
     assert nll["tokens"] == 5 * n_img * 16
+    # early stopping validated during the budget and after it, on captions 2-5 only, and chose its best pass
+    es = res["ar"]["train"]["early_stop"]
+    assert es["rows"] == 4 * n_img and es["passes"] == len(es["curve"]) >= 2, es
+    assert es["chosen"]["val_nll_bits"] == min(c["val_nll_bits"] for c in es["curve"]), es
+    assert es["curve"][-1]["step"] == res["ar"]["train"]["steps"], es  # the last weights were a candidate
     # the AR baseline learned something in its budget: below the uniform code length
     assert 0 < nll["val_nll_bits"] < nll["uniform_bits"], (seed, nll)
     for v in ("causal", "regress"):
@@ -237,6 +246,22 @@ def test_prepare_run_score_end_to_end(tmp_path):
     cos = captions_score_cos(np.load(out / "causal_t2l.npy")[:n_img], np.asarray(bundle["val_latents"][:n_img]))
     assert t2l_row["t2l_cosine"] == pytest.approx(cos, abs=1e-9)
     assert "| causal |" in md.read_text()
+    # STS-B by genre (genres read back from the csv the bundle recorded): "all" is the table's figure, each genre's
+    # ceiling is the encoder's own Spearman on that genre's pairs
+    from rwkv_diffusion_rnn.evaluate import sts_spearman
+
+    gen = {r["variant"]: {g["genre"]: g for g in r["genres"]} for r in sc["stsb_by_genre"]}
+    assert sorted(gen) == ["causal", "regress"] and sorted(gen["causal"]) == [
+        "all", "main-captions", "main-forums", "main-news"]  # fmt: skip
+    assert gen["causal"]["all"]["t2l"] == pytest.approx(t2l_row["sts_spearman"], abs=1e-12)
+    lat, scores = np.asarray(bundle["stsb_latents"], np.float64), np.asarray(bundle["stsb_scores"], np.float64)
+    m = np.arange(n_pairs) % 3 == 1  # main-news rows
+    want = sts_spearman(lat[:n_pairs][m], lat[n_pairs:][m], scores[m])
+    assert gen["regress"]["main-news"]["encoder"] == pytest.approx(want, abs=1e-12)
+    assert gen["causal"]["main-news"]["pairs"] == m.sum() and gen["causal"]["main-news"]["unseen_token_share"] == 0
+    n_cap = int((np.arange(n_pairs) % 3 == 0).sum())  # pair 0, a caption pair, holds the one unseen sentence
+    assert gen["causal"]["main-captions"]["unseen_token_share"] == pytest.approx(1 / (2 * n_cap))
+    assert "STS-B Spearman by genre" in md.read_text()
     assert {r["variant"]: r["latent_info"] for r in sc["rows"]}["ar"] == res["ar"]["eval"]["latent_info_bits"]
 
 
@@ -417,3 +442,54 @@ def test_set_overrides_parse_into_config_keys_and_bad_ones_are_one_line(tmp_path
         assert captions_run.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("error: --"), err
+
+
+def test_budget_clock_pause_is_not_budget_time():
+    import time
+
+    from captions_common import BudgetClock
+
+    clock = BudgetClock()
+    with clock.paused():  # before the start: nothing to shift
+        pass
+    clock.start()
+    with clock.paused():
+        time.sleep(0.2)
+    assert clock.elapsed() < 0.15, clock.elapsed()
+
+
+def test_ar_early_stop_keeps_the_best_validation_weights_and_restores_them():
+    from types import SimpleNamespace
+
+    from captions_baselines import PrefixCaptioner, ar_nll_bits
+    from captions_common import StepClock
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    g = torch.Generator().manual_seed(seed)
+    model = PrefixCaptioner(1, 64, 50, prefix_len=2, seed=seed % 1000)
+    ids, z = torch.randint(0, 50, (12, 8), generator=g), torch.randn(12, 32, generator=g)
+    args = SimpleNamespace(ar_early_stop=2.0, dtype="fp32", eval_batch=5)
+    stop = captions_run.EarlyStop(model, ids, z, args)
+    clock = StepClock()
+    clock.start()
+    snapshots, nlls = [], []
+    for step in range(1, 9):  # a "training" that moves the weights at random; validation every 2 steps
+        clock.tick()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        before = len(stop.curve)
+        stop(step, clock)
+        if len(stop.curve) > before:
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+            nlls.append(ar_nll_bits(model, ids, z, "fp32")["val_nll_bits"])
+    stop(8, clock, True)  # the final call at an already validated step adds nothing
+    assert [c["step"] for c in stop.curve] == [2, 4, 6, 8], stop.curve
+    assert [c["val_nll_bits"] for c in stop.curve] == pytest.approx(nlls, abs=1e-4), seed
+    info = stop.finish()
+    best = int(np.argmin(nlls))
+    assert info["chosen"]["step"] == 2 * (best + 1), (seed, info)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[best][k]), (seed, k)
+    with pytest.raises(captions_run.RunError, match="no validation rows"):
+        captions_run.EarlyStop(model, ids[:0], z[:0], args)
