@@ -444,10 +444,27 @@ def test_set_overrides_parse_into_config_keys_and_bad_ones_are_one_line(tmp_path
         assert err.count("\n") == 0 and err.startswith("error: --"), err
 
 
-def test_budget_clock_pause_is_not_budget_time():
+def test_budget_clock_pause_is_not_budget_time(monkeypatch):
     import time
+    from types import SimpleNamespace
 
+    import captions_baselines
     from captions_common import BudgetClock
+
+    # a slow validation pass of the early stopping: recorded at the budget time it began, and not charged to it
+    def slow_nll(*a, **k):
+        time.sleep(0.3)
+        return {"val_nll_bits": 1.0}
+
+    monkeypatch.setattr(captions_baselines, "ar_nll_bits", slow_nll)
+    model = torch.nn.Linear(2, 2)
+    args = SimpleNamespace(ar_early_stop=0.01, dtype="fp32", eval_batch=4)
+    stop = captions_run.EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
+    clock = BudgetClock()
+    clock.start()
+    time.sleep(0.02)
+    stop(1, clock)
+    assert len(stop.curve) == 1 and 0.02 <= stop.curve[0]["t"] < 0.2 and clock.elapsed() < 0.2, stop.curve
 
     clock = BudgetClock()
     with clock.paused():  # before the start: nothing to shift
