@@ -41,7 +41,9 @@ Evaluation (validation split: 1014 images x 5 captions; "caption-1" of image i i
   weighting, condition dropout off) on all 5 x 1014 rows; L2T with the project's sampler defaults (confidence since
   2026-11-27 session 2, ancestral before; ``--sample-steps`` 32, no guidance) from every caption-1 latent; T2L
   (DDIM, 32 steps) for every caption-1 and every STS-B sentence;
-* ar: exact NLL in bits/token on the same rows and positions; greedy and beam-4 decoding from caption-1 latents;
+* ar: exact NLL in bits/token on the same rows and positions; greedy and beam-4 decoding from caption-1 latents.
+  It overfits within minutes (26 passes over the captions in 300 s on an H200): ``--ar-early-stop X`` validates it
+  every X budget seconds on captions 2-5 outside the clock and evaluates its best weights (:class:`EarlyStop`);
 * regress: its prediction for the same T2L inputs.
 
 Output (``--out``; ``--tar`` rewrites one tar of it after every run): ``<variant>.json`` (config, steps, times,
