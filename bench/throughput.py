@@ -188,7 +188,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     if a.compile_regions:
         compile_regions(trainer.model)
     if a.compile_blocks:
-        compile_blocks(trainer.model)
+        compile_blocks(trainer.model, a.memory_budget)
     grad, frozen_n = matrix_params(trainer.model, skip=tuple(f"backbone.{n}" for n in trainer.model.unused_backbone))
     copies = 2 if context == "twice" else 1
     positions = a.batch * copies * (a.length + m.latent_prefix_len + m.latent_readout_len)
@@ -236,7 +236,7 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
     if a.compile_regions:
         compile_regions(model)
     if a.compile_blocks:
-        compile_blocks(model)
+        compile_blocks(model, a.memory_budget)
     if a.cuda_graphs:
         from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
 
@@ -638,13 +638,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"or gpu_check_wkv.py's JSON with 'config_timed' ({e})"
             )
             return 2
-    if a.memory_budget is not None:
-        if not 0 < a.memory_budget <= 1:
-            print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
-            return 2
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = a.memory_budget  # read when a block is compiled
+    if a.memory_budget is not None and not 0 < a.memory_budget <= 1:  # compile_blocks applies it
+        print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
+        return 2
     dev = torch.device(a.device)
     if dev.type == "cuda":
         if dev.index is None:  # "cuda" alone: the current device, named by index from here on

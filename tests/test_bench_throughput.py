@@ -91,15 +91,8 @@ def test_markdown_renders_a_rows_kernel_profile():
         assert f"| `{k['name']}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" in md
 
 
-def test_memory_budget_sets_the_partitioners_budget_and_refuses_out_of_range(capsys, monkeypatch):
-    import torch._functorch.config as functorch_config
-
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
-    budget = round(random.uniform(0.05, 0.95), 3)
-    argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "none", "--memory-budget", str(budget)]
-    assert throughput.main(argv) == 0
-    assert functorch_config.activation_memory_budget == budget
-    capsys.readouterr()
+def test_memory_budget_refuses_out_of_range(capsys):
+    # (a share in range is handed to compile_blocks: tests/models/test_rwkv7_regions.py)
     for bad in ("0", "1.5", "-0.2"):
         assert throughput.main(["--device", "cpu", "--rows", "none", "--memory-budget", bad]) == 2
         out = capsys.readouterr().out.strip()

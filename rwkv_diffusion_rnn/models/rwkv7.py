@@ -270,14 +270,26 @@ def compile_regions(model: nn.Module, enable: bool = True) -> int:
     return n
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
     """``torch.compile`` every RWKV-7 :class:`Block` inside ``model`` in place (the torchtitan recipe: one block at a
     time, so all blocks of one kind share one compiled graph). The WKV call is excluded from tracing
     (:func:`~rwkv_diffusion_rnn.models.wkv7.wkv7` is ``torch.compiler.disable``), so a block compiles into the part
     before it (ln1, token shift, projections, low-rank paths, kernel inputs) and the part after it (GroupNorm, bonus,
     gate, output projection, residual, ln2, FFN), each fused with its matmuls' prologues and epilogues; LoRA hooks
     are traced along. Wider than :func:`compile_regions` (use one or the other). Idempotent (a trainer may call it
-    again after unfreezing). Returns the number of blocks."""
+    again after unfreezing). Returns the number of blocks.
+
+    ``memory_budget`` in (0, 1]: the share of a compiled block's saved activations the partitioner may keep for the
+    backward (``torch._functorch.config.activation_memory_budget``; it recomputes the cheapest rest in the backward).
+    Process-wide and read when a graph is first compiled, so set it before the first step; None leaves it as is (1
+    is torch's default). On an H200 the 0.4B LM step's peak went 19.3 -> 13.6 GiB at 0.5 for 3 % of its speed
+    (docs/RESULTS.md, 2026-11-27 session 5)."""
+    if memory_budget is not None:
+        if not 0 < memory_budget <= 1:
+            raise DiffRwkvError(f"memory budget must be in (0, 1]; got {memory_budget}")
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(memory_budget)
     inductor_guard()
     # one graph per (first layer or not) x (grad or no grad) x (shape kind): well under 8, but a training run that
     # also evaluates at other lengths should not fall back to eager for good after the 8th variant
