@@ -332,18 +332,20 @@ def test_bf16_autocast_trains_with_fp32_master_weights(setup, tmp_path):
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
 
-def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path, monkeypatch):
+def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
     """training.memory_budget is handed to compile_blocks (the partitioner's share, read at the first compile; no
-    step runs here), and 1 leaves torch's setting alone."""
+    step runs here), and 1 leaves torch's setting alone. (torch's own ``patch`` restores the setting: pytest's
+    monkeypatch deletes a torch config entry on undo.)"""
     import random
 
     import torch._functorch.config as functorch_config
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
     budget = round(random.uniform(0.05, 0.95), 3)
-    trainer = Trainer(make_cfg(setup, tmp_path / "a", training__compile_blocks=True, training__memory_budget=budget))
-    assert functorch_config.activation_memory_budget == budget
-    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in trainer.model.backbone.blocks)
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 0.77)
-    Trainer(make_cfg(setup, tmp_path / "b", training__compile_blocks=True))
-    assert functorch_config.activation_memory_budget == 0.77
+    with functorch_config.patch(activation_memory_budget=1.0):
+        cfg = make_cfg(setup, tmp_path / "a", training__compile_blocks=True, training__memory_budget=budget)
+        trainer = Trainer(cfg)
+        assert functorch_config.activation_memory_budget == budget
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in trainer.model.backbone.blocks)
+    with functorch_config.patch(activation_memory_budget=0.77):
+        Trainer(make_cfg(setup, tmp_path / "b", training__compile_blocks=True))
+        assert functorch_config.activation_memory_budget == 0.77

@@ -167,24 +167,27 @@ def test_compiled_blocks_share_graphs_across_layers():
     assert graphs[2] > 0 and graphs[5] == graphs[2], graphs
 
 
-def test_compile_blocks_sets_the_partitioners_memory_budget_or_refuses_it(monkeypatch):
+def test_compile_blocks_sets_the_partitioners_memory_budget_or_refuses_it():
     """``compile_blocks(model, memory_budget)`` hands the share to the partitioner (read when a block first compiles,
-    so nothing compiles here) and refuses a share outside (0, 1] before touching the model; the trainer passes
-    ``training.memory_budget`` and the config refuses a budget without compiled blocks."""
+    so nothing compiles here) and refuses a share outside (0, 1] before touching the model; the config refuses a
+    budget without compiled blocks. (torch's own ``patch`` restores the setting: pytest's monkeypatch deletes a
+    torch config entry on undo.)"""
     import torch._functorch.config as functorch_config
 
     from rwkv_diffusion_rnn.config import TrainConfig, validate
     from rwkv_diffusion_rnn.errors import DiffRwkvError
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
     budget = round(random.uniform(0.05, 0.95), 3)
-    model = random_rwkv7(2, 64, vocab_size=50, seed=0)
-    assert compile_blocks(model, budget) == 2 and functorch_config.activation_memory_budget == budget
-    for bad in (0.0, 1.5, -0.2):
-        fresh = random_rwkv7(1, 64, vocab_size=50, seed=0)
-        with pytest.raises(DiffRwkvError, match="memory budget must be in"):
-            compile_blocks(fresh, bad)
-        assert all(getattr(b, "_compiled_call_impl", None) is None for b in fresh.blocks)
+    with functorch_config.patch(activation_memory_budget=1.0):
+        model = random_rwkv7(2, 64, vocab_size=50, seed=0)
+        assert compile_blocks(model, budget) == 2 and functorch_config.activation_memory_budget == budget
+        for bad in (0.0, 1.5, -0.2):
+            fresh = random_rwkv7(1, 64, vocab_size=50, seed=0)
+            with pytest.raises(DiffRwkvError, match="memory budget must be in"):
+                compile_blocks(fresh, bad)
+            assert all(getattr(b, "_compiled_call_impl", None) is None for b in fresh.blocks)
+            assert functorch_config.activation_memory_budget == budget
+    assert functorch_config.activation_memory_budget == 1.0
     cfg = TrainConfig()
     cfg.training.memory_budget = 0.5
     with pytest.raises(DiffRwkvError, match="set training.compile_blocks=true"):
