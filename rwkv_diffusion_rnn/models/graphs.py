@@ -57,7 +57,9 @@ class _Stack(nn.Module):
         pad = rest.pop(0) if self.has_pad else None
         rev = FLIP if self.rev == "flip" else (rest.pop(0) if self.rev == "index" else None)
         pre_block = SiteModulation(rest.pop(0), *self.hook) if self.hook is not None else None
-        return run_blocks(self.blocks, x, pad, rev, pre_block, self.backend)
+        from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
+
+        return run_blocks(self.blocks, x, pad, rev, pre_block, resolve_backend(self.backend, x.device))
 
 
 def run_blocks(blocks, x, pad, rev, pre_block, backend) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.models.graphs import run_blocks
-from rwkv_diffusion_rnn.models.wkv7 import wkv7
+from rwkv_diffusion_rnn.models.wkv7 import resolve_backend, wkv7
 
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
 DECAY_SCALE = math.exp(-0.5)
@@ -304,6 +304,13 @@ def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
     return n
 
 
+@torch.compiler.disable  # under training.compile (the whole model traced) a graph break, never a traced import
+def kernel_backend(name: str | None, device: torch.device) -> str:
+    """The WKV backend a forward on ``device`` uses (``auto`` and the environment variable resolved): the blocks get
+    the resolved name, so a compiled block knows at trace time whether fla will run (see :meth:`TimeMix.forward`)."""
+    return resolve_backend(name, device)
+
+
 @torch.compiler.disable
 def _wkv7_channels(r, w, k, v, a, b, state, backend: str | None, n_head: int):
     """:func:`wkv7` on ``[B, T, C]`` operands (split into heads here), returning ``o`` ``[B, T, C]`` and the state.
@@ -381,7 +388,14 @@ class TimeMix(nn.Module):
             k = k.masked_fill(pad, 0.0)
             b = b.masked_fill(pad, 0.0)
 
-        o, wkv_state = _wkv7_channels(r, w, k, v, neg_kk, b, wkv_state, backend, H)
+        kernel_in = (w, k, v, neg_kk, b)
+        if backend == "fla" and r.dtype != torch.float32:
+            # fla takes all six operands in r's dtype (it would cast the fp32 ones itself). Cast here, inside the
+            # compiled block, so Inductor fuses the casts into the kernels that produce w/k/v/a/b (and the backward
+            # casts into their consumers) instead of five copy kernels each way at the WKV graph break. The same
+            # roundings as fla's own: the numbers do not change. k and v stay fp32 for the bonus term below.
+            kernel_in = tuple(x.to(r.dtype) for x in kernel_in)
+        o, wkv_state = _wkv7_channels(r, *kernel_in, wkv_state, backend, H)
         o = ops.tm_output(o, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype)
         return self.output(o), wkv_state, v_first
 
@@ -524,10 +538,11 @@ class RWKV7(nn.Module):
             if carried:
                 raise DiffRwkvError("a bidirectional pass cannot continue from a recurrent state")
             rev = reverse_index(lengths, T) if lengths is not None else FLIP
+        backend = kernel_backend(self.wkv_backend, x.device)  # named once here: the blocks see auto's choice
         if not need_state and not carried:
             h = self.graphs.run(self, x, pad, rev, pre_block) if graphed else None
             if h is None:
-                h = run_blocks(self.blocks, x, pad, rev, pre_block, self.wkv_backend)
+                h = run_blocks(self.blocks, x, pad, rev, pre_block, backend)
             return h, None
         if carried:
             att_in, wkv_in, ffn_in = state.att_x, state.wkv, state.ffn_x
@@ -540,9 +555,7 @@ class RWKV7(nn.Module):
         for i, block in enumerate(self.blocks):
             if pre_block is not None:
                 x = pre_block(i, x)
-            x, (ax, s, fx), v_first = block(
-                x, att_in[i], wkv_in[i], ffn_in[i], v_first, pad, lengths, self.wkv_backend, rev
-            )
+            x, (ax, s, fx), v_first = block(x, att_in[i], wkv_in[i], ffn_in[i], v_first, pad, lengths, backend, rev)
             att_x.append(ax)
             wkv.append(s)
             ffn_x.append(fx)

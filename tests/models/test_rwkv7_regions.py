@@ -197,3 +197,63 @@ def test_compile_blocks_sets_the_partitioners_memory_budget_or_refuses_it():
     cfg.training.memory_budget = 1.2
     with pytest.raises(DiffRwkvError, match=r"training.memory_budget must be in \(0, 1\]"):
         validate(cfg)
+
+
+def _fla_like(cast_inside: bool, seen: list):
+    """A CPU stand-in for fla's backend: fla's contract (every operand in r's dtype) checked, the reference run."""
+    from rwkv_diffusion_rnn.models.wkv7 import wkv7_reference
+
+    def run(r, w, k, v, a, b, state=None):
+        if cast_inside:  # what wkv7_fla does with operands of other dtypes
+            w, k, v, a, b = (x.to(r.dtype) for x in (w, k, v, a, b))
+        seen.append({x.dtype for x in (r, w, k, v, a, b)})
+        return wkv7_reference(r, w, k, v, a, b, state)
+
+    return run
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fla_operands_cast_in_the_block_change_no_number(monkeypatch, compiled):
+    """With the fla backend the block casts w/k/v/a/b to r's dtype itself (inside the compiled block, where the
+    casts fuse): fla's contract holds and the outputs and gradients are those of fla casting them (bitwise eager;
+    to compile's rounding when compiled). Other backends get the fp32 operands as before."""
+    from rwkv_diffusion_rnn.models import wkv7 as wkv7_module
+
+    seed = random.randrange(2**31)
+    seen_fla, seen_other = [], []
+    monkeypatch.setitem(wkv7_module.BACKENDS, "fla", _fla_like(False, seen_fla))
+    monkeypatch.setitem(wkv7_module.BACKENDS, "fla_casting_inside", _fla_like(True, seen_other))
+    base = random_rwkv7(2, 128, vocab_size=300, seed=seed).train()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    ours.wkv_backend, theirs.wkv_backend = "fla", "fla_casting_inside"
+    if compiled:
+        compile_blocks(ours)
+    B, T = 3, 17
+    ids, targets = torch.randint(0, 300, (B, T)), torch.randint(0, 300, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[2, 9:] = 0
+    ref_logits, ref_grads = _loss_and_grads(theirs, ids, mask, targets, bf16=True)
+    logits, grads = _loss_and_grads(ours, ids, mask, targets, bf16=True)
+    assert seen_fla and all(d == {torch.bfloat16} for d in seen_fla), seen_fla  # cast before the backend
+    assert seen_other and all(d == {torch.bfloat16} for d in seen_other)
+    assert set(grads) == set(ref_grads) and len(grads) > 20
+    if not compiled:
+        assert torch.equal(logits, ref_logits), f"seed {seed}"
+        for n in grads:
+            assert torch.equal(grads[n], ref_grads[n]), f"seed {seed}: {n}"
+    else:
+        assert _rel(logits, ref_logits) < 2e-2, f"seed {seed}"
+        worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
+        assert _rel(grads[worst], ref_grads[worst]) < 2e-1, f"seed {seed}: {worst}"
+    # the reference backend is not fla: it still receives the fp32 log decay
+    dtypes = []
+
+    def spy(r, w, k, v, a, b, state=None):
+        dtypes.append(w.dtype)
+        return wkv7_module.wkv7_reference(r, w, k, v, a, b, state)
+
+    monkeypatch.setitem(wkv7_module.BACKENDS, "reference", spy)
+    plain = copy.deepcopy(base)
+    plain.wkv_backend = "reference"
+    _loss_and_grads(plain, ids, mask, targets, bf16=True)
+    assert dtypes and set(dtypes) == {torch.float32}
