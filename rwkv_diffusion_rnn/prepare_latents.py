@@ -346,7 +346,8 @@ def prepare_latents(args: argparse.Namespace) -> dict:
         "explained_variance": proj.explained_variance,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    summary["rows_per_s"] = round(len(all_rows) / max(summary["seconds"], 1e-9), 1)
+    elapsed = time.perf_counter() - t0
+    summary["rows_per_s"] = round(len(all_rows) / elapsed, 1) if elapsed >= 0.05 else None  # no rate from a blink
     return summary
 
 
