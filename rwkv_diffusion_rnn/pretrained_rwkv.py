@@ -222,8 +222,8 @@ def resolve_checkpoint(
 
     what = filename or "config.json + *.safetensors"
     hint = (
-        f"download it where there is a network and pass the local path instead (model.rwkv_name=/path/to/"
-        f"{filename or 'folder'}), or point cache_dir at a Hugging Face cache that holds it"
+        f"download it where there is a network and pass the local path instead (/path/to/{filename or 'folder'}; "
+        "in a training config model.rwkv_name), or point cache_dir at a Hugging Face cache that holds it"
     )
     try:
         if filename:
