@@ -202,7 +202,7 @@ def make_step(
         from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
         from rwkv_diffusion_rnn.models.rwkv7 import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, 1.0)  # torch's default budget, whatever a diffusion run before it set
         enable_cuda_graphs(model)
 
     def step() -> dict:

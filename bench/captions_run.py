@@ -525,29 +525,38 @@ class EarlyStop:
         t, budget_t = time.perf_counter(), clock.elapsed()  # read before the pass: inside it the wall clock runs on
         with clock.paused():
             nll = ar_nll_bits(self.model, self.ids, self.z, self.args.dtype, self.args.eval_batch)["val_nll_bits"]
-            at = {"step": steps, "t": round(budget_t, 2), "val_nll_bits": round(nll, 5)}
+            finite = math.isfinite(nll)
+            at = {"step": steps, "t": round(budget_t, 2), "val_nll_bits": round(nll, 5) if finite else None}
             self.curve.append(at)
-            if nll < self.best:
+            if finite and nll < self.best:
                 self.best, self.best_at = nll, at
                 self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.paused_s += time.perf_counter() - t
         self.model.train()
 
     def finish(self) -> dict:
-        """Load the best weights; what was chosen, and the validation curve."""
+        """Load the best weights (the last ones when no pass was finite); what was chosen, the validation curve, and
+        the selection rows' NLL measured again after the restore (equal to the chosen pass's: the weights are back)."""
+        from captions_baselines import ar_nll_bits
+
+        restored = None
         if self.best_state is not None:
             with torch.no_grad():
                 for k, v in self.model.state_dict().items():
                     v.copy_(self.best_state[k])  # in place: CUDA graphs captured the parameters' addresses
-        say(
-            f"ar: early stopping chose step {self.best_at['step']} (t={self.best_at['t']} of the budget; validation "
-            f"NLL {self.best:.4f} bits/token on captions 2-5) of {len(self.curve)} passes, {self.paused_s:.1f} s "
-            "outside the clock"
-        )
+            restored = ar_nll_bits(self.model, self.ids, self.z, self.args.dtype, self.args.eval_batch)["val_nll_bits"]
+            say(
+                f"ar: early stopping chose step {self.best_at['step']} (t={self.best_at['t']} of the budget; "
+                f"validation NLL {self.best:.4f} bits/token on captions 2-5, {restored:.4f} after the restore) of "
+                f"{len(self.curve)} passes, {self.paused_s:.1f} s outside the clock"
+            )
+        else:
+            say(f"ar: early stopping: no finite validation NLL in {len(self.curve)} passes; the last weights are kept")
         return {
             "every": self.every,
             "rows": int(self.ids.shape[0]),
             "chosen": self.best_at,
+            "restored_val_nll_bits": finite_or_none(restored) if restored is not None else None,
             "passes": len(self.curve),
             "paused_s": round(self.paused_s, 2),
             "curve": self.curve,
@@ -565,7 +574,12 @@ def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok) -> tuple[dic
     n_val = data.val_rows.shape[0] if not args.eval_limit else min(data.val_rows.shape[0], 5 * ev.n_img)
     val_ids = torch.as_tensor(data.val_rows[:n_val], device=dev)
     val_z = torch.as_tensor(data.val_z[:n_val], device=dev)
-    stopper = EarlyStop(model, val_ids[ev.n_img :], val_z[ev.n_img :], args) if args.ar_early_stop > 0 else None
+    stopper = None
+    if args.ar_early_stop > 0:  # captions 2-5 of the evaluated images: rows k x (all images) + i, k = 1..4
+        n_all = data.val_rows.shape[0] // 5
+        sel = torch.as_tensor([k * n_all + i for k in range(1, 5) for i in range(ev.n_img)], device=dev)
+        rows, zs = torch.as_tensor(data.val_rows, device=dev), torch.as_tensor(data.val_z, device=dev)
+        stopper = EarlyStop(model, rows[sel], zs[sel], args)
     tr = _baseline_training(model, data, ar_loss, args, dev, "ar", hook=stopper)
     if stopper is not None:
         tr["early_stop"] = stopper.finish()

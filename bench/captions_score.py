@@ -332,11 +332,16 @@ def main(argv: list[str] | None = None, encoder=None, tokenizer=None) -> int:
 
             tokenizer = load_tokenizer("rwkv-world")
         sts_path = args.stsb or bundle["meta"].get("sources", {}).get("stsb")
-        genres = None
-        if sts_path and Path(sts_path).is_file():
-            genres = read_genres(sts_path, np.asarray(bundle["stsb_scores"], dtype=np.float64))
-        elif args.stsb:
-            raise ScoreError(f"--stsb {args.stsb}: no such file")
+        genres, scores_b = None, np.asarray(bundle["stsb_scores"], dtype=np.float64)
+        if args.stsb:  # asked for: it must be there and be the bundle's
+            if not Path(args.stsb).is_file():
+                raise ScoreError(f"--stsb {args.stsb}: no such file")
+            genres = read_genres(args.stsb, scores_b)
+        elif sts_path and Path(sts_path).is_file():  # the recorded source: optional, a mismatch only skips the table
+            try:
+                genres = read_genres(sts_path, scores_b)
+            except ScoreError as exc:
+                print(f"note: no by-genre table: {exc} (give --stsb)", file=sys.stderr)
         else:
             print(f"note: STS-B csv {sts_path} not here; no by-genre table (give --stsb)", file=sys.stderr)
         with tempfile.TemporaryDirectory() as scratch:

@@ -641,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_budget is not None and not 0 < a.memory_budget <= 1:  # compile_blocks applies it
         print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
         return 2
+    if a.memory_budget is not None and not a.compile_blocks:
+        print("--memory-budget acts on compiled blocks: add --compile-blocks")
+        return 2
     dev = torch.device(a.device)
     if dev.type == "cuda":
         if dev.index is None:  # "cuda" alone: the current device, named by index from here on

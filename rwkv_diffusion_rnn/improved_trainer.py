@@ -182,7 +182,7 @@ class Trainer:
         if t.activation_checkpointing:
             self._checkpoint_blocks()
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
-            compile_blocks(self.model, t.memory_budget if t.memory_budget < 1 else None)
+            compile_blocks(self.model, t.memory_budget)  # 1 included: never inherit an earlier model's budget
         if t.cuda_graphs:  # (LoRA, whose adapters sit outside the graphed blocks, etc.: refused by validate)
             if self.device.type != "cuda" or self.dist.enabled:
                 raise DiffRwkvError(

@@ -207,6 +207,8 @@ def test_prepare_run_score_end_to_end(tmp_path):
     assert es["rows"] == 4 * n_img and es["passes"] == len(es["curve"]) >= 2, es
     assert es["chosen"]["val_nll_bits"] == min(c["val_nll_bits"] for c in es["curve"]), es
     assert es["curve"][-1]["step"] == res["ar"]["train"]["steps"], es  # the last weights were a candidate
+    # the chosen weights are the ones evaluated: the selection rows' NLL again after the restore
+    assert es["restored_val_nll_bits"] == pytest.approx(es["chosen"]["val_nll_bits"], abs=2e-5), es
     # the AR baseline learned something in its budget: below the uniform code length
     assert 0 < nll["val_nll_bits"] < nll["uniform_bits"], (seed, nll)
     for v in ("causal", "regress"):
@@ -505,8 +507,40 @@ def test_ar_early_stop_keeps_the_best_validation_weights_and_restores_them():
     assert [c["val_nll_bits"] for c in stop.curve] == pytest.approx(nlls, abs=1e-4), seed
     info = stop.finish()
     best = int(np.argmin(nlls))
+    assert info["restored_val_nll_bits"] == pytest.approx(nlls[best], abs=1e-4), (seed, info)
     assert info["chosen"]["step"] == 2 * (best + 1), (seed, info)
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[best][k]), (seed, k)
     with pytest.raises(captions_run.RunError, match="no validation rows"):
         captions_run.EarlyStop(model, ids[:0], z[:0], args)
+
+
+def test_ar_early_stop_survives_non_finite_passes(monkeypatch, tmp_path):
+    """A NaN validation pass is recorded as null (the JSON allows no NaN) and never chosen; with no finite pass at
+    all the last weights stay and nothing is chosen."""
+    from types import SimpleNamespace
+
+    import captions_baselines
+    from captions_common import StepClock, write_json_atomic
+
+    values = iter([float("nan"), 2.0, float("nan"), 1.5, float("nan")])
+    monkeypatch.setattr(captions_baselines, "ar_nll_bits", lambda *a, **k: {"val_nll_bits": next(values)})
+    model = torch.nn.Linear(2, 2)
+    args = SimpleNamespace(ar_early_stop=1.0, dtype="fp32", eval_batch=4)
+    stop = captions_run.EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
+    clock = StepClock()
+    clock.start()
+    for step in range(1, 5):
+        clock.tick()
+        stop(step, clock)
+    info = stop.finish()  # its own pass after the restore draws the last value: NaN -> null
+    assert [c["val_nll_bits"] for c in info["curve"]] == [None, 2.0, None, 1.5]
+    assert info["chosen"]["step"] == 4 and info["restored_val_nll_bits"] is None
+    write_json_atomic(tmp_path / "es.json", info)  # serialisable: the JSON writer refuses NaN
+    nan_only = captions_run.EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
+    monkeypatch.setattr(captions_baselines, "ar_nll_bits", lambda *a, **k: {"val_nll_bits": float("nan")})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan_only(1, clock, True)
+    info = nan_only.finish()
+    assert info["chosen"] is None and info["restored_val_nll_bits"] is None and info["passes"] == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

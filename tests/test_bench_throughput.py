@@ -97,3 +97,5 @@ def test_memory_budget_refuses_out_of_range(capsys):
         assert throughput.main(["--device", "cpu", "--rows", "none", "--memory-budget", bad]) == 2
         out = capsys.readouterr().out.strip()
         assert out.count("\n") == 0 and out.startswith("--memory-budget"), out
+    assert throughput.main(["--device", "cpu", "--rows", "none", "--memory-budget", "0.5"]) == 2  # not compiled
+    assert capsys.readouterr().out.strip() == "--memory-budget acts on compiled blocks: add --compile-blocks"

@@ -334,8 +334,8 @@ def test_bf16_autocast_trains_with_fp32_master_weights(setup, tmp_path):
 
 def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
     """training.memory_budget is handed to compile_blocks (the partitioner's share, read at the first compile; no
-    step runs here), and 1 leaves torch's setting alone. (torch's own ``patch`` restores the setting: pytest's
-    monkeypatch deletes a torch config entry on undo.)"""
+    step runs here), 1 included (a budget left by an earlier model is not inherited). (torch's own ``patch``
+    restores the setting: pytest's monkeypatch deletes a torch config entry on undo.)"""
     import random
 
     import torch._functorch.config as functorch_config
@@ -346,6 +346,6 @@ def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
         trainer = Trainer(cfg)
         assert functorch_config.activation_memory_budget == budget
         assert all(getattr(b, "_compiled_call_impl", None) is not None for b in trainer.model.backbone.blocks)
-    with functorch_config.patch(activation_memory_budget=0.77):
+    with functorch_config.patch(activation_memory_budget=0.77):  # e.g. left by an earlier model in the process
         Trainer(make_cfg(setup, tmp_path / "b", training__compile_blocks=True))
-        assert functorch_config.activation_memory_budget == 0.77
+        assert functorch_config.activation_memory_budget == 1.0  # the config's 1 applies: nothing inherited

@@ -281,15 +281,18 @@ def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
 
     ``memory_budget`` in (0, 1]: the share of a compiled block's saved activations the partitioner may keep for the
     backward (``torch._functorch.config.activation_memory_budget``; it recomputes the cheapest rest in the backward).
-    Process-wide and read when a graph is first compiled, so set it before the first step; None leaves it as is (1
-    is torch's default). On an H200 the 0.4B LM step's peak went 19.3 -> 13.6 GiB at 0.5 for 3 % of its speed
-    (docs/RESULTS.md, 2026-11-27 session 5)."""
+    Process-wide and read when a graph is first compiled; compiled graphs do not key on it (every block shares one
+    ``forward``), so a budget different from the one in force also drops dynamo's cached graphs, and the next call
+    compiles under the new one. None leaves the setting as it is (1 is torch's default). On an H200 the 0.4B LM
+    step's peak went 19.3 -> 13.6 GiB at 0.5 for 3 % of its speed (docs/RESULTS.md, 2026-11-27 session 5)."""
     if memory_budget is not None:
         if not 0 < memory_budget <= 1:
             raise DiffRwkvError(f"memory budget must be in (0, 1]; got {memory_budget}")
         import torch._functorch.config as functorch_config
 
-        functorch_config.activation_memory_budget = float(memory_budget)
+        if functorch_config.activation_memory_budget != float(memory_budget):
+            functorch_config.activation_memory_budget = float(memory_budget)
+            torch._dynamo.reset()  # graphs partitioned under the old budget would be reused otherwise
     inductor_guard()
     # one graph per (first layer or not) x (grad or no grad) x (shape kind): well under 8, but a training run that
     # also evaluates at other lengths should not fall back to eager for good after the 8th variant

@@ -245,6 +245,18 @@ def test_fla_operands_cast_in_the_block_change_no_number(monkeypatch, compiled):
         assert _rel(logits, ref_logits) < 2e-2, f"seed {seed}"
         worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
         assert _rel(grads[worst], ref_grads[worst]) < 2e-1, f"seed {seed}: {worst}"
+    # "auto" is resolved before the blocks, so a block knows fla will run (here auto's choice is forced to fla)
+    from rwkv_diffusion_rnn.models import rwkv7 as rwkv7_module
+
+    seen_fla.clear()
+    monkeypatch.setattr(rwkv7_module, "resolve_backend", lambda name, device: "fla")
+    auto = copy.deepcopy(base)
+    auto.wkv_backend = "auto"
+    auto_logits, _ = _loss_and_grads(auto, ids, mask, targets, bf16=True)
+    assert seen_fla and all(d == {torch.bfloat16} for d in seen_fla), seen_fla
+    assert torch.equal(auto_logits, ref_logits)  # (an eager copy) the same numbers as fla casting itself
+    monkeypatch.undo()
+    monkeypatch.setitem(wkv7_module.BACKENDS, "fla", _fla_like(False, seen_fla))
     # the reference backend is not fla: it still receives the fp32 log decay
     dtypes = []
 
