@@ -18,7 +18,7 @@ Backends
 ``auto``       ``fla`` for CUDA tensors when fla imports, else ``reference``.
 
 The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
-``DIFFRWKV_WKV_BACKEND``.
+``DIFFRWKV_WKV_BACKEND``, which a call or model asking for ``auto`` (or nothing) follows; an explicit name wins.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def wkv7_triton(
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
-    name = name or os.environ.get("DIFFRWKV_WKV_BACKEND") or "auto"
+    if not name or name == "auto":  # "auto" (the config's default) defers to the environment variable too
+        name = os.environ.get("DIFFRWKV_WKV_BACKEND") or "auto"
     if name == "auto":
         return "fla" if device.type == "cuda" and _fla_chunk() is not None else "reference"
     if name not in BACKENDS:

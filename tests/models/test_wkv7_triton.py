@@ -219,6 +219,8 @@ else:
         assert wkv7_mod.resolve_backend("auto", torch.device("cuda")) in ("fla", "reference")  # never triton
         monkeypatch.setenv("DIFFRWKV_WKV_BACKEND", "triton")
         assert wkv7_mod.resolve_backend(None, torch.device("cpu")) == "triton"
+        assert wkv7_mod.resolve_backend("auto", torch.device("cpu")) == "triton"  # the config's default defers too
+        assert wkv7_mod.resolve_backend("reference", torch.device("cpu")) == "reference"  # an explicit name wins
         xs, state, _, _ = make_inputs(1, 3, 1, 8, torch.float32, torch.float32, True, 0)
         if not compiled.INTERPRET:
             with pytest.raises(DiffRwkvError, match="CUDA tensors only"):
