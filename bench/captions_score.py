@@ -121,7 +121,7 @@ def read_genres(path: str | Path, scores: np.ndarray) -> list[str]:
     return genres
 
 
-def by_genre(pred: np.ndarray | None, sts_lat: np.ndarray, sts_scores: np.ndarray, genres: list[str], oov) -> list:
+def by_genre(pred: np.ndarray, sts_lat: np.ndarray, sts_scores: np.ndarray, genres: list[str], oov) -> list:
     """STS-B Spearman per genre: the T2L latents' (``pred``: the 2P STS-B rows, sentence-1s then sentence-2s) and the
     encoder's own (the ceiling), with the share of the genre's sentences holding a token that no training caption
     has (what a model trained from scratch on the captions never saw)."""
@@ -136,9 +136,8 @@ def by_genre(pred: np.ndarray | None, sts_lat: np.ndarray, sts_scores: np.ndarra
             "pairs": int(m.sum()),
             "encoder": sts_spearman(sts_lat[:P][m], sts_lat[P:][m], sts_scores[m]),
             "unseen_token_share": float(np.concatenate([oov[:P][m], oov[P:][m]]).mean()),
+            "t2l": sts_spearman(pred[:P][m], pred[P:][m], sts_scores[m]),
         }
-        if pred is not None:
-            row["t2l"] = sts_spearman(pred[:P][m], pred[P:][m], sts_scores[m])
         out.append(row)
     return out
 
@@ -331,19 +330,19 @@ def main(argv: list[str] | None = None, encoder=None, tokenizer=None) -> int:
             from rwkv_diffusion_rnn.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer("rwkv-world")
-        sts_path = args.stsb or bundle["meta"].get("sources", {}).get("stsb")
         genres, scores_b = None, np.asarray(bundle["stsb_scores"], dtype=np.float64)
+        recorded = bundle["meta"].get("sources", {}).get("stsb")
         if args.stsb:  # asked for: it must be there and be the bundle's
             if not Path(args.stsb).is_file():
                 raise ScoreError(f"--stsb {args.stsb}: no such file")
             genres = read_genres(args.stsb, scores_b)
-        elif sts_path and Path(sts_path).is_file():  # the recorded source: optional, a mismatch only skips the table
+        elif recorded and Path(recorded).is_file():  # the recorded source: optional, a mismatch only skips the table
             try:
-                genres = read_genres(sts_path, scores_b)
+                genres = read_genres(recorded, scores_b)
             except ScoreError as exc:
                 print(f"note: no by-genre table: {exc} (give --stsb)", file=sys.stderr)
         else:
-            print(f"note: STS-B csv {sts_path} not here; no by-genre table (give --stsb)", file=sys.stderr)
+            print(f"note: STS-B csv {recorded} not here; no by-genre table (give --stsb)", file=sys.stderr)
         with tempfile.TemporaryDirectory() as scratch:
             runs = collect_runs(args.runs, Path(scratch))
             scores = score(runs, bundle, encoder, tokenizer, args.batch_size, genres)

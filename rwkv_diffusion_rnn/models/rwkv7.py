@@ -307,13 +307,6 @@ def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
     return n
 
 
-@torch.compiler.disable  # under training.compile (the whole model traced) a graph break, never a traced import
-def kernel_backend(name: str | None, device: torch.device) -> str:
-    """The WKV backend a forward on ``device`` uses (``auto`` and the environment variable resolved): the blocks get
-    the resolved name, so a compiled block knows at trace time whether fla will run (see :meth:`TimeMix.forward`)."""
-    return resolve_backend(name, device)
-
-
 @torch.compiler.disable
 def _wkv7_channels(r, w, k, v, a, b, state, backend: str | None, n_head: int):
     """:func:`wkv7` on ``[B, T, C]`` operands (split into heads here), returning ``o`` ``[B, T, C]`` and the state.
@@ -541,7 +534,8 @@ class RWKV7(nn.Module):
             if carried:
                 raise DiffRwkvError("a bidirectional pass cannot continue from a recurrent state")
             rev = reverse_index(lengths, T) if lengths is not None else FLIP
-        backend = kernel_backend(self.wkv_backend, x.device)  # named once here: the blocks see auto's choice
+        # resolved once here: the blocks see auto's choice, so a compiled block knows whether fla runs (TimeMix)
+        backend = resolve_backend(self.wkv_backend, x.device)
         if not need_state and not carried:
             h = self.graphs.run(self, x, pad, rev, pre_block) if graphed else None
             if h is None:

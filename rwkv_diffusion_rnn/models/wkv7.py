@@ -152,6 +152,7 @@ def wkv7_triton(
     return run(r, w, k, v, a, b, state)
 
 
+@torch.compiler.disable  # under training.compile (the whole model traced): a graph break, never a traced import
 def resolve_backend(name: str | None, device: torch.device) -> str:
     if not name or name == "auto":  # "auto" (the config's default) defers to the environment variable too
         name = os.environ.get("DIFFRWKV_WKV_BACKEND") or "auto"
