@@ -58,3 +58,22 @@ def test_under_bf16_autocast_matches_autocast_logits():
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_chunks_match_the_eager_reference(autocast):
+    """The compiled per-chunk kernels (the CUDA default) against the eager functions they compile, on the CPU."""
+    seed = random.randrange(2**31)
+    out = []
+    for fused in (False, True):
+        h, w, y, gl = _case(45, 32, 700, seed)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss, pred = linear_cross_entropy(h, w, y, chunk=16, fused=fused)
+        (loss * gl).sum().backward()
+        out.append((loss.detach(), pred, h.grad, w.grad))
+    (l0, p0, gh0, gw0), (l1, p1, gh1, gw1) = out
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, **tol, msg=f"seed {seed}")
+    assert torch.equal(p1, p0), f"seed {seed}"
+    for got, want in ((gh1, gh0), (gw1, gw0)):
+        assert float((got - want).norm() / want.norm()) < (2e-2 if autocast else 1e-5), f"seed {seed}"
