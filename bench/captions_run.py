@@ -106,42 +106,58 @@ def say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shared settings
-def l2t_decoders(args) -> list[tuple[str, int, float, int | None, float]]:
-    """``--l2t-decoders`` as (strategy, steps, guidance, block size, temperature) tuples; the default is the project
-    sampler at ``--sample-steps`` without guidance, all positions at once, temperature 1. An item is
-    ``STRATEGY:STEPS`` followed, in any order, by optional ``gW`` (classifier-free guidance scale W), ``bN``
-    (semi-autoregressive blocks of N tokens, STEPS steps each, the committed prefix kept as RWKV state in causal
-    context) and ``tX`` (sampling temperature X; t0 = argmax): ``confidence:16:g1``, ``confidence:1:b1:t0``
-    (strictly left to right, greedy, one token per model call)."""
+def l2t_decoders(args) -> list[tuple[str, int, float, int | None, float, int, float | None]]:
+    """``--l2t-decoders`` as (strategy, steps, guidance, block size, temperature, candidates, rerank temperature)
+    tuples; the default is the project sampler at ``--sample-steps`` without guidance, all positions at once,
+    temperature 1, one candidate. An item is ``STRATEGY:STEPS`` followed, in any order, by optional ``gW``
+    (classifier-free guidance scale W), ``bN`` (semi-autoregressive blocks of N tokens, STEPS steps each, the
+    committed prefix kept as RWKV state in causal context), ``tX`` (sampling temperature X; t0 = argmax), ``rK``
+    (self-reranking among K candidates by the model's own text -> latent, ``sample_l2t(candidates=K)``) and ``sX``
+    (temperature of candidates 2..K; default the sampler's): ``confidence:16:g1``, ``confidence:1:b1:t0``
+    (strictly left to right, greedy, one token per model call), ``confidence:1:b1:t0:g1:r8:s0.7``."""
     from rwkv_diffusion_rnn.sampling import L2T_STRATEGY
 
     spec = (args.l2t_decoders or "").strip()
     if not spec:
-        return [(L2T_STRATEGY, args.sample_steps, 0.0, None, 1.0)]
+        return [(L2T_STRATEGY, args.sample_steps, 0.0, None, 1.0, 1, None)]
     out = []
     for item in spec.split(","):
         parts = item.strip().split(":")
         strategy, steps = parts[0], parts[1] if len(parts) > 1 else ""
         opts = {p[:1]: p[1:] for p in parts[2:]}
         ok = strategy in ("ancestral", "confidence", "threshold") and steps.isdigit() and int(steps) >= 1
-        ok = ok and len(opts) == len(parts) - 2 and set(opts) <= {"g", "b", "t"}
-        w, block, temp = 0.0, None, 1.0
+        ok = ok and len(opts) == len(parts) - 2 and set(opts) <= {"g", "b", "t", "r", "s"}
+        w, block, temp, k, rtemp = 0.0, None, 1.0, 1, None
         try:
             w, temp = float(opts.get("g", "0")), float(opts.get("t", "1"))
             block = int(opts["b"]) if "b" in opts else None
+            k = int(opts.get("r", "1"))
+            rtemp = float(opts["s"]) if "s" in opts else None
         except ValueError:
             ok = False
-        if not ok or w < 0 or temp < 0 or (block is not None and block < 1):
+        bad_rerank = k < 1 or (rtemp is not None and (rtemp <= 0 or k < 2))
+        if not ok or w < 0 or temp < 0 or (block is not None and block < 1) or bad_rerank:
             raise SystemExit(
-                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW][:bN][:tX], e.g. confidence:16:g1"
+                f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW][:bN][:tX][:rK][:sX], e.g. "
+                "confidence:16:g1 (K >= 1; sX > 0 only with K >= 2)"
             )
-        out.append((strategy, int(steps), w, block, temp))
+        out.append((strategy, int(steps), w, block, temp, k, rtemp))
     return out
 
 
-def decoder_name(strategy: str, steps: int, guidance: float, block: int | None = None, temperature: float = 1.0) -> str:
+def decoder_name(
+    strategy: str,
+    steps: int,
+    guidance: float,
+    block: int | None = None,
+    temperature: float = 1.0,
+    candidates: int = 1,
+    rerank_temperature: float | None = None,
+) -> str:
     name = f"{strategy}{steps}" + (f"-g{guidance:g}" if guidance else "") + (f"-b{block}" if block else "")
-    return name + (f"-t{temperature:g}" if temperature != 1.0 else "")
+    name += f"-t{temperature:g}" if temperature != 1.0 else ""
+    name += f"-r{candidates}" if candidates > 1 else ""
+    return name + (f"-s{rerank_temperature:g}" if rerank_temperature is not None else "")
 
 
 def budget_of(args: argparse.Namespace) -> float:
@@ -388,10 +404,11 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     t1 = time.perf_counter()
     decoded: dict[str, dict] = {}
     for dec in l2t_decoders(args):
-        strategy, steps, guidance, block, temperature = dec
+        strategy, steps, guidance, block, temperature, k, rtemp = dec
         ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, guidance_scale=guidance,
                          block_size=block, temperature=temperature, batch_size=args.eval_batch, seed=args.seed,
-                         device=dev)  # fmt: skip
+                         device=dev, candidates=k, rerank_temperature=rtemp,
+                         rerank_steps=args.t2l_steps or args.sample_steps)  # fmt: skip
         w = to_world(tm, ids)
         decoded[decoder_name(*dec)] = {"world_ids": w, "texts": _texts(tok, w)}
     t_l2t = time.perf_counter() - t1

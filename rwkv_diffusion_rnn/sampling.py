@@ -72,8 +72,8 @@ from rwkv_diffusion_rnn.samplers import (
     time_for_mask_fraction,
 )
 
-__all__ = ["NO_CHANGE_CACHE", "clean_ids", "condition_text", "main", "resolve_lengths", "sample_joint", "sample_l2t",
-           "sample_t2l"]  # fmt: skip
+__all__ = ["NO_CHANGE_CACHE", "clean_ids", "condition_text", "main", "rerank_l2t", "resolve_lengths", "sample_joint",
+           "sample_l2t", "sample_t2l"]  # fmt: skip
 
 NO_CHANGE_CACHE = ("exact", "off", "mdlm")
 STREAM_TEXT, STREAM_UNCOND, STREAM_LATENT = 0, 1, 2
@@ -302,13 +302,36 @@ def sample_l2t(
     device: str | torch.device | None = None,
     no_change_cache: str = "exact",
     progress: bool = False,
+    candidates: int = 1,
+    rerank_temperature: float | None = None,
+    rerank_steps: int = 1,
 ) -> list[list[int]]:
     """Latent -> text. ``latents``: RAW latents ``[N, D]`` (standardised here with ``m.normalizer``), fed clean
     (t_latent = 0). Returns N lists of token ids in the model's vocabulary, cut at the first end-of-text, with no
     pad / end-of-text / ``<mask>``. ``guidance_scale`` w: log-probs ``c + w (c - u)`` where the unconditional pass
     feeds a pure-noise latent at t_latent = 1 (0 = no guidance, no second pass). See the module docstring for
     ``block_size`` / ``use_cache`` / ``no_change_cache``; ``strategy``, ``temperature``, ``top_p``, ``threshold``
-    are :class:`~rwkv_diffusion_rnn.samplers.MaskedDiffusionScheduler`'s."""
+    are :class:`~rwkv_diffusion_rnn.samplers.MaskedDiffusionScheduler`'s.
+
+    ``candidates`` K > 1: self-reranking. Candidate 0 is this call's own text; candidates 1..K-1 are drawn with the
+    same settings at ``rerank_temperature`` (default: ``temperature``, or 0.7 when that is 0 = argmax) and seeds
+    ``seed + c``. Each row keeps the candidate whose text the model itself embeds (T2L, ``rerank_steps`` steps)
+    closest in cosine to the row's latent (:func:`rerank_l2t`). Costs K decodes and K x N T2L passes; uses nothing
+    but the model."""
+    if candidates < 1 or rerank_steps < 1:
+        raise DiffRwkvError(f"candidates and rerank_steps must be >= 1; got {candidates} and {rerank_steps}")
+    if candidates > 1:
+        kw = dict(length=length, num_steps=num_steps, strategy=strategy, top_p=top_p, threshold=threshold,
+                  guidance_scale=guidance_scale, block_size=block_size, use_cache=use_cache, batch_size=batch_size,
+                  device=device, no_change_cache=no_change_cache, progress=progress)  # fmt: skip
+        rt = rerank_temperature if rerank_temperature is not None else (temperature if temperature > 0 else 0.7)
+        if rt <= 0:
+            raise DiffRwkvError(f"rerank_temperature must be > 0 (argmax decoding gives one candidate); got {rt}")
+        cands = [sample_l2t(m, latents, temperature=temperature, seed=seed, **kw)]
+        cands += [sample_l2t(m, latents, temperature=rt, seed=seed + c, **kw) for c in range(1, candidates)]
+        choice, _ = rerank_l2t(m, latents, cands, num_steps=rerank_steps, batch_size=batch_size, seed=seed,
+                               device=device, progress=progress)  # fmt: skip
+        return [cands[int(c)][i] for i, c in enumerate(choice)]
     den = m.denoiser
     dev = _device(m, device)
     z_all = _standardised(m, latents, dev)
@@ -333,6 +356,39 @@ def sample_l2t(
                           no_change_cache, bar)  # fmt: skip
             results += [clean_ids(seq[k, : lengths[i]].tolist(), eot, mask_id) for k, i in enumerate(rows)]
     return results
+
+
+def rerank_l2t(
+    m,
+    latents: np.ndarray | torch.Tensor,
+    candidates: Sequence[Sequence[Sequence[int]]],
+    *,
+    num_steps: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick, for each latent, the candidate text the model itself maps closest to it.
+
+    ``latents`` RAW ``[N, D]``; ``candidates[c][i]``: candidate c's token ids (model vocabulary) for row i. Every
+    candidate is embedded by :func:`sample_t2l` (``num_steps`` steps; 1 = the model's x0 prediction; row i starts
+    from the same noise for every candidate), and compared
+    with its row's latent by cosine in the raw latent space (where round-trip cosine is measured). Returns
+    ``(choice [N] int, cosine [C, N] float32)``; ties go to the lower candidate index."""
+    z = np.asarray(latents.detach().cpu() if isinstance(latents, torch.Tensor) else latents, dtype=np.float32)
+    C, N = len(candidates), z.shape[0] if z.ndim == 2 else -1
+    if C < 1 or any(len(c) != N for c in candidates):
+        raise DiffRwkvError(
+            f"rerank_l2t: expected candidate lists of {N} rows each; got {[len(c) for c in candidates]}"
+        )
+    # one call per candidate: row i of every candidate starts from the same noise, so only the text differs
+    pred = np.stack([sample_t2l(m, cand, num_steps=num_steps, batch_size=batch_size, seed=seed, device=device,
+                                progress=progress) for cand in candidates])  # fmt: skip
+    num = (pred * z[None]).sum(-1)
+    den = np.linalg.norm(pred, axis=-1) * np.linalg.norm(z, axis=-1)[None]
+    cos = (num / np.maximum(den, 1e-12)).astype(np.float32)
+    return cos.argmax(0), cos
 
 
 # ----------------------------------------------------------------------------------------- latent (T2L)
@@ -520,6 +576,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance w (0 = none)")
     p.add_argument("--block-size", type=int, help="semi-autoregressive blocks of this many tokens")
     p.add_argument("--no-cache", action="store_true", help="re-read committed blocks every step (no RWKV state)")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="L2T: decode K candidates per latent and keep the one the model's own text->latent maps closest to it",
+    )
+    p.add_argument(
+        "--rerank-temperature",
+        type=float,
+        help="temperature of candidates 2..K (default: --temperature, or 0.7 when that is 0)",
+    )
     p.add_argument("--method", choices=LATENT_METHODS, default="ddim", help="latent sampler")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--clip-x0", type=float, help="clamp the latent x0 prediction to +-C (standardised units)")
@@ -537,9 +604,13 @@ def main(argv: list[str] | None = None) -> int:
     from rwkv_diffusion_rnn.pipeline import load_trained
 
     a = build_parser().parse_args(argv)
-    for name in ("steps", "batch_size", "limit", "unconditional", "length", "block_size"):
+    for name in ("steps", "batch_size", "limit", "unconditional", "length", "block_size", "candidates"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise DiffRwkvError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.candidates > 1 and a.latents is None and a.data is None:
+        raise DiffRwkvError("--candidates applies to latent -> text (--latents or --data) only")
+    if a.rerank_temperature is not None and a.candidates < 2:
+        raise DiffRwkvError("--rerank-temperature needs --candidates of 2 or more")
     if a.out and not Path(a.out).resolve().parent.is_dir():
         raise DiffRwkvError(f"{a.out}: its folder does not exist")
     m = load_trained(a.checkpoint, device="cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -567,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{a.data} ({split})"
         latents = latents[: a.limit] if a.limit else latents
         opts = {**text_opts, "guidance_scale": a.guidance, "block_size": a.block_size, "use_cache": not a.no_cache}
+        if a.candidates > 1:
+            opts.update(candidates=a.candidates, rerank_temperature=a.rerank_temperature)
         ids = sample_l2t(m, latents, **common, **opts)
         settings.update(mode="l2t", **opts)
         for i, row in enumerate(ids):

@@ -378,13 +378,15 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
     from types import SimpleNamespace
 
     spec = "ancestral:32, confidence:16:g1.5,confidence:1:b1:t0,threshold:4:b8:g2,confidence:8:t0.5"
+    spec += ",confidence:1:r4:t0:s0.5"
     ok = SimpleNamespace(l2t_decoders=spec, sample_steps=8)
     assert captions_run.l2t_decoders(ok) == [
-        ("ancestral", 32, 0.0, None, 1.0),
-        ("confidence", 16, 1.5, None, 1.0),
-        ("confidence", 1, 0.0, 1, 0.0),
-        ("threshold", 4, 2.0, 8, 1.0),
-        ("confidence", 8, 0.0, None, 0.5),
+        ("ancestral", 32, 0.0, None, 1.0, 1, None),
+        ("confidence", 16, 1.5, None, 1.0, 1, None),
+        ("confidence", 1, 0.0, 1, 0.0, 1, None),
+        ("threshold", 4, 2.0, 8, 1.0, 1, None),
+        ("confidence", 8, 0.0, None, 0.5, 1, None),
+        ("confidence", 1, 0.0, None, 0.0, 4, 0.5),
     ]
     assert [captions_run.decoder_name(*d) for d in captions_run.l2t_decoders(ok)] == [
         "ancestral32",
@@ -392,12 +394,14 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
         "confidence1-b1-t0",
         "threshold4-g2-b8",
         "confidence8-t0.5",
+        "confidence1-t0-r4-s0.5",
     ]
     assert captions_run.l2t_decoders(SimpleNamespace(l2t_decoders="", sample_steps=8)) == [
-        ("confidence", 8, 0.0, None, 1.0)
+        ("confidence", 8, 0.0, None, 1.0, 1, None)
     ]
     bads = ("confidence", "greedy:8", "confidence:0", "confidence:8:x1", "confidence:8:g-1", "confidence:8:g1:z",
-            "confidence:8:b0", "confidence:8:bx", "confidence:8:gx", "confidence:8:g1:g2",
+            "confidence:8:b0", "confidence:8:bx", "confidence:8:gx", "confidence:8:g1:g2", "confidence:8:r0",
+            "confidence:8:s0.5", "confidence:8:r2:s0", "confidence:8:rx",
             "confidence:8:t-1")  # fmt: skip
     for bad in bads:
         with pytest.raises(SystemExit, match="expected STRATEGY:STEPS"):

@@ -19,6 +19,7 @@ import torch
 
 from rwkv_diffusion_rnn.continuous_diffusion import CosineVPSchedule, GaussianDiffusion, LatentNormalizer
 from rwkv_diffusion_rnn.diffusion_process import LogLinearSchedule, MaskedDiffusion
+from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, DenoiserOutput, PrefixCache, RWKVDenoiser
 from rwkv_diffusion_rnn.samplers import (
@@ -29,7 +30,7 @@ from rwkv_diffusion_rnn.samplers import (
     gumbel_argmax,
     process_logits,
 )
-from rwkv_diffusion_rnn.sampling import sample_joint, sample_l2t, sample_t2l
+from rwkv_diffusion_rnn.sampling import rerank_l2t, sample_joint, sample_l2t, sample_t2l
 
 V, D, PAD_TO = 300, 8, 10  # vocabulary (mask id = V), latent size, fixed row length of the "pad_to_length" models
 STRATEGIES = ("ancestral", "confidence", "threshold")
@@ -149,6 +150,31 @@ def test_oracle_t2l_returns_the_target_latent(prediction, method, eta):
     assert z.shape == raw.shape and np.abs(z - raw).max() < 1e-4
 
 
+def test_oracle_rerank_picks_the_text_of_each_latent():
+    """Candidates are the targets in shuffled orders: the oracle's T2L maps text j to latent j exactly, so the
+    reranker must pick, for every row, the candidate holding that row's own text (cosine 1)."""
+    m, raw, texts = oracle("x0", n=6, seed=random_seed())
+    rng = np.random.default_rng(random_seed())
+    n, k = len(texts), 4
+    perms = [rng.permutation(n) for _ in range(k)]
+    where = rng.integers(0, k, n)  # the candidate that holds row i's own text
+    for i in range(n):
+        j = int(np.nonzero(perms[where[i]] == i)[0][0])
+        perms[where[i]][[i, j]] = perms[where[i]][[j, i]]
+    cands = [[texts[p[i]] for i in range(n)] for p in perms]
+    choice, cos = rerank_l2t(m, raw, cands, batch_size=4)
+    for i in range(n):
+        right = [c for c in range(k) if perms[c][i] == i]
+        assert int(choice[i]) == min(right), (i, right, cos[:, i])
+        assert abs(float(cos[choice[i], i]) - 1.0) < 1e-5
+    with pytest.raises(DiffRwkvError, match="candidate lists"):
+        rerank_l2t(m, raw, [cands[0], cands[1][:-1]])
+
+
+def random_seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
 # -------------------------------------------------------------------------------- a tiny real RWKVDenoiser
 def tiny(context: str = "causal", seed: int = 0, pad_to_length: int | None = PAD_TO) -> SimpleNamespace:
     """A random 2-layer RWKV-7 denoiser whose output depends on t and on the latent (the zero-initialised time
@@ -220,6 +246,23 @@ def test_t2l_and_joint_reproduce_and_ignore_batch_size(model):
     ids1, z1 = sample_joint(model, 3, num_steps=5, seed=2, batch_size=1)
     assert ids1 == ids and np.allclose(z1, z, rtol=1e-4, atol=1e-4)
     assert all(0 not in r and V not in r and len(r) <= PAD_TO for r in ids)
+
+
+def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
+    """candidates=K: candidate 0 is the plain call's text, the rest drawn at the rerank temperature with seeds
+    seed+c; each row keeps the candidate whose T2L embedding (one step) has the highest cosine to its latent."""
+    kw = dict(num_steps=4, temperature=0.0, seed=5, batch_size=3)
+    got = sample_l2t(model, latents, candidates=3, rerank_temperature=1.5, **kw)
+    cands = [sample_l2t(model, latents, **kw)]
+    cands += [sample_l2t(model, latents, **{**kw, "temperature": 1.5, "seed": 5 + c}) for c in (1, 2)]
+    assert cands[1] != cands[0] and cands[2] != cands[1]
+    emb = np.stack([sample_t2l(model, c, num_steps=1, seed=5, batch_size=3) for c in cands])  # [3, N, D]
+    cos = (emb * latents).sum(-1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(latents, axis=-1))
+    assert got == [cands[int(c)][i] for i, c in enumerate(cos.argmax(0))]
+    assert sample_l2t(model, latents, candidates=1, **kw) == cands[0]
+    for bad in (dict(candidates=0), dict(candidates=2, rerank_temperature=0.0)):
+        with pytest.raises(DiffRwkvError):
+            sample_l2t(model, latents, **{**kw, **bad})
 
 
 def test_guidance_zero_is_the_unguided_path(model, latents):
@@ -412,6 +455,11 @@ def test_sample_command_end_to_end(checkpoint, tmp_path, capsys):
     rows = [json.loads(x) for x in text.splitlines()]
     assert rc == 0 and len(rows) == 2 and rows[1]["input"]["reference"] and rows[1]["settings"]["block_size"] == 5
 
+    rc, text, err = _sample(capsys, *common, "--data", str(paths["data"]), "--limit", "2", "--candidates", "3",
+                            "--temperature", "0")  # fmt: skip
+    rows = [json.loads(x) for x in text.splitlines()]
+    assert rc == 0 and len(rows) == 2 and rows[0]["settings"]["candidates"] == 3, err
+
     rc, text, err = _sample(capsys, *common, "--text", "A dog runs.", "--text", "Two men talk.", "--guidance", "1")
     rows = [json.loads(x) for x in text.splitlines()]
     assert rc == 0 and [r["input"]["text"] for r in rows] == ["A dog runs.", "Two men talk."]
@@ -426,6 +474,10 @@ def test_sample_command_end_to_end(checkpoint, tmp_path, capsys):
 def test_sample_command_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _sample(capsys, "--checkpoint", str(tmp_path / "nope"), "--unconditional", "1")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:") and "nope" in err
+    for args, what in ((["--unconditional", "1", "--candidates", "2"], "latent -> text"),
+                       (["--text", "a", "--rerank-temperature", "1"], "--candidates")):  # fmt: skip
+        rc, _, err = _sample(capsys, "--checkpoint", str(tmp_path), *args)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and what in err, err
 
 
 def test_cli_writes_world_token_ids_for_a_compact_vocabulary(tmp_path):
