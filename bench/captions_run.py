@@ -405,12 +405,17 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     decoded: dict[str, dict] = {}
     for dec in l2t_decoders(args):
         strategy, steps, guidance, block, temperature, k, rtemp = dec
+        t_dec = time.perf_counter()
         ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, guidance_scale=guidance,
                          block_size=block, temperature=temperature, batch_size=args.eval_batch, seed=args.seed,
                          device=dev, candidates=k, rerank_temperature=rtemp,
                          rerank_steps=args.t2l_steps or args.sample_steps)  # fmt: skip
         w = to_world(tm, ids)
-        decoded[decoder_name(*dec)] = {"world_ids": w, "texts": _texts(tok, w)}
+        decoded[decoder_name(*dec)] = {
+            "world_ids": w,
+            "texts": _texts(tok, w),
+            "seconds": round(time.perf_counter() - t_dec, 1),
+        }
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()
