@@ -28,6 +28,7 @@ import numpy as np
 
 from rwkv_diffusion_rnn.data_io import atomic_write_bytes, atomic_write_json
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.hub import hub_unreachable
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = frozenset({"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"})
@@ -115,7 +116,7 @@ class SentenceTransformerEmbedder:
                 raise fail(exc) from exc
             # Not cached: ask the hub, but only once it answers at all (an offline machine would otherwise spend
             # about a minute in the hub client's retries before the same error).
-            unreachable = _hub_unreachable()
+            unreachable = hub_unreachable()
             if unreachable:
                 raise fail(f"not in the local cache and the hub is unreachable ({unreachable})") from exc
             try:
@@ -151,23 +152,6 @@ def _resolve_source(name: str) -> tuple[str, bool]:
             return DEFAULT_ENCODER, False
         return str(get_model_path()), True
     return name, os.path.isdir(name)
-
-
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached (``HF_HUB_OFFLINE`` set, or no TCP connection to ``HF_ENDPOINT``
-    within ``timeout`` seconds), or None when it answers."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
-    return None
 
 
 def load_embedder(name: str = DEFAULT_ENCODER, **options) -> Embedder:

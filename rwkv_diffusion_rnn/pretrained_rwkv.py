@@ -225,6 +225,20 @@ def resolve_checkpoint(
         f"download it where there is a network and pass the local path instead (/path/to/{filename or 'folder'}; "
         "in a training config model.rwkv_name), or point cache_dir at a Hugging Face cache that holds it"
     )
+    if not local_files_only:
+        from rwkv_diffusion_rnn.hub import hub_unreachable
+
+        # An offline machine would spend ~30 s in the hub client's retries before failing: serve a cached copy,
+        # else say at once that the hub cannot be reached.
+        unreachable = hub_unreachable()
+        if unreachable:
+            try:
+                return resolve_checkpoint(s, filename, revision, cache_dir, local_files_only=True)
+            except DiffRwkvError:
+                raise DiffRwkvError(
+                    f"cannot fetch {what} from hub repo '{s}': not in the local cache and the hub is unreachable "
+                    f"({unreachable}); {hint}"
+                ) from None
     try:
         if filename:
             return Path(hub.hf_hub_download(s, filename, revision=revision, cache_dir=cache_dir,

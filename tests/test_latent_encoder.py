@@ -8,7 +8,8 @@ import time
 import pytest
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.latent_encoder import _hub_unreachable, load_embedder
+from rwkv_diffusion_rnn.hub import hub_unreachable
+from rwkv_diffusion_rnn.latent_encoder import load_embedder
 
 
 def _closed_port() -> int:
@@ -33,7 +34,7 @@ def test_uncached_encoder_with_unreachable_hub_fails_fast(monkeypatch, tmp_path)
 
 def test_hub_offline_flag_is_honoured(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "HF_HUB_OFFLINE" in _hub_unreachable()
+    assert "HF_HUB_OFFLINE" in hub_unreachable()
 
 
 def test_reachable_endpoint_is_reported_reachable(monkeypatch):
@@ -43,6 +44,6 @@ def test_reachable_endpoint_is_reported_reachable(monkeypatch):
     srv.listen(1)
     try:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
-        assert _hub_unreachable() is None
+        assert hub_unreachable() is None
     finally:
         srv.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -117,6 +119,23 @@ def test_offline_hub_error_names_file_and_option(tmp_path):
         )
     msg = str(e.value)
     assert "rwkv7-g1a-0.1b.pth" in msg and "BlinkDL/rwkv7-g1" in msg and "model.rwkv_name" in msg and "\n" not in msg
+
+
+def test_unreachable_hub_fails_fast_in_one_line(tmp_path, monkeypatch):
+    """Not cached and no hub: our one line at once, not the hub client's retries first."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    srv.close()  # a port nothing listens on
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    name = f"no-such-org/rwkv-{time.time_ns()}"
+    t0 = time.perf_counter()
+    with pytest.raises(DiffRwkvError) as e:
+        load_rwkv_model(name, filename="model.pth", cache_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and "unreachable" in msg and "model.rwkv_name" in msg
 
 
 def test_convert_cli_one_line_error(tmp_path):
