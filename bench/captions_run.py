@@ -135,8 +135,9 @@ def l2t_decoders(args) -> list[tuple[str, int, float, int | None, float, int, fl
             rtemp = float(opts["s"]) if "s" in opts else None
         except ValueError:
             ok = False
-        bad_rerank = k < 1 or (rtemp is not None and (rtemp <= 0 or k < 2))
-        if not ok or w < 0 or temp < 0 or (block is not None and block < 1) or bad_rerank:
+        bad_rerank = k < 1 or (rtemp is not None and (not rtemp > 0 or k < 2))
+        finite = all(math.isfinite(x) for x in (w, temp, 1.0 if rtemp is None else rtemp))
+        if not ok or not finite or w < 0 or temp < 0 or (block is not None and block < 1) or bad_rerank:
             raise SystemExit(
                 f"--l2t-decoders: bad item {item!r}; expected STRATEGY:STEPS[:gW][:bN][:tX][:rK][:sX], e.g. "
                 "confidence:16:g1 (K >= 1; sX > 0 only with K >= 2)"
@@ -406,10 +407,20 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     for dec in l2t_decoders(args):
         strategy, steps, guidance, block, temperature, k, rtemp = dec
         t_dec = time.perf_counter()
-        ids = sample_l2t(m, ev.val_latents, num_steps=steps, strategy=strategy, guidance_scale=guidance,
-                         block_size=block, temperature=temperature, batch_size=args.eval_batch, seed=args.seed,
-                         device=dev, candidates=k, rerank_temperature=rtemp,
-                         rerank_steps=args.t2l_steps or args.sample_steps)  # fmt: skip
+        ids = sample_l2t(
+            m,
+            ev.val_latents,
+            num_steps=steps,
+            strategy=strategy,
+            guidance_scale=guidance,
+            block_size=block,
+            temperature=temperature,
+            batch_size=args.eval_batch,
+            seed=args.seed,
+            device=dev,
+            candidates=k,
+            rerank_temperature=rtemp,
+        )  # fmt: skip (1 T2L step to rerank)
         w = to_world(tm, ids)
         decoded[decoder_name(*dec)] = {
             "world_ids": w,

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -315,18 +316,17 @@ def sample_l2t(
 
     ``candidates`` K > 1: self-reranking. Candidate 0 is this call's own text; candidates 1..K-1 are drawn with the
     same settings at ``rerank_temperature`` (default: ``temperature``, or 0.7 when that is 0 = argmax) and seeds
-    ``seed + c``. Each row keeps the candidate whose text the model itself embeds (T2L, ``rerank_steps`` steps)
-    closest in cosine to the row's latent (:func:`rerank_l2t`). Costs K decodes and K x N T2L passes; uses nothing
-    but the model."""
+    ``seed + c`` (so a run with seed s and one with seed s + 1 share K - 2 candidates). Each row keeps the candidate
+    whose text the model itself embeds (T2L, ``rerank_steps`` steps) closest in cosine to the row's latent
+    (:func:`rerank_l2t`). Costs K decodes and K x ``rerank_steps`` T2L passes over the N rows; uses nothing but the
+    model."""
     if candidates < 1 or rerank_steps < 1:
         raise DiffRwkvError(f"candidates and rerank_steps must be >= 1; got {candidates} and {rerank_steps}")
     if candidates > 1:
         kw = dict(length=length, num_steps=num_steps, strategy=strategy, top_p=top_p, threshold=threshold,
                   guidance_scale=guidance_scale, block_size=block_size, use_cache=use_cache, batch_size=batch_size,
                   device=device, no_change_cache=no_change_cache, progress=progress)  # fmt: skip
-        rt = rerank_temperature if rerank_temperature is not None else (temperature if temperature > 0 else 0.7)
-        if rt <= 0:
-            raise DiffRwkvError(f"rerank_temperature must be > 0 (argmax decoding gives one candidate); got {rt}")
+        rt = rerank_temperature_for(temperature, rerank_temperature)
         cands = [sample_l2t(m, latents, temperature=temperature, seed=seed, **kw)]
         cands += [sample_l2t(m, latents, temperature=rt, seed=seed + c, **kw) for c in range(1, candidates)]
         choice, _ = rerank_l2t(m, latents, cands, num_steps=rerank_steps, batch_size=batch_size, seed=seed,
@@ -358,6 +358,14 @@ def sample_l2t(
     return results
 
 
+def rerank_temperature_for(temperature: float, rerank_temperature: float | None) -> float:
+    """The temperature of candidates 2..K: ``rerank_temperature``, else ``temperature``, or 0.7 after argmax (0)."""
+    rt = rerank_temperature if rerank_temperature is not None else (temperature if temperature > 0 else 0.7)
+    if not (math.isfinite(rt) and rt > 0):
+        raise DiffRwkvError(f"rerank temperature must be a finite number > 0 (argmax gives one candidate); got {rt}")
+    return float(rt)
+
+
 def rerank_l2t(
     m,
     latents: np.ndarray | torch.Tensor,
@@ -373,12 +381,17 @@ def rerank_l2t(
 
     ``latents`` RAW ``[N, D]``; ``candidates[c][i]``: candidate c's token ids (model vocabulary) for row i. Every
     candidate is embedded by :func:`sample_t2l` (``num_steps`` steps; 1 = the model's x0 prediction; row i starts
-    from the same noise for every candidate), and compared
-    with its row's latent by cosine in the raw latent space (where round-trip cosine is measured). Returns
-    ``(choice [N] int, cosine [C, N] float32)``; ties go to the lower candidate index."""
-    z = np.asarray(latents.detach().cpu() if isinstance(latents, torch.Tensor) else latents, dtype=np.float32)
-    C, N = len(candidates), z.shape[0] if z.ndim == 2 else -1
-    if C < 1 or any(len(c) != N for c in candidates):
+    from the same noise for every candidate), and compared with its row's latent by cosine in the raw latent space
+    (where round-trip cosine is measured). Returns ``(choice [N] int, cosine [C, N] float32)``; ties go to the lower
+    candidate index."""
+    if isinstance(latents, torch.Tensor):
+        z = latents.detach().to("cpu", torch.float32).numpy()
+    else:
+        z = np.asarray(latents, dtype=np.float32)
+    if z.ndim != 2 or z.shape[1] != m.normalizer.dim:
+        raise DiffRwkvError(f"latents must be [N, {m.normalizer.dim}]; got shape {list(z.shape)}")
+    N = z.shape[0]
+    if not candidates or any(len(c) != N for c in candidates):
         raise DiffRwkvError(
             f"rerank_l2t: expected candidate lists of {N} rows each; got {[len(c) for c in candidates]}"
         )
@@ -611,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         raise DiffRwkvError("--candidates applies to latent -> text (--latents or --data) only")
     if a.rerank_temperature is not None and a.candidates < 2:
         raise DiffRwkvError("--rerank-temperature needs --candidates of 2 or more")
+    if a.candidates > 1:  # checked before loading, and the value used is the one recorded
+        try:
+            a.rerank_temperature = rerank_temperature_for(a.temperature, a.rerank_temperature)
+        except DiffRwkvError as exc:
+            raise DiffRwkvError(f"--rerank-temperature: {exc}") from None
     if a.out and not Path(a.out).resolve().parent.is_dir():
         raise DiffRwkvError(f"{a.out}: its folder does not exist")
     m = load_trained(a.checkpoint, device="cuda" if a.device == "auto" and torch.cuda.is_available() else

@@ -401,7 +401,7 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
     ]
     bads = ("confidence", "greedy:8", "confidence:0", "confidence:8:x1", "confidence:8:g-1", "confidence:8:g1:z",
             "confidence:8:b0", "confidence:8:bx", "confidence:8:gx", "confidence:8:g1:g2", "confidence:8:r0",
-            "confidence:8:s0.5", "confidence:8:r2:s0", "confidence:8:rx",
+            "confidence:8:s0.5", "confidence:8:r2:s0", "confidence:8:rx", "confidence:8:r2:snan", "confidence:8:tinf",
             "confidence:8:t-1")  # fmt: skip
     for bad in bads:
         with pytest.raises(SystemExit, match="expected STRATEGY:STEPS"):

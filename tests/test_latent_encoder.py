@@ -47,3 +47,22 @@ def test_reachable_endpoint_is_reported_reachable(monkeypatch):
         assert hub_unreachable() is None
     finally:
         srv.close()
+
+
+def test_a_proxy_is_not_probed_directly(monkeypatch):
+    """Behind a proxy a direct connection says nothing about the hub: the probe steps aside (NO_PROXY honoured)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for k in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    srv.close()  # nothing listens there
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert hub_unreachable() is not None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert hub_unreachable() is None
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert hub_unreachable() is not None

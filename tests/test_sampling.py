@@ -260,9 +260,14 @@ def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
     cos = (emb * latents).sum(-1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(latents, axis=-1))
     assert got == [cands[int(c)][i] for i, c in enumerate(cos.argmax(0))]
     assert sample_l2t(model, latents, candidates=1, **kw) == cands[0]
-    for bad in (dict(candidates=0), dict(candidates=2, rerank_temperature=0.0)):
+    for bad in (dict(candidates=0), dict(candidates=2, rerank_temperature=0.0),
+                dict(candidates=2, rerank_temperature=float("nan"))):  # fmt: skip
         with pytest.raises(DiffRwkvError):
             sample_l2t(model, latents, **{**kw, **bad})
+    # a bf16 tensor of latents is accepted (cast to fp32), a wrong width refused in one line
+    assert sample_l2t(model, torch.as_tensor(latents).bfloat16(), candidates=2, **kw) is not None
+    with pytest.raises(DiffRwkvError, match=r"latents must be \[N, 8\]"):
+        rerank_l2t(model, latents[:, :3], [cands[0]])
 
 
 def test_guidance_zero_is_the_unguided_path(model, latents):
@@ -475,7 +480,9 @@ def test_sample_command_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _sample(capsys, "--checkpoint", str(tmp_path / "nope"), "--unconditional", "1")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:") and "nope" in err
     for args, what in ((["--unconditional", "1", "--candidates", "2"], "latent -> text"),
-                       (["--text", "a", "--rerank-temperature", "1"], "--candidates")):  # fmt: skip
+                       (["--text", "a", "--rerank-temperature", "1"], "--candidates"),
+                       (["--latents", "z.npy", "--candidates", "2", "--rerank-temperature", "0"],
+                        "--rerank-temperature")):  # fmt: skip
         rc, _, err = _sample(capsys, "--checkpoint", str(tmp_path), *args)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and what in err, err
 

@@ -45,13 +45,33 @@ _COMPILED: dict[str, object] = {}
 
 
 def _kernels(fused: bool):
-    """``(stats, grad)``: the compiled pair when ``fused`` (compiled once per process, on first use), else eager."""
-    if not fused:
+    """``(stats, grad)``: the compiled pair when ``fused`` (compiled once per process, on first use), else eager.
+    One graph per (chunk, V, dtype, device); past dynamo's recompile limit a new combination runs eager (no
+    ``fullgraph``, so that is a fallback, not an error), and where the compiler cannot build the kernels at all
+    (no Triton for this GPU) the eager pair is used from then on, with one warning."""
+    if not fused or _COMPILED.get("failed"):
         return _chunk_stats, _chunk_grad
     if not _COMPILED:
-        _COMPILED["stats"] = torch.compile(_chunk_stats, dynamic=False, fullgraph=True)
-        _COMPILED["grad"] = torch.compile(_chunk_grad, dynamic=False, fullgraph=True)
+        _COMPILED["stats"] = _guarded(torch.compile(_chunk_stats, dynamic=False), _chunk_stats)
+        _COMPILED["grad"] = _guarded(torch.compile(_chunk_grad, dynamic=False), _chunk_grad)
     return _COMPILED["stats"], _COMPILED["grad"]
+
+
+def _guarded(compiled, eager):
+    def run(*args):
+        if _COMPILED.get("failed"):
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            import warnings
+
+            _COMPILED["failed"] = True
+            msg = f"chunked cross-entropy: compiled kernels unavailable ({type(exc).__name__}); running eager"
+            warnings.warn(msg, stacklevel=2)
+            return eager(*args)
+
+    return run
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -72,8 +72,8 @@ def test_fused_chunks_match_the_eager_reference(autocast):
         (loss * gl).sum().backward()
         out.append((loss.detach(), pred, h.grad, w.grad))
     (l0, p0, gh0, gw0), (l1, p1, gh1, gw1) = out
-    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, **tol, msg=f"seed {seed}")
+    # the same fp32 arithmetic fused: differences are summation order only (a bf16 softmax would miss by ~1e-2)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     assert torch.equal(p1, p0), f"seed {seed}"
     for got, want in ((gh1, gh0), (gw1, gw0)):
-        assert float((got - want).norm() / want.norm()) < (2e-2 if autocast else 1e-5), f"seed {seed}"
+        assert float((got - want).norm() / want.norm()) < 1e-4, f"seed {seed}"
