@@ -189,13 +189,18 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
         compile_regions(trainer.model)
     if a.compile_blocks:
         compile_blocks(trainer.model, a.memory_budget)
+    if a.compile_denoiser:
+        from rwkv_diffusion_rnn.models.rwkv_denoiser import compile_denoiser_regions
+
+        compile_denoiser_regions(trainer.model)
     grad, frozen_n = matrix_params(trainer.model, skip=tuple(f"backbone.{n}" for n in trainer.model.unused_backbone))
     copies = 2 if context == "twice" else 1
     positions = a.batch * copies * (a.length + m.latent_prefix_len + m.latent_readout_len)
     positions *= 2 if context == "bidirectional" else 1  # the time-mix also runs over the reversed sequence
     notes = {"wkv_backend": resolve_backend(m.wkv_backend, dev), "loss_type": t.loss_type, "compile": t.compile,
              "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
-             "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce}  # fmt: skip
+             "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
+             "compile_denoiser": a.compile_denoiser}  # fmt: skip
 
     def close() -> None:
         trainer.close()
@@ -591,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-blocks",
         action="store_true",
         help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7.py compile_blocks)",
+    )
+    p.add_argument(
+        "--compile-denoiser",
+        action="store_true",
+        help="denoiser rows: compile its embeddings, time modulation and latent head around the blocks "
+        "(models/rwkv_denoiser.py compile_denoiser_regions; not yet a training option)",
     )
     p.add_argument(
         "--cuda-graphs",

@@ -68,6 +68,10 @@ class TimeConditioner(nn.Module):
         Times are ``[B]`` (one per row) or ``[B, S]`` (one per sequence position, as semi-autoregressive sampling
         uses: committed positions are clean, t = 0, while the active block is noisy). ``z`` ``[B, D]``: the latent,
         used only when built with ``latent_dim`` (ignored otherwise)."""
+        return SiteModulation(self.modulation(t_text, t_latent, z), self.mode, self.n_sites)
+
+    def modulation(self, t_text: torch.Tensor, t_latent: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor of :meth:`forward`'s :class:`SiteModulation`: ``[B, S or 1, sites, 1 or 2, C]``."""
         per_position = t_text.dim() == 2 or t_latent.dim() == 2
         if per_position:
             S = (t_text if t_text.dim() == 2 else t_latent).shape[1]
@@ -84,10 +88,7 @@ class TimeConditioner(nn.Module):
         e = torch.cat([p.float() for p in parts], -1)
         mod = self.out(self.mlp(e.to(self.out.weight.dtype)))  # [B(*S), sites * per_site]
         mod = mod.view(*shape, self.n_sites, -1, self.n_embd)  # [B, (S,) sites, 1 or 2, C]
-        if not per_position:
-            mod = mod.unsqueeze(1)  # broadcast over positions
-
-        return SiteModulation(mod, self.mode, self.n_sites)
+        return mod if per_position else mod.unsqueeze(1)  # broadcast over positions
 
 
 class SiteModulation:

@@ -99,3 +99,18 @@ def test_memory_budget_refuses_out_of_range(capsys):
         assert out.count("\n") == 0 and out.startswith("--memory-budget"), out
     assert throughput.main(["--device", "cpu", "--rows", "none", "--memory-budget", "0.5"]) == 2  # not compiled
     assert capsys.readouterr().out.strip() == "--memory-budget acts on compiled blocks: add --compile-blocks"
+
+
+def test_compile_denoiser_keeps_the_first_step_loss(tmp_path):
+    """--compile-denoiser compiles the denoiser's regions around the blocks: same first-step loss as eager."""
+    losses = []
+    for extra in ([], ["--compile-denoiser"]):
+        out = tmp_path / f"out{len(extra)}"
+        argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "denoiser-causal-full", "--steps", "1", "--warmup",
+                "1", "--batch", "2", "--length", "16", "--dtype", "fp32", "--no-count-flops", "--out", str(out),
+                *extra]  # fmt: skip
+        assert throughput.main(argv) == 0
+        row = json.loads((out / "results.json").read_text())["rows"][0]
+        assert row["status"] == "ok" and row["notes"]["compile_denoiser"] == bool(extra)
+        losses.append(row["first_loss"])
+    assert math.isclose(losses[0], losses[1], rel_tol=1e-5), losses

@@ -229,3 +229,34 @@ def test_selection_by_flat_index_equals_selection_by_mask():
     by_index = d(ids, mask, z, tt, tl, text_select=sel.flatten().nonzero().squeeze(1)).text_logits
     assert by_mask.shape[0] == int(sel.sum())
     torch.testing.assert_close(by_index, by_mask, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("context,latent_film", [("causal", False), ("twice", True)])
+def test_compiled_regions_equal_eager(context, latent_film):
+    """compile_denoiser_regions: the embeddings/layout, the time modulation and the final norm + latent head run
+    compiled in the training forward; outputs and every gradient equal eager's (fp32, summation order only)."""
+    import copy
+
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import compile_denoiser_regions
+
+    eager = _denoiser(context, latent_film=latent_film).train()
+    fast = copy.deepcopy(eager)
+    assert compile_denoiser_regions(torch.nn.ModuleList([fast])) == 1
+    assert fast.compiled_regions and not eager.compiled_regions
+    ids, mask, z, t_text, t_lat = _inputs()
+    ids[0, :4] = eager.mask_id
+    sel = (ids == eager.mask_id) | (torch.rand(ids.shape) < 0.5)
+    sel &= mask.bool()
+    outs = []
+    for d in (eager, fast):
+        out = d(ids, mask, z, t_text, t_lat, text_select=sel)
+        loss = out.text_logits.logsumexp(-1).sum() + (out.latent**2).sum() + out.text_hidden.square().mean()
+        loss.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}))
+    (o0, g0), (o1, g1) = outs
+    for a, b in ((o0.text_logits, o1.text_logits), (o0.latent, o1.latent), (o0.text_hidden, o1.text_hidden)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        err = float((g1[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-12))
+        assert err < 2e-4, (n, err)
