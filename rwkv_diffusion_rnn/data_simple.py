@@ -322,6 +322,55 @@ def pad_with_eot(batch: dict[str, torch.Tensor], length: int, eot_id: int = 0) -
     return dict(batch, input_ids=out, attention_mask=torch.ones_like(out))
 
 
+class DeviceRows:
+    """A dataset's samples collated once into padded tensors on a device (``data.device_cache``).
+
+    ``batch(rows)`` equals ``collate_batch([dataset[i] for i in rows])`` (then :func:`pad_with_eot` with
+    ``pad_to_length``) moved to the device, dtypes included, but is an index on the device: no per-row reads and no
+    host collation each step. Every row is read once here, so an unreadable row fails now, naming its file."""
+
+    def __init__(self, dataset, device: torch.device | str, pad_to_length: int | None = None,
+                 progress: bool = False) -> None:  # fmt: skip
+        n = len(dataset)
+        if n == 0:
+            raise DiffRwkvError("data.device_cache: the training split is empty")
+        samples = []
+        rows = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            rows = tqdm(rows, desc="device cache", unit="row", dynamic_ncols=True)
+        for i in rows:
+            samples.append(dataset[i])
+        batch = collate_batch(samples)
+        self.lengths = np.asarray([len(s["input_ids"]) for s in samples], dtype=np.int64)  # a batch's width, no sync
+        self.fixed = bool(pad_to_length)
+        if self.fixed:
+            batch = pad_with_eot(batch, int(pad_to_length))
+        self.device = torch.device(device)
+        self.ids = batch["input_ids"].to(self.device)
+        self.latent = batch["latent"].to(self.device)
+        self.index = batch["index"].to(self.device)
+        self.lengths_dev = torch.as_tensor(self.lengths).to(self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ids, self.latent, self.index, self.lengths_dev))
+
+    def batch(self, rows: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
+        host = np.asarray(rows, dtype=np.int64)
+        r = torch.from_numpy(host).to(self.device)
+        ids = self.ids.index_select(0, r)
+        if self.fixed:
+            mask = torch.ones_like(ids)
+        else:
+            width = int(self.lengths[host].max())
+            ids = ids[:, :width]
+            mask = (torch.arange(width, device=self.device)[None, :] < self.lengths_dev[r][:, None]).long()
+        return {"input_ids": ids, "attention_mask": mask, "latent": self.latent.index_select(0, r),
+                "index": self.index.index_select(0, r)}  # fmt: skip
+
+
 class LengthBucketBatchSampler(Sampler[list[int]]):
     """Batches of similar length, sharded over DDP ranks, deterministic in (seed, epoch).
 

@@ -56,6 +56,7 @@ from rwkv_diffusion_rnn.config import TrainConfig, parse_sequential, to_dict, va
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer, build_latent_schedule
 from rwkv_diffusion_rnn.data_simple import (
     DataConfig,
+    DeviceRows,
     build_datasets,
     collate_batch,
     latent_stats,
@@ -225,6 +226,12 @@ class Trainer:
         # its own step, so an unreadable row is met exactly where the tests expect it)
         self.prefetch_data = self.device.type == "cuda"
         self._prefetched = None
+        self.device_rows = None
+        if cfg.data.device_cache:
+            self.device_rows = DeviceRows(self.train_set, self.device, cfg.data.pad_to_length,
+                                          progress=cfg.logging.progress and self.dist.is_main)  # fmt: skip
+            distributed.print0(f"data.device_cache: {len(self.train_set):,} training rows on {self.device} "
+                               f"({self.device_rows.nbytes / 2**20:.1f} MiB)")  # fmt: skip
         self.save_dir = Path(cfg.logging.save_dir)
         if t.resume:
             self._resume(t.resume)
@@ -339,6 +346,8 @@ class Trainer:
         return self._load(step)
 
     def _load(self, step: int) -> list[dict[str, torch.Tensor]]:
+        if self.device_rows is not None:
+            return [self.device_rows.batch(mine) for mine in self.rank_rows(step)]
         pin = self.device.type == "cuda"  # pinned host memory: the copy is queued, not waited for
         out = []
         for mine in self.rank_rows(step):

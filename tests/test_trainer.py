@@ -349,3 +349,21 @@ def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
     with functorch_config.patch(activation_memory_budget=0.77):  # e.g. left by an earlier model in the process
         Trainer(make_cfg(setup, tmp_path / "b", training__compile_blocks=True))
         assert functorch_config.activation_memory_budget == 1.0  # the config's 1 applies: nothing inherited
+
+
+SCRATCH = {"model__rwkv_name": "scratch", "model__vocab": "data", "model__n_layer": 1, "model__n_embd": 64}
+
+
+@pytest.mark.parametrize("over", [{}, {"data__pad_to_length": 12}, {**SCRATCH, "data__pad_to_length": 10}])
+def test_device_cache_serves_the_same_batches(setup, tmp_path, over):
+    """data.device_cache: batches indexed from the cached tensors equal the host path's, dtypes included, and
+    training from them gives the same losses."""
+    plain = Trainer(make_cfg(setup, tmp_path / "a", **over))
+    cached = Trainer(make_cfg(setup, tmp_path / "b", data__device_cache=True, **over))
+    assert plain.device_rows is None and cached.device_rows is not None
+    for step in (0, 1, 5, 17):
+        for x, y in zip(plain._load(step), cached._load(step), strict=True):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (step, k)
+    assert [r["loss"] for r in run(plain, 3)] == [r["loss"] for r in run(cached, 3)]
