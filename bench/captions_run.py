@@ -233,6 +233,7 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
     t.lr, t.warmup_steps, t.min_lr_ratio, t.seed, t.device = args.lr, args.warmup_steps, 0.1, args.seed, args.device
     t.max_steps = 10**9  # the budget decides; the Trainer's own step-based schedule is replaced
     t.compile_blocks = t.cuda_graphs = args.fast
+    d.device_cache = args.fast  # batches indexed on the GPU, as the baselines' are (no host collation per step)
     lg.save_dir, lg.progress, lg.tensorboard = str(save_dir), False, False
     if variant in ("twice", "bidirectional"):
         m.context = variant
