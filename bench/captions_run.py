@@ -408,6 +408,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     for dec in l2t_decoders(args):
         strategy, steps, guidance, block, temperature, k, rtemp = dec
         t_dec = time.perf_counter()
+        rec: dict = {}
         ids = sample_l2t(
             m,
             ev.val_latents,
@@ -421,13 +422,20 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
             device=dev,
             candidates=k,
             rerank_temperature=rtemp,
-        )  # fmt: skip (1 T2L step to rerank)
+            rerank_record=rec,
+        )  # reranking uses sample_l2t's 1 T2L step
         w = to_world(tm, ids)
         decoded[decoder_name(*dec)] = {
             "world_ids": w,
             "texts": _texts(tok, w),
             "seconds": round(time.perf_counter() - t_dec, 1),
         }
+        if rec:  # self-reranking: every candidate (World ids), the model's choice and its cosines, for the scorer
+            decoded[decoder_name(*dec)]["rerank"] = {
+                "candidates": [to_world(tm, c) for c in rec["candidates"]],
+                "choice": rec["choice"],
+                "self_cosine": [[round(x, 5) for x in row] for row in rec["cosine"]],
+            }
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
     t1 = time.perf_counter()

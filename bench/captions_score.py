@@ -179,7 +179,7 @@ def score(
     def enc(texts: list[str]) -> np.ndarray:
         return encode_texts(encoder, texts, batch_size)
 
-    rows, examples, sizes, genre_rows = [], {}, set(), []
+    rows, examples, sizes, genre_rows, rerank_rows = [], {}, set(), [], []
     oov = unseen_rows(bundle) if genres is not None else None
     for variant, (res, where) in sorted(
         runs.items(), key=lambda kv: list(VARIANT_ORDER).index(kv[0]) if kv[0] in VARIANT_ORDER else 99
@@ -230,6 +230,9 @@ def score(
             sc = l2t_scores(texts, enc(texts), targets(n))
             rows.append({**base, "decoder": dec, "n": n, **sc, **(t2l if k == 0 else {})})
             examples[f"{variant} ({dec})"] = texts[:5]
+            if out.get("rerank"):
+                rerank_rows.append({"variant": variant, "decoder": dec, **rerank_analysis(out["rerank"], enc, tokenizer,
+                                                                                            val_lat[:n])})  # fmt: skip
     refs = []
     for n in sorted(sizes or {min(n_img, len(floor_texts))}):
         fl = floor_texts[:n]
@@ -261,6 +264,30 @@ def score(
         "examples": examples,
         "stsb_encoder_spearman": float(bundle["meta"].get("stsb_encoder_spearman", float("nan"))),
         "stsb_by_genre": genre_rows,
+        "rerank": rerank_rows,
+    }
+
+
+def rerank_analysis(rec: dict, enc, tokenizer, target: np.ndarray) -> dict:
+    """How the model's own choice among K candidates compares with the encoder's: every candidate re-encoded;
+    the round-trip cosine of candidate 1 alone, of the model's choice, of the best candidate by the encoder (an
+    upper bound no decoder without the encoder can reach), and how often the model picked candidate 1 / the
+    encoder's best."""
+    from rwkv_diffusion_rnn import metrics as M
+
+    cands = rec["candidates"]
+    choice = np.asarray(rec["choice"], dtype=np.int64)
+    cos = np.stack(
+        [M.cosine_rows(enc([tokenizer.decode([i for i in r if 0 < i < 65536]) for r in c]), target) for c in cands]
+    )  # [K, N]
+    rows = np.arange(cos.shape[1])
+    return {
+        "k": len(cands),
+        "first_cosine": float(cos[0].mean()),
+        "chosen_cosine": float(cos[choice, rows].mean()),
+        "oracle_cosine": float(cos.max(0).mean()),
+        "chose_first": float((choice == 0).mean()),
+        "chose_oracle": float((choice == cos.argmax(0)).mean()),
     }
 
 
@@ -291,6 +318,15 @@ def table(scores: dict) -> str:
             cells = [f"{_fmt(g['t2l'], 3)} / {_fmt(g['encoder'], 3)}" for g in r["genres"]]
             out += f"| {r['variant']} | " + " | ".join(cells) + " |\n"
         out += "| unseen-token share | " + " | ".join(f"{g['unseen_token_share']:.2f}" for g in first) + " |\n"
+    if scores.get("rerank"):
+        out += "\nSelf-reranking: round-trip cosine of candidate 1, of the model's choice, of the encoder's best of K "
+        out += "(an upper bound), and how often the model picked candidate 1 / the encoder's best:\n\n"
+        out += "| run | decoder | K | candidate 1 | model's choice | encoder's best | chose 1 | chose encoder's |\n"
+        out += "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        for r in scores["rerank"]:
+            out += f"| {r['variant']} | {r['decoder']} | {r['k']} | {r['first_cosine']:.3f} "
+            out += f"| {r['chosen_cosine']:.3f} | {r['oracle_cosine']:.3f} | {r['chose_first']:.2f} "
+            out += f"| {r['chose_oracle']:.2f} |\n"
     out += "\nExamples (first validation images; generations from caption-1's latent):\n\n"
     for name, texts in scores["examples"].items():
         out += f"* **{name}**: " + " / ".join(repr(t) for t in texts[:3]) + "\n"

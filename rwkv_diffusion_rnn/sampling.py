@@ -306,6 +306,7 @@ def sample_l2t(
     candidates: int = 1,
     rerank_temperature: float | None = None,
     rerank_steps: int = 1,
+    rerank_record: dict | None = None,
 ) -> list[list[int]]:
     """Latent -> text. ``latents``: RAW latents ``[N, D]`` (standardised here with ``m.normalizer``), fed clean
     (t_latent = 0). Returns N lists of token ids in the model's vocabulary, cut at the first end-of-text, with no
@@ -319,7 +320,8 @@ def sample_l2t(
     ``seed + c`` (so a run with seed s and one with seed s + 1 share K - 2 candidates). Each row keeps the candidate
     whose text the model itself embeds (T2L, ``rerank_steps`` steps) closest in cosine to the row's latent
     (:func:`rerank_l2t`). Costs K decodes and K x ``rerank_steps`` T2L passes over the N rows; uses nothing but the
-    model."""
+    model. ``rerank_record`` (a dict) receives ``candidates`` (K lists of N id lists), ``choice`` [N] and ``cosine``
+    [K][N], for analysis."""
     if candidates < 1 or rerank_steps < 1:
         raise DiffRwkvError(f"candidates and rerank_steps must be >= 1; got {candidates} and {rerank_steps}")
     if candidates > 1:
@@ -329,8 +331,10 @@ def sample_l2t(
         rt = rerank_temperature_for(temperature, rerank_temperature)
         cands = [sample_l2t(m, latents, temperature=temperature, seed=seed, **kw)]
         cands += [sample_l2t(m, latents, temperature=rt, seed=seed + c, **kw) for c in range(1, candidates)]
-        choice, _ = rerank_l2t(m, latents, cands, num_steps=rerank_steps, batch_size=batch_size, seed=seed,
-                               device=device, progress=progress)  # fmt: skip
+        choice, cos = rerank_l2t(m, latents, cands, num_steps=rerank_steps, batch_size=batch_size, seed=seed,
+                                 device=device, progress=progress)  # fmt: skip
+        if rerank_record is not None:
+            rerank_record.update(candidates=cands, choice=choice.tolist(), cosine=cos.tolist())
         return [cands[int(c)][i] for i, c in enumerate(choice)]
     den = m.denoiser
     dev = _device(m, device)

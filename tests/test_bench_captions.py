@@ -168,7 +168,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
             "--t2l-steps",
             "1",
             "--l2t-decoders",
-            "ancestral:4,confidence:3:g1",
+            "ancestral:4,confidence:3:g1,confidence:3:g1:r2:s1.5",
             "--beams",
             "2",
             "--eval-batch",
@@ -187,7 +187,10 @@ def test_prepare_run_score_end_to_end(tmp_path):
         assert tr["steps"] == tr["untimed_steps"] + tr["timed_steps"] and tr["timed_steps"] >= 1, (v, tr)
         assert budget <= tr["train_s"] < budget + 30, (v, tr["train_s"])  # the loop ran the whole budget, then stopped
         assert all(math.isfinite(c["loss"]) for c in tr["curve"]), v
-    for v, decs in (("causal", ["ancestral4", "confidence3-g1"]), ("ar", ["greedy", "beam2"])):
+    for v, decs in (
+        ("causal", ["ancestral4", "confidence3-g1", "confidence3-g1-r2-s1.5"]),
+        ("ar", ["greedy", "beam2"]),
+    ):
         assert sorted(res[v]["l2t"]) == sorted(decs)
         for d in decs:
             rows = res[v]["l2t"][d]["world_ids"]
@@ -226,6 +229,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
     assert got == {
         ("causal", "ancestral4"),
         ("causal", "confidence3-g1"),
+        ("causal", "confidence3-g1-r2-s1.5"),
         ("ar", "greedy"),
         ("ar", "beam2"),
         ("regress", "—"),
@@ -240,6 +244,16 @@ def test_prepare_run_score_end_to_end(tmp_path):
         for key in ("bleu", "chrf"):
             if r.get(key) is not None:
                 assert 0 <= r[key] <= 100 + 1e-9  # sacrebleu can round a perfect score to 100.00000000000004
+    # self-reranking: candidate 1 is the plain decoder's text (same settings and seed), the choice is the row's
+    # text, and the encoder's best of the two bounds both
+    by_dec = {r["decoder"]: r for r in sc["rows"] if r["variant"] == "causal"}
+    (rr,) = sc["rerank"]
+    assert rr["decoder"] == "confidence3-g1-r2-s1.5" and rr["k"] == 2
+    assert rr["first_cosine"] == pytest.approx(by_dec["confidence3-g1"]["l2t_cosine"], abs=1e-6)
+    assert rr["chosen_cosine"] == pytest.approx(by_dec["confidence3-g1-r2-s1.5"]["l2t_cosine"], abs=1e-6)
+    assert rr["oracle_cosine"] >= max(rr["first_cosine"], rr["chosen_cosine"]) - 1e-9
+    rec = res["causal"]["l2t"]["confidence3-g1-r2-s1.5"]["rerank"]
+    assert rec["candidates"][0] == res["causal"]["l2t"]["confidence3-g1"]["world_ids"]
     ref = {r["variant"]: r for r in sc["references"]}
     # caption-2 of the same image shares its subject and place with caption-1: above the random-caption floor.
     # Over 3,000 simulated draws of this generator the gap is 0.33 +- 0.055 (min 0.105); 0.2 failed 0.9 % of seeds.

@@ -252,13 +252,16 @@ def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
     """candidates=K: candidate 0 is the plain call's text, the rest drawn at the rerank temperature with seeds
     seed+c; each row keeps the candidate whose T2L embedding (one step) has the highest cosine to its latent."""
     kw = dict(num_steps=4, temperature=0.0, seed=5, batch_size=3)
-    got = sample_l2t(model, latents, candidates=3, rerank_temperature=1.5, **kw)
+    rec = {}
+    got = sample_l2t(model, latents, candidates=3, rerank_temperature=1.5, rerank_record=rec, **kw)
     cands = [sample_l2t(model, latents, **kw)]
     cands += [sample_l2t(model, latents, **{**kw, "temperature": 1.5, "seed": 5 + c}) for c in (1, 2)]
     assert cands[1] != cands[0] and cands[2] != cands[1]
     emb = np.stack([sample_t2l(model, c, num_steps=1, seed=5, batch_size=3) for c in cands])  # [3, N, D]
     cos = (emb * latents).sum(-1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(latents, axis=-1))
     assert got == [cands[int(c)][i] for i, c in enumerate(cos.argmax(0))]
+    assert rec["candidates"] == cands and rec["choice"] == cos.argmax(0).tolist()
+    np.testing.assert_allclose(rec["cosine"], cos, rtol=1e-5, atol=1e-6)
     assert sample_l2t(model, latents, candidates=1, **kw) == cands[0]
     for bad in (dict(candidates=0), dict(candidates=2, rerank_temperature=0.0),
                 dict(candidates=2, rerank_temperature=float("nan"))):  # fmt: skip
