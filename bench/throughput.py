@@ -180,6 +180,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     d.json_path, d.token_dir, d.latent_dir = data["json"], data["tokens"], data["latents"]
     d.pad_to_length = d.max_length = a.length
     d.validation_fraction = 0.0
+    d.device_cache = a.device_cache
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
     t.cuda_graphs, t.chunked_ce = a.cuda_graphs, a.chunked_ce
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
@@ -200,7 +201,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     notes = {"wkv_backend": resolve_backend(m.wkv_backend, dev), "loss_type": t.loss_type, "compile": t.compile,
              "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
              "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
-             "compile_denoiser": a.compile_denoiser}  # fmt: skip
+             "compile_denoiser": a.compile_denoiser, "device_cache": a.device_cache}  # fmt: skip
 
     def close() -> None:
         trainer.close()
@@ -602,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="denoiser rows: compile its embeddings, time modulation and latent head around the blocks "
         "(models/rwkv_denoiser.py compile_denoiser_regions; not yet a training option)",
+    )
+    p.add_argument(
+        "--device-cache",
+        action="store_true",
+        help="denoiser rows: data.device_cache=true (batches indexed on the device, no host collation per step)",
     )
     p.add_argument(
         "--cuda-graphs",

@@ -102,15 +102,16 @@ def test_memory_budget_refuses_out_of_range(capsys):
 
 
 def test_compile_denoiser_keeps_the_first_step_loss(tmp_path):
-    """--compile-denoiser compiles the denoiser's regions around the blocks: same first-step loss as eager."""
+    """--compile-denoiser (the denoiser's regions compiled around the blocks) and --device-cache (batches indexed
+    on the device): the same first-step loss as without."""
     losses = []
-    for extra in ([], ["--compile-denoiser"]):
+    for extra in ([], ["--compile-denoiser", "--device-cache"]):
         out = tmp_path / f"out{len(extra)}"
         argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "denoiser-causal-full", "--steps", "1", "--warmup",
                 "1", "--batch", "2", "--length", "16", "--dtype", "fp32", "--no-count-flops", "--out", str(out),
                 *extra]  # fmt: skip
         assert throughput.main(argv) == 0
         row = json.loads((out / "results.json").read_text())["rows"][0]
-        assert row["status"] == "ok" and row["notes"]["compile_denoiser"] == bool(extra)
+        assert row["status"] == "ok" and row["notes"]["compile_denoiser"] == row["notes"]["device_cache"] == bool(extra)
         losses.append(row["first_loss"])
     assert math.isclose(losses[0], losses[1], rel_tol=1e-5), losses
