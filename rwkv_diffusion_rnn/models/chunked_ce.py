@@ -74,6 +74,30 @@ def _guarded(compiled, eager):
     return run
 
 
+_ADDMM_F32: dict[str, bool] = {}
+
+
+def _addmm_f32_ok(device: torch.device) -> bool:
+    """Whether ``torch.addmm(c_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=c_fp32)`` works on ``device``
+    and accumulates right: the head's weight gradient is then summed over chunks inside the GEMM, in fp32, instead
+    of a bf16 product added by a separate fp32 pass per chunk (1.65 ms of a 0.1B step on an H100). Checked once per
+    device on small random matrices against fp32 math; False (the plain path) on any error or mismatch."""
+    key = str(device)
+    if key not in _ADDMM_F32:
+        ok = False
+        try:
+            a = torch.randn(64, 48, device=device).bfloat16()
+            b = torch.randn(48, 40, device=device).bfloat16()
+            c = torch.randn(64, 40, device=device)
+            want = c + a.float() @ b.float()
+            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            ok = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _ADDMM_F32[key] = ok
+    return _ADDMM_F32[key]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: bool):
@@ -106,13 +130,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         )
         _, grad_fn = _kernels(ctx.fused)
+        in_gemm = grad_w is not None and hp.is_cuda and hp.dtype != torch.float32 and _addmm_f32_ok(hp.device)
         with torch.autocast(hp.device.type, enabled=False):
             for s in range(0, m, chunk):
                 h_c = hp[s : s + chunk]
                 g = grad_fn(h_c @ weight.T, lse[s : s + chunk], tp[s : s + chunk], g_all[s : s + chunk])
                 if grad_h is not None:
                     grad_h[s : s + chunk] = g @ weight
-                if grad_w is not None:
+                if in_gemm:  # fp32 accumulation in the GEMM's epilogue
+                    torch.addmm(grad_w, g.T, h_c, out_dtype=torch.float32, out=grad_w)
+                elif grad_w is not None:
                     grad_w.add_(g.T @ h_c)
         return (
             grad_h[:n] if grad_h is not None else None,
