@@ -86,7 +86,7 @@ def _addmm_f32_ok(device: torch.device) -> bool:
     if key not in _ADDMM_F32:
         ok = False
         try:
-            a = torch.randn(64, 48, device=device).bfloat16()
+            a = torch.randn(48, 64, device=device).bfloat16().T  # transposed, as the gradient's g.T is
             b = torch.randn(48, 40, device=device).bfloat16()
             c = torch.randn(64, 40, device=device)
             want = c + a.float() @ b.float()
