@@ -275,19 +275,28 @@ def rerank_analysis(rec: dict, enc, tokenizer, target: np.ndarray) -> dict:
     encoder's best."""
     from rwkv_diffusion_rnn import metrics as M
 
-    cands = rec["candidates"]
-    choice = np.asarray(rec["choice"], dtype=np.int64)
-    cos = np.stack(
-        [M.cosine_rows(enc([tokenizer.decode([i for i in r if 0 < i < 65536]) for r in c]), target) for c in cands]
-    )  # [K, N]
-    rows = np.arange(cos.shape[1])
+    cands = rec.get("candidates") or []
+    choice = np.asarray(rec.get("choice", []), dtype=np.int64)
+    n = len(target)
+    if (
+        not cands
+        or any(len(c) != n for c in cands)
+        or choice.shape != (n,)
+        or not ((0 <= choice) & (choice < len(cands))).all()
+    ):
+        raise ScoreError(f"a rerank record does not fit {n} rows x {len(cands)} candidates")
+    texts = [[tokenizer.decode([i for i in r if 0 < i < 65536]) for r in c] for c in cands]
+    cos = np.stack([M.cosine_rows(enc(t), target) for t in texts])  # [K, N]
+    rows = np.arange(n)
+    chosen = cos[choice, rows]
     return {
         "k": len(cands),
         "first_cosine": float(cos[0].mean()),
-        "chosen_cosine": float(cos[choice, rows].mean()),
+        "chosen_cosine": float(chosen.mean()),
         "oracle_cosine": float(cos.max(0).mean()),
-        "chose_first": float((choice == 0).mean()),
-        "chose_oracle": float((choice == cos.argmax(0)).mean()),
+        # by text and by score: duplicate candidates (argmax decodes, short captions) are the same choice
+        "chose_first": float(np.mean([texts[int(c)][i] == texts[0][i] for i, c in enumerate(choice)])),
+        "chose_oracle": float((chosen >= cos.max(0) - 1e-6).mean()),
     }
 
 

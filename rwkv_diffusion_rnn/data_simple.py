@@ -359,7 +359,11 @@ class DeviceRows:
 
     def batch(self, rows: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
         host = np.asarray(rows, dtype=np.int64)
-        r = torch.from_numpy(host).to(self.device)
+        r = torch.from_numpy(host)
+        if self.device.type == "cuda":  # pinned + non-blocking: a pageable copy would wait for the whole stream
+            r = r.pin_memory().to(self.device, non_blocking=True)
+        else:
+            r = r.to(self.device)
         ids = self.ids.index_select(0, r)
         if self.fixed:
             mask = torch.ones_like(ids)

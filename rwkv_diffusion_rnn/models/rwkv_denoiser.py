@@ -242,7 +242,7 @@ class RWKVDenoiser(nn.Module):
         at 65k classes; computing it inside ``forward`` keeps DDP's gradient hooks in charge of every parameter).
         ``text_targets`` ``[N]`` (with ``text_select``): return the cross-entropy against them and the argmax instead
         of the logits, computed in row chunks that never hold all ``[N, V]`` logits (models/chunked_ce.py)."""
-        fast = self.compiled_regions
+        fast = self.compiled_regions and self.training and torch.is_grad_enabled()  # the training forward only
         x, lay = (_region("embed_inputs") if fast else RWKVDenoiser.embed_inputs)(self, noisy_ids, attention_mask, z_t)
         if t_text.dim() == 2:
             B, P, R = t_text.shape[0], self.cfg.latent_prefix_len, self.cfg.latent_readout_len
@@ -379,8 +379,9 @@ def compile_denoiser_regions(model: nn.Module) -> int:
     step on an H200; docs/RESULTS.md, 2026-11-27 session 6): its forward runs ~140 eager ops outside the blocks
     (a tiny model on the CPU: 137 a step, the LM step's ~10), and their backward as many, each a launch from
     Python. Compiled, each region is a few fused kernels. Numerics: the same operations, fused
-    (tests/models/test_rwkv_denoiser.py compares gradients with eager). Sampling's cached paths stay eager.
-    Idempotent; a copy of the model (deepcopy) keeps the switch and runs its own weights."""
+    (tests/models/test_rwkv_denoiser.py compares gradients with eager). Only the training forward (module in
+    training mode, gradients on) runs them: evaluation and sampling, whose shapes vary, stay eager, so they do not
+    use up dynamo's recompile limit. Idempotent; a copy of the model (deepcopy) keeps the switch."""
     from rwkv_diffusion_rnn.models.rwkv7 import inductor_guard
 
     inductor_guard()

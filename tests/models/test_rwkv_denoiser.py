@@ -247,9 +247,14 @@ def test_compiled_regions_equal_eager(context, latent_film):
     ids[0, :4] = eager.mask_id
     sel = (ids == eager.mask_id) | (torch.rand(ids.shape) < 0.5)
     sel &= mask.bool()
+    from torch._dynamo.utils import counters
+
     outs = []
     for d in (eager, fast):
+        counters.clear()
         out = d(ids, mask, z, t_text, t_lat, text_select=sel)
+        # the fast model ran compiled frames (not a silent fallback to eager); the eager one none
+        assert (counters["stats"]["calls_captured"] > 0) == (d is fast), dict(counters["stats"])
         loss = out.text_logits.logsumexp(-1).sum() + (out.latent**2).sum() + out.text_hidden.square().mean()
         loss.backward()
         outs.append((out, {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}))
@@ -260,3 +265,7 @@ def test_compiled_regions_equal_eager(context, latent_film):
     for n in g0:
         err = float((g1[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-12))
         assert err < 2e-4, (n, err)
+    counters.clear()  # evaluation (no gradients) stays eager: varying shapes must not use up the recompile limit
+    with torch.no_grad():
+        fast(ids[:2], mask[:2], z[:2], t_text[:2], t_lat[:2])
+    assert counters["stats"]["calls_captured"] == 0, dict(counters["stats"])
