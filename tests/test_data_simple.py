@@ -231,3 +231,21 @@ def test_pad_with_eot_makes_fixed_length_rows():
     assert out["input_ids"][0].tolist() == rows[0].tolist() + [0, 0, 0]
     assert out["input_ids"][1].tolist() == rows[1][:5].tolist() + [0]  # cut, still ends with end-of-text
     assert out["input_ids"][2].tolist() == rows[2].tolist() + [0] * 5
+
+
+@pytest.mark.parametrize("kw,pad_to", [({}, None), ({"max_length": 5, "append_eot": True}, None), ({}, 9)])
+def test_device_rows_equal_collated_batches(data, kw, pad_to):
+    """DeviceRows.batch(rows) is the collated (and, with pad_to_length, end-of-text padded) batch of those rows."""
+    from rwkv_diffusion_rnn.data_simple import DeviceRows, pad_with_eot
+
+    ds, _ = build_datasets(_cfg(data, **kw))
+    cache = DeviceRows(ds, "cpu", pad_to)
+    rng = np.random.default_rng()
+    for _ in range(5):
+        rows = rng.choice(len(ds), size=int(rng.integers(1, 9)), replace=False)
+        want = collate_batch([ds[int(i)] for i in rows])
+        want = pad_with_eot(want, pad_to) if pad_to else want
+        got = cache.batch(rows)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (k, rows)
