@@ -338,15 +338,15 @@ def prepare_latents(args: argparse.Namespace) -> dict:
         encoder.save(
             stage, fitted_on={"split": "train", "rows": n_train}, source="from-npy" if args.from_npy else "text"
         )
+    elapsed = time.perf_counter() - t0
     summary = {
         "output_dir": str(out),
         "rows": {k: len(v) for k, v in splits.items()},
         "encoder": encoder.meta["encoder"],
         "reduce": f"{method} {emb.shape[1]} -> {args.latent_dim}",
         "explained_variance": proj.explained_variance,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(elapsed, 1),
     }
-    elapsed = time.perf_counter() - t0
     summary["rows_per_s"] = round(len(all_rows) / elapsed, 1) if elapsed >= 0.05 else None  # no rate from a blink
     return summary
 

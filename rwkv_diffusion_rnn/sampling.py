@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.metrics import cosine_rows
 from rwkv_diffusion_rnn.models.rwkv_denoiser import PrefixCache
 from rwkv_diffusion_rnn.samplers import (
     LATENT_METHODS,
@@ -407,9 +408,7 @@ def rerank_l2t(
     # one call per candidate: row i of every candidate starts from the same noise, so only the text differs
     pred = np.stack([sample_t2l(m, cand, num_steps=num_steps, batch_size=batch_size, seed=seed, device=device,
                                 progress=progress) for cand in candidates])  # fmt: skip
-    num = (pred * z[None]).sum(-1)
-    den = np.linalg.norm(pred, axis=-1) * np.linalg.norm(z, axis=-1)[None]
-    cos = (num / np.maximum(den, 1e-12)).astype(np.float32)
+    cos = np.stack([cosine_rows(p, z) for p in pred]).astype(np.float32)
     return cos.argmax(0), cos
 
 

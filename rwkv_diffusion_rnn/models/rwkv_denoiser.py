@@ -259,7 +259,7 @@ class RWKVDenoiser(nn.Module):
             trusted_mask=True,  # right-padded by construction (layout)
         )
         dense = (_region("read_dense") if fast else RWKVDenoiser.read_dense)(self, h, lay.text_pos, lay.readout_pos)
-        return self._read(h, lay.text_pos, lay.readout_pos, text_select, text_targets, dense)
+        return self._read(*dense, text_select, text_targets)
 
     def read_dense(self, h, text_pos, readout_pos) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm at the text positions ``[B, T, C]`` and the latent head's output ``[B, D]`` (its weights'
@@ -269,8 +269,9 @@ class RWKVDenoiser(nn.Module):
         readout = ln_out(_gather_time(h, readout_pos))  # [B, R, C]
         return text_hidden, self.latent_head(readout.flatten(1).to(self.latent_head[0].weight.dtype))
 
-    def _read(self, h, text_pos, readout_pos, text_select, text_targets=None, dense=None) -> DenoiserOutput:
-        text_hidden, latent = dense if dense is not None else self.read_dense(h, text_pos, readout_pos)
+    def _read(self, text_hidden, latent, text_select, text_targets=None) -> DenoiserOutput:
+        """The output from :meth:`read_dense`'s ``(text_hidden, latent)``, with the selected positions' logits (or
+        cross-entropy against ``text_targets``)."""
         logits = None
         if text_select is not None:
             if text_select.dtype == torch.bool:  # [B, T] mask, or a flat index into B x T (no second host sync)
@@ -338,7 +339,7 @@ class RWKVDenoiser(nn.Module):
             readout_pos = (Kb + 1 + torch.arange(R, device=dev)).expand(B, R)
         else:
             readout_pos = (Kb + torch.arange(R, device=dev)).expand(B, R)
-        return self._read(h, text_pos, readout_pos, None)
+        return self._read(*self.read_dense(h, text_pos, readout_pos), None)
 
     def sampling_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
         """:meth:`text_logits` with the ids in ``sample_banned_ids`` at -inf (e.g. a compact vocabulary's unknown id,
