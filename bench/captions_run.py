@@ -829,7 +829,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rwkv_diffusion_rnn.errors import DiffRwkvError
 
@@ -926,6 +926,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = [n for n, r in summary["runs"].items() if r["status"] != "ok"]
     say(f"finished: {len(names) - len(failed)} ok, {len(failed)} not ({', '.join(failed) or '-'})")
     return 0 if not failed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); the log file is this call's only (a later call in the same
+    process, e.g. a test, does not write into an earlier run's folder)."""
+    try:
+        return _main(argv)
+    finally:
+        _LOG.clear()
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ Rows (``--rows``, comma-separated; default all), each at one g1 shape (``--shape
 Every row: fp32 master weights, bf16 autocast (``--dtype``), AdamW (fused on CUDA), gradient clipping at 1.0, batch
 ``--batch`` x ``--length``. ``tokens/s`` counts text tokens (B x T) per second: the median over ``--steps`` timed
 steps (CUDA events) after ``--warmup`` steps (20: the denoiser's masked-position head has a row count rounded to 512
-that varies by step, and cuBLAS plans each new count once, as in the first minute of a real run). ``peak GiB`` is
-``torch.cuda.max_memory_allocated`` since the row started (it includes the weights and optimizer state).
+that varies by step, and cuBLAS plans each new count once, as in the first minute of a real run), each step timed
+alone (it starts on an idle GPU and is waited for). ``tokens/s, steps back to back``: the same number of steps timed
+together with one wait at the end, as the training loop runs them: no step reads a number back (the trainer's
+``train_step(sync=False)``, host_sync.py), so the host can queue the next step while the GPU runs this one; this is
+the figure a training run sees. ``peak GiB`` is ``torch.cuda.max_memory_allocated`` since the row started (it
+includes the weights and optimizer state).
 
 FLOP models (both against the bf16 matmul ceiling measured at the start, an 8192^3 matmul):
 
@@ -163,6 +167,7 @@ class Runner:
     params_frozen: int
     notes: dict = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
+    read: Callable[[object], object] = lambda result: result  # a step's result with numbers (may wait)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -206,20 +211,21 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     def close() -> None:
         trainer.close()
 
-    return Runner(trainer.train_step, a.batch * a.length, positions, grad, frozen_n, notes, close)
+    return Runner(lambda: trainer.train_step(sync=False), a.batch * a.length, positions, grad, frozen_n, notes, close,
+                  trainer.read_metrics)  # fmt: skip
 
 
-def _lm_step(model, opt, ids, autocast, loss_fn) -> Callable[[], float]:
+def _lm_step(model, opt, ids, autocast, loss_fn) -> Callable[[], torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with autocast():
             loss = loss_fn(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())  # one host sync per step, as the trainer has
+        return loss.detach()  # read only when asked (warm-up): as in the trainer's loop, a step does not wait
 
     return step
 
@@ -328,8 +334,10 @@ def build_runner(row: str, a, shape, work: Path, dev: torch.device) -> Runner:
 
 
 def _loss_of(result) -> float | None:
-    """The loss a step returned (the trainer's metrics dict or the LM step's float)."""
+    """The loss a step returned (the trainer's metrics dict or the LM step's loss)."""
     value = result.get("loss") if isinstance(result, dict) else result
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -337,19 +345,23 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
     first_loss = None
     for i in range(a.warmup):
         t0 = time.perf_counter()
-        result = runner.step()
+        result = runner.read(runner.step())
         if i == 0:
             first_loss = _loss_of(result)
         dt, loss = time.perf_counter() - t0, _loss_of(result)
         log(f"  warm-up step {i + 1}/{a.warmup}: {dt:.2f} s, loss {_f(loss, '.4f')}")
     times = [_timed(runner.step, dev) for _ in range(a.steps)]
     med = statistics.median(times)
+    # the same number of steps back to back, one wait at the end, as the training loop runs them: a step that
+    # never waits lets the host prepare the next one while the GPU finishes this one
+    run_s = _timed(lambda: [runner.step() for _ in range(a.steps)], dev)
     # a FLOP count through compiled code would recompile under the counting mode: the eager run gives the number
     compiled = a.compile or a.compile_regions or a.compile_blocks or a.cuda_graphs
     flops = counted_flops(runner.step) if a.count_flops and not compiled else None
     n_model = 6 * runner.params_grad + 4 * runner.params_frozen
     out = {
         "tokens_per_s": runner.text_tokens / med,
+        "tokens_per_s_run": runner.text_tokens * a.steps / run_s,
         "positions_per_s": runner.positions / med,
         "step_ms_median": 1000 * med,
         "first_loss": first_loss,  # same seeds and data in every run: compares e.g. --compile-regions with eager
@@ -505,14 +517,15 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
         "MFU = (6 N_grad + 4 N_frozen) x text tokens/s / ceiling; HFU = counted matmul FLOPs per step x steps/s / "
         "ceiling (bench/throughput.py docstring).",
         "",
-        "| shape | row | tokens/s | step ms | peak GiB | params grad / frozen (M) | MFU | HFU | loss 1st step "
-        "| status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | row | tokens/s | tokens/s, steps back to back | step ms | peak GiB | params grad / frozen (M) "
+        "| MFU | HFU | loss 1st step | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         params = f"{r['params_grad'] / 1e6:.1f} / {r['params_frozen'] / 1e6:.1f}" if "params_grad" in r else "-"
         lines.append(
-            f"| {r['shape']} | {r['row']} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('step_ms_median'), '.1f')}"
+            f"| {r['shape']} | {r['row']} | {_f(r.get('tokens_per_s'), ',.0f')} | "
+            f"{_f(r.get('tokens_per_s_run'), ',.0f')} | {_f(r.get('step_ms_median'), '.1f')}"
             f" | {_f(r.get('peak_mem_gib'), '.1f')} | {params} | {_f(r.get('mfu'), '.1%')} | {_f(r.get('hfu'), '.1%')}"
             f" | {_f(r.get('first_loss'), '.4f')} | {r['status']} |"
         )

@@ -367,12 +367,15 @@ class DeviceRows:
         ids = self.ids.index_select(0, r)
         if self.fixed:
             mask = torch.ones_like(ids)
+            host_mask = torch.ones(ids.shape, dtype=torch.long)
         else:
             width = int(self.lengths[host].max())
             ids = ids[:, :width]
             mask = (torch.arange(width, device=self.device)[None, :] < self.lengths_dev[r][:, None]).long()
+            host_mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[host])[:, None]).long()
+        # the same mask on the host (objectives.HOST_MASK): the corruption makes its masks there, without a wait
         return {"input_ids": ids, "attention_mask": mask, "latent": self.latent.index_select(0, r),
-                "index": self.index.index_select(0, r)}  # fmt: skip
+                "index": self.index.index_select(0, r), "host_attention_mask": host_mask}  # fmt: skip
 
 
 class LengthBucketBatchSampler(Sampler[list[int]]):

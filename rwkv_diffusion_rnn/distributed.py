@@ -69,6 +69,15 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0.5)
 
 
+def all_true_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """:func:`all_true` for a 0-dim bool tensor, kept on its device (the host does not wait; one all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = flag.float()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t > 0.5
+
+
 def gather_objects(obj):
     """Every rank's ``obj`` as a list on rank 0 (None on the others); ``[obj]`` without a process group."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -20,7 +20,8 @@ What is exact, and why (tests/test_trainer.py checks each):
 * Corruption randomness is a function of ``(seed, step, micro-step)`` (see :mod:`objectives`), so resume and
   multi-process runs see the same noise as the uninterrupted single-process run.
 * A step whose loss or gradient is non-finite on ANY rank is skipped on EVERY rank: no optimizer, EMA or weight
-  change; the step counter, data position and LR schedule move on, and the log counts it.
+  change; the step counter, data position and LR schedule move on, and the log counts it (``skipped_total``, read
+  at the logged steps: the decision stays on the device, so the step never waits for it; host_sync.py).
 * The frozen backbone never enters the optimizer; DDP wraps the model after the trainable set is final (again when
   ``unfreeze_after_steps`` changes it).
 """
@@ -69,13 +70,14 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
-from rwkv_diffusion_rnn.objectives import DiffusionObjective
+from rwkv_diffusion_rnn.objectives import HOST_MASK, DiffusionObjective
 from rwkv_diffusion_rnn.optimizer import (
     EMA,
     add_params,
     build_optimizer,
     build_scheduler,
     clip_and_check_grads,
+    clip_grads_on_device,
     load_optimizer_state,
 )
 from rwkv_diffusion_rnn.vocab import TokenMap
@@ -221,7 +223,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, t.min_lr_ratio)
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "fp16")
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped = 0, 0  # skipped: a count kept on the device between reads (see the property)
         # the next step's rows are read while the GPU computes (CUDA only: the CPU path keeps one step's reads in
         # its own step, so an unreadable row is met exactly where the tests expect it)
         self.prefetch_data = self.device.type == "cuda"
@@ -352,7 +354,9 @@ class Trainer:
         out = []
         for mine in self.rank_rows(step):
             batch = self.collate([self.train_set[int(i)] for i in mine])
-            out.append({k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()})
+            moved = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
+            moved[HOST_MASK] = batch["attention_mask"]  # the corruption's masks are made on the host
+            out.append(moved)
         return out
 
     def prefetch(self, step: int) -> None:
@@ -384,8 +388,32 @@ class Trainer:
         # CUDA graphs replay every weight cast inside the graph; autocast's cast cache cannot be captured
         return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cfg.training.cuda_graphs)
 
-    def train_step(self) -> dict:
-        """One optimizer step (all micro-steps). Returns the step's metrics."""
+    def _steps_on_device(self) -> bool:
+        """Whether the finiteness check and the skip can stay on the device (no host wait): every optimizer group
+        fused (its ``found_inf``), no fp16 loss scaler and no FSDP (both decide on the host)."""
+        return (
+            not self.sharded
+            and not self.scaler.is_enabled()
+            and all(g.get("fused") for g in self.optimizer.param_groups)
+        )
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (reading it waits for the device, where the count is kept)."""
+        if self._skipped_dev is not None:
+            self._skipped_base += int(self._skipped_dev)
+            self._skipped_dev = None
+        return self._skipped_base
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped_base, self._skipped_dev = int(value), None
+
+    def train_step(self, sync: bool = True) -> dict:
+        """One optimizer step (all micro-steps). Returns the step's metrics as numbers; with ``sync=False`` some are
+        still device tensors (:meth:`read_metrics` makes numbers of them, one wait). On a GPU the step itself then
+        never waits for the device (host_sync.py): the masks are made on the host, the finiteness check, the
+        clipping and the skip stay on the device — except under fp16 loss scaling or FSDP, which check on the host."""
         t, w = self.cfg.training, self.dist.world_size
         self._maybe_unfreeze()
         self.ddp.train()
@@ -402,8 +430,8 @@ class Trainer:
             own_gradients(self.model)
         for m, c in enumerate(corrupted):
             # fsdp reduce-scatters every micro-step into the fp32 sharded gradients (no unsharded gradient kept)
-            sync = m == len(corrupted) - 1 or not self.dist.enabled or self.sharded
-            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            sync_grads = m == len(corrupted) - 1 or not self.dist.enabled or self.sharded
+            ctx = contextlib.nullcontext() if sync_grads else self.ddp.no_sync()
             with ctx, self._autocast():
                 loss, st = self.objective.loss(self.ddp, c, norm, scale=float(w))
             self.scaler.scale(loss).backward()
@@ -413,38 +441,76 @@ class Trainer:
             self.prefetch(self.step + 1)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.sharded:
-            grad_norm, finite = _clip_sharded_grads(params, t.max_grad_norm, self.device)
-            finite = finite and bool(torch.isfinite(sums).all())
-        else:
-            grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm, also_finite=sums)  # one sync for both
-        finite = distributed.all_true(finite, self.device)
-        if finite:
-            self.scaler.step(self.optimizer)
+        if self._steps_on_device():
+            grad_norm, finite = clip_grads_on_device(params, t.max_grad_norm, also_finite=sums)
+            finite = distributed.all_true_on_device(finite)
+            self.optimizer.found_inf = (~finite).float()  # the fused AdamW leaves weights and moments as they are
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.model, apply=finite)
+            bad = (~finite).long()
+            self._skipped_dev = bad if self._skipped_dev is None else self._skipped_dev + bad
+            skipped_total = self._skipped_base + self._skipped_dev  # this step's total, read later or now
         else:
-            self.skipped += 1
+            if self.sharded:
+                grad_norm, finite = _clip_sharded_grads(params, t.max_grad_norm, self.device)
+                finite = finite and bool(torch.isfinite(sums).all())
+            else:
+                grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm, also_finite=sums)  # one sync
+            finite = distributed.all_true(finite, self.device)
+            if finite:
+                self.scaler.step(self.optimizer)
+                if self.ema is not None:
+                    self.ema.update(self.model)
+            else:
+                self.skipped += 1
+            skipped_total = self.skipped
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        totals = distributed.all_reduce_sum(torch.cat([sums, n_masked[None]]))
-        text_loss = float(totals[0] / norm[0].clamp_min(1))
-        latent_loss = float(totals[3] / norm[1].clamp_min(1))
-        return {
+        tokens = sum(c.n_tokens for c in corrupted) * w
+        rec = {
             "step": self.step,
-            "loss": text_loss + t.latent_loss_weight * latent_loss,
-            "text_loss": text_loss,
-            "latent_loss": latent_loss,
-            "masked_ce": float(totals[1] / totals[4].clamp_min(1)),
-            "masked_acc": float(totals[2] / totals[4].clamp_min(1)),
-            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
             "lr": self.scheduler.get_last_lr()[0],
-            "skipped": int(not finite),
-            "skipped_total": self.skipped,
-            "tokens": int(sum(c.attention_mask.sum() for c in corrupted)) * w,
+            "tokens": tokens,
+            "_totals": distributed.all_reduce_sum(torch.cat([sums, n_masked[None]])),
+            "_norm": norm,
+            "grad_norm": grad_norm,
+            "skipped": bad if isinstance(finite, torch.Tensor) else int(not finite),
+            "skipped_total": skipped_total,
         }
+        return self.read_metrics(rec) if sync else rec
+
+    def read_metrics(self, rec: dict) -> dict:
+        """A :meth:`train_step` record with numbers for its device tensors (one wait); other keys are kept."""
+        if "_totals" not in rec:
+            return rec
+        out = {k: v for k, v in rec.items() if k not in ("_totals", "_norm")}
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        dev = rec["_totals"].device
+        flat = [rec["_totals"].float(), rec["_norm"].float().to(dev)]
+        flat += [v.detach().float().reshape(1).to(dev) for v in tensors.values()]
+        values = torch.cat(flat).tolist()  # the one wait
+        totals, norm, rest = values[:5], values[5:7], values[7:]
+        for (k, _), v in zip(tensors.items(), rest, strict=True):
+            out[k] = v
+        out["skipped"], out["skipped_total"] = int(out["skipped"]), int(out["skipped_total"])
+        if not math.isfinite(out["grad_norm"]):
+            out["grad_norm"] = float("nan")
+        text_loss = totals[0] / max(norm[0], 1.0)
+        latent_loss = totals[3] / max(norm[1], 1.0)
+        out.update(
+            loss=text_loss + self.cfg.training.latent_loss_weight * latent_loss,
+            text_loss=text_loss,
+            latent_loss=latent_loss,
+            masked_ce=totals[1] / max(totals[4], 1.0),
+            masked_acc=totals[2] / max(totals[4], 1.0),
+        )
+        return out
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -673,19 +739,26 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last: dict = {}
-        t0, tokens = time.perf_counter(), 0
+        t0, tokens, skipped_seen = time.perf_counter(), 0, self.skipped
         try:
             while self.step < self.total_steps:
-                rec = self.train_step()
+                # the step's numbers stay on the device until a logged step reads them: no per-step wait
+                rec = self.train_step(sync=False)
                 tokens += rec.pop("tokens")
                 last = rec
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", skipped=self.skipped)
-                if self.step % lg.log_freq == 0 or self.step == self.total_steps or rec["skipped"]:
+                if self.step % lg.log_freq == 0 or self.step == self.total_steps:
+                    rec = last = self.read_metrics(rec)
                     dt = time.perf_counter() - t0
                     rec["tokens_per_s"] = tokens / max(dt, 1e-9)
                     t0, tokens = time.perf_counter(), 0
+                    if rec["skipped_total"] > skipped_seen:
+                        n_new, skipped_seen = rec["skipped_total"] - skipped_seen, rec["skipped_total"]
+                        distributed.print0(f"step {self.step}: {n_new} non-finite step(s) skipped since the last "
+                                           f"log ({skipped_seen} in all)")  # fmt: skip
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", skipped=rec["skipped_total"])
                     self._log(rec)
                 if self.step % lg.eval_freq == 0 or self.step == self.total_steps:
                     ev = self.evaluate(lg.eval_batches)
@@ -698,4 +771,4 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.close()
-        return last
+        return self.read_metrics(last)

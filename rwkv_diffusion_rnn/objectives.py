@@ -39,9 +39,13 @@ import torch.nn.functional as F
 
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, sample_uniform_t
+from rwkv_diffusion_rnn.host_sync import host_side, to_device
 
 UNCOND, L2T, T2L = 0, 1, 2
 MODE_IDS = {"unconditional": UNCOND, "l2t": L2T, "t2l": T2L}
+#: a batch's key for its attention mask on the host (the trainer's loaders set it): the corruption's masks are made
+#: there, so that a GPU step need not wait to read the mask back
+HOST_MASK = "host_attention_mask"
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Corrupted:
     latent_rows: torch.Tensor  # [B] bool: rows with a latent loss
     modes: torch.Tensor  # [B] long
     text_positions: torch.Tensor | None = None  # [B, T] bool: the positions of the text ELBO (None: real tokens)
+    picked: torch.Tensor | None = None  # [N] long: ``masked.flatten().nonzero()``, made on the host
+    n_tokens: int | None = None  # real tokens of the micro-batch (a host count)
 
     def counts(self, weighting: str) -> torch.Tensor:
         """Local normalisers ``[text, latent]``: tokens under the text ELBO of text-loss rows (elbo; a clean prefix
@@ -114,57 +120,69 @@ class DiffusionObjective:
         ids, attn, lat = batch["input_ids"], batch["attention_mask"], batch["latent"]
         dev = ids.device
         b, T = ids.shape
+        host_attn = batch.get(HOST_MASK)
+        if host_attn is None:
+            host_attn = attn.cpu()  # on a GPU a wait: the trainer passes the mask's host copy (HOST_MASK)
         G = b * world  # global micro-batch rows
         L = max(self.max_length or T, T)
-        g = self.generator(step, micro, salt)
-        if isinstance(modes, str):
-            mode = torch.full((G,), MODE_IDS[modes], dtype=torch.long)
-        else:
-            names = list(modes)
-            w = torch.tensor([float(modes[n]) for n in names])
-            pick = torch.multinomial(w / w.sum(), G, replacement=True, generator=g)
-            mode = torch.tensor([MODE_IDS[n] for n in names])[pick]
-        t_text = sample_uniform_t(G, "cpu", g, t_min=self.text.schedule.t_min, antithetic=self.text.antithetic)
-        t_lat = sample_uniform_t(G, "cpu", g, t_min=self.latent.schedule.t_min, antithetic=self.latent.antithetic)
-        drop = torch.rand(G, generator=g) < self.p_uncond
-        u = torch.rand(G, L, generator=g)
-        eps = torch.randn(G, lat.shape[-1], generator=g)
-        with_prefix, cut = torch.zeros(G, dtype=torch.bool), torch.zeros(G)
-        if p_prefix > 0:  # drawn last: without clean prefixes every earlier draw is what it always was
-            with_prefix, cut = torch.rand(G, generator=g) < p_prefix, torch.rand(G, generator=g)
+        # every draw and every mask is made on the host (no device wait; host_sync.py), then copied over at once
+        with host_side():
+            g = self.generator(step, micro, salt)
+            if isinstance(modes, str):
+                mode = torch.full((G,), MODE_IDS[modes], dtype=torch.long)
+            else:
+                names = list(modes)
+                w = torch.tensor([float(modes[n]) for n in names])
+                pick = torch.multinomial(w / w.sum(), G, replacement=True, generator=g)
+                mode = torch.tensor([MODE_IDS[n] for n in names])[pick]
+            t_text = sample_uniform_t(G, "cpu", g, t_min=self.text.schedule.t_min, antithetic=self.text.antithetic)
+            t_lat = sample_uniform_t(G, "cpu", g, t_min=self.latent.schedule.t_min, antithetic=self.latent.antithetic)
+            drop = torch.rand(G, generator=g) < self.p_uncond
+            u = torch.rand(G, L, generator=g)
+            eps = torch.randn(G, lat.shape[-1], generator=g)
+            with_prefix, cut = torch.zeros(G, dtype=torch.bool), torch.zeros(G)
+            if p_prefix > 0:  # drawn last: without clean prefixes every earlier draw is what it always was
+                with_prefix, cut = torch.rand(G, generator=g) < p_prefix, torch.rand(G, generator=g)
 
-        rows = slice(rank, G, world)
-        mode, t_text, t_lat, drop, u, eps = (x[rows] for x in (mode, t_text, t_lat, drop, u, eps))
-        with_prefix, cut = with_prefix[rows].to(dev), cut[rows].to(dev)
-        # the clean condition is t = 0; a dropped condition is fully noised, t = 1
-        t_text = torch.where(mode == T2L, torch.where(drop, 1.0, 0.0), t_text)
-        t_lat = torch.where(mode == L2T, torch.where(drop, 1.0, 0.0), t_lat)
-        mode, t_text, t_lat, u, eps, drop = (x.to(dev) for x in (mode, t_text, t_lat, u[:, :T], eps, drop))
+            rows = slice(rank, G, world)
+            mode, t_text, t_lat, drop, u, eps = (x[rows] for x in (mode, t_text, t_lat, drop, u, eps))
+            with_prefix, cut = with_prefix[rows], cut[rows]
+            # the clean condition is t = 0; a dropped condition is fully noised, t = 1
+            t_text = torch.where(mode == T2L, torch.where(drop, 1.0, 0.0), t_text)
+            t_lat = torch.where(mode == L2T, torch.where(drop, 1.0, 0.0), t_lat)
 
-        real = attn.bool()
-        masked = (u < self.text.schedule.mask_prob(t_text)[:, None]) & real
-        masked = torch.where(((mode == T2L) & drop)[:, None], real, masked)  # dropped text: all <mask>
-        text_rows = mode != T2L
-        positions = None
-        if p_prefix > 0:  # boundary k uniform over the row's real positions; before it: clean, t = 0
-            k = (cut * real.sum(1)).floor().long()
-            k = torch.where(with_prefix & text_rows, k, 0)
-            positions = torch.arange(T, device=dev)[None] >= k[:, None]  # [B, T]: under the ELBO
-            masked = masked & positions
-            t_text = torch.where(positions, t_text[:, None], 0.0)  # [B, T]
-            positions = positions & real
-        noisy = torch.where(masked, torch.full_like(ids, self.text.mask_id), ids)
+            real = host_attn.bool()
+            noised = (u[:, :T] < self.text.schedule.mask_prob(t_text)[:, None]) & real
+            noised = torch.where(((mode == T2L) & drop)[:, None], real, noised)  # dropped text: all <mask>
+            text_rows = mode != T2L
+            positions = None
+            if p_prefix > 0:  # boundary k uniform over the row's real positions; before it: clean, t = 0
+                k = (cut * real.sum(1)).floor().long()
+                k = torch.where(with_prefix & text_rows, k, 0)
+                positions = torch.arange(T)[None] >= k[:, None]  # [B, T]: under the ELBO
+                noised = noised & positions
+                t_text = torch.where(positions, t_text[:, None], 0.0)  # [B, T]
+                positions = positions & real
+            masked = noised & text_rows[:, None]  # a t2l row's masks are its (dropped) condition, not a target
+            picked = masked.flatten().nonzero().squeeze(1)  # the head's rows, known here: no wait in the forward
+            n_tokens = int(real.sum())
+        host = [mode, t_text, t_lat, eps, noised, masked, text_rows, picked]
+        if positions is not None:
+            host.append(positions)
+        moved = to_device(host, dev)
+        mode, t_text, t_lat, eps, noised, masked, text_rows, picked = moved[:8]
+        positions = moved[8] if positions is not None else None
+        noisy = torch.where(noised, torch.full_like(ids, self.text.mask_id), ids)
         z0 = self.normalizer.normalize(lat.float())
         z_t = self.latent.q_sample(z0, t_lat, eps)
-        masked = masked & text_rows[:, None]  # a t2l row's masks are its (dropped) condition, not a target
         return Corrupted(ids, attn, noisy, masked, z0, eps, z_t, t_text, t_lat, text_rows, mode != L2T, mode,
-                         positions)  # fmt: skip
+                         positions, picked, n_tokens)  # fmt: skip
 
     def loss(self, denoiser, c: Corrupted, norm: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch normalised by GLOBAL counts ``norm`` = ``[text, latent]`` (summed over ranks and
         micro-steps), times ``scale`` (the world size under DDP, which averages gradients over ranks)."""
-        # the masked positions as one flat index: one host sync for the head's rows, the targets and the weights
-        picked = c.masked.flatten().nonzero().squeeze(1)
+        # the masked positions as one flat index, for the head's rows, the targets and the weights
+        picked = c.masked.flatten().nonzero().squeeze(1) if c.picked is None else c.picked
         targets = c.input_ids.flatten()[picked]
         if self.chunked_ce:  # the head + cross-entropy in row chunks, no [N, V] logits kept (models/chunked_ce.py)
             out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked,

@@ -75,8 +75,8 @@ def build_optimizer(
 
     Returns:
         ``torch.optim.AdamW`` with groups ``[decay, no_decay]`` (both always present), each sorted by name and
-        carrying ``"param_names"``; ``fused=True`` when every trainable parameter lives on a CUDA device.
-        The decay rule is kept on the optimizer (``optimizer.no_decay_patterns``) for :func:`add_params`.
+        carrying ``"param_names"``; ``fused=True`` when every trainable parameter lives on CUDA, or every one on
+        the CPU. The decay rule is kept on the optimizer (``optimizer.no_decay_patterns``) for :func:`add_params`.
 
     Raises:
         DiffRwkvError: no parameter is trainable, or a hyperparameter is out of range.
@@ -97,8 +97,10 @@ def build_optimizer(
         {"params": [p for _, p in ps], "param_names": [n for n, _ in ps], "group": g, "weight_decay": wd}
         for g, ps, wd in (("decay", decay, weight_decay), ("no_decay", rest, 0.0))
     ]
-    # The fused CUDA kernel is one launch for all tensors; on CPU the default (foreach) path is used.
-    fused = torch.cuda.is_available() and all(p.is_cuda for _, p in named)
+    # The fused kernel is one launch for all tensors (CUDA), and it can skip a step decided on the device
+    # (``found_inf``; the trainer's step without host waits): used wherever every parameter is on CUDA or on the CPU.
+    kinds = {p.device.type for _, p in named}
+    fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"}
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
     opt.no_decay_patterns = patterns  # type: ignore[attr-defined]
     return opt
@@ -239,7 +241,7 @@ class EMA:
             raise DiffRwkvError(f"EMA: decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.num_updates = 0
+        self._num_updates, self._pending = 0, None
         self.shadow: dict[str, torch.Tensor] = {}
         self.add_params(model)
         if not self.shadow:
@@ -270,13 +272,42 @@ class EMA:
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
+    @property
+    def num_updates(self) -> int:
+        """Updates folded in so far (reading it waits for the device when :meth:`update` was given ``apply``)."""
+        if self._pending is not None:
+            self._num_updates += int(self._pending)
+            self._pending = None
+        return self._num_updates
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        self._num_updates, self._pending = int(value), None
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the model's current trainable weights into the average (call after each optimizer step)."""
-        d = self.current_decay()
-        for s, p in zip(self.shadow.values(), self._params(model), strict=True):
-            s.mul_(d).add_(p.detach().to(torch.float32), alpha=1.0 - d)
-        self.num_updates += 1
+    def update(self, model: nn.Module, apply: torch.Tensor | None = None) -> None:
+        """Fold the model's current trainable weights into the average (call after each optimizer step).
+
+        ``apply``: a 0-dim bool tensor on the parameters' device; where it is False nothing changes (a skipped
+        step). The decision, the decay warmup and the update count then stay on the device: the host does not
+        wait (host_sync.py)."""
+        shadow, params = list(self.shadow.values()), [p.detach().float() for p in self._params(model)]
+        if apply is None:
+            d = self.current_decay()
+            torch._foreach_mul_(shadow, d)
+            torch._foreach_add_(shadow, params, alpha=1.0 - d)
+            self._num_updates += 1
+            return
+        n = torch.zeros((), dtype=torch.float64, device=apply.device) + self._num_updates
+        if self._pending is not None:
+            n = n + self._pending
+        d = torch.full_like(n, self.decay)
+        if self.warmup:
+            d = torch.minimum(d, (1 + n) / (10 + n))
+        d = torch.where(apply, d, 1.0)  # a skipped step: shadow * 1 + param * 0
+        torch._foreach_mul_(shadow, d.float())
+        torch._foreach_add_(shadow, torch._foreach_mul(params, (1 - d).float()))
+        self._pending = apply.to(torch.float64) if self._pending is None else self._pending + apply
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -338,26 +369,17 @@ class EMA:
 
 
 @torch.no_grad()
-def clip_and_check_grads(
+def clip_grads_on_device(
     params: Iterable[torch.Tensor], max_norm: float, also_finite: torch.Tensor | None = None
-) -> tuple[float, bool]:
-    """Global L2 norm of the gradients, and whether it is finite; clip to ``max_norm`` only when it is.
-
-    A non-finite norm leaves the gradients untouched: the caller skips the step (after all-reducing the flag, so
-    every rank skips together) and zeroes them. ``max_norm <= 0`` measures without clipping. Parameters without
-    a gradient are ignored. The norm is accumulated in fp32 per device, then summed on the first device.
-    ``also_finite`` (e.g. the step's loss sums): ``finite`` also requires every value of it to be finite, read in
-    the same device sync.
-
-    Returns:
-        ``(total_norm, finite)``; the norm is a Python float (one device sync).
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clip_and_check_grads` without reading anything back: the norm and the finiteness flag stay 0-dim
+    tensors on the first gradient's device, and the clipping factor is applied there (1 where the norm is within
+    ``max_norm`` or not finite), so the host never waits (host_sync.py). The flag is bool; a step that is not
+    finite must be skipped by the caller, e.g. through a fused optimizer's ``found_inf``."""
     grads = [p.grad for p in params if p.grad is not None]
-    extra_ok = True if also_finite is None else None
     if not grads:
-        if extra_ok is None:
-            extra_ok = bool(torch.isfinite(also_finite).all())
-        return 0.0, extra_ok
+        ok = torch.ones((), dtype=torch.bool) if also_finite is None else torch.isfinite(also_finite).all()
+        return torch.zeros((), device=ok.device), ok
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
@@ -368,15 +390,32 @@ def clip_and_check_grads(
         for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)
     ]
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    if extra_ok is None:
-        ok = torch.isfinite(also_finite).all().to(first, torch.float32)
-        total_f, ok_f = torch.stack([total, ok]).tolist()
-        extra_ok = ok_f == 1.0
-    else:
-        total_f = float(total)
-    finite = math.isfinite(total_f) and extra_ok
-    if finite and max_norm > 0 and total_f > max_norm:
-        coef = max_norm / (total_f + 1e-6)
-        for gs in by_device.values():
-            torch._foreach_mul_(gs, coef)
-    return total_f, finite
+    finite = torch.isfinite(total)
+    if also_finite is not None:
+        finite = finite & torch.isfinite(also_finite).all().to(first)
+    if max_norm > 0:
+        clip = finite & (total > max_norm)
+        coef = torch.where(clip, max_norm / (total + 1e-6), torch.ones((), device=first))
+        for dev, gs in by_device.items():
+            torch._foreach_mul_(gs, coef.to(dev))
+    return total, finite
+
+
+@torch.no_grad()
+def clip_and_check_grads(
+    params: Iterable[torch.Tensor], max_norm: float, also_finite: torch.Tensor | None = None
+) -> tuple[float, bool]:
+    """Global L2 norm of the gradients, and whether it is finite; clip to ``max_norm`` only when it is.
+
+    A non-finite norm leaves the gradients untouched: the caller skips the step (after all-reducing the flag, so
+    every rank skips together) and zeroes them. ``max_norm <= 0`` measures without clipping. Parameters without
+    a gradient are ignored. The norm is accumulated in fp32 per device, then summed on the first device.
+    ``also_finite`` (e.g. the step's loss sums): ``finite`` also requires every value of it to be finite, read in
+    the same device sync. :func:`clip_grads_on_device` is the same without the sync.
+
+    Returns:
+        ``(total_norm, finite)``; the norm is a Python float (one device sync).
+    """
+    total, finite = clip_grads_on_device(params, max_norm, also_finite)
+    total_f, ok = torch.stack([total.float(), finite.to(total.device, torch.float32)]).tolist()
+    return total_f, ok == 1.0

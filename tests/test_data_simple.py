@@ -246,6 +246,8 @@ def test_device_rows_equal_collated_batches(data, kw, pad_to):
         want = collate_batch([ds[int(i)] for i in rows])
         want = pad_with_eot(want, pad_to) if pad_to else want
         got = cache.batch(rows)
+        host = got.pop("host_attention_mask")  # the mask again, on the host, for the corruption
+        assert host.device.type == "cpu" and torch.equal(host, want["attention_mask"]), rows
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (k, rows)

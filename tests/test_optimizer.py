@@ -78,7 +78,7 @@ def test_frozen_backbone_never_enters_the_optimizer() -> None:
         train_step(model, opt, s)
     for n, p in model.backbone.named_parameters():
         assert torch.equal(p, frozen[n]), n
-    assert not opt.param_groups[0].get("fused")  # CPU: the default (foreach) kernels
+    assert all(g["fused"] for g in opt.param_groups)  # one device kind: fused (it can skip a step on the device)
 
 
 def test_decay_groups_and_order() -> None:

@@ -508,8 +508,8 @@ class RWKV7(nn.Module):
         (see :meth:`Block.forward`); not pretrained semantics, and no state can be carried in or out.
         ``need_state=False`` (no ``state`` given): the state is not built and None is returned in its place; such a
         training pass runs through CUDA graphs when they are on (models/graphs.py). ``trusted_mask``: the caller
-        built ``attention_mask`` right-padded itself (the denoiser's layout), so a graphed pass need not check it
-        (a check is a host sync); every other pass checks.
+        built ``attention_mask`` right-padded itself (the denoiser's layout), so it is not checked (a check is a host
+        sync); every other pass checks.
         """
         B, T, _ = x.shape
         carried = state is not None
@@ -521,9 +521,9 @@ class RWKV7(nn.Module):
             mask = attention_mask.bool()
             if mask.shape != (B, T):
                 raise DiffRwkvError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, T)}")
-            if graphed and trusted_mask:
-                # a CUDA-graphed training pass on the denoiser's own right-padded layout: no host sync before the
-                # graph, so padding stays a tensor even where no row is padded (an all-False pad changes nothing)
+            if trusted_mask:
+                # the denoiser's own right-padded layout: no check, so no host sync (a CUDA graph or a training step
+                # that never waits); padding stays a tensor even where no row is padded (all-False changes nothing)
                 pad, lengths = ~mask.unsqueeze(-1), mask.sum(1)
             elif T > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 raise DiffRwkvError("attention_mask must be right-padded (ones, then zeros) in every row")

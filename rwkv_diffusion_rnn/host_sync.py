@@ -1,0 +1,69 @@
+"""Keeping the training step free of host <-> device waits.
+
+A CUDA step is fast only while the host runs ahead of the GPU, queueing kernels. Anything that makes the host wait
+for the GPU empties that queue: reading a value (``.item()``, ``float(t)``, ``bool(t)``), an index whose size
+depends on values (``nonzero``, boolean indexing), and a copy from ordinary (pageable) host memory, which PyTorch
+follows with a stream synchronisation. The training step avoids all three (improved_trainer.py):
+
+* the corruption's random draws and its masks are made on the host, where they cost no wait, and go to the device
+  in one non-blocking copy per dtype from pinned memory (:func:`to_device`);
+* the finiteness check and the gradient clipping stay on the device (optimizer.py), and the metrics stay tensors
+  until they are logged.
+
+:func:`host_side` marks code that works on host tensors by design, so that a test on a CPU-only machine (where the
+device IS the host) can still tell a device sync from planned host work; it changes nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def host_side() -> Iterator[None]:
+    """Mark the enclosed code as host-side work (see :func:`in_host_side`)."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def in_host_side() -> bool:
+    """Whether the calling thread is inside :func:`host_side`."""
+    return getattr(_state, "depth", 0) > 0
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Host tensors onto ``device`` without making the host wait: the tensors of each dtype are packed into one
+    pinned buffer and copied with one non-blocking copy, then split back into their shapes on the device.
+
+    On a CPU device the tensors are returned as they are. The caller must not change a tensor afterwards (the copy
+    may still be in flight); packing copies them, so the originals are free to go."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return list(tensors)
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("to_device takes host tensors")
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    pin = device.type == "cuda"
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]) if len(idx) > 1 else tensors[idx[0]].reshape(-1)
+        if pin:
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=pin)
+        start = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[start : start + n].view(tensors[i].shape)
+            start += n
+    return out  # type: ignore[return-value]
