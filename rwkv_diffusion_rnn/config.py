@@ -135,7 +135,7 @@ class TrainingConfig:
 
 @dataclass
 class LoggingConfig:
-    log_freq: int = 10  # steps between metric lines
+    log_freq: int = 10  # steps between metric lines (the only steps that read numbers back from the GPU)
     eval_freq: int = 500  # steps between validation passes
     eval_batches: int = 8  # validation batches per pass
     save_dir: str = "outputs/rwkv_mmdit"
