@@ -40,30 +40,38 @@ def in_host_side() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
+def pack_by_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+    """The tensors of each dtype flattened into one buffer: ``[(buffer, indices into tensors), ...]``."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    return [(torch.cat([tensors[i].reshape(-1) for i in idx]), idx) for idx in by_dtype.values()]
+
+
+def unpack(packs: Sequence[tuple[torch.Tensor, list[int]]], shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Views of :func:`pack_by_dtype`'s buffers (wherever they now live) in the original order and shapes."""
+    out: list[torch.Tensor | None] = [None] * len(shapes)
+    for flat, idx in packs:
+        start = 0
+        for i in idx:
+            n = shapes[i].numel()
+            out[i] = flat[start : start + n].view(shapes[i])
+            start += n
+    return out  # type: ignore[return-value]
+
+
 def to_device(tensors: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """Host tensors onto ``device`` without making the host wait: the tensors of each dtype are packed into one
     pinned buffer and copied with one non-blocking copy, then split back into their shapes on the device.
 
-    On a CPU device the tensors are returned as they are. The caller must not change a tensor afterwards (the copy
-    may still be in flight); packing copies them, so the originals are free to go."""
+    On a CPU device the tensors are returned as they are. Packing copies them, so the originals are free to change
+    or go once this returns."""
     device = torch.device(device)
     if device.type == "cpu":
         return list(tensors)
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("to_device takes host tensors")
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
     pin = device.type == "cuda"
-    for idx in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx]) if len(idx) > 1 else tensors[idx[0]].reshape(-1)
-        if pin:
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=pin)
-        start = 0
-        for i in idx:
-            n = tensors[i].numel()
-            out[i] = flat[start : start + n].view(tensors[i].shape)
-            start += n
-    return out  # type: ignore[return-value]
+    packs = [((flat.pin_memory() if pin else flat).to(device, non_blocking=pin), idx)
+             for flat, idx in pack_by_dtype(tensors)]  # fmt: skip
+    return unpack(packs, [t.shape for t in tensors])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rwkv_diffusion_rnn.host_sync import host_side, in_host_side, to_device
+from rwkv_diffusion_rnn.host_sync import host_side, in_host_side, pack_by_dtype, to_device, unpack
 from rwkv_diffusion_rnn.improved_trainer import Trainer
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
@@ -60,12 +60,20 @@ def test_the_detector_sees_a_read_and_a_value_sized_index_but_not_host_side_work
     assert len(d.waits) == 2, d.waits
 
 
-def test_to_device_keeps_values_shapes_and_dtypes():
-    xs = [torch.randn(3, 4), torch.rand(5) < 0.5, torch.randint(0, 9, (7,)), torch.randn(2), torch.empty(0, 3)]
+def test_packing_by_dtype_round_trips_values_shapes_and_dtypes():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    xs = [torch.randn(3, 4, generator=g), torch.rand(5, generator=g) < 0.5, torch.randint(0, 9, (7,), generator=g),
+          torch.randn(2, generator=g), torch.empty(0, 3), torch.randn((), generator=g),
+          torch.rand(2, 2, generator=g) < 0.5]  # fmt: skip
+    packs = pack_by_dtype(xs)
+    assert sorted(len(idx) for _, idx in packs) == [1, 2, 4]  # one buffer per dtype
+    assert {flat.dtype for flat, _ in packs} == {torch.float32, torch.bool, torch.int64}
+    got = unpack([(flat.clone(), idx) for flat, idx in packs], [x.shape for x in xs])
+    for a, b in zip(got, xs, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     assert all(a is b for a, b in zip(to_device(xs, "cpu"), xs, strict=True))  # the host: nothing to copy
     if torch.cuda.is_available():
-        got = to_device(xs, "cuda")
-        for a, b in zip(got, xs, strict=True):
+        for a, b in zip(to_device(xs, "cuda"), xs, strict=True):
             assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a.cpu(), b)
 
 
