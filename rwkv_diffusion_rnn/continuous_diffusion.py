@@ -220,7 +220,8 @@ class GaussianDiffusion:
         t: torch.Tensor,
         weight: torch.Tensor | None = None,
         reduction: str = "mean",
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        stats: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, float] | None]:
         """MSE between the network output and :meth:`target`, averaged over latent dims, then over rows.
 
         Args:
@@ -231,6 +232,8 @@ class GaussianDiffusion:
                 their output is NaN; pass ``t > 0`` to drop clean-condition rows, whose eps target is unlearnable.
             reduction: ``"mean"`` (weighted mean over rows: ``sum(w * mse) / sum(w)``, 0 if every row is
                 excluded) or ``"sum"`` (``sum(w * mse)``, for a trainer that normalises by an all-reduced count).
+            stats: also return the stats below; reading them waits for the device, so a training step passes
+                False (host_sync.py) and gets None.
 
         Returns:
             ``(loss 0-d, stats)`` with float stats ``loss``, ``mse`` (mean over included rows) and ``n_rows``.
@@ -257,6 +260,8 @@ class GaussianDiffusion:
         total = (w * err).sum()
         tiny = torch.finfo(err.dtype).tiny
         loss = total if reduction == "sum" else total / w.sum().clamp_min(tiny)
+        if not stats:
+            return loss, None
         with torch.no_grad():
             n_rows = keep.to(err.dtype).sum()
             values = torch.stack([loss.detach(), err.sum() / n_rows.clamp_min(1.0), n_rows]).tolist()

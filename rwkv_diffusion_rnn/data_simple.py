@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from rwkv_diffusion_rnn.data_io import LatentStats, split_keys
 from rwkv_diffusion_rnn.data_sources import FileStore, PackStore, is_pack, open_store
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.host_sync import HOST_MASK
 
 __all__ = [
     "DataConfig",
@@ -373,9 +374,9 @@ class DeviceRows:
             ids = ids[:, :width]
             mask = (torch.arange(width, device=self.device)[None, :] < self.lengths_dev[r][:, None]).long()
             host_mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[host])[:, None]).long()
-        # the same mask on the host (objectives.HOST_MASK): the corruption makes its masks there, without a wait
+        # the same mask on the host (host_sync.HOST_MASK): the corruption makes its masks there, without a wait
         return {"input_ids": ids, "attention_mask": mask, "latent": self.latent.index_select(0, r),
-                "index": self.index.index_select(0, r), "host_attention_mask": host_mask}  # fmt: skip
+                "index": self.index.index_select(0, r), HOST_MASK: host_mask}  # fmt: skip
 
 
 class LengthBucketBatchSampler(Sampler[list[int]]):

@@ -24,6 +24,10 @@ import torch
 
 _state = threading.local()
 
+#: a batch's key for its attention mask on the host (the trainer's loaders set it): the corruption's masks are made
+#: there, so that a GPU step need not wait to read the mask back
+HOST_MASK = "host_attention_mask"
+
 
 @contextlib.contextmanager
 def host_side() -> Iterator[None]:

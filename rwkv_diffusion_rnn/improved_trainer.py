@@ -67,10 +67,11 @@ from rwkv_diffusion_rnn.data_simple import (
 )
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.host_sync import HOST_MASK
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
-from rwkv_diffusion_rnn.objectives import HOST_MASK, DiffusionObjective
+from rwkv_diffusion_rnn.objectives import DiffusionObjective
 from rwkv_diffusion_rnn.optimizer import (
     EMA,
     add_params,

@@ -39,13 +39,10 @@ import torch.nn.functional as F
 
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, sample_uniform_t
-from rwkv_diffusion_rnn.host_sync import host_side, to_device
+from rwkv_diffusion_rnn.host_sync import HOST_MASK, host_side, to_device
 
 UNCOND, L2T, T2L = 0, 1, 2
 MODE_IDS = {"unconditional": UNCOND, "l2t": L2T, "t2l": T2L}
-#: a batch's key for its attention mask on the host (the trainer's loaders set it): the corruption's masks are made
-#: there, so that a GPU step need not wait to read the mask back
-HOST_MASK = "host_attention_mask"
 
 
 @dataclass
@@ -199,7 +196,8 @@ class DiffusionObjective:
         else:
             w = torch.ones_like(ce)
         text_sum = (ce * w).sum()
-        latent_sum, _ = self.latent.loss(out.latent, c.z0, c.eps, c.t_latent, weight=c.latent_rows, reduction="sum")
+        latent_sum, _ = self.latent.loss(out.latent, c.z0, c.eps, c.t_latent, weight=c.latent_rows, reduction="sum",
+                                         stats=False)  # fmt: skip
         text_loss = text_sum / norm[0].clamp_min(1.0)
         latent_loss = latent_sum / norm[1].clamp_min(1.0)
         loss = (text_loss + self.latent_loss_weight * latent_loss) * scale

@@ -304,9 +304,9 @@ class EMA:
         d = torch.full_like(n, self.decay)
         if self.warmup:
             d = torch.minimum(d, (1 + n) / (10 + n))
-        d = torch.where(apply, d, 1.0)  # a skipped step: shadow * 1 + param * 0
-        torch._foreach_mul_(shadow, d.float())
-        torch._foreach_add_(shadow, torch._foreach_mul(params, (1 - d).float()))
+        w = torch.where(apply, 1 - d, 0.0).float()  # a skipped step: weight 0, the shadow stays as it is
+        for s, p in zip(shadow, params, strict=True):  # in place, one tensor at a time: no copy of all the weights
+            s.lerp_(p, w)  # s + w (p - s) = d s + (1 - d) p
         self._pending = apply.to(torch.float64) if self._pending is None else self._pending + apply
 
     @torch.no_grad()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rwkv_diffusion_rnn.host_sync import host_side, in_host_side, pack_by_dtype, to_device, unpack
+from rwkv_diffusion_rnn.host_sync import HOST_MASK, host_side, in_host_side, pack_by_dtype, to_device, unpack
 from rwkv_diffusion_rnn.improved_trainer import Trainer
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
@@ -49,6 +50,23 @@ class WaitDetector(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class ReadDetector(TorchFunctionMode):
+    """Records the Python-level reads of a tensor's values (which on a GPU wait for it), outside :func:`host_side`
+    code: these never reach the dispatcher, so :class:`WaitDetector` cannot see them."""
+
+    READS = {"tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS and not in_host_side():
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_the_detector_sees_a_read_and_a_value_sized_index_but_not_host_side_work():
     x = torch.randn(5)
     with WaitDetector() as d:
@@ -58,6 +76,11 @@ def test_the_detector_sees_a_read_and_a_value_sized_index_but_not_host_side_work
             (x > 0).nonzero()
     assert any("_local_scalar_dense" in w for w in d.waits) and any("index" in w or "nonzero" in w for w in d.waits)
     assert len(d.waits) == 2, d.waits
+    with ReadDetector() as r:
+        x.tolist(), x.numpy(), x.cpu()
+        with host_side():
+            x.tolist()
+    assert r.reads == ["tolist", "numpy", "cpu"], r.reads
 
 
 def test_packing_by_dtype_round_trips_values_shapes_and_dtypes():
@@ -94,10 +117,11 @@ def test_a_training_step_has_no_wait_outside_its_host_side_work(setup, tmp_path,
     trainer = Trainer(cfg)
     assert trainer._steps_on_device()
     trainer.train_step(sync=False)
-    with WaitDetector() as d:
+    assert all(HOST_MASK in b for b in trainer.micro_batches(trainer.step))  # the mask's host copy comes along
+    with WaitDetector() as d, ReadDetector() as r:
         rec = trainer.train_step(sync=False)
         trainer.train_step(sync=False)
-    assert d.waits == [], d.waits
+    assert d.waits == [] and r.reads == [], (d.waits, r.reads)
     got = trainer.read_metrics(rec)
     assert got["step"] == 2 and got["skipped"] == 0 and got["loss"] > 0 and got["grad_norm"] > 0
 
