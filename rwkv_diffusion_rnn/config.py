@@ -96,6 +96,9 @@ class DiffusionConfig:
     # share of text-loss rows whose text before a random boundary is given clean (t = 0) while the rest is diffused
     # at the row's t: trains semi-autoregressive decoding (--block-size) in-distribution (objectives.py)
     clean_prefix: float = 0.0
+    # t2l rows draw their latent time as t ** p: p < 1 puts more of them near t = 1, the only time one-step text ->
+    # latent sampling asks about; 1 = uniform like every other row (objectives.py; the demo uses 0.5)
+    t2l_time_power: float = 1.0
 
 
 @dataclass
@@ -190,6 +193,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= t.ema_decay < 1, "training.ema_decay must be in [0, 1)"),
         (0 <= d.p_uncond < 1, "diffusion.p_uncond must be in [0, 1)"),
         (0 <= d.clean_prefix <= 1, "diffusion.clean_prefix must be in [0, 1]"),
+        (0 < d.t2l_time_power <= 1, "diffusion.t2l_time_power must be in (0, 1]"),
         (d.latent_prediction in ("eps", "x0", "v"),
          f"diffusion.latent_prediction must be eps, x0 or v; got '{d.latent_prediction}'"),
         (m.latent_dim >= 1, "model.latent_dim must be >= 1"),

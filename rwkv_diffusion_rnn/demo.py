@@ -79,6 +79,9 @@ def train(out: Path, data: Path, p: dict, seed: int, device: str) -> Path:
     # within the budget where eps and v stay near their trivial loss (docs/RESULTS.md, 2026-11-26 demo runs)
     t.mixed_weights = {"l2t": 2.0, "t2l": 1.0, "unconditional": 0.25}
     cfg.diffusion.latent_prediction = "x0"
+    # t2l rows' times skewed to 1 (t ** 0.5): with uniform times text -> latent learned late and unevenly, in one of
+    # three seeds not at all (docs/RESULTS.md, 2026-11-27 session 7)
+    cfg.diffusion.t2l_time_power = 0.5
     lg.save_dir, lg.log_freq, lg.eval_freq, lg.save_freq, lg.tensorboard = str(out / "run"), 50, 400, 100000, False
     _say(f"training RWKV-7 L{p['n_layer']} D{p['n_embd']} from scratch for {p['steps']} steps (batch {p['batch']}) ...")
     trainer = Trainer(cfg)

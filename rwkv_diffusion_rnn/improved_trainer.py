@@ -208,7 +208,8 @@ class Trainer:
                                dc.text_weighting, dc.antithetic)  # fmt: skip
         latent = GaussianDiffusion(build_latent_schedule(dc.latent_schedule), dc.latent_prediction, dc.antithetic)
         self.objective = DiffusionObjective(text, latent, self.normalizer, dc.p_uncond, t.latent_loss_weight,
-                                            cfg.data.max_length, t.seed, t.chunked_ce, dc.clean_prefix)  # fmt: skip
+                                            cfg.data.max_length, t.seed, t.chunked_ce, dc.clean_prefix,
+                                            dc.t2l_time_power)  # fmt: skip
 
         self._plan_batch()
         self.global_batch = t.train_batch_size * self.dist.world_size * t.grad_accum_steps

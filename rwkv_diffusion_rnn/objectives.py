@@ -13,6 +13,12 @@ unconditional  sampled                     sampled                     text + la
 With probability ``p_uncond`` an l2t / t2l row drops its condition: the condition is fed fully noised (t = 1; for
 text every token is ``<mask>``), which is exactly what classifier-free guidance feeds at sampling time.
 
+Text -> latent times (``t2l_time_power`` p, ``diffusion.t2l_time_power``): a t2l row's latent time is drawn as
+``t ** p``, so p < 1 trains more of them near t = 1 — the only time one-step text -> latent sampling (one DDIM step
+from pure noise: the posterior mean, with the x0 target) asks about. On the CPU demo, p = 0.5 took the latent path
+off the constant answer, where with uniform times it stayed for a seed-dependent number of steps (docs/RESULTS.md).
+Validation (``Trainer.evaluate``) corrupts with the same distribution.
+
 Clean prefix (``clean_prefix`` p, ``diffusion.clean_prefix``): a share p of the rows with a text loss picks a
 boundary k uniformly among its real positions; positions before k are given clean at t = 0 and the rest is masked
 at the row's t as usual, so ``t_text`` becomes per position ``[B, T]``. The loss is then the masked-diffusion ELBO
@@ -90,11 +96,13 @@ class DiffusionObjective:
         seed: int = 0,
         chunked_ce: bool = False,
         clean_prefix: float = 0.0,
+        t2l_time_power: float = 1.0,
     ) -> None:
         self.text, self.latent, self.normalizer = text, latent, normalizer
         self.p_uncond, self.latent_loss_weight = p_uncond, latent_loss_weight
         self.max_length, self.seed = max_length, seed
         self.chunked_ce, self.clean_prefix = chunked_ce, clean_prefix
+        self.t2l_time_power = float(t2l_time_power)
 
     def generator(self, step: int, micro: int, salt: int = 0) -> torch.Generator:
         # distinct, reproducible streams per (step, micro-step); salt separates e.g. evaluation from training
@@ -146,6 +154,8 @@ class DiffusionObjective:
             with_prefix, cut = with_prefix[rows], cut[rows]
             # the clean condition is t = 0; a dropped condition is fully noised, t = 1
             t_text = torch.where(mode == T2L, torch.where(drop, 1.0, 0.0), t_text)
+            if self.t2l_time_power != 1.0:  # a monotone map: the antithetic strata stay strata
+                t_lat = torch.where(mode == T2L, t_lat.pow(self.t2l_time_power), t_lat)
             t_lat = torch.where(mode == L2T, torch.where(drop, 1.0, 0.0), t_lat)
 
             real = host_attn.bool()

@@ -15,11 +15,11 @@ from rwkv_diffusion_rnn.objectives import L2T, T2L, DiffusionObjective
 V, D = 11, 4  # real tokens 0..V-1, <mask> = V; latent dims
 
 
-def objective(clean_prefix: float, seed: int) -> DiffusionObjective:
+def objective(clean_prefix: float, seed: int, t2l_time_power: float = 1.0) -> DiffusionObjective:
     text = MaskedDiffusion(build_text_schedule("loglinear", eps=1e-3), V, "elbo")
     latent = GaussianDiffusion(build_latent_schedule("cosine"), "x0")
     return DiffusionObjective(text, latent, LatentNormalizer([0.0] * D, [1.0] * D), 0.1, 1.0, None, seed, False,
-                              clean_prefix)  # fmt: skip
+                              clean_prefix, t2l_time_power)  # fmt: skip
 
 
 def batch(g: torch.Generator, b: int = 12, t: int = 9) -> dict[str, torch.Tensor]:
@@ -131,3 +131,30 @@ def test_evaluation_corruption_ignores_clean_prefix():
     b = objective(0.0, seed).corrupt(bt, "l2t", step=1, salt=99991)
     assert torch.equal(a.t_text, b.t_text) and torch.equal(a.masked, b.masked) and a.text_positions is None
     assert (a.modes == L2T).all()
+
+
+def test_t2l_time_power_moves_only_the_t2l_rows_latent_times_towards_one():
+    seed = fresh_seed()
+    bt = batch(torch.Generator().manual_seed(seed), b=64)
+    modes = {"l2t": 1.0, "t2l": 1.0, "unconditional": 1.0}
+    plain = objective(0.0, seed).corrupt(bt, modes, step=2)
+    skew = objective(0.0, seed, t2l_time_power=0.5).corrupt(bt, modes, step=2)
+    t2l = plain.modes == T2L
+    assert 0 < int(t2l.sum()) < 64
+    torch.testing.assert_close(skew.t_latent[t2l], plain.t_latent[t2l].sqrt(), rtol=0, atol=0)
+    assert torch.equal(skew.t_latent[~t2l], plain.t_latent[~t2l])  # l2t (clean, 0) and unconditional rows
+    assert bool((skew.t_latent[t2l] >= plain.t_latent[t2l]).all())
+    for k in ("noisy_ids", "masked", "eps", "t_text"):
+        assert torch.equal(getattr(skew, k), getattr(plain, k)), k  # nothing else drawn differently
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
+def test_t2l_time_power_out_of_range_is_one_line(bad):
+    from rwkv_diffusion_rnn.config import TrainConfig, validate
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    cfg = TrainConfig()
+    cfg.diffusion.t2l_time_power = bad
+    with pytest.raises(DiffRwkvError, match=r"diffusion.t2l_time_power must be in \(0, 1\]") as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)
