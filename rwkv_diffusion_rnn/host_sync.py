@@ -79,3 +79,29 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device | str) -> li
     packs = [((flat.pin_memory() if pin else flat).to(device, non_blocking=pin), idx)
              for flat, idx in pack_by_dtype(tensors)]  # fmt: skip
     return unpack(packs, [t.shape for t in tensors])
+
+
+class DeviceCount:
+    """A count that grows on the device between reads (the trainer's skipped steps, the EMA's updates): adding a
+    device tensor never waits; ``int(count)`` reads it (one wait) and folds it into the host part."""
+
+    def __init__(self, value: int = 0) -> None:
+        self._host, self._pending = int(value), None
+
+    def add(self, x: int | torch.Tensor) -> None:
+        """Add a host number, or a 0-dim device tensor (no wait)."""
+        if isinstance(x, torch.Tensor):
+            self._pending = x if self._pending is None else self._pending + x
+        else:
+            self._host += int(x)
+
+    def tensor(self, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """The count so far as a 0-dim tensor on ``device``, without a wait."""
+        n = torch.full((), self._host, dtype=dtype, device=device)
+        return n if self._pending is None else n + self._pending.to(dtype)
+
+    def __int__(self) -> int:
+        if self._pending is not None:
+            self._host += int(self._pending)
+            self._pending = None
+        return self._host

@@ -67,7 +67,7 @@ from rwkv_diffusion_rnn.data_simple import (
 )
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.host_sync import HOST_MASK
+from rwkv_diffusion_rnn.host_sync import HOST_MASK, DeviceCount
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
@@ -402,14 +402,11 @@ class Trainer:
     @property
     def skipped(self) -> int:
         """Steps skipped so far (reading it waits for the device, where the count is kept)."""
-        if self._skipped_dev is not None:
-            self._skipped_base += int(self._skipped_dev)
-            self._skipped_dev = None
-        return self._skipped_base
+        return int(self._skipped)
 
     @skipped.setter
     def skipped(self, value: int) -> None:
-        self._skipped_base, self._skipped_dev = int(value), None
+        self._skipped = DeviceCount(value)
 
     def train_step(self, sync: bool = True) -> dict:
         """One optimizer step (all micro-steps). Returns the step's metrics as numbers; with ``sync=False`` some are
@@ -454,8 +451,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model, apply=finite)
             bad = (~finite).long()
-            self._skipped_dev = bad if self._skipped_dev is None else self._skipped_dev + bad
-            skipped_total = self._skipped_base + self._skipped_dev  # this step's total, read later or now
+            self._skipped.add(bad)
+            skipped_total = self._skipped.tensor(bad.device)  # this step's total, read later or now
         else:
             if self.sharded:
                 grad_norm, finite = _clip_sharded_grads(params, t.max_grad_norm, self.device)
@@ -468,7 +465,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.model)
             else:
-                self.skipped += 1
+                self._skipped.add(1)
             skipped_total = self.skipped
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.host_sync import DeviceCount
 
 GROUPS = ("decay", "no_decay")
 
@@ -241,7 +242,7 @@ class EMA:
             raise DiffRwkvError(f"EMA: decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self._num_updates, self._pending = 0, None
+        self._count = DeviceCount()
         self.shadow: dict[str, torch.Tensor] = {}
         self.add_params(model)
         if not self.shadow:
@@ -275,14 +276,11 @@ class EMA:
     @property
     def num_updates(self) -> int:
         """Updates folded in so far (reading it waits for the device when :meth:`update` was given ``apply``)."""
-        if self._pending is not None:
-            self._num_updates += int(self._pending)
-            self._pending = None
-        return self._num_updates
+        return int(self._count)
 
     @num_updates.setter
     def num_updates(self, value: int) -> None:
-        self._num_updates, self._pending = int(value), None
+        self._count = DeviceCount(value)
 
     @torch.no_grad()
     def update(self, model: nn.Module, apply: torch.Tensor | None = None) -> None:
@@ -296,18 +294,16 @@ class EMA:
             d = self.current_decay()
             torch._foreach_mul_(shadow, d)
             torch._foreach_add_(shadow, params, alpha=1.0 - d)
-            self._num_updates += 1
+            self._count.add(1)
             return
-        n = torch.zeros((), dtype=torch.float64, device=apply.device) + self._num_updates
-        if self._pending is not None:
-            n = n + self._pending
+        n = self._count.tensor(apply.device, torch.float64)
         d = torch.full_like(n, self.decay)
         if self.warmup:
             d = torch.minimum(d, (1 + n) / (10 + n))
         w = torch.where(apply, 1 - d, 0.0).float()  # a skipped step: weight 0, the shadow stays as it is
         for s, p in zip(shadow, params, strict=True):  # in place, one tensor at a time: no copy of all the weights
             s.lerp_(p, w)  # s + w (p - s) = d s + (1 - d) p
-        self._pending = apply.to(torch.float64) if self._pending is None else self._pending + apply
+        self._count.add(apply.long())
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -18,21 +18,13 @@ from rwkv_diffusion_rnn.config import TrainConfig, validate
 from rwkv_diffusion_rnn.data_simple import epoch_permutation, shard_rows, stream_rows
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.improved_trainer import Trainer
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
-from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
 from tests.conftest import REPO
-from tests.data_helpers import make_dataset
-from tests.train_helpers import make_cfg
+from tests.train_helpers import make_cfg, make_setup
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    paths = make_dataset(root / "ds", n=16, seed=int(torch.randint(0, 1000, ())))
-    save_pth(
-        random_rwkv7(RWKV7Config.for_shape(2, 64), seed=int(torch.randint(0, 2**31, ()))).state_dict(), root / "bb.pth"
-    )
-    return root, paths
+    return make_setup(tmp_path_factory, "dist")
 
 
 # every test: 5 steps, EMA, clipping that bites (max_grad_norm below the typical norm), 64-token rows

@@ -14,10 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rwkv_diffusion_rnn.host_sync import HOST_MASK, host_side, in_host_side, pack_by_dtype, to_device, unpack
 from rwkv_diffusion_rnn.improved_trainer import Trainer
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
-from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
-from tests.data_helpers import make_dataset
-from tests.train_helpers import make_cfg
+from tests.train_helpers import make_cfg, make_setup
 
 aten = torch.ops.aten
 #: ops that make the host wait for a GPU: a value read back, or an output whose size depends on values
@@ -102,12 +99,7 @@ def test_packing_by_dtype_round_trips_values_shapes_and_dtypes():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sync")
-    paths = make_dataset(root / "ds", n=16, seed=int(torch.randint(0, 1000, ())))
-    save_pth(
-        random_rwkv7(RWKV7Config.for_shape(2, 64), seed=int(torch.randint(0, 2**31, ()))).state_dict(), root / "bb.pth"
-    )
-    return root, paths
+    return make_setup(tmp_path_factory, "sync")
 
 
 @pytest.mark.parametrize("device_cache", [False, True])
