@@ -187,7 +187,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     d.validation_fraction = 0.0
     d.device_cache = a.device_cache
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
-    t.cuda_graphs, t.chunked_ce = a.cuda_graphs, a.chunked_ce
+    t.cuda_graphs, t.chunked_ce, t.compile_denoiser = a.cuda_graphs, a.chunked_ce, a.compile_denoiser
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
     lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
     trainer = Trainer(cfg)
@@ -195,10 +195,6 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
         compile_regions(trainer.model)
     if a.compile_blocks:
         compile_blocks(trainer.model, a.memory_budget)
-    if a.compile_denoiser:
-        from rwkv_diffusion_rnn.models.rwkv_denoiser import compile_denoiser_regions
-
-        compile_denoiser_regions(trainer.model)
     grad, frozen_n = matrix_params(trainer.model, skip=tuple(f"backbone.{n}" for n in trainer.model.unused_backbone))
     copies = 2 if context == "twice" else 1
     positions = a.batch * copies * (a.length + m.latent_prefix_len + m.latent_readout_len)
@@ -615,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-denoiser",
         action="store_true",
         help="denoiser rows: compile its embeddings, time modulation and latent head around the blocks "
-        "(models/rwkv_denoiser.py compile_denoiser_regions; not yet a training option)",
+        "(training.compile_denoiser; models/rwkv_denoiser.py compile_denoiser_regions)",
     )
     p.add_argument(
         "--device-cache",

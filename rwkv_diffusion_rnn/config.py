@@ -127,6 +127,9 @@ class TrainingConfig:
     memory_budget: float = 1.0
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)
+    # torch.compile the denoiser's own work around the blocks in its training forward: embeddings + layout, the
+    # time/latent modulation, the final norm + latent head (models/rwkv_denoiser.py compile_denoiser_regions)
+    compile_denoiser: bool = False
     seed: int = 0
     resume: str | None = None  # a checkpoint folder (step_XXXXXXXX) or a save_dir (newest checkpoint)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -214,6 +217,9 @@ def validate(cfg: TrainConfig) -> None:
         (0 < t.memory_budget <= 1, f"training.memory_budget must be in (0, 1]; got {t.memory_budget}"),
         (t.memory_budget == 1 or t.compile_blocks,
          "training.memory_budget < 1 acts on compiled blocks: set training.compile_blocks=true"),
+        (not (t.compile and t.compile_denoiser),
+         "training.compile_denoiser compiles parts of the denoiser that training.compile already compiles whole: "
+         "set one of them"),
         (not t.cuda_graphs or (m.lora_rank == 0 and not t.activation_checkpointing and not t.compile),
          "training.cuda_graphs cannot be combined with model.lora_rank > 0, training.activation_checkpointing or "
          "training.compile"),

@@ -70,7 +70,7 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import HOST_MASK, DeviceCount
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
-from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser, compile_denoiser_regions
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
 from rwkv_diffusion_rnn.optimizer import (
     EMA,
@@ -187,6 +187,8 @@ class Trainer:
             self._checkpoint_blocks()
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model, t.memory_budget)  # 1 included: never inherit an earlier model's budget
+        if t.compile_denoiser:
+            compile_denoiser_regions(self.model)
         if t.cuda_graphs:  # (LoRA, whose adapters sit outside the graphed blocks, etc.: refused by validate)
             if self.device.type != "cuda" or self.dist.enabled:
                 raise DiffRwkvError(

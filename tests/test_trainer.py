@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rwkv_diffusion_rnn.config import TrainConfig
+from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.improved_trainer import Trainer
 from tests.conftest import REPO
 from tests.train_helpers import make_cfg, make_setup
@@ -341,6 +342,21 @@ def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
     with functorch_config.patch(activation_memory_budget=0.77):  # e.g. left by an earlier model in the process
         Trainer(make_cfg(setup, tmp_path / "b", training__compile_blocks=True))
         assert functorch_config.activation_memory_budget == 1.0  # the config's 1 applies: nothing inherited
+
+
+def test_compile_denoiser_trains_like_eager(setup, tmp_path):
+    """training.compile_denoiser: the denoiser's regions around the blocks are compiled (training forward only) and
+    training follows eager's losses; with training.compile it is refused by name."""
+    from rwkv_diffusion_rnn.config import validate
+
+    plain = Trainer(make_cfg(setup, tmp_path / "a", training__max_steps=3))
+    fast = Trainer(make_cfg(setup, tmp_path / "b", training__max_steps=3, training__compile_denoiser=True))
+    assert not plain.model.compiled_regions and fast.model.compiled_regions
+    a, b = run(plain, 3), run(fast, 3)
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)
+    with pytest.raises(DiffRwkvError, match="training.compile_denoiser"):
+        validate(make_cfg(setup, tmp_path / "c", training__compile=True, training__compile_denoiser=True))
 
 
 SCRATCH = {"model__rwkv_name": "scratch", "model__vocab": "data", "model__n_layer": 1, "model__n_embd": 64}
