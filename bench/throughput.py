@@ -46,6 +46,8 @@ FLOP models (both against the bf16 matmul ceiling measured at the start, an 8192
 
 Triton autotuning (fla) costs minutes on a fresh machine: progress is printed with time stamps, and
 ``results.json`` / ``results.md`` under ``--out`` are rewritten after every row, so a timeout keeps what finished.
+``--append docs/RESULTS.md`` adds the final table, headed with the card, the date and the command, to the lab
+notebook (on a lent GPU whose copy of the tree is thrown away, bring ``results.md`` back and append it here).
 A row that runs out of memory says ``OOM``; one that fails otherwise says ``error`` with the first line of the error.
 
 ``--sampling`` adds the sampling rows (bench/bench_sampling.py's functions): latent -> text sentences/s (32 tokens,
@@ -634,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-length", type=int, default=32)
     p.add_argument("--sampling-steps", type=int, default=32)
     p.add_argument("--out", default=None, help="folder for results.json and results.md")
+    p.add_argument(
+        "--append",
+        metavar="FILE",
+        help="append the final table (its heading names the card, the date and the command) to this markdown file, "
+        "e.g. docs/RESULTS.md, the project's lab notebook",
+    )
     return p
 
 
@@ -644,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in shapes if s not in SHAPES] + [r for r in rows if r not in ALL_ROWS]
     if bad:
         print(f"unknown shape or row {bad[0]!r}; shapes: {', '.join(SHAPES)}; rows: {', '.join(ALL_ROWS)}")
+        return 2
+    if a.append and not Path(a.append).parent.is_dir():  # before the measurements, not after them
+        print(f"--append {a.append}: its folder does not exist")
         return 2
     triton_config = None
     if a.triton_config:
@@ -726,7 +737,12 @@ def main(argv: list[str] | None = None) -> int:
                 write(out, meta, results, sampling)
             for f in work.glob("*.pth"):  # the next shape needs its own; keep the disk free
                 f.unlink()
-    print(write(out, meta, results, sampling), flush=True)
+    md = write(out, meta, results, sampling)
+    print(md, flush=True)
+    if a.append:
+        with open(a.append, "a") as f:  # its "# Training throughput" heading becomes a notebook entry ("## ...")
+            f.write("\n" + ("#" + md if md.startswith("# ") else md))
+        log(f"appended to {a.append}")
     return 0
 
 

@@ -115,3 +115,21 @@ def test_compile_denoiser_keeps_the_first_step_loss(tmp_path):
         assert row["status"] == "ok" and row["notes"]["compile_denoiser"] == row["notes"]["device_cache"] == bool(extra)
         losses.append(row["first_loss"])
     assert math.isclose(losses[0], losses[1], rel_tol=1e-5), losses
+
+
+def test_append_writes_the_table_to_the_notebook(tmp_path, capsys):
+    """--append FILE: the final table, headed with the card and the date as a notebook entry, is appended after what
+    the file held; a FILE whose folder is missing is refused before anything runs."""
+    note = tmp_path / "RESULTS.md"
+    before = f"# notebook\n\nentry {random.randrange(10**9)}\n"
+    note.write_text(before)
+    argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "rwkv7-lm", "--steps", "1", "--warmup", "1",
+            "--length", "16", "--batch", "2", "--no-count-flops", "--append", str(note)]  # fmt: skip
+    assert throughput.main(argv) == 0
+    text = note.read_text()
+    assert text.startswith(before)
+    added = text[len(before) :]
+    assert added.startswith("\n## Training throughput — ") and "| tiny | rwkv7-lm |" in added
+    capsys.readouterr()
+    assert throughput.main(["--device", "cpu", "--rows", "none", "--append", str(tmp_path / "no" / "R.md")]) == 2
+    assert capsys.readouterr().out.strip().startswith("--append ")
