@@ -98,12 +98,17 @@ def fixed_rows(tokens: np.ndarray, offsets: np.ndarray, length: int, token_map=N
     return out, lengths
 
 
-def id_lists(tokens: np.ndarray, offsets: np.ndarray, token_map=None, limit: int | None = None) -> list[list[int]]:
-    """Ragged rows as lists of ids (mapped to the model's ids when ``token_map`` is given)."""
+def id_lists(
+    tokens: np.ndarray, offsets: np.ndarray, token_map=None, limit: int | None = None, spell=None
+) -> list[list[int]]:
+    """Ragged rows as lists of ids (mapped to the model's ids when ``token_map`` is given; with ``spell``, the World
+    tokenizer's byte table, ids the model never saw are spelled with ones it did: ``TokenMap.spell``)."""
     n = offsets.shape[0] - 1 if limit is None else min(limit, offsets.shape[0] - 1)
     rows = [np.asarray(tokens[offsets[i] : offsets[i + 1]], dtype=np.int64) for i in range(n)]
     if token_map is None:
         return [r.tolist() for r in rows]
+    if spell is not None:
+        return [token_map.spell(r.tolist(), spell) for r in rows]
     return [token_map.to_model(torch.from_numpy(r)).tolist() for r in rows]
 
 

@@ -286,10 +286,11 @@ class Eval:
         self.sts_scores = np.asarray(bundle["stsb_scores"][: self.pairs], dtype=np.float64)
         self.sts_rows = list(range(self.pairs)) + list(range(pairs, pairs + self.pairs))  # s1 ..., then s2 ...
 
-    def t2l_inputs(self, token_map) -> list[list[int]]:
-        """Model-id lists: caption-1 of each image, then the STS-B sentence-1s, then the sentence-2s."""
-        val = id_lists(self.val_tokens, self.val_offsets, token_map, self.n_img)
-        sts_all = id_lists(self.sts_tokens, self.sts_offsets, token_map)
+    def t2l_inputs(self, token_map, spell=None) -> list[list[int]]:
+        """Model-id lists: caption-1 of each image, then the STS-B sentence-1s, then the sentence-2s (``spell``: the
+        World byte table, to spell unseen ids with seen ones, ``TokenMap.spell``)."""
+        val = id_lists(self.val_tokens, self.val_offsets, token_map, self.n_img, spell)
+        sts_all = id_lists(self.sts_tokens, self.sts_offsets, token_map, spell=spell)
         return val + [sts_all[i] for i in self.sts_rows]
 
     def t2l_fixed(self, token_map, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -449,6 +450,16 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         f"{variant}: L2T {len(ids)} rows in {t_l2t:.0f} s; T2L {pred.shape[0]} rows in {t_t2l:.0f} s: cosine "
         f"{t2l['val_cosine']}, STS-B Spearman {t2l['stsb_spearman']}"
     )
+    spelled = None
+    if args.t2l_spell_unseen and tok is not None:  # the same T2L, unseen ids spelled with seen ones
+        spelled = sample_t2l(
+            m, ev.t2l_inputs(tm, tok.token_bytes), num_steps=args.t2l_steps or args.sample_steps,
+            batch_size=args.eval_batch, seed=args.seed, device=dev,
+        )  # fmt: skip
+        t2l_sp = ev.t2l_metrics(spelled)
+        say(
+            f"{variant}: T2L with unseen tokens spelled: cosine {t2l_sp['val_cosine']}, STS-B {t2l_sp['stsb_spearman']}"
+        )
     texts = _texts(tok, world)
     if texts:
         for i in range(min(3, len(texts))):
@@ -478,6 +489,8 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         "l2t": decoded,
         "t2l": t2l,
     }
+    if spelled is not None:  # main() saves the array beside the plain T2L's
+        result["t2l_spelled"], result["_t2l_spelled_pred"] = t2l_sp, spelled
     return result, pred
 
 
@@ -770,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
         "temperature, t0 = argmax); default: the project's (confidence):<--sample-steps>. Each is scored as its own "
         "row",
     )
+    ap.add_argument(
+        "--t2l-spell-unseen",
+        action="store_true",
+        help="diffusion runs also run T2L with every token the model never saw spelled with tokens it did "
+        "(vocab.TokenMap.spell; <variant>_t2l_spelled.npy, 't2l_spelled' in the JSON) instead of the unknown id",
+    )
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--ar-prefix", type=int, default=4, help="latent prefix embeddings of the AR baseline")
     ap.add_argument(
@@ -904,6 +923,10 @@ def _main(argv: list[str] | None = None) -> int:
             if pred is not None:
                 np.save(out / f"{name}_t2l.npy", np.asarray(pred, dtype=np.float32))
                 result["t2l"]["file"] = f"{name}_t2l.npy"
+            spelled = result.pop("_t2l_spelled_pred", None)
+            if spelled is not None:
+                np.save(out / f"{name}_t2l_spelled.npy", np.asarray(spelled, dtype=np.float32))
+                result["t2l_spelled"]["file"] = f"{name}_t2l_spelled.npy"
             write_json_atomic(out / f"{name}.json", result)
             summary["runs"][name] = {
                 "status": "ok",

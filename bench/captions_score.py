@@ -217,6 +217,17 @@ def score(
             }
             if genres is not None and pairs == pairs_all:
                 genre_rows.append({"variant": variant, "genres": by_genre(pred[n:], sts_lat, sts_scores, genres, oov)})
+                sp = res.get("t2l_spelled") or {}
+                if sp.get("file"):  # captions_run.py --t2l-spell-unseen: the same T2L, unseen tokens spelled
+                    path = where / sp["file"]
+                    try:
+                        spred = np.load(path, allow_pickle=False).astype(np.float64)
+                    except (OSError, ValueError) as exc:
+                        raise ScoreError(f"{path}: cannot read the T2L predictions ({exc})") from exc
+                    if spred.shape != pred.shape:
+                        raise ScoreError(f"{path}: shape {spred.shape}; expected {pred.shape} (as {info['file']})")
+                    genre_rows.append({"variant": f"{variant} (unseen tokens spelled)",
+                                       "genres": by_genre(spred[n:], sts_lat, sts_scores, genres, oov)})  # fmt: skip
         decoders = res.get("l2t") or {}
         if not decoders:
             rows.append({**base, "decoder": "—", **t2l})

@@ -89,6 +89,11 @@ class RWKVWorldTokenizer:
         self._bytes = _read_vocab(self.vocab_file)
         self._rust = pyrwkv_tokenizer.WorldTokenizer(self.vocab_file)
 
+    @property
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """The byte string of every id (index = id; id 0 and unused ids: b"")."""
+        return self._bytes
+
     def encode(self, text: str) -> list[int]:
         return list(self._rust.encode(text))
 

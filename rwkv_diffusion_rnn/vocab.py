@@ -55,6 +55,43 @@ class TokenMap:
     def to_world(self, ids: torch.Tensor) -> torch.Tensor:
         return self._to_world.to(ids.device)[ids]
 
+    def spell(self, world_ids: Iterable[int], token_bytes: Sequence[bytes]) -> list[int]:
+        """World ids -> compact ids, each id the model never saw spelled with ids it did see instead of collapsing
+        to the unknown id: its bytes (``token_bytes[id]``, the World tokenizer's table) split greedily, longest
+        seen token first. A byte no seen token starts with becomes the unknown id (one per run of such bytes).
+
+        Why: a model trained from scratch on captions has one unknown id for every other word, so "Obama visited
+        France" and "Putin toured China" read alike to it; spelled, different unseen words stay different and a
+        repeated one repeats (``bench/captions_run.py --t2l-spell-unseen`` measures it on STS-B). Seen ids map as
+        :meth:`to_model` maps them."""
+        if getattr(self, "_pieces", None) is None:
+            pieces = {}
+            for k, w in enumerate(self.vocab_ids[:-1]):
+                b = token_bytes[w] if 0 < w < len(token_bytes) else b""
+                if b:
+                    pieces[b] = k
+            self._pieces, self._longest = pieces, max(map(len, pieces), default=0)
+        table, out = self._to_model, []
+        for w in world_ids:
+            w = int(w)
+            k = int(table[w]) if 0 <= w < table.numel() else self.unk
+            if k != self.unk or not 0 < w < len(token_bytes):
+                out.append(k)
+                continue
+            b, i, gap = token_bytes[w], 0, False
+            while i < len(b):
+                for n in range(min(self._longest, len(b) - i), 0, -1):
+                    k = self._pieces.get(b[i : i + n])
+                    if k is not None:
+                        out.append(k)
+                        i, gap = i + n, False
+                        break
+                else:
+                    if not gap:
+                        out.append(self.unk)
+                    i, gap = i + 1, True
+        return out
+
 
 class CompactTokenizer:
     """The base tokenizer seen through a :class:`TokenMap`: same interface, compact ids."""

@@ -177,6 +177,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
             "3e-3",
             "--ar-early-stop",
             "0.5",
+            "--t2l-spell-unseen",
         ]
     )
     assert rc == 0, seed
@@ -218,9 +219,15 @@ def test_prepare_run_score_end_to_end(tmp_path):
         pred = np.load(out / f"{v}_t2l.npy")
         assert pred.shape == (n_img + 2 * n_pairs, 32) and np.isfinite(pred).all(), v
         assert res[v]["t2l"]["rows"] == {"val": n_img, "stsb_pairs": n_pairs}
+    # --t2l-spell-unseen: the diffusion run's T2L again with unseen tokens spelled, saved beside the plain one
+    spelled = np.load(out / "causal_t2l_spelled.npy")
+    assert spelled.shape == (n_img + 2 * n_pairs, 32) and np.isfinite(spelled).all()
+    assert res["causal"]["t2l_spelled"]["file"] == "causal_t2l_spelled.npy" and "t2l_spelled" not in res["regress"]
+    assert "_t2l_spelled_pred" not in res["causal"]
     with tarfile.open(tar) as tf:
         names = {Path(n).name for n in tf.getnames()}
     assert {"causal.json", "ar.json", "regress.json", "causal_t2l.npy", "regress_t2l.npy", "summary.json"} <= names
+    assert "causal_t2l_spelled.npy" in names
 
     md = tmp_path / "scores.md"
     assert captions_score.main(["--runs", str(tar), "--bundle", args.out, "--out", str(md)], encoder=enc) == 0
@@ -267,8 +274,14 @@ def test_prepare_run_score_end_to_end(tmp_path):
     from rwkv_diffusion_rnn.evaluate import sts_spearman
 
     gen = {r["variant"]: {g["genre"]: g for g in r["genres"]} for r in sc["stsb_by_genre"]}
-    assert sorted(gen) == ["causal", "regress"] and sorted(gen["causal"]) == [
+    assert sorted(gen) == ["causal", "causal (unseen tokens spelled)", "regress"] and sorted(gen["causal"]) == [
         "all", "main-captions", "main-forums", "main-news"]  # fmt: skip
+    sp = gen["causal (unseen tokens spelled)"]["all"]["t2l"]  # the spelled T2L's own figure, from its own file
+    want_sp = sts_spearman(spelled[n_img : n_img + n_pairs], spelled[n_img + n_pairs :],
+                           np.asarray(bundle["stsb_scores"], np.float64))  # fmt: skip
+    assert sp == pytest.approx(want_sp, abs=1e-9) and sp == pytest.approx(
+        res["causal"]["t2l_spelled"]["stsb_spearman"], abs=1e-6
+    )
     assert gen["causal"]["all"]["t2l"] == pytest.approx(t2l_row["sts_spearman"], abs=1e-12)
     lat, scores = np.asarray(bundle["stsb_latents"], np.float64), np.asarray(bundle["stsb_scores"], np.float64)
     m = np.arange(n_pairs) % 3 == 1  # main-news rows
