@@ -96,6 +96,15 @@ def test_fsdp_two_processes_equal_one_with_the_doubled_batch(setup, reference, t
         assert sorted(sum(a, []) + sum(b, [])) == sorted(whole.tolist())
 
 
+def test_fsdp_with_compiled_denoiser_regions_equals_one_process(setup, reference, tmp_path):
+    """training.compile_denoiser under FSDP2 (the regions run on sharded parameters): the same training as one
+    eager process with the whole batch."""
+    two = make_cfg(setup, tmp_path, training__train_batch_size=4, training__strategy="fsdp",
+                   training__compile_denoiser=True, **BASE)  # fmt: skip
+    for r in _torchrun(tmp_path, two, 2, "fsdp"):
+        _assert_same_training(reference, r)
+
+
 def test_fsdp_frozen_backbone_lora_and_nan_skip_on_every_rank(setup, tmp_path):
     over = dict(BASE, model__freeze_backbone=True, model__lora_rank=4)
     ref = _local(make_cfg(setup, tmp_path / "one", training__train_batch_size=8, **over))
