@@ -439,11 +439,13 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
             }
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
+
+    def t2l_of(inputs: list[list[int]]) -> np.ndarray:
+        return sample_t2l(m, inputs, num_steps=args.t2l_steps or args.sample_steps, batch_size=args.eval_batch,
+                          seed=args.seed, device=dev)  # fmt: skip
+
     t1 = time.perf_counter()
-    pred = sample_t2l(
-        m, ev.t2l_inputs(tm), num_steps=args.t2l_steps or args.sample_steps, batch_size=args.eval_batch,
-        seed=args.seed, device=dev,
-    )  # fmt: skip
+    pred = t2l_of(ev.t2l_inputs(tm))
     t_t2l = time.perf_counter() - t1
     t2l = ev.t2l_metrics(pred)
     say(
@@ -452,10 +454,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     )
     spelled = None
     if args.t2l_spell_unseen and tok is not None:  # the same T2L, unseen ids spelled with seen ones
-        spelled = sample_t2l(
-            m, ev.t2l_inputs(tm, tok.token_bytes), num_steps=args.t2l_steps or args.sample_steps,
-            batch_size=args.eval_batch, seed=args.seed, device=dev,
-        )  # fmt: skip
+        spelled = t2l_of(ev.t2l_inputs(tm, tok.token_bytes))
         t2l_sp = ev.t2l_metrics(spelled)
         say(
             f"{variant}: T2L with unseen tokens spelled: cosine {t2l_sp['val_cosine']}, STS-B {t2l_sp['stsb_spearman']}"

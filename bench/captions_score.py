@@ -196,14 +196,8 @@ def score(
         t2l = {}
         if res.get("t2l"):
             info = res["t2l"]
-            path = where / info["file"]
-            try:
-                pred = np.load(path, allow_pickle=False).astype(np.float64)
-            except (OSError, ValueError) as exc:
-                raise ScoreError(f"{path}: cannot read the T2L predictions ({exc})") from exc
             n, pairs = int(info["rows"]["val"]), int(info["rows"]["stsb_pairs"])
-            if pred.shape != (n + 2 * pairs, val_lat.shape[1]):
-                raise ScoreError(f"{path}: shape {pred.shape}; expected ({n + 2 * pairs}, {val_lat.shape[1]})")
+            pred = load_t2l(where / info["file"], (n + 2 * pairs, val_lat.shape[1]))
             cos, half = M.mean_and_halfwidth(M.cosine_rows(pred[:n], val_lat[:n]))
             s1 = sts_lat[:pairs]
             s2 = sts_lat[pairs_all : pairs_all + pairs]
@@ -219,13 +213,7 @@ def score(
                 genre_rows.append({"variant": variant, "genres": by_genre(pred[n:], sts_lat, sts_scores, genres, oov)})
                 sp = res.get("t2l_spelled") or {}
                 if sp.get("file"):  # captions_run.py --t2l-spell-unseen: the same T2L, unseen tokens spelled
-                    path = where / sp["file"]
-                    try:
-                        spred = np.load(path, allow_pickle=False).astype(np.float64)
-                    except (OSError, ValueError) as exc:
-                        raise ScoreError(f"{path}: cannot read the T2L predictions ({exc})") from exc
-                    if spred.shape != pred.shape:
-                        raise ScoreError(f"{path}: shape {spred.shape}; expected {pred.shape} (as {info['file']})")
+                    spred = load_t2l(where / sp["file"], pred.shape)
                     genre_rows.append({"variant": f"{variant} (unseen tokens spelled)",
                                        "genres": by_genre(spred[n:], sts_lat, sts_scores, genres, oov)})  # fmt: skip
         decoders = res.get("l2t") or {}
@@ -309,6 +297,17 @@ def rerank_analysis(rec: dict, enc, tokenizer, target: np.ndarray) -> dict:
         "chose_first": float(np.mean([texts[int(c)][i] == texts[0][i] for i, c in enumerate(choice)])),
         "chose_oracle": float((chosen >= cos.max(0) - 1e-6).mean()),
     }
+
+
+def load_t2l(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A run's T2L predictions (float64), or a one-line error naming the file."""
+    try:
+        pred = np.load(path, allow_pickle=False).astype(np.float64)
+    except (OSError, ValueError) as exc:
+        raise ScoreError(f"{path}: cannot read the T2L predictions ({exc})") from exc
+    if pred.shape != tuple(shape):
+        raise ScoreError(f"{path}: shape {pred.shape}; expected {tuple(shape)}")
+    return pred
 
 
 VARIANT_ORDER = ("causal", "twice", "bidirectional", "sequential", "uniform", "v", "x0", "ar", "regress")

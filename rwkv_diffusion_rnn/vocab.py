@@ -39,6 +39,9 @@ class TokenMap:
         table[np.array(ids[:-1])] = np.arange(self.size - 1)
         self._to_model = torch.from_numpy(table)
         self._to_world = torch.tensor(ids, dtype=torch.long)
+        self._pieces: tuple[Sequence[bytes], dict[bytes, int], int] | None = (
+            None  # spell(): (table, bytes->id, longest)
+        )
 
     @classmethod
     def from_token_arrays(cls, arrays: Iterable[np.ndarray]) -> TokenMap:
@@ -64,13 +67,14 @@ class TokenMap:
         France" and "Putin toured China" read alike to it; spelled, different unseen words stay different and a
         repeated one repeats (``bench/captions_run.py --t2l-spell-unseen`` measures it on STS-B). Seen ids map as
         :meth:`to_model` maps them."""
-        if getattr(self, "_pieces", None) is None:
+        if self._pieces is None or self._pieces[0] is not token_bytes:  # built once per byte table
             pieces = {}
             for k, w in enumerate(self.vocab_ids[:-1]):
                 b = token_bytes[w] if 0 < w < len(token_bytes) else b""
                 if b:
                     pieces[b] = k
-            self._pieces, self._longest = pieces, max(map(len, pieces), default=0)
+            self._pieces = (token_bytes, pieces, max(map(len, pieces), default=0))
+        _, pieces, longest = self._pieces
         table, out = self._to_model, []
         for w in world_ids:
             w = int(w)
@@ -80,8 +84,8 @@ class TokenMap:
                 continue
             b, i, gap = token_bytes[w], 0, False
             while i < len(b):
-                for n in range(min(self._longest, len(b) - i), 0, -1):
-                    k = self._pieces.get(b[i : i + n])
+                for n in range(min(longest, len(b) - i), 0, -1):
+                    k = pieces.get(b[i : i + n])
                     if k is not None:
                         out.append(k)
                         i, gap = i + n, False
