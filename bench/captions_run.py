@@ -87,8 +87,10 @@ from captions_common import (  # noqa: E402
 )
 
 DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "elbo", "eps", "v", "x0", "l2t", "prefix")
+# on a pretrained backbone (--backbone FILE, World vocabulary): how the user adapts it (docs/pretrained.md)
+PRETRAINED = ("frozen", "lmhead", "lora", "unfreeze", "full")
 BASELINES = ("ar", "regress")
-VARIANTS = DIFFUSION + BASELINES
+VARIANTS = DIFFUSION + PRETRAINED + BASELINES
 _T0 = time.perf_counter()
 _LOG: list[Path] = []
 
@@ -196,7 +198,10 @@ def settings(args: argparse.Namespace) -> dict:
         "ar_prefix": args.ar_prefix,
         "ar_early_stop": args.ar_early_stop,
         "regress_loss": args.regress_loss,
-        "vocab": "data (compact)",
+        "vocab": "data (compact)" if not args.backbone else "data (compact) for new backbones, World for --backbone",
+        "backbone": args.backbone,
+        "lora_rank": args.lora_rank,
+        "unfreeze_after": args.unfreeze_after,
     }
 
 
@@ -247,11 +252,27 @@ def diffusion_config(variant: str, args: argparse.Namespace, train_pack: Path, s
         dc.clean_prefix = 0.5
     elif variant in ("eps", "v", "x0"):
         dc.latent_prediction = variant
+    elif variant in PRETRAINED:
+        if not args.backbone:
+            raise RunError(f"variant {variant!r} adapts a pretrained backbone: give --backbone FILE.pth")
+        m.rwkv_name, m.vocab, m.freeze_backbone = args.backbone, "full", variant != "full"
+        t.chunked_ce = args.fast  # the 65,536-way head: no [N, V] logits kept
+        if variant == "lmhead":
+            m.use_rwkv_lm_head = True
+        elif variant == "lora":
+            m.lora_rank = args.lora_rank
+            t.cuda_graphs = False  # LoRA's adapters sit outside the graphed blocks (config.validate refuses both)
+        elif variant == "unfreeze":
+            m.unfreeze_patterns, m.unfreeze_after_steps = ["blocks.*"], args.unfreeze_after
     elif variant != "causal":
         raise RunError(f"unknown diffusion variant {variant!r}")
     for section, name, value in parse_overrides(args.set):
         setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def vocab_text(tm) -> str:
+    return f"compact vocabulary {tm.size}" if tm is not None else "World vocabulary (65,536)"
 
 
 def _device_name(dev: torch.device) -> str:
@@ -341,7 +362,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     cfg = diffusion_config(variant, args, train_pack, work / f"trainer_{variant}")
     trainer = Trainer(cfg)
     tm = trainer.token_map
-    if tm.vocab_ids != vocab.vocab_ids:  # the baselines build theirs from the bundle: they must agree
+    if tm is not None and tm.vocab_ids != vocab.vocab_ids:  # the baselines build theirs from the bundle: agree
         raise RunError(f"the Trainer's compact vocabulary ({tm.size} ids) differs from the bundle's ({vocab.size})")
     clock, budget = make_clock(args.budget_steps), budget_of(args)
     trainer.scheduler = TimeCosineLR(trainer.optimizer, args.lr, args.warmup_steps, budget, 0.1, clock)
@@ -358,7 +379,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
 
     n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     say(
-        f"{variant}: {n_params:,} trainable parameters, compact vocabulary {tm.size}, {len(trainer.train_set):,} "
+        f"{variant}: {n_params:,} trainable parameters, {vocab_text(tm)}, {len(trainer.train_set):,} "
         f"rows; training for {budget_text(args)}"
     )
     tr = train_for_budget(
@@ -375,7 +396,7 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
     )
 
     den = trainer.model.eval()
-    den.sample_banned_ids = (tm.unk,)
+    den.sample_banned_ids = (tm.unk,) if tm is not None else ()
     m = SimpleNamespace(
         denoiser=den,
         text=trainer.objective.text,
@@ -467,7 +488,11 @@ def run_diffusion(variant: str, args, train_pack: Path, ev: Eval, work: Path, to
         "variant": variant,
         "kind": "diffusion",
         "config": {"train_config": dataclasses.asdict(cfg), "shared": settings(args)},
-        "model": {"trainable_params": n_params, "vocab_size": tm.size},
+        "model": {
+            "trainable_params": n_params,
+            "vocab_size": tm.size if tm is not None else 65536,
+            "backbone": trainer.backbone_ref,
+        },  # fmt: skip
         "train": {
             **tr,
             "budget_s": args.budget_s,
@@ -808,6 +833,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a TrainConfig key in every diffusion run, after the variant's own change (repeatable), e.g. "
         "--set model.latent_prefix_len=4; name such runs apart with --tag",
     )
+    ap.add_argument("--backbone", help="pretrained RWKV-7 .pth for the variants " + ", ".join(PRETRAINED))
+    ap.add_argument("--lora-rank", type=int, default=16, help="model.lora_rank of the lora variant")
+    ap.add_argument(
+        "--unfreeze-after",
+        type=int,
+        default=500,
+        help="model.unfreeze_after_steps of the unfreeze variant (all blocks)",
+    )
     ap.add_argument("--tag", default="", help="suffix of every run's name in the outputs: --tag p4 -> causal-p4.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -900,7 +933,7 @@ def _main(argv: list[str] | None = None) -> int:
             continue
         t_run = time.perf_counter()
         try:
-            if variant in DIFFUSION:
+            if variant in DIFFUSION or variant in PRETRAINED:
                 if vocab is None:
                     vocab = compact_vocab(bundle["train_tokens"], bundle["train_offsets"], args.length)
                 result, pred = run_diffusion(variant, args, train_pack, ev, work, tok, vocab)

@@ -575,3 +575,38 @@ def test_ar_early_stop_survives_non_finite_passes(monkeypatch, tmp_path):
     info = nan_only.finish()
     assert info["chosen"] is None and info["restored_val_nll_bits"] is None and info["passes"] == 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_pretrained_variants_adapt_a_saved_backbone(tmp_path):
+    """--backbone FILE: the five ways of adapting a pretrained RWKV-7 run through the Trainer on its World vocabulary,
+    each recording the backbone's sha256, with the trainable parameter counts each recipe implies."""
+    from rwkv_diffusion_rnn.checkpoints import file_sha256
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
+    from rwkv_diffusion_rnn.pretrained_rwkv import save_pth
+
+    rng = np.random.default_rng(7)
+    enc = BowEncoder()
+    args = write_inputs(tmp_path, rng, n_train=64, n_img=4, n_pairs=4, enc=enc)
+    prep.build(args, encoder=enc)
+    bb = tmp_path / "bb.pth"
+    save_pth(random_rwkv7(RWKV7Config.for_shape(1, 64), seed=3).state_dict(), bb)
+    out = tmp_path / "runs"
+    variants = ["frozen", "lmhead", "lora", "unfreeze", "full"]
+    argv = ["--variants", ",".join(variants), "--backbone", str(bb), "--data", args.out, "--out", str(out),
+            "--device", "cpu", "--dtype", "fp32", "--batch", "8", "--budget-steps", "3", "--length", "16",
+            "--sample-steps", "2", "--t2l-steps", "1", "--eval-batch", "16", "--lora-rank", "4",
+            "--unfreeze-after", "2"]  # fmt: skip
+    assert captions_run.main(argv) == 0
+    res = {v: json.loads((out / f"{v}.json").read_text()) for v in variants}
+    n = {v: r["model"]["trainable_params"] for v, r in res.items()}
+    head = 65536 * 64  # the fresh text head over the World vocabulary
+    assert n["lmhead"] < n["frozen"] - head + 65536  # no fresh head (its bias at most)
+    assert n["frozen"] < n["lora"] < n["full"], n  # adapters on top of the frozen recipe; everything in full
+    assert n["unfreeze"] == n["frozen"], n  # counted at the start: the blocks unfreeze at step 2
+    for v, r in res.items():
+        assert r["model"]["backbone"] == {"path": str(bb), "sha256": file_sha256(bb)}, v
+        assert r["model"]["vocab_size"] == 65536 and r["train"]["timed_steps"] == 3, v
+        rows = next(iter(r["l2t"].values()))["world_ids"]
+        assert len(rows) == 4 and all(0 < i < 65536 for row in rows for i in row), v
+    assert captions_run.main(["--variants", "frozen", "--data", args.out, "--out", str(tmp_path / "x"),
+                              "--device", "cpu", "--budget-steps", "1"]) == 1  # fmt: skip

@@ -1,0 +1,113 @@
+"""The recipe a g1 user runs, CPU-sized: a genuinely pretrained (if tiny) RWKV-7 language model, saved as a
+BlinkDL ``.pth`` and loaded by path, with the backbone frozen. Its text loss must fall further than the same
+recipe's on the random backbone the pretraining started from — with a fresh text head and with
+``model.use_rwkv_lm_head`` — and the frozen weights must stay bit for bit what the file holds. The GPU version of the
+same comparison is bench/standin_pretrain.py + bench/captions_run.py (docs/pretrained.md)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rwkv_diffusion_rnn import corpus
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.improved_trainer import Trainer
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
+from rwkv_diffusion_rnn.pipeline import load_trained
+from rwkv_diffusion_rnn.pretrained_rwkv import load_rwkv_model, save_pth
+from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+from tests.data_helpers import make_dataset
+from tests.train_helpers import make_cfg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+SHAPE = (2, 64)
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """``pretrained.pth``: next-token training on corpus sentences the denoiser never sees; ``random.pth``: the
+    initialisation that training started from (same seed, same shape)."""
+    from standin_pretrain import plain_copy, pretrain
+
+    root = tmp_path_factory.mktemp("recipe")
+    tok = load_tokenizer("BlinkDL/rwkv7-g1")
+    ids: list[int] = []
+    for row in tok.encode_batch(corpus.generate(3000, seed=11)):
+        ids.extend(row + [0])
+    torch.manual_seed(0)
+    save_pth(random_rwkv7(RWKV7Config.for_shape(*SHAPE), seed=0).state_dict(), root / "random.pth")
+    model, tr = pretrain(
+        np.asarray(ids, dtype=np.uint16), n_layer=SHAPE[0], n_embd=SHAPE[1], length=32, batch=16, lr=3e-3,
+        warmup=10, budget=200, budget_in_steps=True, device=torch.device("cpu"), seed=0, log=lambda s: None,
+    )  # fmt: skip
+    assert tr["timed_steps"] == 200 and tr["last"]["loss"] < 4.0, tr["last"]  # it learned the corpus' language
+    save_pth(plain_copy(model, *SHAPE, "cpu").state_dict(), root / "pretrained.pth")
+    data = make_dataset(root / "ds", n=96, seed=3, texts=corpus.generate(96, seed=5))
+    return root, data
+
+
+def train_frozen(backbones, name: str, save_dir: Path, **over) -> tuple[list[float], Trainer]:
+    root, data = backbones
+    cfg = make_cfg((root, data), save_dir, model__freeze_backbone=True, training__max_steps=STEPS,
+                   training__train_batch_size=16, training__seed=0, **over)  # fmt: skip
+    cfg.model.rwkv_name = str(root / name)
+    trainer = Trainer(cfg)
+    losses = [float(trainer.train_step()["text_loss"]) for _ in range(STEPS)]
+    return losses, trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm_head", [False, True], ids=["fresh-head", "rwkv-lm-head"])
+def test_pretrained_frozen_backbone_learns_more_than_a_random_one(backbones, tmp_path, lm_head):
+    runs = {}
+    for name in ("pretrained.pth", "random.pth"):
+        losses, trainer = train_frozen(backbones, name, tmp_path / name, model__use_rwkv_lm_head=lm_head)
+        runs[name] = losses
+        # frozen means frozen: every backbone tensor equals the file's, and none reached the optimizer
+        ref = load_rwkv_model(backbones[0] / name).state_dict()
+        for k, p in trainer.model.backbone.state_dict().items():
+            assert torch.equal(p.cpu(), ref[k]), (name, k)
+        in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        assert not any(id(p) in in_opt for p in trainer.model.backbone.parameters())
+    first = np.mean(runs["random.pth"][:3])
+    end = {k: float(np.mean(v[-15:])) for k, v in runs.items()}
+    # same seed, same batches, same masks: the only difference is what the frozen backbone knows
+    assert end["pretrained.pth"] < 0.9 * end["random.pth"], (lm_head, end, first)
+    assert first - end["pretrained.pth"] > 1.2 * (first - end["random.pth"]), (lm_head, end, first)
+
+
+@pytest.mark.slow
+def test_frozen_checkpoint_loads_samples_and_refuses_a_changed_backbone(backbones, tmp_path):
+    from rwkv_diffusion_rnn import cli
+
+    root, data = backbones
+    bb = tmp_path / "bb.pth"
+    bb.write_bytes((root / "pretrained.pth").read_bytes())
+    cfg = make_cfg((root, data), tmp_path / "run", model__freeze_backbone=True, training__max_steps=4,
+                   data__pad_to_length=24)  # fmt: skip
+    cfg.model.rwkv_name = str(bb)
+    Trainer(cfg).fit()
+    m = load_trained(tmp_path / "run")
+    assert m.denoiser.backbone.head.weight.shape[0] == 65536  # the World vocabulary, as a g1 file has
+    out = tmp_path / "l2t.jsonl"
+    argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--data", str(data["data"]), "--limit", "3",
+            "--steps", "2", "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0 and len(out.read_text().splitlines()) == 3
+
+    moved = tmp_path / "elsewhere.pth"
+    bb.rename(moved)
+    with pytest.raises(DiffRwkvError, match="missing") as e:
+        load_trained(tmp_path / "run")
+    assert "\n" not in str(e.value)
+    moved.rename(bb)
+    with open(bb, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(DiffRwkvError, match="sha256 differs") as e:
+        load_trained(tmp_path / "run")
+    assert "\n" not in str(e.value)
