@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_diffusion_rnn import corpus
+from rwkv_diffusion_rnn import cli, corpus
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.improved_trainer import Trainer
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.pipeline import load_trained
+from rwkv_diffusion_rnn.preprocess_tokenize_text import tokenize_json
 from rwkv_diffusion_rnn.pretrained_rwkv import load_rwkv_model, save_pth
 from rwkv_diffusion_rnn.tokenizer import load_tokenizer
-from tests.data_helpers import make_dataset
 from tests.train_helpers import make_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -52,8 +52,18 @@ def backbones(tmp_path_factory):
     )  # fmt: skip
     assert tr["timed_steps"] == 120 and tr["last"]["loss"] < 3.0, tr["last"]  # it learned the corpus' language
     save_pth(plain_copy(model, *SHAPE, "cpu").state_dict(), root / "pretrained.pth")
-    data = make_dataset(root / "ds", n=96, seed=3, texts=corpus.generate(96, seed=5))
-    return root, data
+    # the denoiser's data: other sentences, latents from prepare-latents' hashing test encoder (so that
+    # `diffrwkv evaluate` finds the data's encoder as with real data), tokenized
+    src = root / "sentences.txt"
+    src.write_text("\n".join(corpus.generate(120, seed=5)) + "\n")
+    q = root / "data" / "qwen_32d"
+    argv = ["prepare-latents", "--input", str(src), "--output_dir", str(q), "--encoder", "test-hash"]
+    assert cli.main([*argv, "--validation-fraction", "0.2"]) == 0
+    for split in ("train", "validation"):
+        tokenize_json(q / f"{split}_data.json", root / "data" / "rwkv_tokens", max_length=64)
+    paths = {"data": q, "json": q / "train_data.json", "token_dir": root / "data" / "rwkv_tokens" / "train",
+             "latent_dir": q / "latents" / "train"}  # fmt: skip
+    return root, paths
 
 
 def train_frozen(backbones, name: str, save_dir: Path, **over) -> tuple[list[float], Trainer]:
@@ -91,8 +101,6 @@ def test_pretrained_frozen_backbone_learns_more_than_a_random_one(backbones, tmp
 
 @pytest.mark.slow
 def test_frozen_checkpoint_loads_samples_and_refuses_a_changed_backbone(backbones, tmp_path):
-    from rwkv_diffusion_rnn import cli
-
     root, data = backbones
     bb = tmp_path / "bb.pth"
     bb.write_bytes((root / "pretrained.pth").read_bytes())
@@ -106,6 +114,10 @@ def test_frozen_checkpoint_loads_samples_and_refuses_a_changed_backbone(backbone
     argv = ["sample", "--checkpoint", str(tmp_path / "run"), "--data", str(data["data"]), "--limit", "3",
             "--steps", "2", "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0 and len(out.read_text().splitlines()) == 3
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(data["data"].parent), "--num-samples", "3",
+            "--batch-size", "3", "--steps", "2", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "ev")]  # fmt: skip
+    assert cli.main(argv) == 0 and (tmp_path / "ev" / "metrics.json").is_file()
 
     moved = tmp_path / "elsewhere.pth"
     bb.rename(moved)
