@@ -30,10 +30,13 @@ from rwkv_diffusion_rnn.samplers import (
     gumbel_argmax,
     process_logits,
 )
-from rwkv_diffusion_rnn.sampling import rerank_l2t, sample_joint, sample_l2t, sample_t2l
+from rwkv_diffusion_rnn.sampling import L2T_PRESETS, rerank_l2t, sample_joint, sample_l2t, sample_t2l
 
 V, D, PAD_TO = 300, 8, 10  # vocabulary (mask id = V), latent size, fixed row length of the "pad_to_length" models
 STRATEGIES = ("ancestral", "confidence", "threshold")
+#: the whole row at once, drawn at temperature 1, no guidance: what the tests of the sampling machinery exercise
+#: (sample_l2t's defaults are the left-to-right argmax decoder; tested on their own below)
+WHOLE_ROW = dict(temperature=1.0, guidance_scale=0.0, block_size=None)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,10 +139,10 @@ def oracle(prediction: str = "eps", pad_to_length: int | None = PAD_TO, n: int =
 @pytest.mark.parametrize("block_size,use_cache", [(None, True), (3, True), (4, False)])
 def test_oracle_l2t_returns_the_target_text(strategy, block_size, use_cache):
     m, raw, texts = oracle()
-    kw = dict(num_steps=6, strategy=strategy, block_size=block_size, use_cache=use_cache, batch_size=3)
+    kw = dict(WHOLE_ROW, num_steps=6, strategy=strategy, block_size=block_size, use_cache=use_cache, batch_size=3)
     assert sample_l2t(m, raw, **kw) == texts  # pad_to_length: generate PAD_TO tokens, cut at the end-of-text
     m.config.data.pad_to_length = None
-    assert sample_l2t(m, raw, length=[len(t) for t in texts], top_p=0.5, guidance_scale=2.0, **kw) == texts
+    assert sample_l2t(m, raw, length=[len(t) for t in texts], top_p=0.5, **{**kw, "guidance_scale": 2.0}) == texts
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -217,7 +220,8 @@ class CountCalls:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_state_cache_equals_rereading_the_prefix(model, latents, strategy):
-    kw = dict(length=[7, 3, 9, 9, 5], num_steps=5, strategy=strategy, block_size=3, seed=4, guidance_scale=1.5)
+    kw = dict(WHOLE_ROW, length=[7, 3, 9, 9, 5], num_steps=5, strategy=strategy, block_size=3, seed=4,
+              guidance_scale=1.5)  # fmt: skip
     cached = sample_l2t(model, latents, use_cache=True, **kw)
     assert cached == sample_l2t(model, latents, use_cache=False, **kw)
     assert [len(x) for x in cached] != [0] * 5
@@ -225,7 +229,7 @@ def test_state_cache_equals_rereading_the_prefix(model, latents, strategy):
 
 def test_l2t_reproduces_and_ignores_batch_size(model, latents):
     for strategy in STRATEGIES:
-        kw = dict(num_steps=6, strategy=strategy, temperature=0.8, top_p=0.9, seed=7)
+        kw = dict(WHOLE_ROW, num_steps=6, strategy=strategy, temperature=0.8, top_p=0.9, seed=7)
         ref = sample_l2t(model, latents, batch_size=5, **kw)
         assert sample_l2t(model, latents, batch_size=5, **kw) == ref
         assert sample_l2t(model, latents, batch_size=2, **kw) == ref
@@ -251,7 +255,7 @@ def test_t2l_and_joint_reproduce_and_ignore_batch_size(model):
 def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
     """candidates=K: candidate 0 is the plain call's text, the rest drawn at the rerank temperature with seeds
     seed+c; each row keeps the candidate whose T2L embedding (one step) has the highest cosine to its latent."""
-    kw = dict(num_steps=4, temperature=0.0, seed=5, batch_size=3)
+    kw = dict(WHOLE_ROW, num_steps=4, temperature=0.0, seed=5, batch_size=3)
     rec = {}
     got = sample_l2t(model, latents, candidates=3, rerank_temperature=1.5, rerank_record=rec, **kw)
     cands = [sample_l2t(model, latents, **kw)]
@@ -275,7 +279,7 @@ def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
 
 def test_guidance_zero_is_the_unguided_path(model, latents):
     counted = SimpleNamespace(**{**vars(model), "denoiser": CountCalls(model.denoiser)})
-    plain = sample_l2t(counted, latents, num_steps=4, seed=1)
+    plain = sample_l2t(counted, latents, **WHOLE_ROW, num_steps=4, seed=1)
     assert counted.denoiser.rows <= 4 * len(latents)  # no unconditional pass
     c, u = torch.randn(3, V), torch.randn(3, V)
     assert torch.equal(guided_log_probs(c, u, 0.0), torch.log_softmax(c, -1))
@@ -287,9 +291,9 @@ def test_guidance_zero_is_the_unguided_path(model, latents):
             p.weight.zero_()
             p.bias.zero_()
         den.time.mlp[0].weight[:, half:] = 0  # t_latent
-    kw = dict(num_steps=4, seed=1)
-    assert sample_l2t(blind, latents, guidance_scale=3.0, **kw) == sample_l2t(blind, latents, **kw)
-    assert plain != sample_l2t(model, latents, guidance_scale=30.0, **kw)
+    kw = dict(WHOLE_ROW, num_steps=4, seed=1)
+    assert sample_l2t(blind, latents, **{**kw, "guidance_scale": 3.0}) == sample_l2t(blind, latents, **kw)
+    assert plain != sample_l2t(model, latents, **{**kw, "guidance_scale": 30.0})
     blind = tiny(seed=0)
     den = blind.denoiser
     with torch.no_grad():
@@ -297,6 +301,7 @@ def test_guidance_zero_is_the_unguided_path(model, latents):
         den.backbone.emb.weight[:] = den.backbone.emb.weight[5].clone()  # every token, <mask> included, alike
         den.mask_emb.copy_(den.backbone.emb.weight[5])
     texts = [[5, 6, 7], [8, 9]]
+    kw = dict(num_steps=4, seed=1)
     assert np.array_equal(sample_t2l(blind, texts, guidance_scale=2.0, **kw), sample_t2l(blind, texts, **kw))
 
 
@@ -304,7 +309,7 @@ def test_no_change_cache_exact_equals_calling_every_step(model, latents):
     runs = {}
     for mode in ("off", "exact", "mdlm"):
         counted = SimpleNamespace(**{**vars(model), "denoiser": CountCalls(model.denoiser)})
-        ids = sample_l2t(counted, latents, num_steps=24, seed=5, no_change_cache=mode)
+        ids = sample_l2t(counted, latents, **WHOLE_ROW, num_steps=24, seed=5, no_change_cache=mode)
         runs[mode] = (ids, counted.denoiser.rows)
     assert runs["exact"][0] == runs["off"][0]
     assert runs["exact"][1] <= runs["mdlm"][1] < runs["off"][1]  # exact skips at least what MDLM's rule skips
@@ -313,7 +318,7 @@ def test_no_change_cache_exact_equals_calling_every_step(model, latents):
 
 def test_non_causal_context_runs_uncached_blocks(latents):
     m = tiny("twice", seed=2)
-    kw = dict(num_steps=3, block_size=4, seed=1)
+    kw = dict(WHOLE_ROW, num_steps=3, block_size=4, seed=1)
     assert sample_l2t(m, latents, use_cache=True, **kw) == sample_l2t(m, latents, use_cache=False, **kw)
 
 
@@ -496,7 +501,7 @@ def test_cli_writes_world_token_ids_for_a_compact_vocabulary(tmp_path):
 
     from rwkv_diffusion_rnn.config import TrainConfig
     from rwkv_diffusion_rnn.improved_trainer import Trainer
-    from rwkv_diffusion_rnn.sampling import main
+    from rwkv_diffusion_rnn.sample_cli import main
     from rwkv_diffusion_rnn.tokenizer import load_tokenizer
     from tests.data_helpers import make_dataset
 
