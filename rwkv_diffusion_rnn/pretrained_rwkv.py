@@ -221,7 +221,8 @@ def resolve_checkpoint(
         if filename and p.is_dir():
             p = p / filename
         if not p.exists():
-            raise DiffRwkvError(f"{p}: checkpoint not found")
+            raise DiffRwkvError(f"{p}: checkpoint not found; expected a BlinkDL .pth, a .safetensors, an HF folder or "
+                                "a hub repo id (in a training config: model.rwkv_name)")  # fmt: skip
         return p
     import huggingface_hub as hub
 
