@@ -145,6 +145,31 @@ def test_oracle_l2t_returns_the_target_text(strategy, block_size, use_cache):
     assert sample_l2t(m, raw, length=[len(t) for t in texts], top_p=0.5, **{**kw, "guidance_scale": 2.0}) == texts
 
 
+def test_default_decoder_is_the_faithful_preset_and_decodes_the_oracle():
+    """sample_l2t's defaults are L2T_PRESETS["faithful"] (left to right, one step a token, argmax, guidance 0.5),
+    and that decoder returns the target text of the oracle; "varied" differs from it in every setting it names."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(sample_l2t).parameters.items()}
+    assert {k: defaults[k] for k in L2T_PRESETS["faithful"]} == L2T_PRESETS["faithful"]
+    assert all(L2T_PRESETS["varied"][k] != v for k, v in L2T_PRESETS["faithful"].items() if k != "strategy")
+    m, raw, texts = oracle()
+    assert sample_l2t(m, raw, batch_size=3) == texts
+    assert sample_l2t(m, raw, batch_size=3, **L2T_PRESETS["varied"]) == texts
+
+
+@pytest.mark.parametrize("prediction,steps", [("x0", 1), ("eps", 32)])
+def test_t2l_default_steps_follow_the_prediction(prediction, steps):
+    """One DDIM step on an x0 model (the posterior mean), 32 otherwise: the default equals that many steps, and
+    the oracle's latent comes back either way."""
+    m, raw, texts = oracle(prediction)
+    z = sample_t2l(m, texts, batch_size=2)
+    assert np.array_equal(z, sample_t2l(m, texts, num_steps=steps, batch_size=2))
+    calls = m.denoiser.calls
+    sample_t2l(m, texts, batch_size=len(texts))
+    assert m.denoiser.calls - calls == steps and np.abs(z - raw).max() < 1e-4
+
+
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 @pytest.mark.parametrize("method,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
 def test_oracle_t2l_returns_the_target_latent(prediction, method, eta):
@@ -482,6 +507,79 @@ def test_sample_command_end_to_end(checkpoint, tmp_path, capsys):
                             "--no-progress", "--method", "ddpm")  # fmt: skip
     rows = [json.loads(x) for x in text.splitlines()]
     assert rc == 0 and len(rows) == 2 and len(rows[0]["latent"]) == 32 and isinstance(rows[0]["text"], str)
+
+
+def test_sample_round_trip_needs_no_glue(checkpoint, tmp_path, capsys):
+    """text -> latent JSONL feeds --latents as it is (same rows as the .npy of the same latents); --out .npy writes
+    the latents; latent -> text JSONL feeds --text-file; --preset varied is its flags; --block-size 0 is no blocks;
+    with --encoder, text -> latent prints and records the cosine to the data's own encoder."""
+    import tests.data_helpers  # noqa: F401  (registers the test-hash encoder)
+    from rwkv_diffusion_rnn.corpus import generate
+
+    root, paths, ckpt = checkpoint
+    common = ["--checkpoint", str(ckpt), "--no-progress", "--batch-size", "2"]
+    z_jsonl, z_npy = tmp_path / "z.jsonl", tmp_path / "z.npy"
+    texts = ["A dog runs.", "Two men talk on a bench."]
+    src = sum((["--text", t] for t in texts), [])
+    assert _sample(capsys, *common, *src, "--out", str(z_jsonl))[0] == 0
+    assert _sample(capsys, *common, *src, "--out", str(z_npy))[0] == 0
+    rows = [json.loads(x) for x in z_jsonl.read_text().splitlines()]
+    assert np.array_equal(np.load(z_npy), np.array([r["latent"] for r in rows], dtype=np.float32))
+    assert rows[0]["settings"]["num_steps"] == 1  # the tiny model predicts x0 (the default): one DDIM step
+
+    rc, from_jsonl, err = _sample(capsys, *common, "--latents", str(z_jsonl))
+    assert rc == 0, err
+    rc, from_npy, err = _sample(capsys, *common, "--latents", str(z_npy))
+    assert rc == 0 and [json.loads(x)["text"] for x in from_jsonl.splitlines()] == [
+        json.loads(x)["text"] for x in from_npy.splitlines()
+    ]
+    settings = json.loads(from_npy.splitlines()[0])["settings"]
+    assert settings["preset"] == "faithful" and settings["block_size"] == 1 and settings["guidance_scale"] == 0.5
+
+    l2t = tmp_path / "l2t.jsonl"
+    assert _sample(capsys, *common, "--latents", str(z_npy), "--out", str(l2t))[0] == 0
+    rc, back, err = _sample(capsys, *common, "--text-file", str(l2t))
+    assert rc == 0 and [json.loads(x)["input"]["text"] for x in back.splitlines()] == [
+        json.loads(x)["text"] for x in l2t.read_text().splitlines()
+    ]
+
+    def decoded(*flags: str) -> tuple[list[str], dict]:
+        rc, out, err = _sample(capsys, *common, "--latents", str(z_npy), "--seed", "3", *flags)
+        assert rc == 0, err
+        recs = [json.loads(x) for x in out.splitlines()]
+        return [r["token_ids"] for r in recs], recs[0]["settings"]
+
+    varied, st = decoded("--preset", "varied")
+    assert st["num_steps"] == 32 and st["temperature"] == 1.0 and st["block_size"] is None
+    assert decoded("--steps", "32", "--temperature", "1", "--guidance", "0", "--block-size", "0")[0] == varied
+
+    enc_dir = tmp_path / "enc"
+    (tmp_path / "c.txt").write_text("\n".join(generate(40, seed=1)) + "\n")
+    from rwkv_diffusion_rnn import cli
+
+    assert cli.main(["prepare-latents", "--input", str(tmp_path / "c.txt"), "--output_dir", str(enc_dir),
+                     "--encoder", "test-hash"]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc, out, err = _sample(capsys, *common, *src, "--encoder", str(enc_dir))
+    assert rc == 0 and "cosine to the data's encoder" in err, err
+    assert all(-1 <= json.loads(x)["encoder_cosine"] <= 1 for x in out.splitlines())
+    rc, out, err = _sample(capsys, *common, *src)  # the checkpoint's data has no encoder: said, not an error
+    assert rc == 0 and "no data encoder found" in err and "encoder_cosine" not in out
+
+
+def test_sample_inputs_refused_in_one_line(checkpoint, tmp_path, capsys):
+    root, paths, ckpt = checkpoint
+    bad = {
+        "a.jsonl": ('{"latent": [1, 2]}\n{"text": "no latent"}\n', "line 2: no 'latent' field"),
+        "b.jsonl": ('{"latent": [1, 2]}\n{"latent": [1, "x"]}\n', "line 2: 'latent' is not a list of 2 numbers"),
+        "c.jsonl": ("not json\n", "line 1: not JSON"),
+    }
+    for name, (body, needle) in bad.items():
+        (tmp_path / name).write_text(body)
+        rc, _, err = _sample(capsys, "--checkpoint", str(ckpt), "--latents", str(tmp_path / name), "--no-progress")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    rc, _, err = _sample(capsys, "--checkpoint", str(ckpt), "--latents", "z.npy", "--out", str(tmp_path / "o.npy"))
+    assert rc == 2 and "writes text" in err
 
 
 def test_sample_command_errors_are_one_line(tmp_path, capsys):
