@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 
 import pytest
 import torch
@@ -60,8 +61,10 @@ def build_demo_data(root) -> None:
         tokenize_json(data / "qwen_32d" / f"{split}_data.json", data / "rwkv_tokens", max_length=64)
 
 
+@pytest.mark.slow
 def test_readme_training_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     commands = bash_commands(section("### 3. Training"))
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])  # diffrwkv train hands Hydra its arguments through sys.argv
     assert [c.split()[:2] for c in commands] == [["diffrwkv", "smoke"], ["diffrwkv", "train"],
                                                   ["diffrwkv", "sample"], ["diffrwkv", "evaluate"]]  # fmt: skip
     monkeypatch.chdir(tmp_path)
@@ -91,6 +94,7 @@ def test_readme_walkthrough_without_the_demo_data_stops_in_one_line(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     train = shlex.split(bash_commands(section("### 3. Training"))[1])[1:]
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
     assert run_cli(train) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "outputs/" in err, err
@@ -112,10 +116,12 @@ def run_cli(argv: list[str]) -> int:
         (["sample", "--checkpoint", "x", "--data", "y", "--preset", "varyed"], "did you mean 'varied'?"),
         (["evaluate", "--checkpoint", "x", "--num-sampels", "3"], "did you mean --num-samples?"),
         (["train", "training.num_epoch=1"], "did you mean training.num_epochs?"),
+        (["train", "model.rwkv_filname=x.pth"], "did you mean model.rwkv_filename?"),
         (["train", "num_epochs=1"], "did you mean training.num_epochs?"),
     ],
 )
-def test_near_misses_get_a_did_you_mean(argv, needle, capsys):
+def test_near_misses_get_a_did_you_mean(argv, needle, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
     assert run_cli(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "error" in err, err
@@ -141,7 +147,8 @@ def test_hub_error_for_a_pth_repo_names_rwkv_filename(monkeypatch):
     assert "model.rwkv_filename" in msg and "\n" not in msg
 
 
-def test_no_help_text_shows_a_path_outside_the_repository(capsys):
+def test_no_help_text_shows_a_path_outside_the_repository(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
     for verb in cli.VERBS:
         assert run_cli([verb, "--help"]) == 0, verb
         out = capsys.readouterr().out
