@@ -549,6 +549,9 @@ def test_sample_round_trip_needs_no_glue(checkpoint, tmp_path, capsys):
         recs = [json.loads(x) for x in out.splitlines()]
         return [r["token_ids"] for r in recs], recs[0]["settings"]
 
+    faithful, st = decoded()  # the default: the flags the README recommended before it was the default
+    assert faithful == decoded("--block-size", "1", "--steps", "1", "--temperature", "0", "--guidance", "0.5")[0]
+    assert st["preset"] == "faithful" and st["num_steps"] == 1
     varied, st = decoded("--preset", "varied")
     assert st["num_steps"] == 32 and st["temperature"] == 1.0 and st["block_size"] is None
     assert decoded("--steps", "32", "--temperature", "1", "--guidance", "0", "--block-size", "0")[0] == varied
