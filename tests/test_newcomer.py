@@ -88,6 +88,13 @@ def test_readme_training_walkthrough_runs_as_written(tmp_path, monkeypatch, caps
     assert len([line for line in outputs[2].splitlines() if line.startswith("{")]) == 4  # four decoded rows
     assert "L2T cos" in outputs[3] and (tmp_path / "outputs" / "practice" / "eval").is_dir()
 
+    # text -> latent -> text in two commands, no glue; T2L compares with the data's encoder found from the checkpoint
+    to_latent = ["sample", "--checkpoint", "outputs/practice", "--text", "A dog runs.", "--out", "z.jsonl"]
+    assert cli.main([*to_latent, "--no-progress"]) == 0
+    assert "cosine to the data's encoder (outputs/demo/data/qwen_32d)" in capsys.readouterr().err
+    assert cli.main(["sample", "--checkpoint", "outputs/practice", "--latents", "z.jsonl", "--no-progress"]) == 0
+    assert '"text"' in capsys.readouterr().out
+
 
 def test_readme_walkthrough_without_the_demo_data_stops_in_one_line(tmp_path, monkeypatch, capsys):
     """Run before the demo (no outputs/), the walkthrough's training command says in one line what is missing."""
