@@ -12,8 +12,9 @@ Default decoders, chosen by the measurements in docs/RESULTS.md. Latent -> text 
 (:data:`L2T_PRESETS`): left to right, one token a block and one step a block (the committed prefix kept as RWKV
 state), argmax, classifier-free guidance 0.5 -- the best measured way to decode a latent into its sentence (the
 captions study: round-trip cosine 0.925-0.929, top-1 0.994-0.996 with guidance 0.5; on the offline demo's model left
-to right with argmax scored 0.884 against 0.813 for confidence-ordered sampling at temperature 1). ``"varied"`` -- the whole row unmasked most-confident-first in 32
-steps at temperature 1, no guidance -- samples different text on every seed. Text -> latent takes one DDIM step
+to right with argmax scored 0.884 against 0.813 for confidence-ordered sampling at temperature 1). ``"varied"`` --
+the whole row unmasked most-confident-first in 32 steps at temperature 1, no guidance -- samples different text on
+every seed. Text -> latent takes one DDIM step
 on an x0-prediction model (the network's posterior mean, which beat 16-32 steps on cosine and STS-B), 32 otherwise.
 ``candidates=K`` (self-reranking, below) is opt-in: it costs K decodes and pays only where the model's own text ->
 latent is strong.
