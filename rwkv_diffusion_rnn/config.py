@@ -235,6 +235,38 @@ def validate(cfg: TrainConfig) -> None:
         parse_sequential(t.sequential_schedule)
 
 
+def config_keys(cfg: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (``training.num_epochs``, ...), sections included."""
+    from dataclasses import fields, is_dataclass
+
+    cfg = TrainConfig() if cfg is None else cfg
+    keys = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        keys.append(prefix + f.name)
+        if is_dataclass(value):
+            keys += config_keys(value, prefix + f.name + ".")
+    return keys
+
+
+def did_you_mean(key: str) -> str | None:
+    """The schema key nearest to a misspelled ``key`` (``training.num_epoch`` -> ``training.num_epochs``), or None
+    when nothing is close. Keys are matched whole, then by their last part among all sections (a key put in the
+    wrong section)."""
+    import difflib
+
+    if not key or key in config_keys():
+        return None
+    keys = config_keys()
+    hit = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if hit:
+        return hit[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys if "." in k}
+    hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+    return by_leaf[hit[0]] if hit else None
+
+
 def to_dict(cfg: Any) -> dict:
     """The resolved config as plain JSON-able data (stored in every checkpoint)."""
     from dataclasses import asdict

@@ -3,9 +3,14 @@
 Commands::
 
     diffrwkv evaluate --checkpoint outputs/rwkv_mmdit --data preprocessed_data --out outputs/eval
-    diffrwkv evaluate --checkpoint CKPT --data DATA --steps 8,16,32 --num-samples 1000 \\
-        --stsb ../shared/data/stsb/sts-dev.csv --device cuda --batch-size 256
+    diffrwkv evaluate --checkpoint CKPT --data DATA --l2t-preset varied --steps 8,16,32 --num-samples 1000 \\
+        --stsb sts-dev.csv --device cuda --batch-size 256
     diffrwkv evaluate --checklist CKPT --data DATA          # the regression checklist: PASS/FAIL per check
+
+The decoders are ``diffrwkv sample``'s defaults: latent -> text ``faithful`` (left to right, argmax, guidance 0.5;
+:data:`~rwkv_diffusion_rnn.sampling.L2T_PRESETS`), text -> latent DDIM, both with ``--steps`` (default: the L2T
+preset's, 1; for ``varied`` 32). ``--l2t-preset varied`` scores sampled text; ``--l2t-option KEY=VALUE`` /
+``--t2l-option`` override single settings.
 
 ``--checkpoint`` is a ``step_*`` folder or a save_dir (newest checkpoint). ``--data`` is the folder written by
 ``diffrwkv prepare-latents`` (holding ``latent_encoder.json``) or its parent, with the tokens in a sibling
@@ -60,6 +65,7 @@ from rwkv_diffusion_rnn.eval_data import (
     take_targets,
 )
 from rwkv_diffusion_rnn.pipeline import LoadedModel
+from rwkv_diffusion_rnn.sampling import L2T_PRESET, L2T_PRESETS
 
 EVAL_SALT = 99991  # the trainer's validation noise stream (Trainer.evaluate): the same corruption per batch
 
@@ -91,7 +97,7 @@ class EvalOptions:
 
     split: str = "validation"  # which held-out split: "validation" or "train"
     num_samples: int = 256  # rows sampled for L2T / T2L (the first N of the split)
-    steps: tuple[int, ...] = (16,)  # sampling steps; several give metrics-vs-steps
+    steps: tuple[int, ...] = (1,)  # sampling steps (L2T: per block); several give metrics-vs-steps
     stsb: str | None = None  # STS-B csv (tab-separated, QUOTE_NONE)
     seed: int = 0  # sampling seed and floor draw
     batch_size: int = 64  # rows per forward / sampler batch
@@ -405,13 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="prepare-latents folder or its parent (default: the checkpoint's)")
     p.add_argument("--split", default="validation", choices=["validation", "train"])
     p.add_argument("--num-samples", type=int, help="rows for L2T / T2L (default 256; checklist 64)")
-    p.add_argument("--steps", type=_steps, default=(16,), help="sampling steps, e.g. 16 or 8,16,32")
-    p.add_argument("--stsb", metavar="PATH", help="STS-B csv (e.g. ../shared/data/stsb/sts-dev.csv)")
+    p.add_argument("--steps", type=_steps, help="sampling steps, e.g. 16 or 8,16,32 (default: the L2T preset's: "
+                   "faithful 1, varied 32)")  # fmt: skip
+    p.add_argument("--stsb", metavar="PATH", help="STS-B csv, tab-separated (e.g. the STS benchmark's sts-dev.csv)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <save_dir>/eval/step_XXXXXXXX)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass / sampler batch")
     p.add_argument("--seed", type=int, default=0, help="sampling seed and floor draw")
     p.add_argument("--elbo-rows", type=int, help="rows for NELBO / latent MSE (default: the whole split)")
+    p.add_argument("--l2t-preset", choices=tuple(L2T_PRESETS), default=L2T_PRESET,
+                   help="latent -> text decoder, as diffrwkv sample --preset (faithful: left to right, argmax, "
+                   "guidance 0.5; varied: sampled text)")  # fmt: skip
     p.add_argument(
         "--l2t-option",
         type=_option,
@@ -436,16 +446,19 @@ def options_from_args(args: argparse.Namespace, default_samples: int) -> EvalOpt
     n = default_samples if args.num_samples is None else args.num_samples
     if n < 2 or args.batch_size < 1 or (args.elbo_rows is not None and args.elbo_rows < 1):
         raise DiffRwkvError("--num-samples must be >= 2, --batch-size and --elbo-rows >= 1")
+    preset = dict(L2T_PRESETS[getattr(args, "l2t_preset", None) or L2T_PRESET])
+    steps = args.steps or (preset.pop("num_steps"),)
+    preset.pop("num_steps", None)
     return EvalOptions(
         split=args.split,
         num_samples=n,
-        steps=args.steps,
+        steps=steps,
         stsb=args.stsb,
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
         elbo_rows=args.elbo_rows,
-        l2t_options=dict(args.l2t_option),
+        l2t_options={**preset, **dict(args.l2t_option)},
         t2l_options=dict(args.t2l_option),
         progress=not args.no_progress,
     )

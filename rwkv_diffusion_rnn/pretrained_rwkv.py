@@ -198,6 +198,11 @@ def read_local_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _to_blink_names(_read_pth(p), str(p))
 
 
+#: hub owners whose RWKV repos hold raw BlinkDL ``.pth`` files (several per repo), not one HF-format model
+PTH_REPO_OWNERS = ("BlinkDL",)
+PTH_EXAMPLE = "rwkv7-g1a-0.1b-<date>-ctx4096.pth"  # the repo's file list gives the dates
+
+
 def _looks_like_repo_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not os.path.exists(s)
 
@@ -216,7 +221,8 @@ def resolve_checkpoint(
         if filename and p.is_dir():
             p = p / filename
         if not p.exists():
-            raise DiffRwkvError(f"{p}: checkpoint not found")
+            raise DiffRwkvError(f"{p}: checkpoint not found; expected a BlinkDL .pth, a .safetensors, an HF folder or "
+                                "a hub repo id (in a training config: model.rwkv_name)")  # fmt: skip
         return p
     import huggingface_hub as hub
 
@@ -225,6 +231,13 @@ def resolve_checkpoint(
         f"download it where there is a network and pass the local path instead (/path/to/{filename or 'folder'}; "
         "in a training config model.rwkv_name), or point cache_dir at a Hugging Face cache that holds it"
     )
+    if not filename and s.split("/")[0] in PTH_REPO_OWNERS:  # a repo of raw .pth files: the user must name one
+        what = "a checkpoint"
+        hint = (
+            f"'{s}' holds BlinkDL .pth files, so name one with model.rwkv_filename (filename=), e.g. "
+            f"model.rwkv_filename={PTH_EXAMPLE}, or download one where there is a network and pass its local path "
+            "as model.rwkv_name"
+        )
     if not local_files_only:
         from rwkv_diffusion_rnn.hub import hub_unreachable
 

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rwkv_diffusion_rnn.config import TrainConfig
+from rwkv_diffusion_rnn.config import TrainConfig, did_you_mean
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 ConfigStore.instance().store(name="rwkv_mmdit_schema", node=TrainConfig)
@@ -35,11 +35,26 @@ def _hydra_main(cfg: DictConfig) -> None:
         trainer = Trainer(config)
         result = trainer.fit()
         distributed.print0("final: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+        distributed.print0(next_steps(config, trainer.save_dir))
     except DiffRwkvError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         distributed.cleanup()
+
+
+def next_steps(config: TrainConfig, save_dir) -> str:
+    """Where the checkpoint went and the commands that use it (the run's last lines)."""
+    from pathlib import Path
+
+    from rwkv_diffusion_rnn.checkpoints import latest_checkpoint
+
+    ckpt = latest_checkpoint(save_dir) or save_dir
+    d = config.data
+    data = Path(d.json_path).parent.parent if d.json_path else Path(d.latent_dir).parent.parent.parent
+    return (f"checkpoint written to {ckpt}\n"
+            f"next: diffrwkv sample --checkpoint {save_dir} --data {data} --limit 8      # latent -> text\n"
+            f"      diffrwkv evaluate --checkpoint {save_dir} --data {data}")  # fmt: skip
 
 
 def _check_overrides(args: list[str]) -> None:
@@ -59,7 +74,9 @@ def _check_overrides(args: list[str]) -> None:
             OmegaConf.update(schema, o.key_or_group, o.value(), merge=True)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DiffRwkvError(f"override '{o.input_line}': {first}") from exc
+            hint = did_you_mean(o.key_or_group)
+            hint = f"; did you mean {hint}?" if hint else ""
+            raise DiffRwkvError(f"override '{o.input_line}': {first}{hint}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

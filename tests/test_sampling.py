@@ -30,10 +30,13 @@ from rwkv_diffusion_rnn.samplers import (
     gumbel_argmax,
     process_logits,
 )
-from rwkv_diffusion_rnn.sampling import rerank_l2t, sample_joint, sample_l2t, sample_t2l
+from rwkv_diffusion_rnn.sampling import L2T_PRESETS, rerank_l2t, sample_joint, sample_l2t, sample_t2l
 
 V, D, PAD_TO = 300, 8, 10  # vocabulary (mask id = V), latent size, fixed row length of the "pad_to_length" models
 STRATEGIES = ("ancestral", "confidence", "threshold")
+#: the whole row at once, drawn at temperature 1, no guidance: what the tests of the sampling machinery exercise
+#: (sample_l2t's defaults are the left-to-right argmax decoder; tested on their own below)
+WHOLE_ROW = dict(temperature=1.0, guidance_scale=0.0, block_size=None)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,10 +139,35 @@ def oracle(prediction: str = "eps", pad_to_length: int | None = PAD_TO, n: int =
 @pytest.mark.parametrize("block_size,use_cache", [(None, True), (3, True), (4, False)])
 def test_oracle_l2t_returns_the_target_text(strategy, block_size, use_cache):
     m, raw, texts = oracle()
-    kw = dict(num_steps=6, strategy=strategy, block_size=block_size, use_cache=use_cache, batch_size=3)
+    kw = dict(WHOLE_ROW, num_steps=6, strategy=strategy, block_size=block_size, use_cache=use_cache, batch_size=3)
     assert sample_l2t(m, raw, **kw) == texts  # pad_to_length: generate PAD_TO tokens, cut at the end-of-text
     m.config.data.pad_to_length = None
-    assert sample_l2t(m, raw, length=[len(t) for t in texts], top_p=0.5, guidance_scale=2.0, **kw) == texts
+    assert sample_l2t(m, raw, length=[len(t) for t in texts], top_p=0.5, **{**kw, "guidance_scale": 2.0}) == texts
+
+
+def test_default_decoder_is_the_faithful_preset_and_decodes_the_oracle():
+    """sample_l2t's defaults are L2T_PRESETS["faithful"] (left to right, one step a token, argmax, guidance 0.5),
+    and that decoder returns the target text of the oracle; "varied" differs from it in every setting it names."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(sample_l2t).parameters.items()}
+    assert {k: defaults[k] for k in L2T_PRESETS["faithful"]} == L2T_PRESETS["faithful"]
+    assert all(L2T_PRESETS["varied"][k] != v for k, v in L2T_PRESETS["faithful"].items() if k != "strategy")
+    m, raw, texts = oracle()
+    assert sample_l2t(m, raw, batch_size=3) == texts
+    assert sample_l2t(m, raw, batch_size=3, **L2T_PRESETS["varied"]) == texts
+
+
+@pytest.mark.parametrize("prediction,steps", [("x0", 1), ("eps", 32)])
+def test_t2l_default_steps_follow_the_prediction(prediction, steps):
+    """One DDIM step on an x0 model (the posterior mean), 32 otherwise: the default equals that many steps, and
+    the oracle's latent comes back either way."""
+    m, raw, texts = oracle(prediction)
+    z = sample_t2l(m, texts, batch_size=2)
+    assert np.array_equal(z, sample_t2l(m, texts, num_steps=steps, batch_size=2))
+    calls = m.denoiser.calls
+    sample_t2l(m, texts, batch_size=len(texts))
+    assert m.denoiser.calls - calls == steps and np.abs(z - raw).max() < 1e-4
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -217,7 +245,8 @@ class CountCalls:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_state_cache_equals_rereading_the_prefix(model, latents, strategy):
-    kw = dict(length=[7, 3, 9, 9, 5], num_steps=5, strategy=strategy, block_size=3, seed=4, guidance_scale=1.5)
+    kw = dict(WHOLE_ROW, length=[7, 3, 9, 9, 5], num_steps=5, strategy=strategy, block_size=3, seed=4,
+              guidance_scale=1.5)  # fmt: skip
     cached = sample_l2t(model, latents, use_cache=True, **kw)
     assert cached == sample_l2t(model, latents, use_cache=False, **kw)
     assert [len(x) for x in cached] != [0] * 5
@@ -225,7 +254,7 @@ def test_state_cache_equals_rereading_the_prefix(model, latents, strategy):
 
 def test_l2t_reproduces_and_ignores_batch_size(model, latents):
     for strategy in STRATEGIES:
-        kw = dict(num_steps=6, strategy=strategy, temperature=0.8, top_p=0.9, seed=7)
+        kw = dict(WHOLE_ROW, num_steps=6, strategy=strategy, temperature=0.8, top_p=0.9, seed=7)
         ref = sample_l2t(model, latents, batch_size=5, **kw)
         assert sample_l2t(model, latents, batch_size=5, **kw) == ref
         assert sample_l2t(model, latents, batch_size=2, **kw) == ref
@@ -251,7 +280,7 @@ def test_t2l_and_joint_reproduce_and_ignore_batch_size(model):
 def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
     """candidates=K: candidate 0 is the plain call's text, the rest drawn at the rerank temperature with seeds
     seed+c; each row keeps the candidate whose T2L embedding (one step) has the highest cosine to its latent."""
-    kw = dict(num_steps=4, temperature=0.0, seed=5, batch_size=3)
+    kw = dict(WHOLE_ROW, num_steps=4, temperature=0.0, seed=5, batch_size=3)
     rec = {}
     got = sample_l2t(model, latents, candidates=3, rerank_temperature=1.5, rerank_record=rec, **kw)
     cands = [sample_l2t(model, latents, **kw)]
@@ -275,7 +304,7 @@ def test_l2t_candidates_keep_the_one_the_model_embeds_closest(model, latents):
 
 def test_guidance_zero_is_the_unguided_path(model, latents):
     counted = SimpleNamespace(**{**vars(model), "denoiser": CountCalls(model.denoiser)})
-    plain = sample_l2t(counted, latents, num_steps=4, seed=1)
+    plain = sample_l2t(counted, latents, **WHOLE_ROW, num_steps=4, seed=1)
     assert counted.denoiser.rows <= 4 * len(latents)  # no unconditional pass
     c, u = torch.randn(3, V), torch.randn(3, V)
     assert torch.equal(guided_log_probs(c, u, 0.0), torch.log_softmax(c, -1))
@@ -287,9 +316,9 @@ def test_guidance_zero_is_the_unguided_path(model, latents):
             p.weight.zero_()
             p.bias.zero_()
         den.time.mlp[0].weight[:, half:] = 0  # t_latent
-    kw = dict(num_steps=4, seed=1)
-    assert sample_l2t(blind, latents, guidance_scale=3.0, **kw) == sample_l2t(blind, latents, **kw)
-    assert plain != sample_l2t(model, latents, guidance_scale=30.0, **kw)
+    kw = dict(WHOLE_ROW, num_steps=4, seed=1)
+    assert sample_l2t(blind, latents, **{**kw, "guidance_scale": 3.0}) == sample_l2t(blind, latents, **kw)
+    assert plain != sample_l2t(model, latents, **{**kw, "guidance_scale": 30.0})
     blind = tiny(seed=0)
     den = blind.denoiser
     with torch.no_grad():
@@ -297,6 +326,7 @@ def test_guidance_zero_is_the_unguided_path(model, latents):
         den.backbone.emb.weight[:] = den.backbone.emb.weight[5].clone()  # every token, <mask> included, alike
         den.mask_emb.copy_(den.backbone.emb.weight[5])
     texts = [[5, 6, 7], [8, 9]]
+    kw = dict(num_steps=4, seed=1)
     assert np.array_equal(sample_t2l(blind, texts, guidance_scale=2.0, **kw), sample_t2l(blind, texts, **kw))
 
 
@@ -304,7 +334,7 @@ def test_no_change_cache_exact_equals_calling_every_step(model, latents):
     runs = {}
     for mode in ("off", "exact", "mdlm"):
         counted = SimpleNamespace(**{**vars(model), "denoiser": CountCalls(model.denoiser)})
-        ids = sample_l2t(counted, latents, num_steps=24, seed=5, no_change_cache=mode)
+        ids = sample_l2t(counted, latents, **WHOLE_ROW, num_steps=24, seed=5, no_change_cache=mode)
         runs[mode] = (ids, counted.denoiser.rows)
     assert runs["exact"][0] == runs["off"][0]
     assert runs["exact"][1] <= runs["mdlm"][1] < runs["off"][1]  # exact skips at least what MDLM's rule skips
@@ -313,7 +343,7 @@ def test_no_change_cache_exact_equals_calling_every_step(model, latents):
 
 def test_non_causal_context_runs_uncached_blocks(latents):
     m = tiny("twice", seed=2)
-    kw = dict(num_steps=3, block_size=4, seed=1)
+    kw = dict(WHOLE_ROW, num_steps=3, block_size=4, seed=1)
     assert sample_l2t(m, latents, use_cache=True, **kw) == sample_l2t(m, latents, use_cache=False, **kw)
 
 
@@ -479,6 +509,82 @@ def test_sample_command_end_to_end(checkpoint, tmp_path, capsys):
     assert rc == 0 and len(rows) == 2 and len(rows[0]["latent"]) == 32 and isinstance(rows[0]["text"], str)
 
 
+def test_sample_round_trip_needs_no_glue(checkpoint, tmp_path, capsys):
+    """text -> latent JSONL feeds --latents as it is (same rows as the .npy of the same latents); --out .npy writes
+    the latents; latent -> text JSONL feeds --text-file; --preset varied is its flags; --block-size 0 is no blocks;
+    with --encoder, text -> latent prints and records the cosine to the data's own encoder."""
+    import tests.data_helpers  # noqa: F401  (registers the test-hash encoder)
+    from rwkv_diffusion_rnn.corpus import generate
+
+    root, paths, ckpt = checkpoint
+    common = ["--checkpoint", str(ckpt), "--no-progress", "--batch-size", "2"]
+    z_jsonl, z_npy = tmp_path / "z.jsonl", tmp_path / "z.npy"
+    texts = ["A dog runs.", "Two men talk on a bench."]
+    src = sum((["--text", t] for t in texts), [])
+    assert _sample(capsys, *common, *src, "--out", str(z_jsonl))[0] == 0
+    assert _sample(capsys, *common, *src, "--out", str(z_npy))[0] == 0
+    rows = [json.loads(x) for x in z_jsonl.read_text().splitlines()]
+    assert np.array_equal(np.load(z_npy), np.array([r["latent"] for r in rows], dtype=np.float32))
+    assert rows[0]["settings"]["num_steps"] == 1  # the tiny model predicts x0 (the default): one DDIM step
+
+    rc, from_jsonl, err = _sample(capsys, *common, "--latents", str(z_jsonl))
+    assert rc == 0, err
+    rc, from_npy, err = _sample(capsys, *common, "--latents", str(z_npy))
+    assert rc == 0 and [json.loads(x)["text"] for x in from_jsonl.splitlines()] == [
+        json.loads(x)["text"] for x in from_npy.splitlines()
+    ]
+    settings = json.loads(from_npy.splitlines()[0])["settings"]
+    assert settings["preset"] == "faithful" and settings["block_size"] == 1 and settings["guidance_scale"] == 0.5
+
+    l2t = tmp_path / "l2t.jsonl"
+    assert _sample(capsys, *common, "--latents", str(z_npy), "--out", str(l2t))[0] == 0
+    rc, back, err = _sample(capsys, *common, "--text-file", str(l2t))
+    assert rc == 0 and [json.loads(x)["input"]["text"] for x in back.splitlines()] == [
+        json.loads(x)["text"] for x in l2t.read_text().splitlines()
+    ]
+
+    def decoded(*flags: str) -> tuple[list[str], dict]:
+        rc, out, err = _sample(capsys, *common, "--latents", str(z_npy), "--seed", "3", *flags)
+        assert rc == 0, err
+        recs = [json.loads(x) for x in out.splitlines()]
+        return [r["token_ids"] for r in recs], recs[0]["settings"]
+
+    faithful, st = decoded()  # the default: the flags the README recommended before it was the default
+    assert faithful == decoded("--block-size", "1", "--steps", "1", "--temperature", "0", "--guidance", "0.5")[0]
+    assert st["preset"] == "faithful" and st["num_steps"] == 1
+    varied, st = decoded("--preset", "varied")
+    assert st["num_steps"] == 32 and st["temperature"] == 1.0 and st["block_size"] is None
+    assert decoded("--steps", "32", "--temperature", "1", "--guidance", "0", "--block-size", "0")[0] == varied
+
+    enc_dir = tmp_path / "enc"
+    (tmp_path / "c.txt").write_text("\n".join(generate(40, seed=1)) + "\n")
+    from rwkv_diffusion_rnn import cli
+
+    assert cli.main(["prepare-latents", "--input", str(tmp_path / "c.txt"), "--output_dir", str(enc_dir),
+                     "--encoder", "test-hash"]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc, out, err = _sample(capsys, *common, *src, "--encoder", str(enc_dir))
+    assert rc == 0 and "cosine to the data's encoder" in err, err
+    assert all(-1 <= json.loads(x)["encoder_cosine"] <= 1 for x in out.splitlines())
+    rc, out, err = _sample(capsys, *common, *src)  # the checkpoint's data has no encoder: said, not an error
+    assert rc == 0 and "no data encoder found" in err and "encoder_cosine" not in out
+
+
+def test_sample_inputs_refused_in_one_line(checkpoint, tmp_path, capsys):
+    root, paths, ckpt = checkpoint
+    bad = {
+        "a.jsonl": ('{"latent": [1, 2]}\n{"text": "no latent"}\n', "line 2: no 'latent' field"),
+        "b.jsonl": ('{"latent": [1, 2]}\n{"latent": [1, "x"]}\n', "line 2: 'latent' is not a list of 2 numbers"),
+        "c.jsonl": ("not json\n", "line 1: not JSON"),
+    }
+    for name, (body, needle) in bad.items():
+        (tmp_path / name).write_text(body)
+        rc, _, err = _sample(capsys, "--checkpoint", str(ckpt), "--latents", str(tmp_path / name), "--no-progress")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    rc, _, err = _sample(capsys, "--checkpoint", str(ckpt), "--latents", "z.npy", "--out", str(tmp_path / "o.npy"))
+    assert rc == 2 and "writes text" in err
+
+
 def test_sample_command_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _sample(capsys, "--checkpoint", str(tmp_path / "nope"), "--unconditional", "1")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:") and "nope" in err
@@ -496,7 +602,7 @@ def test_cli_writes_world_token_ids_for_a_compact_vocabulary(tmp_path):
 
     from rwkv_diffusion_rnn.config import TrainConfig
     from rwkv_diffusion_rnn.improved_trainer import Trainer
-    from rwkv_diffusion_rnn.sampling import main
+    from rwkv_diffusion_rnn.sample_cli import main
     from rwkv_diffusion_rnn.tokenizer import load_tokenizer
     from tests.data_helpers import make_dataset
 
