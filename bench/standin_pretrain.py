@@ -129,7 +129,7 @@ def pretrain(
     )  # fmt: skip
     clock = StepClock() if budget_in_steps else BudgetClock()
     sched = TimeCosineLR(opt, lr, warmup, budget, 0.1, clock)
-    ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
     state = {"n": 0, "loss": float("nan")}
 
