@@ -183,7 +183,9 @@ class DiffRwkv:
                 raise DiffRwkvError(f"{where}: texts[{i}] is empty; expected a sentence")
         return rows, single
 
-    def _latents(self, latents, where: str) -> tuple[np.ndarray, bool]:
+    def as_latents(self, latents, where: str = "latents") -> tuple[np.ndarray, bool]:
+        """``latents`` (numpy, torch or nested lists; ``[N, D]`` or one ``[D]``) as float32 ``[N, D]``, checked
+        (width, finite, not empty; a one-line error naming ``where``), and whether a single ``[D]`` was given."""
         if isinstance(latents, torch.Tensor):
             z = latents.detach().to("cpu", torch.float32).numpy()
         else:
@@ -259,7 +261,7 @@ class DiffRwkv:
         string). The decoder is :func:`~rwkv_diffusion_rnn.sampling.sample_l2t` with its defaults, the recommended
         one; ``steps`` and ``options`` (``strategy``, ``temperature``, ``top_p``, ``guidance_scale``,
         ``block_size``, ``candidates``, ``length``, ...) change them."""
-        z, single = self._latents(latents, "decode")
+        z, single = self.as_latents(latents, "decode")
         _check_options(sampling.sample_l2t, options, "decode")
         with self._autocast():
             ids = sampling.sample_l2t(self.loaded, z, batch_size=batch_size, seed=seed, progress=progress,
@@ -290,7 +292,7 @@ class DiffRwkv:
     def _point(self, x, where: str) -> np.ndarray:
         if isinstance(x, str):
             return self.embed(x) if self.has_encoder else self.encode(x)
-        z, single = self._latents(x, where)
+        z, single = self.as_latents(x, where)
         if not single:
             raise DiffRwkvError(f"{where}: expected one latent [{self.latent_dim}] or a string; got {z.shape[0]} rows")
         return z[0]
@@ -357,7 +359,7 @@ class DiffRwkv:
         cosine: ``[(text, cosine), ...]`` best first."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise DiffRwkvError(f"nearest: k is {k!r}; expected an int >= 1")
-        z, single = self._latents(latents, "nearest")
+        z, single = self.as_latents(latents, "nearest")
         bank, texts = self._training_rows()
         q = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
         sims = q @ bank.T
