@@ -12,7 +12,8 @@ call at a time (a lock serialises them); it serves the page and a JSON API from 
 
 JSON API (POST bodies and answers are JSON; a bad request answers 400 with ``{"error": one line}``):
 ``GET /api/info``; ``POST /api/encode {"text"}`` -> the model's latent, the encoder's, their cosine, neighbours;
-``POST /api/decode {"text" | "latent", "source": "encoder" | "model"}`` -> the decoded text;
+``POST /api/decode {"text" | "latent", "source": "encoder" | "model"}`` -> the decoded text and its round-trip
+cosine (re-embedded by the data's encoder, against the latent);
 ``POST /api/interpolate {"a", "b", "n"}`` -> texts along the way; ``POST /api/nearest {"latent", "k"}``.
 """
 
@@ -103,7 +104,9 @@ class Playground:
                 source = _field(body, "source", str, "auto")
                 z = self._latent_of(_field(body, "text", str), source)
             text = self.model.decode(z, steps=self.steps, seed=self.seed)
-        return {"text": text, "latent": z.tolist(), "source": source}
+            # the round trip: the decoded text re-embedded by the data's encoder, against the latent decoded
+            back = _cosine(self.model.embed(text), z) if self.model.has_encoder and text.strip() else None
+        return {"text": text, "latent": z.tolist(), "source": source, "roundtrip_cosine": back}
 
     def interpolate(self, body: dict) -> dict:
         a, b = _field(body, "a", str), _field(body, "b", str)

@@ -65,6 +65,9 @@ def test_api_answers_as_the_python_api(client, model):
     assert [n["text"] for n in r["neighbours"]] == [t for t, _ in model.nearest(e, k=5)]
     d = client.post("/api/decode", json={"text": SENTENCE, "source": "encoder"}).get_json()
     assert d["text"] == model.decode(e, steps=3) and d["source"] == "encoder"
+    if d["text"].strip():
+        back = model.embed(d["text"])
+        assert d["roundtrip_cosine"] == pytest.approx(float(back @ e / np.linalg.norm(back)), abs=1e-5)
     d = client.post("/api/decode", json={"text": SENTENCE, "source": "model"}).get_json()
     assert d["text"] == model.decode(z, steps=3)
     d = client.post("/api/decode", json={"latent": e.tolist()}).get_json()
@@ -172,6 +175,8 @@ def test_page_in_a_real_browser(model, tmp_path):
             assert page.locator("#chart rect.encoder").count() == 32
             assert page.locator("#neighbours li").count() == 5
             assert not page.is_visible("#error")
+            ids = page.eval_on_selector_all("[id]", "els => els.map(e => e.id)")
+            assert len(ids) == len(set(ids)), ids  # every id once
             page.fill("#a", a)
             page.fill("#b", b)
             page.fill("#points", "5")

@@ -99,9 +99,12 @@ async function encode() {
 async function decode() {
   const out = $("decoded");
   out.textContent = "";
+  $("back").textContent = "";
   delete out.dataset.done;
   const [, r] = await Promise.all([encode(), call("/api/decode", {text: $("text").value, source: $("source").value})]);
   out.textContent = r.text || "(empty)";
+  $("back").textContent = r.roundtrip_cosine === null ? "" :
+    `(re-encoded: cosine ${r.roundtrip_cosine.toFixed(3)} to the latent decoded)`;
   out.dataset.done = "1";
 }
 
