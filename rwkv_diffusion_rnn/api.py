@@ -52,9 +52,12 @@ def _pick_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise DiffRwkvError(f"device {device!r} is not a device; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffRwkvError(f"device {device!r}: CUDA is not available on this machine; expected 'cpu' or 'auto'")
+    return dev
 
 
 def _pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

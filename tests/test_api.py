@@ -213,6 +213,8 @@ def test_bad_inputs_are_one_line_errors(model, run, tmp_path):
     one_line_error(lambda: model.interpolate(z, z[0]), "interpolate a", "expected one latent")
     one_line_error(lambda: DiffRwkv.from_pretrained(run["save_dir"], dtype="int8"), "dtype 'int8'")
     one_line_error(lambda: DiffRwkv.from_pretrained(run["save_dir"], device="gpu0"), "device 'gpu0'")
+    if not torch.cuda.is_available():
+        one_line_error(lambda: DiffRwkv.from_pretrained(run["save_dir"], device="cuda"), "CUDA is not available")
     one_line_error(lambda: DiffRwkv.from_pretrained(run["save_dir"], data_dir=tmp_path), "train_data.json")
 
 
