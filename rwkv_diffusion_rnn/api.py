@@ -135,9 +135,11 @@ class DiffRwkv:
             )  # fmt: skip
         if data_dir is not None:
             d = Path(data_dir)
+            inside = sorted(c.parent for c in d.glob("*/train_data.json"))
+            d = inside[0] if not (d / "train_data.json").is_file() and len(inside) == 1 else d  # or its parent
             if not (d / "train_data.json").is_file():
                 raise DiffRwkvError(f"{d / 'train_data.json'}: not found; expected data_dir to be the "
-                                    "prepare-latents folder of the training data")  # fmt: skip
+                                    "prepare-latents folder of the training data (or its parent)")  # fmt: skip
             record.data_dir = d.resolve()
             record.encoder_dir = encoder_dir_of(record.data_dir) or record.encoder_dir
         return cls(loaded, record, dt)

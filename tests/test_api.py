@@ -228,6 +228,7 @@ def test_missing_encoder_and_data_are_one_line_errors(run, tmp_path):
         one_line_error(lambda: m.nearest(np.ones(32)), "training data is not on this machine")
         again = DiffRwkv.from_pretrained(run["save_dir"], data_dir=moved / "qwen_32d")
         assert again.embed(TEXTS).shape == (3, 32) and len(again.nearest(np.ones(32), k=2)) == 2
+        assert DiffRwkv.from_pretrained(run["save_dir"], data_dir=moved).record.data_dir == again.record.data_dir
     finally:
         shutil.move(moved, run["root"] / "data")
 
