@@ -70,6 +70,23 @@ def _pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     raise DiffRwkvError(f"dtype {dtype!r} is not supported; expected one of fp32, bf16, fp16 (or the torch dtype)")
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers draws a bar while it loads a sentence encoder's weights: off here, as every API bar is."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _check_options(fn, options: dict[str, Any], where: str) -> None:
     allowed = set(inspect.signature(fn).parameters) - _OWN
     unknown = sorted(set(options) - allowed)
@@ -341,7 +358,8 @@ class DiffRwkv:
                 )
             from rwkv_diffusion_rnn.latent_encoder import LatentEncoder
 
-            self._encoder = LatentEncoder.from_dir(self.record.encoder_dir, device=str(self.device))
+            with _no_loading_bar():
+                self._encoder = LatentEncoder.from_dir(self.record.encoder_dir, device=str(self.device))
         z = self._encoder.encode(rows, batch_size=batch_size)
         return z[0] if single else z
 
