@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[serve] loading {a.checkpoint} ...", flush=True)
     model = DiffRwkv.from_pretrained(a.checkpoint, device=a.device, data_dir=a.data_dir)
     server = start_server(create_app(model, steps=a.steps, seed=a.seed), a.host, a.port)
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[serve] listening on {a.host}: anyone who can reach this machine can use the model")
     if not model.has_encoder:
         print("[serve] the data's encoder was not found: the page shows the model's latents only (--data-dir)")
     print(f"[serve] playground: http://{a.host}:{server.port}/   (Ctrl+C to stop)", flush=True)

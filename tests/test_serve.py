@@ -187,6 +187,15 @@ def test_page_in_a_real_browser(model, tmp_path):
             assert page.text_content("#walked") == (path.texts[2] or "(empty)")
             assert page.locator("#path li").count() == 5
             page.wait_for_function("document.body.dataset.busy === '0'")
+            page.fill("#text", "   ")
+            page.click("#decode")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "texts[0] is empty" in page.text_content("#error")  # the server's one line, shown
+            page.fill("#text", SENTENCE)
+            page.click("#decode")
+            page.wait_for_selector("#decoded[data-done='1']", timeout=120_000)
+            assert page.is_hidden("#error") and page.text_content("#decoded") == decoded
+            page.wait_for_function("document.body.dataset.busy === '0'")
             shot = tmp_path / "playground.png"
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
