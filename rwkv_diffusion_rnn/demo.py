@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     _say("done: the model beats the floor" if beats else "done (quick run: too short to beat the floor)")
     from rwkv_diffusion_rnn.serve import DEFAULT_PORT
 
-    print(f"\nplay with it in a browser:  diffrwkv serve --checkpoint {run}   (then open http://127.0.0.1:{DEFAULT_PORT}/)")
+    url = f"http://127.0.0.1:{DEFAULT_PORT}/"
+    print(f"\nplay with it in a browser:  diffrwkv serve --checkpoint {run}   (then open {url})")
     print(f"or from Python:  DiffRwkv.from_pretrained({str(run)!r})   (from rwkv_diffusion_rnn import DiffRwkv)")
     return 0
 
