@@ -39,6 +39,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("rwkv_diffusion_rnn.sample_cli:main", "generate text from latents, latents from text, or both"),
     "evaluate": ("rwkv_diffusion_rnn.evaluate:main", "evaluate a checkpoint"),
     "demo": ("rwkv_diffusion_rnn.demo:main", "the offline end-to-end demo"),
+    "serve": ("rwkv_diffusion_rnn.serve:main", "a local playground page over a trained model (127.0.0.1)"),
 }
 
 

@@ -11,7 +11,8 @@
 5. samples L2T (latent -> text) and T2L (text -> latent) on held-out rows and evaluates them (:mod:`evaluate`)
    against the floor of returning a random training sentence;
 6. prints the figures, example generations and the paths of the report and plots. Exit status 1 if the model
-   does not clearly beat the floor (round-trip cosine and retrieval top-1), so a regression cannot pass quietly.
+   does not clearly beat the floor (round-trip cosine and retrieval top-1), so a regression cannot pass quietly;
+7. ends with the two lines that open the model in the playground (``diffrwkv serve``) and in Python (``DiffRwkv``).
 """
 
 from __future__ import annotations
@@ -149,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and not beats:
         raise DiffRwkvError("the demo model did not clearly beat the random-sentence floor (see the table above)")
     _say("done: the model beats the floor" if beats else "done (quick run: too short to beat the floor)")
+    from rwkv_diffusion_rnn.serve import DEFAULT_PORT
+
+    url = f"http://127.0.0.1:{DEFAULT_PORT}/"
+    print(f"\nplay with it in a browser:  diffrwkv serve --checkpoint {run}   (then open {url})")
+    print(f"or from Python:  DiffRwkv.from_pretrained({str(run)!r})   (from rwkv_diffusion_rnn import DiffRwkv)")
     return 0
 
 

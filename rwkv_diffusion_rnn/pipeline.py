@@ -49,31 +49,45 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> LoadedModel:
     ck = load_checkpoint(path)
-    cfg = config_from_dict(ck.config)
-    extra = ck.extra or {}
+    tensors = dict(ck.model_tensors)
+    if ema and ck.ema is not None:
+        tensors.update({k: v.to(tensors[k].dtype) for k, v in ck.ema["shadow"].items() if k in tensors})
+    return build_model(ck.config, ck.extra or {}, ck.backbone, tensors, ck.path, ck.step, device)
+
+
+def build_model(
+    config: dict,
+    extra: dict,
+    backbone_ref: dict | None,
+    tensors: dict[str, torch.Tensor],
+    where: Path,
+    step: int,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """The model a checkpoint describes: its stored ``config``, its ``extra`` (backbone and denoiser shapes,
+    normaliser, compact vocabulary), its backbone reference ``{"path", "sha256"}`` (None: rebuilt from
+    ``extra["backbone_config"]``) and the trained ``tensors``. ``where`` names the source in errors."""
+    cfg = config_from_dict(config)
     bcfg = RWKV7Config(**extra["backbone_config"]) if "backbone_config" in extra else None
-    if ck.backbone:  # a pretrained backbone, referenced by path + hash
+    if backbone_ref:  # a pretrained backbone, referenced by path + hash
         from rwkv_diffusion_rnn.pretrained_rwkv import load_rwkv_model
 
-        bpath = Path(ck.backbone["path"])
+        bpath = Path(backbone_ref["path"])
         if not bpath.exists():
-            raise DiffRwkvError(f"{ck.path}: its backbone {bpath} is missing; put the file back at that path")
-        if ck.backbone.get("sha256") and bpath.is_file() and file_sha256(bpath) != ck.backbone["sha256"]:
-            raise DiffRwkvError(f"{ck.path}: backbone {bpath} changed since training (sha256 differs)")
+            raise DiffRwkvError(f"{where}: its backbone {bpath} is missing; put the file back at that path")
+        if backbone_ref.get("sha256") and bpath.is_file() and file_sha256(bpath) != backbone_ref["sha256"]:
+            raise DiffRwkvError(f"{where}: backbone {bpath} changed since training (sha256 differs)")
         backbone = load_rwkv_model(bpath, wkv_backend=cfg.model.wkv_backend)
     else:
         if bcfg is None:
-            raise DiffRwkvError(f"{ck.path}: no backbone reference and no backbone_config in meta.json")
+            raise DiffRwkvError(f"{where}: no backbone reference and no backbone_config in meta.json")
         backbone = RWKV7(bcfg, wkv_backend=cfg.model.wkv_backend)  # every trained tensor is overwritten below
     dcfg = DenoiserConfig(**extra["denoiser"]) if "denoiser" in extra else DenoiserConfig()
     if isinstance(dcfg.lora_targets, list):
         dcfg.lora_targets = tuple(dcfg.lora_targets)
     denoiser = RWKVDenoiser(backbone, dcfg)
-    tensors = dict(ck.model_tensors)
-    if ema and ck.ema is not None:
-        tensors.update({k: v.to(tensors[k].dtype) for k, v in ck.ema["shadow"].items() if k in tensors})
     with torch.no_grad():
-        apply_model_tensors(denoiser, tensors, where=str(ck.path))
+        apply_model_tensors(denoiser, tensors, where=str(where))
     denoiser = denoiser.to(device).eval()
     dc = cfg.diffusion
     text = MaskedDiffusion(build_text_schedule(dc.text_schedule, eps=dc.text_eps), denoiser.mask_id, dc.text_weighting)
@@ -88,4 +102,4 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", ema: bool
         token_map = TokenMap(extra["vocab_ids"])
         tok = CompactTokenizer(tok, token_map)
         denoiser.sample_banned_ids = (token_map.unk,)  # never generate the unknown id
-    return LoadedModel(denoiser, text, latent, normalizer, tok, cfg, ck.step, ck.path, token_map)
+    return LoadedModel(denoiser, text, latent, normalizer, tok, cfg, step, Path(where), token_map)
