@@ -25,6 +25,11 @@ l2t            training.loss_type=l2t: a latent -> text decoder only, like basel
 eps / v / x0   diffusion.latent_prediction=eps / v / x0 (the default is x0 since 2026-11-27, when it won this
                comparison; the first table in docs/RESULTS.md was run with the eps default, so its ``causal`` row
                is today's ``eps``)
+frozen         --backbone FILE.pth (a pretrained RWKV-7, World vocabulary), model.freeze_backbone=true, fresh head
+lmhead         the same with model.use_rwkv_lm_head=true
+lora           the same with model.lora_rank=--lora-rank (no CUDA graphs: the adapters sit outside the graphed blocks)
+unfreeze       the same, every block unfrozen at step --unfreeze-after (embeddings stay frozen)
+full           --backbone FILE.pth with model.freeze_backbone=false (docs/pretrained.md)
 ar             baseline (a): autoregressive decoder with a latent prefix, greedy + beam search (captions_baselines)
 regress        baseline (b): mean-pooled encoder + MLP regressing the latent (captions_baselines)
 ============== =======================================================================================

@@ -30,9 +30,9 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 #: (full, quick) settings. The full run is sized to finish in well under 10 minutes on 2 CPU cores.
 PRESETS = {
     "full": dict(train_rows=4000, val_rows=200, n_layer=4, n_embd=128, batch=64, steps=1200, eval_rows=200,
-                 sample_steps=16),
+                 sample_steps=1),
     "quick": dict(train_rows=256, val_rows=32, n_layer=1, n_embd=64, batch=16, steps=30, eval_rows=32,
-                  sample_steps=4),
+                  sample_steps=1),
 }  # fmt: skip
 
 
