@@ -31,6 +31,7 @@ import torch
 
 from rwkv_diffusion_rnn import sampling
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.latent_files import read_data_latents
 from rwkv_diffusion_rnn.pipeline import LoadedModel, build_model, load_trained
 from rwkv_diffusion_rnn.saved_model import ModelRecord, encoder_dir_of, find_data_dir, is_saved_folder, read_folder
 
@@ -368,7 +369,7 @@ class DiffRwkv:
             if self.record.data_dir is None:
                 raise DiffRwkvError(f"{self.record.source}: the training data is not on this machine; pass data_dir= "
                                     "to from_pretrained (the prepare-latents folder)")  # fmt: skip
-            z, texts, _ = sampling.read_data_latents(self.record.data_dir, "train")
+            z, texts, _ = read_data_latents(self.record.data_dir, "train")
             norms = np.linalg.norm(z, axis=1, keepdims=True)
             self._train = (z / np.maximum(norms, 1e-12), [t or "" for t in texts])
         return self._train
