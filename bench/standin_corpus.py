@@ -42,6 +42,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rwkv_diffusion_rnn.checkpoints import file_sha256
+
 DEBIAN = {
     "wordnet": "wordnet-base",
     "gcide": "dict-gcide",
@@ -59,14 +61,6 @@ MIN_CHARS, MAX_CHARS = 20, 4000
 
 class CorpusError(RuntimeError):
     pass
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -95,7 +89,7 @@ def fetch_debian(pkg: str, cache: Path) -> Path:
     deb = next(debs.glob(f"{pkg}_*.deb"))
     out.mkdir(parents=True, exist_ok=True)
     _run(["dpkg-deb", "-x", str(deb), str(out)], cache)
-    (out / ".done").write_text(json.dumps({"file": deb.name, "sha256": sha256(deb)}))
+    (out / ".done").write_text(json.dumps({"file": deb.name, "sha256": file_sha256(deb)}))
     return out
 
 
@@ -109,7 +103,7 @@ def fetch_npm(spec: str, cache: Path) -> Path:
     tgz = out / tgz_name
     with tarfile.open(tgz) as t:
         t.extractall(out, filter="data")
-    (out / ".done").write_text(json.dumps({"file": tgz_name, "sha256": sha256(tgz)}))
+    (out / ".done").write_text(json.dumps({"file": tgz_name, "sha256": file_sha256(tgz)}))
     return out
 
 

@@ -20,7 +20,6 @@ tiny LM in-process with :func:`pretrain` instead).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import math
@@ -35,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captions_common import BudgetClock, StepClock, TimeCosineLR, train_for_budget  # noqa: E402
+
+from rwkv_diffusion_rnn.checkpoints import file_sha256  # noqa: E402
 
 
 def read_tokens(path: Path) -> np.ndarray:
@@ -173,14 +174,6 @@ def plain_copy(model, n_layer: int, n_embd: int, device) -> torch.nn.Module:
     return m.to(device).eval()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="folder of bench/standin_corpus.py --tokenize")
@@ -245,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": {k: v for k, v in tr.items() if k != "curve"},
         "curve": tr["curve"],
         "eval": ev,
-        "file": {"path": str(out), "sha256": sha256(out), "bytes": out.stat().st_size},
+        "file": {"path": str(out), "sha256": file_sha256(out), "bytes": out.stat().st_size},
         "reload_logits_rel_diff": diff,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

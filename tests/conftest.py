@@ -6,6 +6,7 @@ import gzip
 from pathlib import Path
 
 import pytest
+import torch
 
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 from rwkv_diffusion_rnn.models.rwkv7 import random_rwkv7 as make_random
@@ -18,6 +19,16 @@ FALLBACK_TEXT = (
     "Two young guys with shaggy hair look at their hands while hanging out in the yard. "
     "A man in a blue shirt is standing on a ladder cleaning windows, and a little girl climbs into a wooden playhouse."
 )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's spin-waiting makes
+    their steps up to 50x slower when another process holds a core; restored after the module that asked for it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def random_rwkv7(n_layer: int, n_embd: int, vocab_size: int = 65536, seed: int = 0) -> RWKV7:

@@ -16,12 +16,7 @@ from tests.api_helpers import tiny_run
 TEXTS = ["A dog runs on the beach.", "Two cats sleep in the kitchen.", "The old fisherman sings."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rwkv_diffusion_rnn import DiffRwkv, cli
 from rwkv_diffusion_rnn.serve import create_app, start_server
@@ -22,12 +21,7 @@ from tests.api_helpers import tiny_run
 SENTENCE = "The old fisherman sings on the bridge."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
