@@ -14,7 +14,6 @@ import shlex
 import sys
 
 import pytest
-import torch
 
 from rwkv_diffusion_rnn import cli
 from tests.data_helpers import REPO
@@ -37,12 +36,7 @@ def bash_commands(block_source: str) -> list[str]:
     return [line for line in (shlex.join(shlex.split(x, comments=True)) for x in joined.splitlines()) if line]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build_demo_data(root) -> None:

@@ -39,14 +39,7 @@ STRATEGIES = ("ancestral", "confidence", "threshold")
 WHOLE_ROW = dict(temperature=1.0, guidance_scale=0.0, block_size=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation (and on a busy 2-core machine
-    OpenMP spin-waiting can slow a step 10-100x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def loaded(den, prediction: str = "eps", pad_to_length: int | None = None, seed: int = 0) -> SimpleNamespace:
