@@ -226,6 +226,9 @@ def train_for_budget(
     timed steps with a :class:`StepClock`. Returns steps, timing (``train_s``: the budget's unit; ``wall_s``:
     seconds), a loss curve (every ``curve_every`` steps) and the last record."""
     steps, curve, last = 0, [], {}
+    cuda = torch.cuda.is_available()
+    if cuda:  # the training peak: weights, optimiser state and the steps' activations (not the evaluation's)
+        torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
     warmup_s = 0.0
     next_log = log_every_s
@@ -264,6 +267,7 @@ def train_for_budget(
         "wall_s": round(clock.wall(), 2),
         "curve": curve,
         "last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+        "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
     }
 
 
