@@ -561,6 +561,12 @@ def main() -> int:
     report = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "toolchain": tools,
               "shapes": args.shapes, "check_shape": args.check_shape, "seed": args.seed, "kernels": {}}  # fmt: skip
     results = report["kernels"]
+
+    def dump() -> None:  # after every step: a run cut short still leaves its results
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
     for k in wanted:
         results[k.name] = {"origin": k.origin, "initial_state": k.init_state, "final_state_grad": k.final_grad}
 
@@ -598,6 +604,7 @@ def main() -> int:
         results[k.name]["check"] = res
         raws[k.name] = raw
         print_check(k.name, res)
+        dump()
 
     for k in wanted:
         if k.load is None:
@@ -644,14 +651,14 @@ def main() -> int:
                 f"  {name:<16}{t['shape']:<16} fwd {t['fwd_ms']:.3f} ms, fwd+bwd {t['fwd_bwd_ms']:.3f} ms", flush=True
             )
             torch.cuda.empty_cache()
+            dump()
     print_table(report)
     print(f"\nwall time {time.monotonic() - T0:.0f} s")
     for name, res in results.items():
         if res.get("status") not in (None, "ok"):
             print(f"  {name}: {res['status']}: {res.get('reason', '')}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    report["wall_s"] = round(time.monotonic() - T0, 1)
+    dump()
     return 0 if any("timings" in r for r in results.values()) else 1
 
 
