@@ -149,6 +149,7 @@ def ar_nll_bits(model: PrefixCaptioner, rows: torch.Tensor, z: torch.Tensor, dty
     }
 
 
+# ----------------------------------------------------------------------------------------------- early stopping
 class EarlyStop:
     """The AR baseline's early stopping (``--ar-early-stop X``): every X budget units (seconds, or timed steps with
     ``--budget-steps``) the validation NLL of captions 2-5 of the validation images, given their own latents, is
@@ -209,6 +210,7 @@ class EarlyStop:
         }
 
 
+# ------------------------------------------------------------------------------------------------------ the run
 def run_ar(args, data: TrainData, ev: Eval, dev: torch.device, tok, shared: dict) -> tuple[dict, None]:
     """Train and evaluate the AR baseline (``shared``: the settings every run records). Returns (its JSON, None:
     it makes no T2L predictions)."""

@@ -39,6 +39,7 @@ def autocast(device: torch.device, dtype: str, cache: bool = True):
     return torch.autocast(device.type, dtype=dt, cache_enabled=cache) if dt is not None else contextlib.nullcontext()
 
 
+# -------------------------------------------------------------------------------------------- rows and batches
 class TrainData:
     """Fixed-length training / validation rows in model ids, standardised latents, and the normaliser."""
 
@@ -86,6 +87,7 @@ class RowSource:
         return self.rows[idx], self.text_len[idx], self.z[idx]
 
 
+# ----------------------------------------------------------------------------------------------------- training
 def make_step(
     model: nn.Module,
     optimizer,

@@ -48,7 +48,7 @@ DIFFUSION = ("causal", "twice", "bidirectional", "sequential", "uniform", "elbo"
 PRETRAINED = ("frozen", "lmhead", "lora", "unfreeze", "full")
 
 
-# ----------------------------------------------------------------------------------------------------- settings
+# --------------------------------------------------------------------------------- the decoders and the config
 def l2t_decoders(args) -> list[tuple[str, int, float, int | None, float, int, float | None]]:
     """``--l2t-decoders`` as (strategy, steps, guidance, block size, temperature, candidates, rerank temperature)
     tuples; the default is the project sampler at ``--sample-steps`` without guidance, all positions at once,
@@ -192,14 +192,89 @@ class OtherLatent(torch.utils.data.Dataset):
         return row
 
 
+def _as_loaded(trainer):
+    """The trained denoiser in eval mode, shaped like ``pipeline.load_trained``'s result for the samplers and the
+    evaluation (the unknown id banned from generation)."""
+    tm = trainer.token_map
+    den = trainer.model.eval()
+    den.sample_banned_ids = (tm.unk,) if tm is not None else ()
+    return SimpleNamespace(
+        denoiser=den,
+        text=trainer.objective.text,
+        latent=trainer.objective.latent,
+        normalizer=trainer.normalizer,
+        tokenizer=SimpleNamespace(eot_id=0, pad_id=0),
+        config=trainer.cfg,
+        step=trainer.step,
+        path=None,
+        token_map=tm,
+    )
+
+
+def _likelihood(m, trainer, ev: Eval, args, dev: str) -> dict:
+    """``evaluate.likelihood_metrics`` on the validation rows (5 per evaluated image), and the text NELBO again with
+    each row given another image's latent (:class:`OtherLatent`): ``latent_info_bits`` is the difference."""
+    from rwkv_diffusion_rnn.evaluate import likelihood_metrics
+
+    val_rows = trainer.val_set
+    if args.eval_limit:
+        from torch.utils.data import Subset
+
+        val_rows = Subset(trainer.val_set, range(min(len(trainer.val_set), 5 * ev.n_img)))
+    lik = likelihood_metrics(m, val_rows, batch_size=args.eval_batch, device=dev, seed=args.seed)
+    wrong = likelihood_metrics(m, OtherLatent(val_rows), batch_size=args.eval_batch, device=dev, seed=args.seed)
+    lik["val_text_nelbo_bits_other_latent"] = wrong["val_text_nelbo_bits"]
+    lik["latent_info_bits"] = wrong["val_text_nelbo_bits"] - lik["val_text_nelbo_bits"]
+    return lik
+
+
+def _decode_l2t(m, ev: Eval, args, tok, dev: str) -> dict[str, dict]:
+    """Every ``--l2t-decoders`` item from the caption-1 latents: ``{decoder name: {world_ids, texts, seconds}}``,
+    plus ``rerank`` (every candidate in World ids, the model's choice and its cosines) for a reranking decoder."""
+    from rwkv_diffusion_rnn.sampling import sample_l2t
+
+    tm, decoded = m.token_map, {}
+    for dec in l2t_decoders(args):
+        strategy, steps, guidance, block, temperature, k, rtemp = dec
+        t_dec = time.perf_counter()
+        rec: dict = {}
+        ids = sample_l2t(
+            m,
+            ev.val_latents,
+            num_steps=steps,
+            strategy=strategy,
+            guidance_scale=guidance,
+            block_size=block,
+            temperature=temperature,
+            batch_size=args.eval_batch,
+            seed=args.seed,
+            device=dev,
+            candidates=k,
+            rerank_temperature=rtemp,
+            rerank_record=rec,
+        )  # reranking uses sample_l2t's 1 T2L step
+        w = to_world(tm, ids)
+        decoded[decoder_name(*dec)] = {
+            "world_ids": w,
+            "texts": texts(tok, w),
+            "seconds": round(time.perf_counter() - t_dec, 1),
+        }
+        if rec:  # self-reranking: every candidate (World ids), the model's choice and its cosines, for the scorer
+            decoded[decoder_name(*dec)]["rerank"] = {
+                "candidates": [to_world(tm, c) for c in rec["candidates"]],
+                "choice": rec["choice"],
+                "self_cosine": [[round(x, 5) for x in row] for row in rec["cosine"]],
+            }
+    return decoded
+
+
 def run_diffusion(
     variant: str, args, train_pack: Path, ev: Eval, work: Path, tok, vocab, shared: dict
 ) -> tuple[dict, np.ndarray]:
     """Train and evaluate one diffusion variant; ``vocab``: the bundle's compact vocabulary (the Trainer's must
     agree), ``shared``: the settings every run records. Returns (the run's JSON, its T2L predictions)."""
-    from rwkv_diffusion_rnn.evaluate import likelihood_metrics
     from rwkv_diffusion_rnn.improved_trainer import Trainer
-    from rwkv_diffusion_rnn.sampling import sample_l2t, sample_t2l
+    from rwkv_diffusion_rnn.sampling import sample_t2l
 
     cfg = diffusion_config(variant, args, train_pack, work / f"trainer_{variant}")
     trainer = Trainer(cfg)
@@ -237,69 +312,17 @@ def run_diffusion(
         f"warm-up {tr['warmup_s']:.1f} s); last loss {tr['last'].get('loss', float('nan')):.4f}"
     )
 
-    den = trainer.model.eval()
-    den.sample_banned_ids = (tm.unk,) if tm is not None else ()
-    m = SimpleNamespace(
-        denoiser=den,
-        text=trainer.objective.text,
-        latent=trainer.objective.latent,
-        normalizer=trainer.normalizer,
-        tokenizer=SimpleNamespace(eot_id=0, pad_id=0),
-        config=trainer.cfg,
-        step=trainer.step,
-        path=None,
-        token_map=tm,
-    )
-    dev = str(trainer.device)
+    m, dev = _as_loaded(trainer), str(trainer.device)
     t1 = time.perf_counter()
-    val_rows = trainer.val_set
-    if args.eval_limit:
-        from torch.utils.data import Subset
-
-        val_rows = Subset(trainer.val_set, range(min(len(trainer.val_set), 5 * ev.n_img)))
-    lik = likelihood_metrics(m, val_rows, batch_size=args.eval_batch, device=dev, seed=args.seed)
-    wrong = likelihood_metrics(m, OtherLatent(val_rows), batch_size=args.eval_batch, device=dev, seed=args.seed)
-    lik["val_text_nelbo_bits_other_latent"] = wrong["val_text_nelbo_bits"]
-    lik["latent_info_bits"] = wrong["val_text_nelbo_bits"] - lik["val_text_nelbo_bits"]
+    lik = _likelihood(m, trainer, ev, args, dev)
     t_lik = time.perf_counter() - t1
     say(
         f"{variant}: val NELBO {lik['val_text_nelbo_bits']:.4f} bits/token (uniform {lik['uniform_bits']:.2f}), "
         f"latent MSE {lik['val_latent_mse']:.4f} (trivial {lik['trivial_latent_mse']:.4f}); with another image's "
-        f"latent {wrong['val_text_nelbo_bits']:.4f} bits/token [{t_lik:.0f} s]"
+        f"latent {lik['val_text_nelbo_bits_other_latent']:.4f} bits/token [{t_lik:.0f} s]"
     )
     t1 = time.perf_counter()
-    decoded: dict[str, dict] = {}
-    for dec in l2t_decoders(args):
-        strategy, steps, guidance, block, temperature, k, rtemp = dec
-        t_dec = time.perf_counter()
-        rec: dict = {}
-        ids = sample_l2t(
-            m,
-            ev.val_latents,
-            num_steps=steps,
-            strategy=strategy,
-            guidance_scale=guidance,
-            block_size=block,
-            temperature=temperature,
-            batch_size=args.eval_batch,
-            seed=args.seed,
-            device=dev,
-            candidates=k,
-            rerank_temperature=rtemp,
-            rerank_record=rec,
-        )  # reranking uses sample_l2t's 1 T2L step
-        w = to_world(tm, ids)
-        decoded[decoder_name(*dec)] = {
-            "world_ids": w,
-            "texts": texts(tok, w),
-            "seconds": round(time.perf_counter() - t_dec, 1),
-        }
-        if rec:  # self-reranking: every candidate (World ids), the model's choice and its cosines, for the scorer
-            decoded[decoder_name(*dec)]["rerank"] = {
-                "candidates": [to_world(tm, c) for c in rec["candidates"]],
-                "choice": rec["choice"],
-                "self_cosine": [[round(x, 5) for x in row] for row in rec["cosine"]],
-            }
+    decoded = _decode_l2t(m, ev, args, tok, dev)
     t_l2t = time.perf_counter() - t1
     world = next(iter(decoded.values()))["world_ids"]
 
@@ -312,7 +335,7 @@ def run_diffusion(
     t_t2l = time.perf_counter() - t1
     t2l = ev.t2l_metrics(pred)
     say(
-        f"{variant}: L2T {len(ids)} rows in {t_l2t:.0f} s; T2L {pred.shape[0]} rows in {t_t2l:.0f} s: cosine "
+        f"{variant}: L2T {len(world)} rows in {t_l2t:.0f} s; T2L {pred.shape[0]} rows in {t_t2l:.0f} s: cosine "
         f"{t2l['val_cosine']}, STS-B Spearman {t2l['stsb_spearman']}"
     )
     spelled = None

@@ -68,6 +68,7 @@ def regress_predict(
     return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features, device=rows.device)
 
 
+# ------------------------------------------------------------------------------------------------------ the run
 def run_regress(args, data: TrainData, ev: Eval, dev: torch.device, shared: dict) -> tuple[dict, np.ndarray]:
     """Train and evaluate the regression baseline (``shared``: the settings every run records). Returns (its JSON,
     its T2L predictions in the raw latent space)."""
