@@ -1,161 +1,68 @@
-"""Issue #7: the obvious baselines the diffusion model must beat, at the same size and the same training budget.
+"""What the captions harness's two baselines share (``bench/captions_run.py --variants ar,regress``): the obvious
+models the diffusion model must beat, at the same size and under the same training budget. Each has its own file:
 
-(a) ``ar`` — latent -> text: an autoregressive decoder, the same :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7`
-    class and shape as the denoiser's backbone, trained with next-token cross-entropy. The standardised latent is
-    projected to ``P`` prefix embeddings (a learned linear map plus a learned position embedding per slot) that
-    stand before the text; position ``P - 1 + k`` predicts token ``k``. Rows are the diffusion runs' rows (text cut to
-    ``L - 1`` tokens, then end-of-text up to ``L``), every position in the loss, so its validation NLL in bits per
-    token counts exactly the tokens the diffusion NELBO counts (the NLL is exact; the NELBO is an upper bound).
-    Decoding: greedy and beam search (no length normalisation; a finished beam extends only with end-of-text at
-    log-probability 0). Each decoding step re-reads the whole row, right-padded to the full length so that every
-    step has one input shape (rows are <= 40 tokens: simple, correct on every WKV backend, no per-length kernel
-    tuning).
-(b) ``regress`` — text -> latent: the same RWKV-7 shape as an encoder over the fixed-length row, its final hidden
-    states mean-pooled over the text and its first end-of-text, and an MLP head (the denoiser's latent-head shape)
-    predicting the standardised latent; loss MSE (default) or 1 - cosine in the raw latent space.
+(a) ``ar`` (:mod:`captions_ar`) — latent -> text: an autoregressive RWKV-7 decoder with a latent prefix, greedy and
+    beam-search decoding, optional early stopping on held-out captions;
+(b) ``regress`` (:mod:`captions_regress`) — text -> latent: an RWKV-7 encoder, mean-pooled, with an MLP head.
 
-Both draw batches in the Trainer's order (an epoch is ``default_rng([seed, epoch]).permutation``, cut into full
-batches) and train under the same budget rule and time-based schedule (:mod:`captions_common`).
+Here: their training rows (:class:`TrainData`: fixed-length rows in the compact vocabulary, standardised latents),
+the batches in the Trainer's order (:class:`RowSource`: an epoch is ``default_rng([seed, epoch]).permutation``,
+cut into full batches), one optimizer step with the Trainer's rule (:func:`make_step`: the library's clipping,
+skip a non-finite step, schedule every step), and the budgeted loop (:func:`train_baseline`: the same budget rule
+and time-based schedule as the diffusion runs, :mod:`captions_common`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from captions_common import (
+    TimeCosineLR,
+    budget_of,
+    compact_vocab,
+    fixed_rows,
+    make_clock,
+    say,
+    train_for_budget,
+)
 from torch import nn
 
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 
-EOT = 0
-
-
-def _autocast(device: torch.device, dtype: str, cache: bool = True):
+def autocast(device: torch.device, dtype: str, cache: bool = True):
     """``cache=False`` for a step that replays CUDA graphs (autocast's weight-cast cache cannot be captured)."""
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     return torch.autocast(device.type, dtype=dt, cache_enabled=cache) if dt is not None else contextlib.nullcontext()
 
 
-class PrefixCaptioner(nn.Module):
-    """Latent-prefixed autoregressive RWKV-7 decoder (baseline a)."""
+# -------------------------------------------------------------------------------------------- rows and batches
+class TrainData:
+    """Fixed-length training / validation rows in model ids, standardised latents, and the normaliser."""
 
-    def __init__(
-        self,
-        n_layer: int,
-        n_embd: int,
-        vocab_size: int,
-        latent_dim: int = 32,
-        prefix_len: int = 4,
-        wkv_backend: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if prefix_len < 1:
-            raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
-        torch.manual_seed(seed)
-        self.backbone = RWKV7(RWKV7Config.for_shape(n_layer, n_embd, vocab_size), wkv_backend=wkv_backend)
-        self.prefix_len, self.vocab_size = prefix_len, vocab_size
-        self.prefix_proj = nn.Linear(latent_dim, prefix_len * n_embd)
-        self.prefix_pos = nn.Parameter(torch.randn(prefix_len, n_embd) * 0.02)
-        self.banned: tuple[int, ...] = ()
+    def __init__(self, bundle: dict, args: argparse.Namespace) -> None:
+        from rwkv_diffusion_rnn.data_io import LatentStats
 
-    def _inputs(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        B, C = z.shape[0], self.prefix_pos.shape[1]
-        prefix = self.prefix_proj(z).view(B, self.prefix_len, C) + self.prefix_pos
-        return torch.cat([prefix, self.backbone.emb(ids).to(prefix.dtype)], 1)
+        tok, off = np.asarray(bundle["train_tokens"]), np.asarray(bundle["train_offsets"])
+        self.token_map = compact_vocab(tok, off, args.length)
+        self.rows, self.text_len = fixed_rows(tok, off, args.length, self.token_map)
+        stats = LatentStats.load(Path(bundle["dir"]) / "latent_stats.json")
+        self.mean, self.std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+        self.z = self.standardise(bundle["train_latents"])
+        vt, vo = np.asarray(bundle["val_tokens"]), np.asarray(bundle["val_offsets"])
+        self.val_rows, _ = fixed_rows(vt, vo, args.length, self.token_map)
+        self.val_z = self.standardise(bundle["val_latents"])
 
-    def _hidden(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        h, _ = self.backbone.forward_embeds(self._inputs(z, ids), need_state=False)  # graph-eligible in training
-        return self.backbone.ln_out(h)
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        return ((np.asarray(raw, np.float64) - self.mean) / self.std).astype(np.float32)
 
-    def forward(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits ``[B, L, V]`` for every token of ``ids`` ``[B, L]`` given standardised ``z``."""
-        h = self._hidden(z, ids[:, :-1])
-        return self.backbone.head(h[:, self.prefix_len - 1 :])
-
-    def next_logits(self, z: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
-        """Logits ``[B, V]`` of the token after ``ids`` ``[B, t]`` (t may be 0). ``pad_to``: right-pad the tokens
-        with end-of-text to this many first, so every decoding step runs ONE input shape (no kernel re-tuning per
-        length on the GPU); the model is causal, so positions after ``t`` do not change the logits read."""
-        t = ids.shape[1]
-        if pad_to is not None and pad_to > t:
-            ids = torch.cat([ids, ids.new_full((ids.shape[0], pad_to - t), EOT)], 1)
-        h = self._hidden(z, ids)
-        return self.backbone.head(h[:, self.prefix_len - 1 + t])
+    def raw(self, z: np.ndarray) -> np.ndarray:
+        return (np.asarray(z, np.float64) * self.std + self.mean).astype(np.float32)
 
 
-class MeanPoolRegressor(nn.Module):
-    """RWKV-7 encoder + mean pooling + MLP -> standardised latent (baseline b)."""
-
-    def __init__(
-        self, n_layer: int, n_embd: int, vocab_size: int, latent_dim: int = 32, wkv_backend: str = "auto", seed: int = 0
-    ) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.backbone = RWKV7(RWKV7Config.for_shape(n_layer, n_embd, vocab_size), wkv_backend=wkv_backend)
-        self.backbone.head.requires_grad_(False)  # the LM head takes no part
-        self.head = nn.Sequential(nn.Linear(n_embd, n_embd), nn.SiLU(), nn.Linear(n_embd, latent_dim))
-
-    def forward(self, ids: torch.Tensor, text_len: torch.Tensor) -> torch.Tensor:
-        """``ids`` [B, L] fixed-length rows, ``text_len`` [B] text tokens per row -> [B, D]. Pools positions
-        ``0 .. text_len`` (the text and its first end-of-text)."""
-        h = self.backbone.hidden_states(ids)
-        L = ids.shape[1]
-        keep = (torch.arange(L, device=ids.device)[None] <= text_len.clamp(max=L - 1)[:, None]).to(h.dtype)
-        pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
-        return self.head(pooled.float())
-
-
-# ----------------------------------------------------------------------------------------------------- decoding
-@torch.no_grad()
-def beam_search(
-    model: PrefixCaptioner, z: torch.Tensor, length: int, beams: int = 4, batch_size: int = 256
-) -> tuple[list[list[int]], np.ndarray]:
-    """Decode up to ``length`` tokens per row of standardised latents ``z`` [N, D]. ``beams`` = 1 is greedy.
-    Returns (ids cut at the first end-of-text, model ids; sequence log-probabilities [N])."""
-    model.eval()
-    K = int(beams)
-    if K < 1:
-        raise ValueError(f"beams must be >= 1, got {beams}")
-    out: list[list[int]] = []
-    logps = np.zeros(z.shape[0])
-    for lo in range(0, z.shape[0], batch_size):
-        zb = z[lo : lo + batch_size]
-        B = zb.shape[0]
-        zk = zb.repeat_interleave(K, 0)
-        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=z.device)
-        scores = torch.full((B, K), float("-inf"), device=z.device, dtype=torch.float64)
-        scores[:, 0] = 0.0
-        done = torch.zeros(B * K, dtype=torch.bool, device=z.device)
-        for _ in range(length):
-            logp = torch.log_softmax(model.next_logits(zk, seqs, length - 1).double(), -1)  # [B*K, V]
-            if model.banned:
-                logp[:, list(model.banned)] = float("-inf")
-            V = logp.shape[1]
-            if bool(done.any()):  # a finished beam extends only with end-of-text, at no cost
-                logp[done] = float("-inf")
-                logp[done, EOT] = 0.0
-            cand = (scores.reshape(B * K, 1) + logp).reshape(B, K * V)
-            top, idx = cand.topk(K, dim=1)
-            src = (idx // V) + torch.arange(B, device=z.device)[:, None] * K  # [B, K] rows of the parent beams
-            tok = (idx % V).reshape(-1)
-            seqs = torch.cat([seqs[src.reshape(-1)], tok[:, None]], 1)
-            done = done[src.reshape(-1)] | (tok == EOT)
-            scores = top
-            if bool(done.all()):
-                break
-        best = scores.argmax(1)
-        rows = seqs.view(B, K, -1)[torch.arange(B, device=z.device), best].tolist()
-        for r in rows:
-            out.append(r[: r.index(EOT)] if EOT in r else r)
-        logps[lo : lo + B] = scores.max(1).values.cpu().numpy()
-    return out, logps
-
-
-# ----------------------------------------------------------------------------------------------------- training
 class RowSource:
     """Fixed-length rows and latents on the device, batched in the Trainer's order."""
 
@@ -180,6 +87,7 @@ class RowSource:
         return self.rows[idx], self.text_len[idx], self.z[idx]
 
 
+# ----------------------------------------------------------------------------------------------------- training
 def make_step(
     model: nn.Module,
     optimizer,
@@ -208,7 +116,7 @@ def make_step(
     def step() -> dict:
         model.train()
         ids, text_len, z = source.batch_at(state["step"])
-        with _autocast(device, dtype, cache=not fast):
+        with autocast(device, dtype, cache=not fast):
             loss = loss_fn(model, ids, text_len, z)
         loss.backward()
         grad_norm, finite = clip_and_check_grads(params, max_grad_norm)
@@ -232,51 +140,35 @@ def make_step(
     return step
 
 
-def ar_loss(model: PrefixCaptioner, ids, text_len, z) -> torch.Tensor:
-    logits = model(z, ids)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1))
+def train_baseline(model, data: TrainData, loss_fn, args, dev: torch.device, name: str, hook=None) -> dict:
+    """``hook(steps_done, clock, final=False)``: called before every step (e.g. a validation pass inside
+    ``clock.paused()``) and once after the last with ``final=True``."""
+    from rwkv_diffusion_rnn.optimizer import build_optimizer
 
-
-def regress_loss_fn(kind: str, mean: torch.Tensor, std: torch.Tensor):
-    """MSE on the standardised latent, or 1 - cosine in the raw latent space."""
-    if kind not in ("mse", "cosine"):
-        raise ValueError(f"regress loss must be mse or cosine, got {kind!r}")
-
-    def loss(model: MeanPoolRegressor, ids, text_len, z) -> torch.Tensor:
-        pred = model(ids, text_len).float()
-        if kind == "mse":
-            return F.mse_loss(pred, z)
-        return (1 - F.cosine_similarity(pred * std + mean, z * std + mean, dim=-1)).mean()
-
-    return loss
-
-
-@torch.no_grad()
-def ar_nll_bits(model: PrefixCaptioner, rows: torch.Tensor, z: torch.Tensor, dtype: str, batch_size: int = 256) -> dict:
-    """Validation NLL in bits per token over every position of the fixed-length rows (as the NELBO counts)."""
-    model.eval()
-    total, count = 0.0, 0
-    for lo in range(0, rows.shape[0], batch_size):
-        ids, zb = rows[lo : lo + batch_size], z[lo : lo + batch_size]
-        with _autocast(rows.device, dtype):
-            logits = model(zb, ids)
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="sum"))
-        count += ids.numel()
-    return {
-        "val_nll_bits": total / max(count, 1) / math.log(2),
-        "tokens": count,
-        "uniform_bits": math.log2(model.vocab_size),
-    }
-
-
-@torch.no_grad()
-def regress_predict(
-    model: MeanPoolRegressor, rows: torch.Tensor, text_len: torch.Tensor, dtype: str, batch_size: int = 256
-) -> torch.Tensor:
-    """Standardised predictions [N, D] (float32)."""
-    model.eval()
-    out = []
-    for lo in range(0, rows.shape[0], batch_size):
-        with _autocast(rows.device, dtype):
-            out.append(model(rows[lo : lo + batch_size], text_len[lo : lo + batch_size]).float())
-    return torch.cat(out) if out else torch.zeros(0, model.head[-1].out_features, device=rows.device)
+    opt = build_optimizer(model, args.lr, 0.01, (0.9, 0.99))
+    clock, budget = make_clock(args.budget_steps), budget_of(args)
+    sched = TimeCosineLR(opt, args.lr, args.warmup_steps, budget, 0.1, clock)
+    src = RowSource(data.rows, data.text_len, data.z, args.batch, args.seed, dev)
+    step = make_step(model, opt, sched, loss_fn, src, dev, args.dtype, fast=args.fast)
+    tr = train_for_budget(
+        step,
+        budget,
+        clock,
+        untimed_steps=args.untimed_steps,
+        before_step=None if hook is None else (lambda n: hook(n, clock)),
+        log=lambda s: say(f"{name}: {s}"),
+    )
+    if hook is not None:
+        hook(tr["steps"], clock, True)  # the last weights are a candidate too
+    tr.update(
+        budget_s=args.budget_s,
+        budget_steps=args.budget_steps,
+        rows_seen=tr["steps"] * args.batch,
+        epochs=tr["steps"] * args.batch / data.rows.shape[0],
+        skipped=tr["last"].get("skipped_total", 0),
+    )
+    say(
+        f"{name}: {tr['steps']} steps ({tr['timed_steps']} in {tr['train_s']:.1f} s, warm-up {tr['warmup_s']:.1f} s); "
+        f"last loss {tr['last'].get('loss', float('nan')):.4f}"
+    )
+    return tr

@@ -1,5 +1,6 @@
-"""Issue #7: what the caption scripts share — the bundle as packs, fixed-length rows, the compact vocabulary, and
-the fixed wall-clock training budget with its time-based learning-rate schedule.
+"""What the caption scripts share — the bundle as packs, fixed-length rows, the compact vocabulary, the evaluation
+inputs every run is scored on (:class:`Eval`), the run log, and the fixed training budget with its time-based
+learning-rate schedule.
 
 The budget rule (the same for every run, diffusion or baseline):
 
@@ -28,6 +29,31 @@ import numpy as np
 import torch
 
 EOT = 0
+_T0 = time.perf_counter()
+_LOG: list[Path] = []
+
+
+class RunError(Exception):
+    """A one-line, user-facing problem with the arguments or the data."""
+
+
+def say(msg: str) -> None:
+    """One line of the run log: printed, and appended to the file :func:`log_to` names."""
+    line = f"[captions_run {since_start():6.0f}s] {msg}"
+    print(line, flush=True)
+    for p in _LOG:
+        with open(p, "a") as f:
+            f.write(line + "\n")
+
+
+def since_start() -> float:
+    """Seconds since this process loaded the harness (what ``--deadline-s`` counts)."""
+    return time.perf_counter() - _T0
+
+
+def log_to(path: Path | None) -> None:
+    """Append :func:`say`'s lines to ``path`` from now on (``None``: to no file)."""
+    _LOG[:] = [] if path is None else [path]
 
 
 # ------------------------------------------------------------------------------------------------ bundle -> packs
@@ -120,6 +146,56 @@ def to_world(token_map, rows: list[list[int]]) -> list[list[int]]:
     return [[int(table[i]) for i in r] for r in rows]
 
 
+def texts(tok, world_rows: list[list[int]]) -> list[str] | None:
+    """World-id rows decoded with ``tok`` (``None`` when no tokenizer is installed: the scorer decodes them)."""
+    return None if tok is None else [tok.decode(r) for r in world_rows]
+
+
+# ------------------------------------------------------------------------------------------- evaluation inputs
+class Eval:
+    """The evaluation inputs, in World ids and raw latents (shared by every run). ``eval_limit`` > 0 keeps only
+    that many images and STS-B pairs (tests)."""
+
+    def __init__(self, bundle: dict, eval_limit: int = 0) -> None:
+        n_img = int(bundle["meta"]["counts"]["val_images"])
+        self.n_img = min(n_img, eval_limit) if eval_limit else n_img
+        pairs = int(bundle["meta"]["counts"]["stsb_pairs"])
+        self.pairs = min(pairs, eval_limit) if eval_limit else pairs
+        self.val_latents = np.array(bundle["val_latents"][: self.n_img], dtype=np.float32)  # a writable copy
+        self.val_tokens, self.val_offsets = np.asarray(bundle["val_tokens"]), np.asarray(bundle["val_offsets"])
+        self.sts_tokens, self.sts_offsets = np.asarray(bundle["stsb_tokens"]), np.asarray(bundle["stsb_offsets"])
+        self.sts_scores = np.asarray(bundle["stsb_scores"][: self.pairs], dtype=np.float64)
+        self.sts_rows = list(range(self.pairs)) + list(range(pairs, pairs + self.pairs))  # s1 ..., then s2 ...
+
+    def t2l_inputs(self, token_map, spell=None) -> list[list[int]]:
+        """Model-id lists: caption-1 of each image, then the STS-B sentence-1s, then the sentence-2s (``spell``: the
+        World byte table, to spell unseen ids with seen ones, ``TokenMap.spell``)."""
+        val = id_lists(self.val_tokens, self.val_offsets, token_map, self.n_img, spell)
+        sts_all = id_lists(self.sts_tokens, self.sts_offsets, token_map, spell=spell)
+        return val + [sts_all[i] for i in self.sts_rows]
+
+    def t2l_fixed(self, token_map, length: int) -> tuple[np.ndarray, np.ndarray]:
+        lists = self.t2l_inputs(token_map)
+        flat = np.array([i for r in lists for i in r], dtype=np.int64)
+        off = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in lists], out=off[1:])
+        return fixed_rows(flat, off, length)  # already model ids
+
+    def t2l_metrics(self, pred: np.ndarray) -> dict:
+        from rwkv_diffusion_rnn import metrics as M
+
+        val = pred[: self.n_img]
+        s1, s2 = pred[self.n_img : self.n_img + self.pairs], pred[self.n_img + self.pairs :]
+        cos, half = M.mean_and_halfwidth(M.cosine_rows(val, self.val_latents))
+        rho = M.spearman(M.cosine_rows(s1, s2), self.sts_scores) if self.pairs > 1 else float("nan")
+        return {
+            "val_cosine": finite_or_none(cos),
+            "val_cosine_ci95": finite_or_none(half),
+            "stsb_spearman": finite_or_none(rho),
+            "rows": {"val": self.n_img, "stsb_pairs": self.pairs},
+        }
+
+
 # ------------------------------------------------------------------------------------------ the wall-clock budget
 class BudgetClock:
     """Wall clock of the timed part of a run: 0 until :meth:`start`, then seconds since."""
@@ -171,6 +247,15 @@ class StepClock(BudgetClock):
 
     def elapsed(self) -> float:
         return float(self.n)
+
+
+def budget_of(args) -> float:
+    """The training budget in its unit: timed steps with ``--budget-steps``, else seconds."""
+    return float(args.budget_steps) if args.budget_steps > 0 else float(args.budget_s)
+
+
+def budget_text(args) -> str:
+    return f"{args.budget_steps} steps" if args.budget_steps > 0 else f"{args.budget_s:.0f} s"
 
 
 def make_clock(budget_steps: int) -> BudgetClock:

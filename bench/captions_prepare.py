@@ -1,4 +1,4 @@
-"""Issue #7, step 1 (CPU, here): one compact bundle with everything the GPU runs need, encoded with ONE encoder.
+"""Captions harness, step 1 (CPU): one compact bundle with everything the GPU runs need, encoded with ONE encoder.
 
     python bench/captions_prepare.py --pack /tmp/flickr/packed/train --encoder-dir /tmp/flickr/qwen_32d \\
         --stsb ../shared/data/stsb/sts-dev.csv --out .device/captions/bundle

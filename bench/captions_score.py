@@ -1,4 +1,4 @@
-"""Issue #7, step 3 (CPU, here): score the GPU runs against the floor and the human reference; one markdown table.
+"""Captions harness, step 3 (CPU): score the GPU runs against the floor and the human reference; one markdown table.
 
     python bench/captions_score.py --runs /tmp/cap1.tar /tmp/cap2.tar --bundle .device/captions/bundle \\
         --out docs/captions_scores.md

@@ -1,4 +1,4 @@
-"""Multi-GPU training (issue #9): DDP scaling, FSDP2 full fine-tuning of the 2.9B shape, checkpoint N -> M resume.
+"""Multi-GPU training: DDP scaling, FSDP2 full fine-tuning of the 2.9B shape, checkpoint N -> M resume.
 
 Run from the repository root on one machine with 4 GPUs; the script launches ``torchrun`` itself (one launch per
 measurement, each printed before it runs, so any of them can also be run by hand) and rewrites
@@ -24,10 +24,10 @@ Parts (``--parts``, comma-separated):
   for steps 4-6; reports both loss sequences and their largest relative difference (bf16 compute: equal to ~1e-2).
 
 Everything runs through ``Trainer.train_step`` of improved_trainer.py (what ``diffrwkv train`` runs). Data: random
-token rows and random unit latents in the seed layout (written once to ``--work``). Backbone: a BlinkDL-format
-``.pth`` of a new RWKV-7 (BlinkDL's init on the GPU, stored bf16 like a g1 file), loaded as fp32 master weights, as
-a pretrained g1 checkpoint would be -- so no rank runs a CPU init of 2.9B parameters; each rank reads the file
-(memory-mapped) and FSDP2 shards the model on its GPU.
+token rows and random unit latents in the JSON + per-row file layout (written once to ``--work``). Backbone: a
+BlinkDL-format ``.pth`` of a new RWKV-7 (BlinkDL's init on the GPU, stored bf16 like a g1 file), loaded as fp32
+master weights, as a pretrained g1 checkpoint would be -- so no rank runs a CPU init of 2.9B parameters; each rank
+reads the file (memory-mapped) and FSDP2 shards the model on its GPU.
 
 NCCL NVLink multicast stays off: every launch gets ``NCCL_NVLS_ENABLE=0`` and ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``.
 """

@@ -1,5 +1,5 @@
-"""Synthetic inputs shared by the GPU benchmarks (``throughput.py``, ``multi_gpu.py``): a seed-layout data folder of
-random rows and a new RWKV-7 backbone file. Both are written once per folder and reused."""
+"""Synthetic inputs shared by the GPU benchmarks (``throughput.py``, ``multi_gpu.py``): a data folder of random rows
+in the JSON + per-row file layout and a new RWKV-7 backbone file. Both are written once per folder and reused."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 
 
 def synthetic_data(root: Path, rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, str]:
-    """Seed layout: ``qwen_32d/train_data.json``, ``latents/train/*.npy``, ``rwkv_tokens/train/*.npz`` of ``rows``
-    random rows of exactly ``length`` ids in ``1 .. vocab - 1`` and random unit 32-d latents."""
+    """The JSON + per-row file layout of the original rwkv_diffusion_rnn scripts (``qwen_32d/train_data.json``,
+    ``latents/train/*.npy``, ``rwkv_tokens/train/*.npz``) holding ``rows`` random rows of exactly ``length`` ids in
+    ``1 .. vocab - 1`` and random unit 32-d latents."""
     from rwkv_diffusion_rnn.data_io import LatentStats
 
     data, tokens = root / "qwen_32d", root / "rwkv_tokens" / "train"

@@ -1,4 +1,4 @@
-"""Training throughput on one GPU (issue #6): our denoiser's real training step against plain language models.
+"""Training throughput on one GPU: our denoiser's real training step against plain language models.
 
     PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_0.1b --shapes 0.1b          # every row at 0.1B
     PYTHONPATH=$PWD python bench/throughput.py --out $OUT/tp_0.4b --shapes 0.4b
@@ -13,10 +13,10 @@
 Rows (``--rows``, comma-separated; default all), each at one g1 shape (``--shapes``; L layers, D width, V vocab):
 
 * ``denoiser-{causal,twice,bidirectional}-{full,frozen}``: ``Trainer.train_step()`` of improved_trainer.py, i.e.
-  exactly what ``diffrwkv train`` runs per step (data loading from a synthetic seed-layout folder, corruption,
-  forward, loss, backward, clipping, AdamW, schedule), ``loss_type=mixed``, rows of ``--length`` tokens plus one
-  latent prefix and one readout position; ``frozen`` = ``model.freeze_backbone=true`` (the backbone is loaded from
-  a random checkpoint file, as a pretrained one would be).
+  exactly what ``diffrwkv train`` runs per step (data loading from a synthetic folder in the JSON + per-row file
+  layout, corruption, forward, loss, backward, clipping, AdamW, schedule), ``loss_type=mixed``, rows of
+  ``--length`` tokens plus one latent prefix and one readout position; ``frozen`` = ``model.freeze_backbone=true``
+  (the backbone is loaded from a random checkpoint file, as a pretrained one would be).
 * ``rwkv7-lm``: a plain next-token step of our backbone (models/rwkv7.py; cross-entropy over all positions).
 * ``fla-rwkv7-lm``: fla's ``RWKV7ForCausalLM`` at the same shape with its default fused kernels ("unavailable"
   when fla does not import).

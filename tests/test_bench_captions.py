@@ -1,5 +1,5 @@
-"""bench/captions_*.py (issue #7) on a tiny synthetic caption set: prepare -> run (diffusion + both baselines) -> score,
-plus the beam search against exhaustive search. CPU, a few seconds of training per run.
+"""bench/captions_*.py on a tiny synthetic caption set: prepare -> run (diffusion + both baselines) -> score, plus the
+beam search against exhaustive search. CPU, a few seconds of training per run. Every random draw is seeded.
 
 The captions are generated per "image" (a subject and a place shared by its 5 captions, adjectives and verbs
 varying), tokenized with the real World tokenizer, and encoded with a bag-of-words stub encoder injected into
@@ -27,10 +27,13 @@ sys.path.insert(0, str(BENCH))
 
 pytest.importorskip("pyrwkv_tokenizer")
 
+import captions_ar  # noqa: E402
+import captions_diffusion  # noqa: E402
 import captions_prepare as prep  # noqa: E402
 import captions_run  # noqa: E402
 import captions_score  # noqa: E402
-from captions_baselines import beam_search  # noqa: E402
+from captions_ar import EarlyStop, PrefixCaptioner, ar_nll_bits, beam_search  # noqa: E402
+from captions_common import RunError  # noqa: E402
 
 SUBJECTS = ["man", "woman", "dog", "child", "girl", "boy", "cat", "worker", "player", "dancer"]
 PLACES = ["on the beach", "in a park", "on a street", "near a lake", "in the snow", "at a market", "on a stage"]
@@ -115,7 +118,7 @@ def write_inputs(root: Path, rng, n_train: int, n_img: int, n_pairs: int, enc: B
 
 
 def test_prepare_run_score_end_to_end(tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs every run; printed on failure
+    seed = 20261206
     rng = np.random.default_rng(seed)
     enc = BowEncoder()
     n_img, n_pairs = 12, 10
@@ -263,7 +266,7 @@ def test_prepare_run_score_end_to_end(tmp_path):
     assert rec["candidates"][0] == res["causal"]["l2t"]["confidence3-g1"]["world_ids"]
     ref = {r["variant"]: r for r in sc["references"]}
     # caption-2 of the same image shares its subject and place with caption-1: above the random-caption floor.
-    # Over 3,000 simulated draws of this generator the gap is 0.33 +- 0.055 (min 0.105); 0.2 failed 0.9 % of seeds.
+    # Over 3,000 simulated draws of this generator the gap is 0.33 +- 0.055 (min 0.105).
     assert ref["human"]["l2t_cosine"] > ref["floor"]["l2t_cosine"] + 0.08, (seed, ref)
     t2l_row = next(r for r in sc["rows"] if r["variant"] == "causal")
     cos = captions_score_cos(np.load(out / "causal_t2l.npy")[:n_img], np.asarray(bundle["val_latents"][:n_img]))
@@ -332,9 +335,8 @@ def brute_force(model: TableModel, length: int) -> tuple[list[int], float]:
     return best, best_lp
 
 
-@pytest.mark.parametrize("trial", range(3))
-def test_beam_search_is_exact_when_wide_and_greedy_when_narrow(trial):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+@pytest.mark.parametrize("seed", [1206, 2712, 31337])
+def test_beam_search_is_exact_when_wide_and_greedy_when_narrow(seed):
     V, L = 3, 3
     model = TableModel(V, seed)
     z = torch.zeros(1, 4)
@@ -384,9 +386,7 @@ def test_run_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_ar_decoding_step_matches_teacher_forcing_and_ignores_padding():
-    from captions_baselines import PrefixCaptioner
-
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+    seed = 61206
     torch.manual_seed(seed)
     m = PrefixCaptioner(1, 64, 40, prefix_len=3, seed=seed, wkv_backend="reference")
     with torch.no_grad():  # a fresh init zeroes output projections: perturb so every path matters
@@ -407,7 +407,7 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
     spec = "ancestral:32, confidence:16:g1.5,confidence:1:b1:t0,threshold:4:b8:g2,confidence:8:t0.5"
     spec += ",confidence:1:r4:t0:s0.5"
     ok = SimpleNamespace(l2t_decoders=spec, sample_steps=8)
-    assert captions_run.l2t_decoders(ok) == [
+    assert captions_diffusion.l2t_decoders(ok) == [
         ("ancestral", 32, 0.0, None, 1.0, 1, None),
         ("confidence", 16, 1.5, None, 1.0, 1, None),
         ("confidence", 1, 0.0, 1, 0.0, 1, None),
@@ -415,7 +415,7 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
         ("confidence", 8, 0.0, None, 0.5, 1, None),
         ("confidence", 1, 0.0, None, 0.0, 4, 0.5),
     ]
-    assert [captions_run.decoder_name(*d) for d in captions_run.l2t_decoders(ok)] == [
+    assert [captions_diffusion.decoder_name(*d) for d in captions_diffusion.l2t_decoders(ok)] == [
         "ancestral32",
         "confidence16-g1.5",
         "confidence1-b1-t0",
@@ -423,7 +423,7 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
         "confidence8-t0.5",
         "confidence1-t0-r4-s0.5",
     ]
-    assert captions_run.l2t_decoders(SimpleNamespace(l2t_decoders="", sample_steps=8)) == [
+    assert captions_diffusion.l2t_decoders(SimpleNamespace(l2t_decoders="", sample_steps=8)) == [
         ("confidence", 8, 0.0, None, 1.0, 1, None)
     ]
     bads = ("confidence", "greedy:8", "confidence:0", "confidence:8:x1", "confidence:8:g-1", "confidence:8:g1:z",
@@ -432,7 +432,7 @@ def test_l2t_decoder_specs_parse_and_refuse_in_one_line():
             "confidence:8:t-1")  # fmt: skip
     for bad in bads:
         with pytest.raises(SystemExit, match="expected STRATEGY:STEPS"):
-            captions_run.l2t_decoders(SimpleNamespace(l2t_decoders=bad, sample_steps=8))
+            captions_diffusion.l2t_decoders(SimpleNamespace(l2t_decoders=bad, sample_steps=8))
 
 
 def test_step_budget_trains_exactly_that_many_timed_steps_and_the_lr_follows_steps():
@@ -440,7 +440,7 @@ def test_step_budget_trains_exactly_that_many_timed_steps_and_the_lr_follows_ste
 
     from captions_common import StepClock, TimeCosineLR, train_for_budget
 
-    n = int(np.random.default_rng().integers(5, 40))  # a fresh budget each run
+    n = int(np.random.default_rng(1206).integers(5, 40))
     opt = SimpleNamespace(param_groups=[{"lr": 0.0}])
     clock = StepClock()
     sched = TimeCosineLR(opt, 1.0, 1, n, 0.1, clock)
@@ -461,14 +461,14 @@ def test_step_budget_trains_exactly_that_many_timed_steps_and_the_lr_follows_ste
 
 
 def test_set_overrides_parse_into_config_keys_and_bad_ones_are_one_line(tmp_path, capsys):
-    got = captions_run.parse_overrides(["model.latent_prefix_len=4", "diffusion.text_weighting=uniform",
+    got = captions_diffusion.parse_overrides(["model.latent_prefix_len=4", "diffusion.text_weighting=uniform",
                                         "training.mixed_weights={\"l2t\": 2, \"t2l\": 1}"])  # fmt: skip
     assert got == [("model", "latent_prefix_len", 4), ("diffusion", "text_weighting", "uniform"),
                    ("training", "mixed_weights", {"l2t": 2, "t2l": 1})]  # fmt: skip
     args = captions_run.build_parser().parse_args(
         ["--variant", "causal", "--data", "x", "--out", "y", "--set", "model.latent_prefix_len=3"]
     )
-    cfg = captions_run.diffusion_config("elbo", args, tmp_path, tmp_path)  # elbo: not the default weighting
+    cfg = captions_diffusion.diffusion_config("elbo", args, tmp_path, tmp_path)  # elbo: not the default weighting
     assert cfg.model.latent_prefix_len == 3 and cfg.diffusion.text_weighting == "elbo"  # variant + override
     for bad in (["--set", "model.no_such_key=1"], ["--set", "latent_prefix_len=4"], ["--tag", "a/b"], ["--tag=-p4"]):
         argv = ["--variant", "causal", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *bad]
@@ -481,7 +481,6 @@ def test_budget_clock_pause_is_not_budget_time(monkeypatch):
     import time
     from types import SimpleNamespace
 
-    import captions_baselines
     from captions_common import BudgetClock
 
     # a slow validation pass of the early stopping: recorded at the budget time it began, and not charged to it
@@ -489,10 +488,11 @@ def test_budget_clock_pause_is_not_budget_time(monkeypatch):
         time.sleep(0.3)
         return {"val_nll_bits": 1.0}
 
-    monkeypatch.setattr(captions_baselines, "ar_nll_bits", slow_nll)
+    monkeypatch.setattr(captions_ar, "ar_nll_bits", slow_nll)
+    torch.manual_seed(1206)
     model = torch.nn.Linear(2, 2)
     args = SimpleNamespace(ar_early_stop=0.01, dtype="fp32", eval_batch=4)
-    stop = captions_run.EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
+    stop = EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
     clock = BudgetClock()
     clock.start()
     time.sleep(0.02)
@@ -511,15 +511,14 @@ def test_budget_clock_pause_is_not_budget_time(monkeypatch):
 def test_ar_early_stop_keeps_the_best_validation_weights_and_restores_them():
     from types import SimpleNamespace
 
-    from captions_baselines import PrefixCaptioner, ar_nll_bits
     from captions_common import StepClock
 
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+    seed = 71206
     g = torch.Generator().manual_seed(seed)
     model = PrefixCaptioner(1, 64, 50, prefix_len=2, seed=seed % 1000)
     ids, z = torch.randint(0, 50, (12, 8), generator=g), torch.randn(12, 32, generator=g)
     args = SimpleNamespace(ar_early_stop=2.0, dtype="fp32", eval_batch=5)
-    stop = captions_run.EarlyStop(model, ids, z, args)
+    stop = EarlyStop(model, ids, z, args)
     clock = StepClock()
     clock.start()
     snapshots, nlls = [], []
@@ -542,8 +541,8 @@ def test_ar_early_stop_keeps_the_best_validation_weights_and_restores_them():
     assert info["chosen"]["step"] == 2 * (best + 1), (seed, info)
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[best][k]), (seed, k)
-    with pytest.raises(captions_run.RunError, match="no validation rows"):
-        captions_run.EarlyStop(model, ids[:0], z[:0], args)
+    with pytest.raises(RunError, match="no validation rows"):
+        EarlyStop(model, ids[:0], z[:0], args)
 
 
 def test_ar_early_stop_survives_non_finite_passes(monkeypatch, tmp_path):
@@ -551,14 +550,14 @@ def test_ar_early_stop_survives_non_finite_passes(monkeypatch, tmp_path):
     all the last weights stay and nothing is chosen."""
     from types import SimpleNamespace
 
-    import captions_baselines
     from captions_common import StepClock, write_json_atomic
 
     values = iter([float("nan"), 2.0, float("nan"), 1.5, float("nan")])
-    monkeypatch.setattr(captions_baselines, "ar_nll_bits", lambda *a, **k: {"val_nll_bits": next(values)})
+    monkeypatch.setattr(captions_ar, "ar_nll_bits", lambda *a, **k: {"val_nll_bits": next(values)})
+    torch.manual_seed(1206)
     model = torch.nn.Linear(2, 2)
     args = SimpleNamespace(ar_early_stop=1.0, dtype="fp32", eval_batch=4)
-    stop = captions_run.EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
+    stop = EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
     clock = StepClock()
     clock.start()
     for step in range(1, 5):
@@ -568,8 +567,8 @@ def test_ar_early_stop_survives_non_finite_passes(monkeypatch, tmp_path):
     assert [c["val_nll_bits"] for c in info["curve"]] == [None, 2.0, None, 1.5]
     assert info["chosen"]["step"] == 4 and info["restored_val_nll_bits"] is None
     write_json_atomic(tmp_path / "es.json", info)  # serialisable: the JSON writer refuses NaN
-    nan_only = captions_run.EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
-    monkeypatch.setattr(captions_baselines, "ar_nll_bits", lambda *a, **k: {"val_nll_bits": float("nan")})
+    nan_only = EarlyStop(model, torch.zeros(3, 2), torch.zeros(3, 2), args)
+    monkeypatch.setattr(captions_ar, "ar_nll_bits", lambda *a, **k: {"val_nll_bits": float("nan")})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     nan_only(1, clock, True)
     info = nan_only.finish()
