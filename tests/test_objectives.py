@@ -403,7 +403,8 @@ def test_dropped_condition_is_what_the_samplers_feed_unconditionally():
         hook.remove()
     (ids, attn, _, t_cond, _), (u_ids, u_attn, _, t_uncond, _) = t2l_calls[:2]
     assert (t_cond == 0).all() and (t_uncond == 1).all() and torch.equal(attn, u_attn)
-    text = MaskedDiffusion(build_text_schedule("loglinear"), vocab)
+    # eps = 0.5: t = 1 alone masks only half the tokens, so the dropped condition must be all <mask> by its own rule
+    text = MaskedDiffusion(build_text_schedule("loglinear", eps=0.5), vocab)
     bt = {"input_ids": ids, "attention_mask": attn, "latent": raw}
     for p_uncond, want_ids, want_t in ((1.0, u_ids, t_uncond), (0.0, ids, t_cond)):
         obj = DiffusionObjective(text, latent, normalizer, p_uncond, 1.0, None, 7)
