@@ -7,7 +7,7 @@ Distillation", §4 for ``v``):
 
     eps:  the noise            x0:  the clean latent            v = alpha * eps - sigma * z0
 
-The conversions between them (:meth:`GaussianDiffusion.predict_x0` / ``predict_eps`` / ``predict_v``) are what the
+The conversions between them (:meth:`GaussianDiffusion.predict_x0` / ``predict_eps``) are what the
 DDPM / DDIM samplers use, so sampling always matches the training parameterisation. Latents are standardised per
 dimension with statistics of the training set (:class:`LatentNormalizer`) before any of this.
 
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rwkv_diffusion_rnn.diffusion_process import sample_uniform_t
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 __all__ = [
@@ -56,11 +55,12 @@ class CosineVPSchedule:
 
     Args:
         s: Nichol & Dhariwal's offset, keeps the first noise levels from being too small (default 0.008).
-        t_min: smallest training time: ``sample_t`` draws from ``(t_min, 1]``. Samplers may stop there too.
+        t_min: smallest training time: training draws from ``(t_min, 1]`` (``sample_uniform_t``). Samplers may
+            stop there too.
         t_max: ``t = 1`` maps to the cosine curve's ``tau = t_max < 1``, so ``alpha(1) > 0`` and every conversion
-            is finite. The default 0.999 gives ``alpha(1) ~ 1.6e-3``, ``log_snr(1) ~ -12.9``: z_1 is pure noise for
-            practical purposes (KL to N(0, I) ~ 0.5 * D * alpha^2 ~ 4e-5 nats for D = 32). Time is rescaled, not
-            clamped, so no part of (0, 1] is wasted on a repeated noise level.
+            is finite. The default 0.999 gives ``alpha(1) ~ 1.6e-3``, a log-SNR ``log(alpha^2 / sigma^2)`` of ~ -12.9
+            at t = 1: z_1 is pure noise for practical purposes (KL to N(0, I) ~ 0.5 * D * alpha^2 ~ 4e-5 nats for
+            D = 32). Time is rescaled, not clamped, so no part of (0, 1] is wasted on a repeated noise level.
     """
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.999) -> None:
@@ -88,18 +88,6 @@ class CosineVPSchedule:
         alpha = torch.sin(psi) / sin_psi0
         sigma = torch.sqrt(torch.sin(delta) * torch.sin(psi0 + psi)) / sin_psi0
         return alpha, sigma
-
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """``log(alpha^2 / sigma^2)``, strictly decreasing in t; ``+inf`` at ``t = 0``, finite on ``(0, 1]``."""
-        alpha, sigma = self.alpha_sigma(t)
-        return 2.0 * (torch.log(alpha) - torch.log(sigma))
-
-    def t_from_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`log_snr`: the ``t`` in ``[0, 1]`` with that log-SNR (clamped outside the range)."""
-        alpha = torch.sqrt(torch.sigmoid(_float(log_snr)))  # alpha^2 = snr / (1 + snr)
-        psi = torch.asin((alpha * math.sin(self._psi0)).clamp(max=1.0))
-        tau = 1.0 - psi * (1.0 + self.s) / (math.pi / 2)
-        return (tau / self.t_max).clamp(0.0, 1.0)
 
 
 #: Latent noise schedules by config name; add one line to add a schedule.
@@ -139,7 +127,7 @@ PREDICTIONS: tuple[str, ...] = tuple(_TARGETS)
 
 
 class GaussianDiffusion:
-    """Training-side VP diffusion around any denoiser: time sampling, ``q(z_t | z0)``, targets, conversions, loss.
+    """Training-side VP diffusion around any denoiser: ``q(z_t | z0)``, targets, conversions, loss.
 
     Shapes: latents are ``[B, D]`` (any trailing shape works, ``[B, ...]``); times ``[B]``. Everything is computed in
     float32 at least, so bf16 model outputs are upcast before they are compared or converted.
@@ -162,12 +150,6 @@ class GaussianDiffusion:
 
     def __repr__(self) -> str:
         return f"GaussianDiffusion({self.schedule!r}, prediction={self.prediction!r}, antithetic={self.antithetic})"
-
-    def sample_t(
-        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Training times ``[B]`` in ``(schedule.t_min, 1]``."""
-        return sample_uniform_t(batch_size, device, generator, t_min=self.schedule.t_min, antithetic=self.antithetic)
 
     def _coeffs(self, t: torch.Tensor, like: torch.Tensor) -> _Pair:
         """``alpha, sigma`` of ``t [B]`` shaped ``[B, 1, ...]`` to broadcast against ``like [B, ...]``."""
@@ -203,14 +185,6 @@ class GaussianDiffusion:
             return _float(model_out)
         a, s = self._coeffs(t, z_t)
         return _TO_X0_EPS[self.prediction](_float(model_out), _float(z_t), a, s)[1]
-
-    def predict_v(self, model_out: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The velocity ``alpha eps - sigma x0`` implied by the network output, ``[B, D]``."""
-        if self.prediction == "v":
-            return _float(model_out)
-        a, s = self._coeffs(t, z_t)
-        x0, eps = _TO_X0_EPS[self.prediction](_float(model_out), _float(z_t), a, s)
-        return a * eps - s * x0
 
     def loss(
         self,

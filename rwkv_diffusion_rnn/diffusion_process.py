@@ -3,25 +3,28 @@ Language Models" (arXiv:2406.07524).
 
 Forward process: each non-pad token is kept with probability ``alpha(t)`` and otherwise replaced by ``<mask>``,
 independently per position; ``t = 0`` is the clean text, ``t = 1`` (almost) all-mask. The denoiser sees the noisy
-ids and returns logits; this module turns them into the SUBS parameterisation and the continuous-time negative ELBO
+ids and returns logits at the masked positions; this module turns them into the SUBS cross-entropy and the
+continuous-time negative ELBO
 
     NELBO = E_t E_q [ w(t) * sum_{masked, non-pad i} -log p_theta(x_i | z_t) ],    w(t) = -alpha'(t) / (1 - alpha(t))
 
-(MDLM §3, its continuous-time limit). It holds no weights: it wraps any denoiser through the logits it produced.
+(MDLM §3, its continuous-time limit). It holds no weights. This is the one implementation of masked text diffusion:
+the training objective (``objectives.py``) draws the random numbers and picks the rows, and calls
+:meth:`MaskedDiffusion.mask` / :meth:`~MaskedDiffusion.apply_mask` for the corruption and
+:meth:`~MaskedDiffusion.masked_ce` / :meth:`~MaskedDiffusion.loss_sum` / :func:`text_loss_count` for the loss.
 
 Conventions the trainer relies on:
 
-* **Logits width.** ``logits`` is ``[B, T, V]`` with ``V = mask_id + 1`` (every vocabulary id plus a ``<mask>``
-  column, which SUBS forces to ``-inf``) or ``V = mask_id`` (no mask column, e.g. the RWKV LM head). Vocabulary ids
-  are ``0 .. mask_id - 1``; ``<mask>`` is one past the vocabulary (65536 for RWKV World, see ``tokenizer.py``).
+* **Logits width.** ``V = mask_id`` (vocabulary only, e.g. the text head) or ``V = mask_id + 1`` (plus a ``<mask>``
+  column, which SUBS drops). Vocabulary ids are ``0 .. mask_id - 1``; ``<mask>`` is one past the vocabulary (65536
+  for RWKV World, see ``tokenizer.py``).
 * **Padding** (``attention_mask == 0``) is never masked, never counted and never reaches the loss.
-* **Time.** ``t`` is ``[B]``, one clock per row, in ``[0, 1]``. ``t = 0`` rows (clean condition, e.g. text -> latent)
-  get no masks and contribute nothing. Training draws ``t`` from ``(t_min, 1]`` with :func:`sample_uniform_t`.
+* **Time.** ``t`` is ``[B]``, one clock per row, in ``[0, 1]`` (``[B, T]`` per position in the loss, for clean
+  prefixes). ``t = 0`` rows (clean condition, e.g. text -> latent) get no masks and contribute nothing. Training
+  draws ``t`` from ``(t_min, 1]`` with :func:`sample_uniform_t`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,7 @@ __all__ = [
     "WEIGHTINGS",
     "build_text_schedule",
     "sample_uniform_t",
+    "text_loss_count",
 ]
 
 
@@ -58,7 +62,7 @@ def sample_uniform_t(
     ``generator`` (if given) must live on ``device``.
     """
     if batch_size < 1:
-        raise DiffRwkvError(f"sample_t needs batch_size >= 1, got {batch_size}")
+        raise DiffRwkvError(f"sample_uniform_t needs batch_size >= 1, got {batch_size}")
     if not 0.0 <= t_min < 1.0:
         raise DiffRwkvError(f"t_min must be in [0, 1), got {t_min}")
     if antithetic:
@@ -141,9 +145,9 @@ class LogLinearSchedule(MaskingSchedule):
 #: Text masking schedules by config name (``diffusion.text_schedule``); add one line to add a schedule.
 TEXT_SCHEDULES: dict[str, type[MaskingSchedule]] = {"loglinear": LogLinearSchedule}
 
-#: Loss weightings of :class:`MaskedDiffusion` and what each one's ``loss`` is normalised by.
+#: Loss weightings of :class:`MaskedDiffusion` and what each one's loss is normalised by (:func:`text_loss_count`).
 WEIGHTINGS: dict[str, str] = {
-    "elbo": "sum over masked tokens of w(t) * CE, divided by the number of non-pad tokens (NELBO, nats/token)",
+    "elbo": "sum over masked tokens of w(t) * CE, divided by the tokens under the ELBO (NELBO, nats/token)",
     "uniform": "mean CE over masked tokens (weight 1; plain masked-token cross-entropy, nats/masked token)",
 }
 
@@ -157,14 +161,22 @@ def build_text_schedule(name: str, **kwargs: float) -> MaskingSchedule:
     return cls(**kwargs)
 
 
+def text_loss_count(weighting: str, positions: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """The normaliser of the text loss (0-d, integer): the positions under the ELBO (``elbo``; real tokens of the
+    rows with a text loss, less any clean prefix) or the masked positions (``uniform``). Both ``[B, T]`` bool."""
+    return positions.sum() if weighting == "elbo" else masked.sum()
+
+
 class MaskedDiffusion:
-    """MDLM training-side process around any denoiser: time sampling, corruption, SUBS and the NELBO loss.
+    """MDLM's masked text diffusion around any denoiser: the forward process, the SUBS cross-entropy at the masked
+    positions and the loss weighting. The training objective (``objectives.py``) composes these; nothing else
+    implements them.
 
     Args:
         schedule: the masking schedule (e.g. :class:`LogLinearSchedule`).
         mask_id: id of ``<mask>``; equals the vocabulary size (ids ``0 .. mask_id - 1`` are real tokens).
-        weighting: ``"elbo"`` (MDLM's continuous-time NELBO, per non-pad token) or ``"uniform"`` (plain CE averaged
-            over masked tokens); see :data:`WEIGHTINGS`. The stats always report both.
+        weighting: ``"elbo"`` (MDLM's continuous-time NELBO, per token under the ELBO) or ``"uniform"`` (plain CE
+            averaged over masked tokens); see :data:`WEIGHTINGS`.
         antithetic: draw times with the low-discrepancy sampler (:func:`sample_uniform_t`).
     """
 
@@ -187,197 +199,65 @@ class MaskedDiffusion:
         )
 
     # ----------------------------------------------------------------------------------------------- forward
-    def sample_t(
-        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Training times ``[B]`` in ``(schedule.t_min, 1]`` (antithetic if configured)."""
-        return sample_uniform_t(batch_size, device, generator, t_min=self.schedule.t_min, antithetic=self.antithetic)
-
-    def corrupt(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``z_t ~ q(z_t | x)``: mask each non-pad token independently with probability ``mask_prob(t)``.
+    def mask(self, u: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Which positions ``q(z_t | x)`` masks, ``[B, T]`` bool: each non-pad position whose uniform draw is below
+        ``mask_prob(t)`` of its row, independently per position.
 
         Args:
-            input_ids: ``[B, T]`` clean token ids (< mask_id).
-            attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (bool or integer).
+            u: ``[B, T]`` uniforms on ``[0, 1)``, drawn by the caller (the objective draws them for the global
+                batch, see ``objectives.py``).
             t: ``[B]`` times in ``[0, 1]``; ``t = 0`` leaves the row clean.
-            generator: optional RNG on ``input_ids.device``.
-
-        Returns:
-            ``(noisy_ids [B, T], masked [B, T] bool)``: masked positions hold ``mask_id``; padding is never masked.
+            attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (bool or integer): padding is never masked.
         """
-        _check_bt(input_ids, attention_mask, t)
-        p = self.schedule.mask_prob(t.float())  # [B]
-        u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-        masked = (u < p[:, None]) & attention_mask.bool()
-        noisy_ids = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
-        return noisy_ids, masked
-
-    # ---------------------------------------------------------------------------------------------- denoiser
-    def _check_logits(self, logits: torch.Tensor, noisy_ids: torch.Tensor) -> None:
-        if logits.dim() != 3 or logits.shape[:2] != noisy_ids.shape:
+        if u.dim() != 2 or attention_mask.shape != u.shape:
             raise DiffRwkvError(
-                f"logits must be [B, T, V] over noisy_ids {list(noisy_ids.shape)}, got {list(logits.shape)}"
+                f"uniforms and attention_mask must both be [B, T], got {list(u.shape)} and {list(attention_mask.shape)}"
+            )
+        if t.shape != u.shape[:1]:
+            raise DiffRwkvError(f"t must be [B] = [{u.shape[0]}], got {list(t.shape)}")
+        return (u < self.schedule.mask_prob(t.float())[:, None]) & attention_mask.bool()
+
+    def apply_mask(self, input_ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """``z_t``: ``input_ids`` with ``<mask>`` (``mask_id``) at the ``masked`` positions, ``[B, T]``."""
+        return torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
+
+    # -------------------------------------------------------------------------------------------------- loss
+    def masked_ce(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SUBS cross-entropy ``-log p_theta(x_i | z_t)`` at ``N`` masked positions (MDLM §3.2), ``[N]`` float32, and
+        the argmax prediction ``[N]``.
+
+        ``logits`` ``[N, V]`` are the denoiser's at those positions, with ``V = mask_id`` (vocabulary only, e.g. the
+        text head) or ``V = mask_id + 1`` (a ``<mask>`` column, dropped here: SUBS never predicts ``<mask>``).
+        Unmasked positions carry their token over with probability 1 under SUBS and add nothing, so only masked
+        positions are ever given. The log-softmax runs in float32 even for bf16 logits: bf16 keeps 8 mantissa bits,
+        so a log-sum-exp over 65k classes in bf16 is off by ~0.01-0.1 nats, the size of what training resolves.
+        """
+        if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+            raise DiffRwkvError(
+                f"logits must be [N, V] at the N = {targets.shape[0]} masked positions, got {list(logits.shape)}"
             )
         if logits.shape[-1] not in (self.mask_id, self.mask_id + 1):
             raise DiffRwkvError(
                 f"logits have {logits.shape[-1]} classes; expected mask_id + 1 = {self.mask_id + 1} "
                 f"(vocabulary + <mask> column) or mask_id = {self.mask_id} (vocabulary only)"
             )
+        x = logits[:, : self.mask_id].float()
+        return F.cross_entropy(x, targets, reduction="none"), x.argmax(-1)
 
-    def subs_log_probs(self, logits: torch.Tensor, noisy_ids: torch.Tensor) -> torch.Tensor:
-        """SUBS parameterisation (MDLM §3.2): ``log p_theta(x | z_t)``, ``[B, T, V]`` float32.
-
-        * zero masking probability: the ``<mask>`` column (if ``V = mask_id + 1``) is ``-inf`` everywhere;
-        * carry-over unmasking: where ``noisy_ids != mask_id`` the row is ``0`` on that id and ``-inf`` elsewhere;
-        * at masked positions: ``log_softmax`` of the logits over the ``mask_id`` real tokens.
-
-        This is the dense reference (samplers use it); :meth:`loss` computes the same numbers on masked positions
-        only. Log-softmax runs in float32 even for bf16 logits: bf16 keeps 8 mantissa bits, so a log-sum-exp over
-        65k classes in bf16 is off by ~0.01-0.1 nats, the size of the differences training has to resolve.
-        """
-        self._check_logits(logits, noisy_ids)
-        v = logits.shape[-1]
-        x = logits.float()
-        if v == self.mask_id + 1:
-            is_mask_col = torch.arange(v, device=logits.device) == self.mask_id
-            x = x.masked_fill(is_mask_col, float("-inf"))  # out of place: the caller's logits are untouched
-        log_probs = torch.log_softmax(x, dim=-1)
-        carried = noisy_ids != self.mask_id  # [B, T]
-        one_hot = torch.full_like(log_probs, float("-inf")).scatter_(-1, noisy_ids.clamp(max=v - 1).unsqueeze(-1), 0.0)
-        return torch.where(carried.unsqueeze(-1), one_hot, log_probs)
-
-    def masked_cross_entropy(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        noisy_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position ``-log p_theta(x_i | z_t)`` under SUBS, ``[B, T]`` float32, and the ``masked [B, T]`` bool.
-
-        Zero wherever the position is not masked (SUBS carries those over with probability 1) or is padding. Only
-        masked positions are gathered before the float32 log-softmax, so the ``[B, T, V]`` float32 copy is the size
-        of the masked part only (the boolean gather costs one host sync). The ``<mask>`` column is dropped, which is
-        SUBS's ``-inf`` mask logit.
-        """
-        ce, masked, _ = self._masked_ce(logits, input_ids, noisy_ids, attention_mask)
-        return ce, masked
-
-    def _masked_ce(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        noisy_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`masked_cross_entropy` plus the number of masked positions whose argmax is the target (0-d)."""
-        self._check_logits(logits, noisy_ids)
-        masked = (noisy_ids == self.mask_id) & attention_mask.bool()
-        picked = logits[masked][:, : self.mask_id].float()  # [N, mask_id]; float32: see subs_log_probs
-        targets = input_ids[masked]  # [N]
-        ce_masked = F.cross_entropy(picked, targets, reduction="none")  # [N]
-        ce = torch.zeros(masked.shape, dtype=torch.float32, device=logits.device).masked_scatter(masked, ce_masked)
-        with torch.no_grad():
-            n_correct = (picked.argmax(dim=-1) == targets).float().sum()
-        return ce, masked, n_correct
-
-    # -------------------------------------------------------------------------------------------------- loss
-    def nelbo_per_row(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        noisy_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        t: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One-sample NELBO estimate of each row in nats, ``[B]``, and its non-pad token count ``[B]`` (float32).
-
-        For a dataset's bits/token, sum both over rows and batches and divide (``/ ln 2``); averaging several
-        ``t`` draws per row tightens the estimate.
-        """
-        ce, _ = self.masked_cross_entropy(logits, input_ids, noisy_ids, attention_mask)
-        w = self.schedule.elbo_weight(t.float())  # [B]
-        return (ce * w[:, None]).sum(dim=1), attention_mask.float().sum(dim=1)
-
-    def elbo_bits_per_token(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        noisy_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        t: torch.Tensor,
-    ) -> float:
-        """This batch's NELBO estimate in bits per non-pad token (an upper bound on the NLL in expectation)."""
-        with torch.no_grad():
-            nats, n = self.nelbo_per_row(logits, input_ids, noisy_ids, attention_mask, t)
-            return float(nats.sum() / n.sum().clamp_min(1.0)) / math.log(2.0)
-
-    def loss(
-        self,
-        logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        noisy_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        t: torch.Tensor,
-        reduction: str = "mean",
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss of one batch and detached stats.
+    def position_weights(self, t: torch.Tensor, picked: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The loss weight of each masked position, ``[N]``: ``w(t) = -alpha'(t) / (1 - alpha(t))`` at the position's
+        time (``elbo``) or 1 (``uniform``).
 
         Args:
-            logits: ``[B, T, V]`` denoiser output at the positions of ``noisy_ids`` (any float dtype).
-            input_ids: ``[B, T]`` clean ids (the targets).
-            noisy_ids: ``[B, T]`` from :meth:`corrupt`; a position is in the loss iff it holds ``mask_id`` and is
-                not padding.
-            attention_mask: ``[B, T]``, 0 at padding.
-            t: ``[B]`` the times used by :meth:`corrupt`.
-            reduction: ``"mean"`` (see :data:`WEIGHTINGS`) or ``"sum"`` (the unnormalised numerator, for a trainer
-                that divides by a count all-reduced over ranks / accumulation steps: ``n_tokens`` for ``elbo``,
-                ``n_masked`` for ``uniform``).
-
-        Returns:
-            ``(loss 0-d float32, stats)``; stats are floats: ``loss``, ``nelbo`` (nats per non-pad token, always
-            ELBO-weighted), ``masked_ce`` (nats per masked token), ``masked_acc``, ``n_masked``, ``n_tokens``,
-            ``mask_frac``.
+            t: ``[B]`` times of the rows, or ``[B, T]`` per position (clean prefixes).
+            picked: ``[N]`` the masked positions as a flat index into ``shape`` = ``[B, T]`` (row-major).
         """
-        if reduction not in ("mean", "sum"):
-            raise DiffRwkvError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        _check_bt(input_ids, attention_mask, t)
-        ce, masked, n_correct = self._masked_ce(logits, input_ids, noisy_ids, attention_mask)
-        w = self.schedule.elbo_weight(t.float())  # [B]; finite at t = 0, where no token is masked
-        nelbo_sum = (ce * w[:, None]).sum()
-        ce_sum = ce.sum()
-        n_tokens = attention_mask.float().sum()
-        n_masked = masked.float().sum()
-        total, count = (nelbo_sum, n_tokens) if self.weighting == "elbo" else (ce_sum, n_masked)
-        loss = total if reduction == "sum" else total / count.clamp_min(1.0)
+        if self.weighting != "elbo":
+            return torch.ones(picked.shape, dtype=torch.float32, device=picked.device)
+        t_pos = t.float() if t.dim() == 2 else t.float()[:, None].expand(shape)
+        return self.schedule.elbo_weight(t_pos.flatten()[picked])
 
-        with torch.no_grad():
-            values = torch.stack(
-                [
-                    loss.detach(),
-                    nelbo_sum.detach() / n_tokens.clamp_min(1.0),
-                    ce_sum.detach() / n_masked.clamp_min(1.0),
-                    n_correct / n_masked.clamp_min(1.0),
-                    n_masked,
-                    n_tokens,
-                    n_masked / n_tokens.clamp_min(1.0),
-                ]
-            ).tolist()  # one device -> host transfer
-        keys = ("loss", "nelbo", "masked_ce", "masked_acc", "n_masked", "n_tokens", "mask_frac")
-        return loss, dict(zip(keys, values, strict=True))
-
-
-def _check_bt(input_ids: torch.Tensor, attention_mask: torch.Tensor, t: torch.Tensor) -> None:
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise DiffRwkvError(
-            f"input_ids and attention_mask must both be [B, T], got {list(input_ids.shape)} and "
-            f"{list(attention_mask.shape)}"
-        )
-    if t.shape != input_ids.shape[:1]:
-        raise DiffRwkvError(f"t must be [B] = [{input_ids.shape[0]}], got {list(t.shape)}")
+    def loss_sum(self, ce: torch.Tensor, t: torch.Tensor, picked: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The text loss's numerator (0-d): ``sum_i w_i * ce_i`` over the masked positions (:meth:`position_weights`).
+        Divided by :func:`text_loss_count` (summed over ranks and micro-steps) it is the loss of :data:`WEIGHTINGS`."""
+        return (ce * self.position_weights(t, picked, shape)).sum()

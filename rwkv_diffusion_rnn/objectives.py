@@ -1,6 +1,6 @@
 """The training objective: which modality is noised on each row, the corruption, and the normalised loss.
 
-Modes (``training.loss_type``; DESIGN §1), chosen per row:
+Modes (``training.loss_type``), chosen per row:
 
 =============  ==========================  ==========================  ======================
 mode           t_text                      t_latent                    losses
@@ -12,6 +12,10 @@ unconditional  sampled                     sampled                     text + la
 
 With probability ``p_uncond`` an l2t / t2l row drops its condition: the condition is fed fully noised (t = 1; for
 text every token is ``<mask>``), which is exactly what classifier-free guidance feeds at sampling time.
+
+The masked text diffusion itself (which positions a time masks, the SUBS cross-entropy, the ELBO weight and the
+loss's normaliser) is :class:`~rwkv_diffusion_rnn.diffusion_process.MaskedDiffusion`'s; this module draws the random
+numbers, decides each row's mode and times, and sums the losses over the global batch.
 
 Text -> latent times (``t2l_time_power`` p, ``diffusion.t2l_time_power``): a t2l row's latent time is drawn as
 ``t ** p``, so p < 1 trains more of them near t = 1 — the only time one-step text -> latent sampling (one DDIM step
@@ -41,10 +45,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer
-from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, sample_uniform_t
+from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, sample_uniform_t, text_loss_count
 from rwkv_diffusion_rnn.host_sync import HOST_MASK, host_side, to_device
 
 UNCOND, L2T, T2L = 0, 1, 2
@@ -74,11 +77,8 @@ class Corrupted:
     def counts(self, weighting: str) -> torch.Tensor:
         """Local normalisers ``[text, latent]``: tokens under the text ELBO of text-loss rows (elbo; a clean prefix
         is not) or masked tokens (uniform); rows."""
-        if weighting == "elbo":
-            pos = self.attention_mask.bool() if self.text_positions is None else self.text_positions
-            n_text = (pos & self.text_rows[:, None]).sum()
-        else:
-            n_text = self.masked.sum()
+        pos = self.attention_mask.bool() if self.text_positions is None else self.text_positions
+        n_text = text_loss_count(weighting, pos & self.text_rows[:, None], self.masked)
         return torch.stack([n_text.float(), self.latent_rows.sum().float()])
 
 
@@ -159,7 +159,7 @@ class DiffusionObjective:
             t_lat = torch.where(mode == L2T, torch.where(drop, 1.0, 0.0), t_lat)
 
             real = host_attn.bool()
-            noised = (u[:, :T] < self.text.schedule.mask_prob(t_text)[:, None]) & real
+            noised = self.text.mask(u[:, :T], t_text, real)
             noised = torch.where(((mode == T2L) & drop)[:, None], real, noised)  # dropped text: all <mask>
             text_rows = mode != T2L
             positions = None
@@ -179,7 +179,7 @@ class DiffusionObjective:
         moved = to_device(host, dev)
         mode, t_text, t_lat, eps, noised, masked, text_rows, picked = moved[:8]
         positions = moved[8] if positions is not None else None
-        noisy = torch.where(noised, torch.full_like(ids, self.text.mask_id), ids)
+        noisy = self.text.apply_mask(ids, noised)
         z0 = self.normalizer.normalize(lat.float())
         z_t = self.latent.q_sample(z0, t_lat, eps)
         return Corrupted(ids, attn, noisy, masked, z0, eps, z_t, t_text, t_lat, text_rows, mode != L2T, mode,
@@ -197,15 +197,8 @@ class DiffusionObjective:
             ce, pred = out.text_ce, out.text_pred
         else:
             out = denoiser(c.noisy_ids, c.attention_mask, c.z_t, c.t_text, c.t_latent, text_select=picked)
-            logits = out.text_logits.float()  # [N, V] at the masked positions; float32 log-softmax over 65k classes
-            ce = F.cross_entropy(logits, targets, reduction="none")  # [N]
-            pred = logits.argmax(-1)
-        if self.text.weighting == "elbo":
-            t_pos = c.t_text.float() if c.t_text.dim() == 2 else c.t_text.float()[:, None].expand_as(c.masked)
-            w = self.text.schedule.elbo_weight(t_pos.flatten()[picked])  # a masked position has its row's t
-        else:
-            w = torch.ones_like(ce)
-        text_sum = (ce * w).sum()
+            ce, pred = self.text.masked_ce(out.text_logits, targets)  # [N] each, at the masked positions
+        text_sum = self.text.loss_sum(ce, c.t_text, picked, c.masked.shape)
         latent_sum, _ = self.latent.loss(out.latent, c.z0, c.eps, c.t_latent, weight=c.latent_rows, reduction="sum",
                                          stats=False)  # fmt: skip
         text_loss = text_sum / norm[0].clamp_min(1.0)

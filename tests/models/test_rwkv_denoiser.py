@@ -1,5 +1,5 @@
 """The denoiser's layout and conditioning: text->latent reads the text, causality per context mode, padding,
-zero-initialised FiLM."""
+zero-initialised FiLM, a backbone left as loaded. Seeded: every test starts from the same global RNG state."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 CONTEXTS = ["causal", "twice", "bidirectional"]
 
 
-def _denoiser(context: str, lm_head: bool = False, prefix: int = 2, readout: int = 2, seed: int | None = None,
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Inputs and fresh weights draw from the global RNG: seed it per test, and give the caller's state back."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+def _denoiser(context: str, lm_head: bool = False, prefix: int = 2, readout: int = 2, seed: int = 0,
               latent_film: bool = False):  # fmt: skip
-    seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
     backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=seed)
     cfg = DenoiserConfig(
         context=context, use_rwkv_lm_head=lm_head, latent_prefix_len=prefix, latent_readout_len=readout,
@@ -94,7 +101,7 @@ def test_mask_token_and_latent_reach_the_output():
 
 @pytest.mark.parametrize("every_block", [False, True])
 def test_zero_init_film_leaves_backbone_states_unchanged(every_block):
-    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=int(torch.randint(0, 2**31, ())))
+    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=1)
     d = RWKVDenoiser(backbone, DenoiserConfig(film_every_block=every_block)).eval()
     ids, mask, z, t1, t2 = _inputs()
     captured = {}
@@ -109,6 +116,25 @@ def test_zero_init_film_leaves_backbone_states_unchanged(every_block):
         h.remove()
     for i in inside:
         assert torch.equal(inside[i], captured[i]), i
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"use_rwkv_lm_head": True, "latent_prefix_len": 1}, {"lora_rank": 4},
+     {"latent_film": True, "film_every_block": True, "time_conditioning": "film"}],
+)  # fmt: skip
+def test_building_the_denoiser_leaves_the_backbone_weights_unchanged(kw):
+    """A pretrained backbone, frozen or adapted: building the denoiser around it initialises only the new parts
+    (heads, time conditioning, LoRA adapters) and freezing it changes no value -- every backbone tensor is bit for bit
+    the one loaded."""
+    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=7)
+    loaded = {k: v.clone() for k, v in backbone.state_dict().items()}
+    d = RWKVDenoiser(backbone, DenoiserConfig(**kw))
+    d.set_backbone_trainable(None, False)
+    now = {k.removeprefix("backbone."): v for k, v in d.state_dict().items() if k.startswith("backbone.")}
+    assert now.keys() == loaded.keys()
+    for k, v in loaded.items():
+        assert torch.equal(now[k], v), k
 
 
 def test_lora_adapters_start_as_identity():
