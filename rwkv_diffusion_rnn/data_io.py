@@ -4,8 +4,9 @@ Every reader here raises :class:`~rwkv_diffusion_rnn.errors.DiffRwkvError` with 
 ``<file>: row <i>: <what is wrong>; expected <what was expected>``, so the command-line tools print it as-is and
 :mod:`rwkv_diffusion_rnn.check_data` can collect it as one problem of many.
 
-Dataset JSON (the seed's ``train_data.json``): a list of rows ``{"text": str, "latent_path": str, ...}``. A relative
-``latent_path`` is resolved against the JSON file's folder and must stay inside it; extra keys are kept and ignored.
+Dataset JSON (the original scripts' ``train_data.json``): a list of rows ``{"text": str, "latent_path": str,
+...}``. A relative ``latent_path`` is resolved against the JSON file's folder and must stay inside it; extra keys
+are kept and ignored.
 """
 
 from __future__ import annotations
