@@ -75,7 +75,7 @@ class DataSection:
     max_samples: int | None = None
     num_workers: int = 0  # only 0 (NUM_WORKERS_REFUSED says why)
     validation_fraction: float = 0.0  # > 0: hold out this fraction of train; 0: use the validation split beside it
-    seed: int = 0
+    seed: int = 0  # seed of the validation_fraction hash split (the training order follows training.seed)
     on_bad_sample: str = "error"  # error | skip
     max_length: int | None = 512
     # Fixed-length rows (MDLM's recipe): text, then end-of-text tokens (id 0) up to exactly this many tokens, all in
