@@ -4,7 +4,7 @@
     m = load_trained("outputs/rwkv_mmdit/step_00001000", device="cuda")   # or the save_dir: newest checkpoint
     m.denoiser, m.text, m.latent, m.normalizer, m.tokenizer, m.config
 
-A checkpoint holds the trainable tensors and the resolved config (DESIGN §5): a frozen backbone is re-read from the
+A checkpoint holds the trainable tensors and the resolved config: a frozen backbone is re-read from the
 path recorded in the checkpoint and must have the recorded sha256; a backbone trained from scratch is rebuilt at
 its recorded shape and filled from the checkpoint. With ``ema=True`` (default) the EMA weights are used where the
 run kept an EMA.

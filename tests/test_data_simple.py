@@ -48,11 +48,12 @@ def test_samples_pair_text_tokens_and_latent(data):
 
 
 def test_json_found_from_latent_dir_and_pairing_without_json(data):
-    seed_cfg = DataConfig(token_dir=str(data["token_dir"]), latent_dir=str(data["latent_dir"]))  # the seed's keys only
-    a, _ = build_datasets(seed_cfg)
+    # only the keys the original rwkv_diffusion_rnn config had
+    orig_cfg = DataConfig(token_dir=str(data["token_dir"]), latent_dir=str(data["latent_dir"]))
+    a, _ = build_datasets(orig_cfg)
     assert a.text(3) == json.loads(data["json"].read_text())[3]["text"]
     data["json"].rename(data["json"].with_name("elsewhere.json"))
-    b, _ = build_datasets(seed_cfg)  # no JSON: latents and tokens pair by file name
+    b, _ = build_datasets(orig_cfg)  # no JSON: latents and tokens pair by file name
     assert b.text(3) is None and len(b) == 40
     for i in range(40):
         assert torch.equal(a[i]["input_ids"], b[i]["input_ids"]) and torch.equal(a[i]["latent"], b[i]["latent"])
