@@ -8,8 +8,8 @@ Stages (``--stages``, default all but ``prepare``):
 * ``prepare``    -- the whole ``diffrwkv prepare-latents`` (MiniLM + PCA-32) on train.1-5 + val.1-5 (~8 min on 2 cores).
 * ``tokenize``   -- the whole ``diffrwkv tokenize`` command (read + validate JSON, encode, write 145k .npz files).
 * ``pack``       -- ``diffrwkv pack`` of the tokenized training split.
-* ``loader``     -- samples/s of ``build_loader`` over the pack and over the per-row files (batch 64, shuffled,
-  0 and 2 workers).
+* ``loader``     -- samples/s of the trainer's reads (``stream_rows`` order, ``collate_batch``) over the pack and over
+  the per-row files (batch 64, shuffled, in-process).
 
 Command (outputs under --work, never in the repository)::
 
@@ -129,7 +129,7 @@ def bench_pack(work: Path) -> None:
 
 
 def bench_loader(work: Path, seconds: float) -> None:
-    from rwkv_diffusion_rnn.data_simple import DataConfig, build_datasets, build_loader, set_epoch
+    from rwkv_diffusion_rnn.data_simple import DataConfig, build_datasets, collate_batch, stream_rows
 
     layouts = {
         "packed": DataConfig(token_dir=str(work / "packed" / "train")),
@@ -137,27 +137,16 @@ def bench_loader(work: Path, seconds: float) -> None:
             token_dir=str(work / "rwkv_tokens" / "train"), latent_dir=str(work / "qwen_32d" / "latents" / "train")
         ),
     }
-    for layout, base in layouts.items():
-        for workers in (0, 2):
-            cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
-            train, _ = build_datasets(cfg)
-            loader = build_loader(train, 64, cfg=cfg, shuffle=True)
-            n, epoch, t0 = 0, 0, time.perf_counter()
-            it = iter(loader)
-            next(it)  # exclude worker start-up
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    epoch += 1
-                    set_epoch(loader, epoch)
-                    it = iter(loader)
-                    continue
-                n += batch["input_ids"].shape[0]
-            dt = time.perf_counter() - t0
-            report("loader", layout=layout, num_workers=workers, batch_size=64, samples=n, samples_per_s=round(n / dt))
-            del loader, it
+    for layout, cfg in layouts.items():
+        train, _ = build_datasets(cfg)
+        n, step, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            rows = stream_rows(cfg.seed, len(train), step * 64, 64)
+            batch = collate_batch([train[int(i)] for i in rows])
+            n += batch["input_ids"].shape[0]
+            step += 1
+        dt = time.perf_counter() - t0
+        report("loader", layout=layout, num_workers=0, batch_size=64, samples=n, samples_per_s=round(n / dt))
 
 
 def main() -> int:

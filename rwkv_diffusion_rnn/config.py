@@ -1,8 +1,9 @@
 """The training configuration schema: typed dataclasses, one per section of ``configs/rwkv_mmdit.yaml``.
 
-Every key the seed README names exists here with its documented meaning. ``train_rwkv.py`` registers
-:class:`TrainConfig` with Hydra as the schema of the YAML file, so a misspelled or unknown key is an error that names
-it. Library code receives the plain dataclass (no Hydra or OmegaConf objects past the entry point).
+Every key the original rwkv_diffusion_rnn README names exists here with its documented meaning.
+``train_rwkv.py`` registers :class:`TrainConfig` with Hydra as the schema of the YAML file, so a misspelled or
+unknown key is an error that names it. Library code receives the plain dataclass (no Hydra or OmegaConf objects
+past the entry point).
 
 Derived values (global batch, steps per epoch) are computed once in :func:`derived` and checked there.
 """
@@ -18,6 +19,11 @@ LOSS_TYPES = ("unconditional", "l2t", "t2l", "mixed", "sequential")
 DTYPES = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_FORMATS = ("auto", "file", "dcp")
+# data.num_workers: the trainer reads each step's rows itself (data_simple.DataConfig.num_workers)
+NUM_WORKERS_REFUSED = (
+    "data.num_workers is {}; expected 0: training reads rows in its own process (on CUDA the next step's rows are "
+    "read while the GPU computes), with no worker processes"
+)
 
 
 @dataclass
@@ -27,7 +33,7 @@ class ModelConfig:
     rwkv_revision: str | None = None  # hub commit to pin (recommended whenever a hub id is used)
     cache_dir: str | None = None  # Hugging Face cache folder
     local_files_only: bool = False  # never touch the network for the weights
-    trust_remote_code: bool = False  # only for tokenizers that need it; weights never run code
+    trust_remote_code: bool = False  # only false: weights never run code (see tokenizer.trust_remote_code)
     # new backbone (rwkv_name: scratch): BlinkDL's init at this shape
     n_layer: int = 6
     n_embd: int = 512
@@ -45,7 +51,7 @@ class ModelConfig:
     latent_dim: int = 32
     latent_prefix_len: int = 1
     latent_readout_len: int = 1
-    context: str = "causal"  # causal | twice | bidirectional (DESIGN §2)
+    context: str = "causal"  # causal | twice | bidirectional (models/rwkv_denoiser.py)
     time_conditioning: str = "film"  # film | add
     film_every_block: bool = False
     latent_film: bool = False  # the noisy latent also feeds the FiLM MLP: every position sees it, not only the prefix
@@ -67,9 +73,9 @@ class DataSection:
     token_dir: str = "preprocessed_data/rwkv_tokens/train"
     latent_dir: str = "preprocessed_data/qwen_32d/latents/train"
     max_samples: int | None = None
-    num_workers: int = 0
+    num_workers: int = 0  # only 0 (NUM_WORKERS_REFUSED says why)
     validation_fraction: float = 0.0  # > 0: hold out this fraction of train; 0: use the validation split beside it
-    seed: int = 0
+    seed: int = 0  # seed of the validation_fraction hash split (the training order follows training.seed)
     on_bad_sample: str = "error"  # error | skip
     max_length: int | None = 512
     # Fixed-length rows (MDLM's recipe): text, then end-of-text tokens (id 0) up to exactly this many tokens, all in
@@ -206,6 +212,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.logging.log_freq >= 1 and cfg.logging.save_freq >= 1 and cfg.logging.eval_freq >= 1,
          "logging.log_freq, logging.eval_freq and logging.save_freq must be >= 1"),
         (cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample must be 'error' or 'skip'"),
+        (cfg.data.num_workers == 0, NUM_WORKERS_REFUSED.format(cfg.data.num_workers)),
+        (not m.trust_remote_code,
+         "model.trust_remote_code must be false: backbone weights are read as tensors and never run code "
+         "(tokenizer.trust_remote_code is the tokenizer's)"),
         (t.strategy in STRATEGIES, f"training.strategy must be one of {', '.join(STRATEGIES)}; got '{t.strategy}'"),
         (cfg.logging.checkpoint_format in CHECKPOINT_FORMATS,
          f"logging.checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}; "

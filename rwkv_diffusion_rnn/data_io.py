@@ -4,8 +4,9 @@ Every reader here raises :class:`~rwkv_diffusion_rnn.errors.DiffRwkvError` with 
 ``<file>: row <i>: <what is wrong>; expected <what was expected>``, so the command-line tools print it as-is and
 :mod:`rwkv_diffusion_rnn.check_data` can collect it as one problem of many.
 
-Dataset JSON (the seed's ``train_data.json``): a list of rows ``{"text": str, "latent_path": str, ...}``. A relative
-``latent_path`` is resolved against the JSON file's folder and must stay inside it; extra keys are kept and ignored.
+Dataset JSON (the original scripts' ``train_data.json``): a list of rows ``{"text": str, "latent_path": str,
+...}``. A relative ``latent_path`` is resolved against the JSON file's folder and must stay inside it; extra keys
+are kept and ignored.
 """
 
 from __future__ import annotations
@@ -219,11 +220,17 @@ def _check_row(path, i, item, root, require_latent, seen_latent, seen_key, dirs)
     return DatasetRow(i, text, lpath, key)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read ``chunk`` bytes at a time (constant memory for multi-GB files)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+    except OSError as exc:
+        raise DiffRwkvError(f"{path}: cannot be read for hashing ({_first_line(exc)})") from exc
     return h.hexdigest()
 
 

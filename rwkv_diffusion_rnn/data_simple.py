@@ -1,4 +1,4 @@
-"""Paired (text tokens, 32-d latent) data for training: config, dataset, collate, samplers, loader.
+"""Paired (text tokens, 32-d latent) data for training: config, dataset, collate, training sample order.
 
 Usage (what the trainer does)::
 
@@ -6,14 +6,14 @@ Usage (what the trainer does)::
                      latent_dir="preprocessed_data/qwen_32d/latents/train")
     train_ds, val_ds = build_datasets(cfg)                 # deterministic split, validated structure
     stats = latent_stats(train_ds)                         # LatentStats: mean/std [32], standardize()/unstandardize()
-    loader = build_loader(train_ds, batch_size=32, cfg=cfg, shuffle=True)   # DistributedSampler-aware
-    for epoch in range(n):
-        set_epoch(loader, epoch)
-        for batch in loader:  # input_ids [B, T] long, attention_mask [B, T] long, latent [B, 32] float32, index [B]
-            ...
+    rows = stream_rows(seed, len(train_ds), step * global_batch, global_batch)     # step's global batch
+    for mine in shard_rows(rows, grad_accum_steps, world_size, rank):             # this rank's micro-batches
+        batch = collate_batch([train_ds[int(i)] for i in mine])
+        # input_ids [B, T] long, attention_mask [B, T] long, latent [B, 32] float32, index [B] long
 
-Both layouts of :mod:`rwkv_diffusion_rnn.data_sources` are read by the same class: per-row files (the seed layout:
-``token_dir`` + ``latent_dir`` + the JSON) and packs (``token_dir`` pointing at a ``diffrwkv pack`` folder).
+Both layouts of :mod:`rwkv_diffusion_rnn.data_sources` are read by the same class: per-row files (the original
+scripts' layout: ``token_dir`` + ``latent_dir`` + the JSON) and packs (``token_dir`` pointing at a ``diffrwkv pack``
+folder).
 
 Bad samples: with ``on_bad_sample="error"`` (default) structure and counts are checked when the dataset is built and
 each file's content when it is read -- a bad file raises a one-line DiffRwkvError naming file and row. With
@@ -25,16 +25,15 @@ DDP ranks in step.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
+from rwkv_diffusion_rnn.config import NUM_WORKERS_REFUSED
 from rwkv_diffusion_rnn.data_io import LatentStats, split_keys
 from rwkv_diffusion_rnn.data_sources import FileStore, PackStore, is_pack, open_store
 from rwkv_diffusion_rnn.errors import DiffRwkvError
@@ -43,13 +42,10 @@ from rwkv_diffusion_rnn.host_sync import HOST_MASK
 __all__ = [
     "DataConfig",
     "LatentStats",
-    "LengthBucketBatchSampler",
     "PairedTextLatentDataset",
     "build_datasets",
-    "build_loader",
     "collate_batch",
     "latent_stats",
-    "set_epoch",
 ]
 log = logging.getLogger(__name__)
 
@@ -59,30 +55,27 @@ class DataConfig:
     """The ``data.*`` config group. Paths may be relative to the working directory (Hydra runs with chdir off)."""
 
     json_path: str | None = None
-    """Dataset JSON (seed ``train_data.json``). None: ``<latent_dir>/../../<split>_data.json`` if it exists, else
-    rows pair by file name (latent ``<key>.npy`` <-> token ``<key>.npz``) and have no text."""
+    """Dataset JSON (the original scripts' ``train_data.json``). None: ``<latent_dir>/../../<split>_data.json`` if it
+    exists, else rows pair by file name (latent ``<key>.npy`` <-> token ``<key>.npz``) and have no text."""
     token_dir: str = ""
-    """Token ``.npz`` folder (seed ``rwkv_tokens/train``), or a pack folder (``diffrwkv pack``; auto-detected)."""
+    """Token ``.npz`` folder (originally ``rwkv_tokens/train``), or a pack folder (``diffrwkv pack``; auto-detected)."""
     latent_dir: str = ""
-    """Latent ``.npy`` folder (seed ``qwen_32d/latents/train``); used to find the JSON and to pair without one."""
+    """Latent ``.npy`` folder (originally ``qwen_32d/latents/train``); used to find the JSON and to pair without one."""
     max_samples: int | None = None
     """Use at most this many rows of each split (after the split, in row order). None: all."""
     num_workers: int = 0
-    """DataLoader worker processes. Packed data is fastest with 0 (samples are tiny: ~140k samples/s in-process vs
-    ~30k/s through worker IPC on 2 cores); per-row files gain a little from workers (file reads)."""
+    """Only 0: the trainer reads each step's rows in its own process (on CUDA it reads the next step's rows while
+    the GPU computes); there are no worker processes. Any other value is refused."""
     validation_fraction: float = 0.0
     """Validation rows come from, in order: the ``validation_*`` paths when set; else, if > 0, this share of the
     rows (seeded hash of the row key: stable when rows are added); else the sibling ``validation`` split when the
     data has one (prepare-latents writes it); else none."""
     seed: int = 0
-    """Seed of the split and of shuffling (the sampler adds the epoch)."""
+    """Seed of the hash split (``validation_fraction``)."""
     on_bad_sample: str = "error"
     """``error``: raise on the first bad row. ``skip``: validate all rows up front, drop and report bad ones."""
     max_length: int | None = None
     """Truncate token sequences to this many positions (including the appended end-of-text). None: as stored."""
-    bucket_by_length: bool = False
-    """Batch rows of similar length (less padding): shuffle, sort within windows of ``bucket_window`` batches,
-    shuffle the batches."""
     latent_dim: int = 32
     """Expected latent width; any other is an error naming the file."""
     append_eot: bool = False
@@ -91,9 +84,6 @@ class DataConfig:
     validation_token_dir: str | None = None
     validation_latent_dir: str | None = None
     """Explicit validation split (same layout rules as the training paths)."""
-    bucket_window: int = 50
-    """Batches per sorting window when ``bucket_by_length``."""
-    pin_memory: bool = False
 
 
 class PairedTextLatentDataset(Dataset):
@@ -164,19 +154,6 @@ class PairedTextLatentDataset(Dataset):
     def source_text(self, index: int) -> str | None:
         return self.store.text(int(index))
 
-    def lengths(self) -> np.ndarray:
-        """Sequence length of every sample as ``__getitem__`` returns it, int64 ``[len]`` (read from the tokenizer's
-        metadata or the pack offsets; files are read only when neither has them)."""
-        stored = self.store.lengths
-        if stored is None:
-            stored = np.zeros(len(self.store), dtype=np.int64)
-            stored[self.rows] = [len(self.store.tokens(int(r))) for r in self.rows]
-            self.store.lengths = stored
-        lengths = stored[self.rows]
-        if self.max_length is not None:
-            lengths = np.minimum(lengths, self.max_length - int(self.append_eot))
-        return lengths + int(self.append_eot)
-
     def latent_array(self) -> np.ndarray:
         """All latents of this dataset, float32 ``[len, D]``."""
         if isinstance(self.store, PackStore):
@@ -228,7 +205,7 @@ def _make(cfg: DataConfig, store, rows: np.ndarray, problems: list[str]) -> Pair
 
 
 def _sibling_validation(cfg: DataConfig) -> tuple[str | None, str, str] | None:
-    """The prepared ``validation`` split beside the training one, if it exists (seed layout or packs)."""
+    """The prepared ``validation`` split beside the training one, if it exists (per-row files or packs)."""
     token_dir = Path(cfg.token_dir)
     val_tokens = token_dir.parent / "validation"
     if token_dir.name == "validation" or not val_tokens.is_dir():
@@ -250,6 +227,8 @@ def build_datasets(cfg: DataConfig) -> tuple[PairedTextLatentDataset, PairedText
     """(train, validation) datasets for ``cfg``; the validation source is chosen as ``DataConfig`` documents."""
     if not cfg.token_dir:
         raise DiffRwkvError("data.token_dir is empty; expected the token folder (or a pack folder)")
+    if cfg.num_workers != 0:
+        raise DiffRwkvError(NUM_WORKERS_REFUSED.format(cfg.num_workers))
     problems: list[str] = []
     store = _open(cfg, cfg.json_path, cfg.token_dir, cfg.latent_dir, problems)
     rows = np.arange(len(store))
@@ -377,107 +356,6 @@ class DeviceRows:
         # the same mask on the host (host_sync.HOST_MASK): the corruption makes its masks there, without a wait
         return {"input_ids": ids, "attention_mask": mask, "latent": self.latent.index_select(0, r),
                 "index": self.index.index_select(0, r), HOST_MASK: host_mask}  # fmt: skip
-
-
-class LengthBucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length, sharded over DDP ranks, deterministic in (seed, epoch).
-
-    Each epoch: permute all samples, sort each window of ``window * batch_size`` by length, cut into batches,
-    shuffle the batches, and give rank r the batches r, r + world, ... Every rank gets the same number of batches
-    (the list is cut, with ``drop_last``, or wrapped around to a multiple of ``num_replicas``).
-    """
-
-    def __init__(
-        self,
-        lengths: np.ndarray,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-        window: int = 50,
-    ) -> None:
-        self.lengths = np.asarray(lengths)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.num_replicas, self.rank, self.window, self.epoch = num_replicas, rank, max(1, window), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[np.ndarray]:
-        n = len(self.lengths)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        span = self.window * self.batch_size
-        batches = []
-        for lo in range(0, n, span):
-            chunk = order[lo : lo + span]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if not batches:
-            return []
-        if self.drop_last:
-            return batches[: len(batches) - len(batches) % self.num_replicas]
-        per_rank = math.ceil(len(batches) / self.num_replicas)
-        return [batches[i % len(batches)] for i in range(per_rank * self.num_replicas)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in self._batches()[self.rank :: self.num_replicas]:
-            yield b.tolist()
-
-    def __len__(self) -> int:
-        return len(self._batches()) // self.num_replicas
-
-
-def build_loader(
-    dataset: PairedTextLatentDataset,
-    batch_size: int,
-    *,
-    cfg: DataConfig,
-    shuffle: bool,
-    drop_last: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    pad_id: int = 0,
-) -> DataLoader:
-    """A DataLoader with a distributed-aware sampler (DistributedSampler, or the length-bucketing batch sampler).
-
-    ``rank`` / ``world_size`` default to torch.distributed's when it is initialised, else 0 / 1. Call
-    :func:`set_epoch` before each epoch so shuffling differs per epoch and agrees across ranks."""
-    if batch_size < 1:
-        raise DiffRwkvError(f"batch_size is {batch_size}; expected >= 1")
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
-    world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
-    common = {
-        "collate_fn": partial(collate_batch, pad_id=pad_id),
-        "num_workers": cfg.num_workers,
-        "pin_memory": cfg.pin_memory,
-        "persistent_workers": cfg.num_workers > 0,
-    }
-    if cfg.bucket_by_length:
-        sampler = LengthBucketBatchSampler(
-            dataset.lengths(), batch_size, shuffle=shuffle, seed=cfg.seed, drop_last=drop_last,
-            num_replicas=world_size, rank=rank, window=cfg.bucket_window,
-        )  # fmt: skip
-        return DataLoader(dataset, batch_sampler=sampler, **common)
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=cfg.seed, drop_last=drop_last
-    )
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell the loader's sampler which epoch starts (reshuffles deterministically)."""
-    for s in (loader.sampler, loader.batch_sampler):
-        if hasattr(s, "set_epoch"):
-            s.set_epoch(epoch)
 
 
 # ------------------------------------------------------------------------------------------ training sample order

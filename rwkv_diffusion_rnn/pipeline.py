@@ -4,7 +4,7 @@
     m = load_trained("outputs/rwkv_mmdit/step_00001000", device="cuda")   # or the save_dir: newest checkpoint
     m.denoiser, m.text, m.latent, m.normalizer, m.tokenizer, m.config
 
-A checkpoint holds the trainable tensors and the resolved config (DESIGN §5): a frozen backbone is re-read from the
+A checkpoint holds the trainable tensors and the resolved config: a frozen backbone is re-read from the
 path recorded in the checkpoint and must have the recorded sha256; a backbone trained from scratch is rebuilt at
 its recorded shape and filled from the checkpoint. With ``ema=True`` (default) the EMA weights are used where the
 run kept an EMA.
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rwkv_diffusion_rnn.checkpoints import apply_model_tensors, file_sha256, load_checkpoint
+from rwkv_diffusion_rnn.backbone_ref import backbone_sha256
+from rwkv_diffusion_rnn.checkpoints import apply_model_tensors, load_checkpoint
 from rwkv_diffusion_rnn.config import TrainConfig
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer, build_latent_schedule
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
@@ -75,7 +76,7 @@ def build_model(
         bpath = Path(backbone_ref["path"])
         if not bpath.exists():
             raise DiffRwkvError(f"{where}: its backbone {bpath} is missing; put the file back at that path")
-        if backbone_ref.get("sha256") and bpath.is_file() and file_sha256(bpath) != backbone_ref["sha256"]:
+        if backbone_ref.get("sha256") and backbone_sha256(bpath) != backbone_ref["sha256"]:
             raise DiffRwkvError(f"{where}: backbone {bpath} changed since training (sha256 differs)")
         backbone = load_rwkv_model(bpath, wkv_backend=cfg.model.wkv_backend)
     else:

@@ -28,8 +28,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from rwkv_diffusion_rnn.checkpoints import backbone_reference, file_sha256
-from rwkv_diffusion_rnn.data_io import atomic_write_json, staged_output
+from rwkv_diffusion_rnn.backbone_ref import backbone_reference
+from rwkv_diffusion_rnn.data_io import atomic_write_json, file_sha256, staged_output
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.latent_encoder import ENCODER_META, PROJECTION_FILE
 

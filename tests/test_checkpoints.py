@@ -6,7 +6,6 @@ import copy
 import errno
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rwkv_diffusion_rnn.checkpoints import (
     FORMAT_VERSION,
     apply_model_tensors,
     backbone_reference,
+    backbone_sha256,
     capture_rng_state,
     file_sha256,
     latest_checkpoint,
@@ -92,6 +92,14 @@ class Run:
         )
         args.update(kw)
         return save_checkpoint(save_dir, step, **args)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every global RNG starts from a fixed state in every test."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -283,9 +291,10 @@ def test_non_finite_values_are_refused_even_with_fixed_up_checksums(saved: tuple
     _, path = saved
     if file == "model.safetensors":
         tensors = safetensors.torch.load_file(str(path / file))
-        name = sorted(tensors)[int(torch.randint(0, len(tensors), ()))]
+        g = torch.Generator().manual_seed(5)
+        name = sorted(tensors)[int(torch.randint(0, len(tensors), (), generator=g))]
         flat = tensors[name].view(-1)
-        flat[int(torch.randint(0, flat.numel(), ()))] = float("nan")
+        flat[int(torch.randint(0, flat.numel(), (), generator=g))] = float("nan")
         safetensors.torch.save_file(tensors, str(path / file))
     else:
         payload = torch.load(path / file, weights_only=True)
@@ -435,7 +444,7 @@ def test_apply_model_tensors_checks_everything_before_copying(saved: tuple[Run, 
 
 
 def test_file_sha256_and_backbone_reference(tmp_path: Path) -> None:
-    data = os.urandom(10_000)
+    data = np.random.default_rng(1).bytes(10_000)
     f = tmp_path / "backbone.pth"
     f.write_bytes(data)
     assert file_sha256(f, chunk=7) == hashlib.sha256(data).hexdigest()
@@ -454,3 +463,40 @@ def test_file_sha256_and_backbone_reference(tmp_path: Path) -> None:
     one_line(err)
     with pytest.raises(DiffRwkvError, match="cannot be read"):
         file_sha256(tmp_path / "missing")
+
+
+def test_hf_folder_backbone_is_hashed_and_a_changed_one_refused(tmp_path: Path) -> None:
+    """A folder backbone's digest covers its weight files and config.json in name order (not tokenizer files); a
+    checkpoint records it even when the reference came without one, and a changed folder is refused in one line."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "rwkv7"}')
+    (folder / "model-00002-of-00002.safetensors").write_bytes(rng.bytes(300))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(rng.bytes(500))
+    (folder / "tokenizer.json").write_text("{}")
+    names = ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    lines = "".join(f"{f}\0{file_sha256(folder / f)}\n" for f in names)
+    digest = hashlib.sha256(lines.encode()).hexdigest()
+    assert backbone_sha256(folder) == digest
+    assert backbone_reference(folder) == {"path": str(folder.resolve()), "sha256": digest, "bytes": 823}
+    (folder / "tokenizer.json").write_text('{"changed": true}')  # not part of the backbone
+    assert backbone_sha256(folder) == digest
+
+    run = Run()
+    run.step(0)
+    as_given = {"path": str(folder), "sha256": None}  # what the trainer passes for a folder
+    ck = load_checkpoint(run.save(tmp_path / "ckpt", 1, backbone=as_given))
+    assert ck.backbone == {"path": str(folder), "sha256": digest}
+    verify_backbone(ck.backbone, as_given, str(ck.path))  # unchanged: resumes
+    (folder / "model-00002-of-00002.safetensors").write_bytes(rng.bytes(300))  # same size, other weights
+    with pytest.raises(DiffRwkvError, match="trained on backbone .*hf") as err:
+        verify_backbone(ck.backbone, as_given, str(ck.path))
+    one_line(err)
+    verify_backbone({"path": str(folder), "sha256": None}, as_given, "old")  # recorded without one: not checked
+    (folder / "model-00001-of-00002.safetensors").unlink()
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    (folder / "config.json").unlink()
+    with pytest.raises(DiffRwkvError, match="holds no \\*.safetensors") as err:
+        backbone_sha256(folder)
+    one_line(err)

@@ -296,3 +296,22 @@ def test_skip_mode_drops_and_reports_every_bad_row(tmp_path, caplog):
     samples = [train[i] for i in range(len(train))]  # every remaining row reads cleanly
     assert all(s["latent"].shape == (32,) for s in samples)
     assert "skipped 5 of 12 rows" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("data", ("num_workers", 2), "data.num_workers is 2; expected 0: training reads rows in its own process"),
+        ("model", ("trust_remote_code", True), "model.trust_remote_code must be false: backbone weights are read"),
+    ],
+)
+def test_config_keys_that_cannot_act_are_refused(key, value, expected):
+    """A config key either acts or is refused with one line naming it (data.num_workers=0 keeps working)."""
+    from rwkv_diffusion_rnn.config import TrainConfig, validate
+
+    validate(TrainConfig())  # the defaults, data.num_workers=0 among them
+    cfg = TrainConfig()
+    setattr(getattr(cfg, key), *value)
+    with pytest.raises(DiffRwkvError, match=expected) as info:
+        validate(cfg)
+    assert "\n" not in str(info.value)

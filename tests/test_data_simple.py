@@ -1,4 +1,4 @@
-"""The dataset and loader: pairing, padding, split, truncation, samplers, stats, both layouts."""
+"""The dataset and the trainer's batches: pairing, padding, split, truncation, sample order, stats, both layouts."""
 
 from __future__ import annotations
 
@@ -12,19 +12,23 @@ from rwkv_diffusion_rnn import cli, load_tokenizer
 from rwkv_diffusion_rnn.data_io import LatentStats, split_keys
 from rwkv_diffusion_rnn.data_simple import (
     DataConfig,
-    LengthBucketBatchSampler,
     build_datasets,
-    build_loader,
     collate_batch,
     latent_stats,
-    set_epoch,
+    shard_rows,
+    stream_rows,
 )
 from tests.data_helpers import make_dataset
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def data(tmp_path):
-    return make_dataset(tmp_path, n=40, seed=int(np.random.default_rng().integers(1000)))
+    return make_dataset(tmp_path, n=40, seed=17)
 
 
 def _cfg(d, **kw):
@@ -44,18 +48,19 @@ def test_samples_pair_text_tokens_and_latent(data):
 
 
 def test_json_found_from_latent_dir_and_pairing_without_json(data):
-    seed_cfg = DataConfig(token_dir=str(data["token_dir"]), latent_dir=str(data["latent_dir"]))  # the seed's keys only
-    a, _ = build_datasets(seed_cfg)
+    # only the keys the original rwkv_diffusion_rnn config had
+    orig_cfg = DataConfig(token_dir=str(data["token_dir"]), latent_dir=str(data["latent_dir"]))
+    a, _ = build_datasets(orig_cfg)
     assert a.text(3) == json.loads(data["json"].read_text())[3]["text"]
     data["json"].rename(data["json"].with_name("elsewhere.json"))
-    b, _ = build_datasets(seed_cfg)  # no JSON: latents and tokens pair by file name
+    b, _ = build_datasets(orig_cfg)  # no JSON: latents and tokens pair by file name
     assert b.text(3) is None and len(b) == 40
     for i in range(40):
         assert torch.equal(a[i]["input_ids"], b[i]["input_ids"]) and torch.equal(a[i]["latent"], b[i]["latent"])
 
 
 def test_collate_pads_right_with_mask():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(3)
     lengths = rng.integers(1, 30, size=7)
     samples = [
         {"input_ids": torch.from_numpy(rng.integers(1, 65536, size=n)), "latent": torch.randn(32), "index": int(k)}
@@ -112,7 +117,6 @@ def test_max_length_and_append_eot(data):
     for i in range(len(full)):
         ids = full[i]["input_ids"]
         assert cut[i]["input_ids"].tolist() == ids[:4].tolist() + [0]
-    assert cut.lengths().tolist() == [min(len(full[i]["input_ids"]), 4) + 1 for i in range(len(full))]
     with pytest.raises(Exception, match="max_length is 1; expected >= 2"):
         build_datasets(_cfg(data, max_length=1, append_eot=True))
 
@@ -143,7 +147,7 @@ def test_packed_layout_reads_identically(data):
         a, b = files[i], packed[i]
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["latent"], b["latent"])
         assert a["index"] == b["index"] and files.text(i) == packed.text(i)
-    assert np.array_equal(files.lengths(), packed.lengths())
+    assert np.array_equal(files.store.lengths, packed.store.lengths)  # tokenizer metadata == pack offsets
 
 
 def test_latent_stats_saved_or_computed(data):
@@ -160,63 +164,45 @@ def test_latent_stats_saved_or_computed(data):
     np.testing.assert_allclose(computed.standardize(data["latents"]).std(0, ddof=1), 1.0, rtol=1e-4)
 
 
-def test_loader_epochs_and_ranks(data):
-    cfg = _cfg(data, seed=5)
-    train, _ = build_datasets(cfg)
-    seen = []
-    for rank in (0, 1):
-        loader = build_loader(train, 4, cfg=cfg, shuffle=True, rank=rank, world_size=2)
-        set_epoch(loader, 0)
-        seen.append([i for b in loader for i in b["index"].tolist()])
+def _rank_batches(ds, seed, step, global_batch, accum, world, rank):
+    """The trainer's micro-batches of ``step`` for ``rank`` (improved_trainer.Trainer.rank_rows + collate)."""
+    rows = stream_rows(seed, len(ds), step * global_batch, global_batch)
+    return [collate_batch([ds[int(i)] for i in mine]) for mine in shard_rows(rows, accum, world, rank)]
+
+
+def test_training_batches_cover_each_epoch_across_ranks(data):
+    train, _ = build_datasets(_cfg(data))
+    seen = [[], []]
+    for step in range(5):  # 5 steps x global batch 8 = one epoch of 40 rows
+        for rank in (0, 1):
+            for b in _rank_batches(train, 5, step, 8, 2, 2, rank):
+                assert b["input_ids"].shape[0] == 2 and b["latent"].shape == (2, 32)
+                seen[rank] += b["index"].tolist()
     assert len(seen[0]) == len(seen[1]) == 20 and sorted(seen[0] + seen[1]) == list(range(40))
-    loader = build_loader(train, 4, cfg=cfg, shuffle=True)
-    set_epoch(loader, 0)
-    e0 = [i for b in loader for i in b["index"].tolist()]
-    set_epoch(loader, 0)
-    assert e0 == [i for b in loader for i in b["index"].tolist()]
-    set_epoch(loader, 1)
-    assert e0 != [i for b in loader for i in b["index"].tolist()]
+    one = [i for step in range(5) for b in _rank_batches(train, 5, step, 8, 1, 1, 0) for i in b["index"].tolist()]
+    assert sorted(one) == list(range(40))
+    again = [i for step in range(5) for b in _rank_batches(train, 5, step, 8, 1, 1, 0) for i in b["index"].tolist()]
+    assert one == again  # a function of the seed
+    nxt = [i for step in range(5, 10) for b in _rank_batches(train, 5, step, 8, 1, 1, 0) for i in b["index"].tolist()]
+    assert sorted(nxt) == list(range(40)) and nxt != one  # the next epoch: every row again, another order
 
 
-def test_length_buckets_cover_everything_and_reduce_padding():
-    rng = np.random.default_rng()
-    lengths = rng.integers(1, 200, size=1000)
-    s = LengthBucketBatchSampler(lengths, 16, shuffle=True, seed=2, window=20)
-    batches = list(s)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(1000))
-    pad_bucket = sum(max(lengths[b]) * len(b) for b in batches)
-    perm = rng.permutation(1000)
-    pad_random = sum(max(lengths[perm[i : i + 16]]) * len(perm[i : i + 16]) for i in range(0, 1000, 16))
-    assert pad_bucket < 0.7 * pad_random
-    s.set_epoch(1)
-    assert list(s) != batches
-    shards = [
-        list(LengthBucketBatchSampler(lengths, 16, seed=2, num_replicas=3, rank=r, drop_last=True)) for r in range(3)
-    ]
-    assert len({len(x) for x in shards}) == 1
-    ids = [i for x in shards for b in x for i in b]
-    assert len(ids) == len(set(ids)) and all(len(b) == 16 for x in shards for b in x)
-
-
-def test_bucketed_loader_uses_stored_lengths(data):
-    cfg = _cfg(data, bucket_by_length=True, bucket_window=2)
-    train, _ = build_datasets(cfg)
-    assert train.store.lengths is not None  # from the tokenizer's _meta.json: no file read to bucket
-    batches = list(build_loader(train, 5, cfg=cfg, shuffle=True))
-    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(40))
-
-
-def test_workers_read_packed_data(data):
+def test_packed_rows_batch_in_order(data):
     out = data["root"] / "packed"
     cli.main(
         ["pack", "--json_path", str(data["json"]), "--token_dir", str(data["token_dir"]), "--output_dir", str(out)]
     )
-    cfg = DataConfig(token_dir=str(out), num_workers=2)
-    train, _ = build_datasets(cfg)
-    loader = build_loader(train, 8, cfg=cfg, shuffle=False)
-    got = torch.cat([b["latent"] for b in loader])
+    train, _ = build_datasets(DataConfig(token_dir=str(out)))
+    got = torch.cat([collate_batch([train[i] for i in range(lo, lo + 8)])["latent"] for lo in range(0, 40, 8)])
     assert torch.equal(got, torch.from_numpy(data["latents"]))
+
+
+def test_num_workers_other_than_zero_is_refused(data):
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    build_datasets(_cfg(data, num_workers=0))
+    with pytest.raises(DiffRwkvError, match=r"^data.num_workers is 2; expected 0: training reads rows in its own"):
+        build_datasets(_cfg(data, num_workers=2))
 
 
 def test_pad_with_eot_makes_fixed_length_rows():
@@ -240,7 +226,7 @@ def test_device_rows_equal_collated_batches(data, kw, pad_to):
 
     ds, _ = build_datasets(_cfg(data, **kw))
     cache = DeviceRows(ds, "cpu", pad_to)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(11)
     for _ in range(5):
         rows = rng.choice(len(ds), size=int(rng.integers(1, 9)), replace=False)
         want = collate_batch([ds[int(i)] for i in rows])

@@ -22,10 +22,15 @@ from rwkv_diffusion_rnn.pretrained_rwkv import (
 from tests.conftest import random_rwkv7
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def pth(tmp_path):
     path = tmp_path / "model.pth"
-    save_pth(random_rwkv7(2, 128, vocab_size=500, seed=torch.seed() % 2**31).state_dict(), path)
+    save_pth(random_rwkv7(2, 128, vocab_size=500, seed=1234).state_dict(), path)
     return path
 
 
@@ -151,3 +156,38 @@ def test_dtype_and_device_arguments(pth):
     model = load_rwkv_model(pth, dtype="bf16", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not model.training
+
+
+def test_hf_folder_backbone_is_hashed_and_a_changed_one_refused(tmp_path):
+    """A frozen backbone given as a Hugging Face folder is recorded with its digest; loading the run, or resuming
+    it, after the folder's weights changed is refused in one line (as for a .pth)."""
+    import shutil
+
+    from rwkv_diffusion_rnn.checkpoints import backbone_sha256, peek_checkpoint
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config
+    from rwkv_diffusion_rnn.models.rwkv7 import random_rwkv7 as blink_random
+    from rwkv_diffusion_rnn.pipeline import config_from_dict, load_trained
+    from rwkv_diffusion_rnn.pretrained_rwkv import save_hf
+    from tests.api_helpers import tiny_run
+
+    folder = tmp_path / "bb_hf"
+    save_hf(blink_random(RWKV7Config.for_shape(1, 64), seed=1).state_dict(), folder)
+    run = tiny_run(tmp_path, steps=2, model__rwkv_name=str(folder), model__freeze_backbone=True,
+                   model__vocab="full", model__n_layer=1)  # fmt: skip
+    _, meta = peek_checkpoint(run["save_dir"])
+    assert meta["backbone"]["sha256"] == backbone_sha256(folder) and meta["backbone"]["path"] == str(folder)
+    load_trained(run["save_dir"])  # unchanged: loads
+
+    sd = read_local_checkpoint(folder)
+    sd["blocks.0.ffn.key.weight"] = sd["blocks.0.ffn.key.weight"] + 1
+    shutil.rmtree(folder)
+    save_hf(sd, folder)
+    with pytest.raises(DiffRwkvError, match="backbone .*bb_hf changed since training") as err:
+        load_trained(run["save_dir"])
+    assert "\n" not in str(err.value)
+    cfg = config_from_dict(meta["config"])
+    cfg.training.resume = str(run["save_dir"])
+    with pytest.raises(DiffRwkvError, match="trained on backbone .*bb_hf") as err:
+        Trainer(cfg)
+    assert "\n" not in str(err.value)
