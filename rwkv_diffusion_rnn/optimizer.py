@@ -378,7 +378,8 @@ def clip_grads_on_device(
 
     ``sum_over_ranks`` (e.g. :func:`distributed.all_reduce_sum`; every rank must call then) is for gradients
     sharded over processes (FSDP2's DTensors): the norm is the root of the ranks' summed local squared norms, the
-    same on every rank, so every rank clips by the same factor. The finiteness flag stays this rank's."""
+    same on every rank, so every rank clips by the same factor; ``also_finite`` is still this rank's, so the caller
+    combines the flags over the ranks (:func:`distributed.all_true`) before stepping."""
     grads = [p.grad for p in params if p.grad is not None]
     if sum_over_ranks is not None:
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
