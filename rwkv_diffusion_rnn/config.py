@@ -93,7 +93,8 @@ class DiffusionConfig:
     text_schedule: str = "loglinear"  # MDLM log-linear masking schedule
     text_eps: float = 1e-3
     # uniform (plain masked CE) | elbo (MDLM continuous-time NELBO weights 1/t). uniform won latent -> text on real
-    # captions in every GPU comparison, with a lower validation NELBO too (docs/RESULTS.md 2026-11-27 session 4)
+    # captions in every GPU comparison, with a lower validation NELBO (diffrwkv evaluate) too (docs/RESULTS.md
+    # 2026-11-27)
     text_weighting: str = "uniform"
     latent_schedule: str = "cosine"  # continuous-time cosine VP
     latent_prediction: str = "x0"  # x0 | eps | v (x0 won text->latent on captions: docs/RESULTS.md 2026-11-27)
@@ -148,7 +149,7 @@ class TrainingConfig:
 @dataclass
 class LoggingConfig:
     log_freq: int = 10  # steps between metric lines (the only steps that read numbers back from the GPU)
-    eval_freq: int = 500  # steps between validation passes
+    eval_freq: int = 500  # steps between validation passes: val_masked_ce_bits, val_latent_mse (train_metrics.py)
     eval_batches: int = 8  # validation batches per pass
     save_dir: str = "outputs/rwkv_mmdit"
     save_freq: int = 1000  # steps between checkpoints (and one at the end)

@@ -1,14 +1,21 @@
-"""Everything about processes in one place: init from torchrun's environment, rank helpers, reductions, cleanup.
+"""Everything about processes in one place: init from torchrun's environment, rank helpers, reductions, cleanup,
+and spreading the model over the processes (:func:`wrap_ddp`, :func:`shard_fsdp`).
 
-Single-process runs need none of it: every helper works (as the identity) without an initialised process group.
-Launch several processes with ``torchrun --nproc_per_node N rwkv_diffusion_rnn/train_rwkv.py ...``; the backend
-is NCCL on CUDA and gloo on the CPU (so CI exercises the same code path). ``training.strategy`` (ddp | fsdp) picks
-how the trainer spreads the model over them; see docs/multi_gpu.md.
+Single-process runs need none of it: every helper works (as the identity) without an initialised process group,
+and the trainer's model and loop are single-device code that these wrappers parallelise. Launch several processes
+with ``torchrun --nproc_per_node N rwkv_diffusion_rnn/train_rwkv.py ...``; the backend is NCCL on CUDA and gloo on
+the CPU (so CI exercises the same code path). ``training.strategy`` picks how the model is spread over them
+(docs/multi_gpu.md):
+
+* ``ddp``: DistributedDataParallel, every rank holds the whole model and gradients are all-reduced;
+* ``fsdp``: FSDP2 ``fully_shard`` per RWKV block, then the root; fp32 master weights, bf16 compute copies under
+  ``dtype=bf16``, fp32 gradient reduction. Its checkpoints are sharded (distributed_checkpoint.py).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +102,42 @@ def barrier() -> None:
 def print0(*args, **kwargs) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: call it on every rank); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``model`` under DistributedDataParallel when several processes run, else ``model`` itself. Wrap after the
+    trainable set is final (and again when it changes): DDP registers the parameters that need gradients."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+def shard_fsdp(model: torch.nn.Module, info: DistInfo, bf16: bool) -> None:
+    """FSDP2 in place: ``fully_shard`` every RWKV block of ``model.backbone``, then the root (embeddings, heads,
+    conditioning). Master weights stay fp32 (the optimizer updates fp32 shards); with ``bf16`` each block's
+    parameters are gathered as bf16 for compute and gradients are reduce-scattered in fp32. Forward inputs are not
+    cast (the diffusion times stay fp32); autocast still runs around the loss. Shard before building the optimizer
+    and the EMA: they must hold the sharded parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Block.forward returns its last-token states as views; nothing modifies them in place (the two-process
+    # == one-process test in tests/test_distributed.py would catch a lost gradient), so FSDP2's warning is noise
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)  # fmt: skip
+    for block in model.backbone.blocks:
+        if isinstance(getattr(block, "ln0", None), torch.nn.Module):
+            # block 0's ln0 runs outside the block's forward (RWKV7.forward_embeds): a unit of its own
+            fully_shard(block.ln0, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)

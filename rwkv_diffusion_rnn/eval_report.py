@@ -24,7 +24,10 @@ from rwkv_diffusion_rnn.data_io import atomic_write_bytes, atomic_write_json
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 TRAIN_KEYS = ("loss", "text_loss", "latent_loss")
-VAL_KEYS = ("val_text_nelbo_bits", "val_latent_mse")
+#: the trainer's validation (train_metrics.py); its metrics.jsonl from before 2026-12-06 holds the masked
+#: cross-entropy as ``val_text_nelbo_bits`` (not a NELBO), plotted under the current name
+VAL_KEYS = ("val_masked_ce_bits", "val_text_nelbo_bits", "val_latent_mse")
+OLD_NAMES = {"val_text_nelbo_bits": "val_masked_ce_bits (logged as val_text_nelbo_bits)"}
 #: (metrics key, label, decimals) of the round-trip table, in order
 L2T_ROWS = (
     ("l2t_cosine", "round-trip cosine", 3),
@@ -99,12 +102,12 @@ def _pyplot():
 
 
 def plot_loss_curves(records: list[dict[str, float]]) -> bytes:
-    """Training losses, and validation NELBO and latent MSE when logged, against the training step; PNG bytes."""
+    """Training losses, and validation masked CE and latent MSE when logged, against the training step; PNG bytes."""
     plt = _pyplot()
     groups = {
         "training loss": TRAIN_KEYS,
-        "validation text NELBO, bits/token": VAL_KEYS[:1],
-        "validation latent MSE": VAL_KEYS[1:],
+        "validation masked CE, bits/masked token": VAL_KEYS[:2],
+        "validation latent MSE": VAL_KEYS[2:],
     }
     panels = [p for p, keys in groups.items() if any(_finite(r.get(k)) for r in records for k in keys)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.6), squeeze=False)
@@ -112,7 +115,7 @@ def plot_loss_curves(records: list[dict[str, float]]) -> bytes:
         for key in groups[panel]:
             pts = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=key, marker="." if len(pts) < 30 else None)
+                ax.plot(*zip(*pts, strict=True), label=OLD_NAMES.get(key, key), marker="." if len(pts) < 30 else None)
         ax.set_xlabel("training step")
         ax.set_title(panel)
         ax.grid(alpha=0.3)

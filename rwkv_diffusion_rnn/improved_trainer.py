@@ -2,21 +2,18 @@
 
 What is exact, and why (tests/test_trainer.py checks each):
 
-* Data order is a function of ``(seed, epoch)``: the epochs' permutations, concatenated, form one stream of rows
-  (:func:`data_simple.stream_rows`); step ``s`` takes the global batch at stream positions
-  ``[s x G, (s + 1) x G)``, ``G = train_batch_size x world x grad_accum_steps`` (a batch crossing an epoch's end
-  takes the start of the next epoch: no row is dropped or repeated). Micro-step ``m`` covers ``train_batch_size x
-  world`` consecutive rows of it and rank ``r`` takes every ``world``-th row from ``r``
-  (:func:`data_simple.shard_rows`). The data position is ``step`` (and ``step x G`` global samples), so resume
-  needs no loader state.
+* Data order is a function of ``(seed, epoch)`` (train_data.py): step ``s`` takes the global batch at stream
+  positions ``[s x G, (s + 1) x G)``, ``G = train_batch_size x world x grad_accum_steps``, no row dropped or
+  repeated at an epoch's end; rank ``r`` takes every ``world``-th row from ``r``. The data position is ``step``, so
+  resume needs no loader state.
 * The global batch ``G`` is held fixed across a resume: with another number of processes, ``grad_accum_steps`` is
   recomputed so that ``G`` is unchanged (one-line error when no integer works). Resuming with the same rows per
   micro-step (``train_batch_size x world``) reproduces the uninterrupted losses; changed accumulation keeps the
   sample order but draws the corruption noise per micro-step of the new split.
-* ``training.strategy``: ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2 ``fully_shard`` per RWKV block, then
-  the root; fp32 master weights, bf16 compute copies under ``dtype=bf16``, fp32 gradient reduction). Checkpoints:
-  the single-folder file layout, or sharded DCP (``logging.checkpoint_format``; default dcp under fsdp), which
-  resumes on any number of processes under either strategy (docs/multi_gpu.md).
+* The model and the loop are single-device code; ``training.strategy`` (ddp | fsdp) wraps or shards the model
+  (distributed.py). Checkpoints: the single-folder file layout, or sharded DCP (``logging.checkpoint_format``;
+  default dcp under fsdp, distributed_checkpoint.py), which resumes on any number of processes under either
+  strategy (docs/multi_gpu.md).
 * Corruption randomness is a function of ``(seed, step, micro-step)`` (see :mod:`objectives`), so resume and
   multi-process runs see the same noise as the uninterrupted single-process run.
 * A step whose loss or gradient is non-finite on ANY rank is skipped on EVERY rank: no optimizer, EMA or weight
@@ -24,22 +21,20 @@ What is exact, and why (tests/test_trainer.py checks each):
   at the logged steps: the decision stays on the device, so the step never waits for it; host_sync.py).
 * The frozen backbone never enters the optimizer; DDP wraps the model after the trainable set is final (again when
   ``unfreeze_after_steps`` changes it).
+
+What is reported, validation included, is train_metrics.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
+import functools
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rwkv_diffusion_rnn import distributed
 from rwkv_diffusion_rnn.checkpoints import (
@@ -47,27 +42,17 @@ from rwkv_diffusion_rnn.checkpoints import (
     file_sha256,
     load_checkpoint,
     peek_checkpoint,
-    read_dcp_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    save_dcp_checkpoint,
     verify_backbone,
 )
 from rwkv_diffusion_rnn.config import TrainConfig, parse_sequential, to_dict, validate
 from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion, LatentNormalizer, build_latent_schedule
-from rwkv_diffusion_rnn.data_simple import (
-    DataConfig,
-    DeviceRows,
-    build_datasets,
-    collate_batch,
-    latent_stats,
-    pad_with_eot,
-    shard_rows,
-    stream_rows,
-)
+from rwkv_diffusion_rnn.data_simple import DataConfig, build_datasets, latent_stats
 from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_schedule
+from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_dcp, save_dcp
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.host_sync import HOST_MASK, DeviceCount
+from rwkv_diffusion_rnn.host_sync import DeviceCount
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser, compile_denoiser_regions
@@ -81,6 +66,8 @@ from rwkv_diffusion_rnn.optimizer import (
     clip_grads_on_device,
     load_optimizer_state,
 )
+from rwkv_diffusion_rnn.train_data import StepBatches, collate
+from rwkv_diffusion_rnn.train_metrics import MetricsLog, read_step_metrics, validation_metrics
 from rwkv_diffusion_rnn.vocab import TokenMap
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,35 +110,13 @@ def data_config(cfg: TrainConfig) -> DataConfig:
     )
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (a collective); any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-@torch.no_grad()
-def _clip_sharded_grads(params, max_norm: float, device: torch.device) -> tuple[float, bool]:
-    """:func:`optimizer.clip_and_check_grads` for FSDP2's sharded (DTensor) gradients: the global norm is the root
-    of the all-reduced sum of every rank's local squared norms, identical on every rank, so every rank clips with
-    the same factor and agrees on finiteness."""
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
-    sq = torch.zeros((), device=device, dtype=torch.float32)
-    if local:
-        norms = torch._foreach_norm(local, 2.0, dtype=torch.float32)
-        sq = sq + torch.stack([n.to(device) for n in norms]).pow(2).sum()
-    total = float(distributed.all_reduce_sum(sq).sqrt())
-    finite = math.isfinite(total)
-    if finite and max_norm > 0 and total > max_norm and local:
-        torch._foreach_mul_(local, max_norm / (total + 1e-6))
-    return total, finite
-
-
 class Trainer:
     """Build everything from a :class:`TrainConfig` and train. ``batch_hook(step, rank, batch) -> batch`` is a test
     and fault-injection hook (e.g. plant a NaN); leave it None."""
 
     def __init__(self, cfg: TrainConfig, dist: distributed.DistInfo | None = None) -> None:
         validate(cfg)
-        cfg = copy.deepcopy(cfg)  # grad_accum_steps may be adapted to a checkpoint's global batch (see _plan_batch)
+        cfg = copy.deepcopy(cfg)  # grad_accum_steps may be adapted to a checkpoint's global batch (hold_global_batch)
         self.cfg = cfg
         self.dist = dist or distributed.init(cfg.training.device)
         self.device = self.dist.device
@@ -202,8 +167,8 @@ class Trainer:
                     "set data.pad_to_length so that every batch has one shape"
                 )
         self.sharded = t.strategy == "fsdp" and self.dist.enabled
-        if self.sharded:
-            self._shard()  # before the optimizer and the EMA: they must hold the sharded parameters
+        if self.sharded:  # before the optimizer and the EMA: they must hold the sharded parameters
+            distributed.shard_fsdp(self.model, self.dist, bf16=t.dtype == "bf16")
 
         dc = cfg.diffusion
         text = MaskedDiffusion(build_text_schedule(dc.text_schedule, eps=dc.text_eps), self.model.mask_id,
@@ -213,7 +178,7 @@ class Trainer:
                                             cfg.data.max_length, t.seed, t.chunked_ce, dc.clean_prefix,
                                             dc.t2l_time_power)  # fmt: skip
 
-        self._plan_batch()
+        hold_global_batch(t, self.dist.world_size)  # a resume with another number of processes
         self.global_batch = t.train_batch_size * self.dist.world_size * t.grad_accum_steps
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -228,52 +193,24 @@ class Trainer:
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "fp16")
         self.step, self.skipped = 0, 0  # skipped: a count kept on the device between reads (see the property)
-        # the next step's rows are read while the GPU computes (CUDA only: the CPU path keeps one step's reads in
-        # its own step, so an unreadable row is met exactly where the tests expect it)
-        self.prefetch_data = self.device.type == "cuda"
-        self._prefetched = None
-        self.device_rows = None
-        if cfg.data.device_cache:
-            self.device_rows = DeviceRows(self.train_set, self.device, cfg.data.pad_to_length,
-                                          progress=cfg.logging.progress and self.dist.is_main)  # fmt: skip
-            distributed.print0(f"data.device_cache: {len(self.train_set):,} training rows on {self.device} "
-                               f"({self.device_rows.nbytes / 2**20:.1f} MiB)")  # fmt: skip
+        self.data = StepBatches(self.train_set, seed=t.seed, global_batch=self.global_batch,
+                                grad_accum_steps=t.grad_accum_steps, info=self.dist,
+                                pad_to_length=cfg.data.pad_to_length, device_cache=cfg.data.device_cache,
+                                progress=cfg.logging.progress and self.dist.is_main)  # fmt: skip
         self.save_dir = Path(cfg.logging.save_dir)
         if t.resume:
             self._resume(t.resume)
         self._wrap()
-        self._writers = None
+        self.metrics_log = MetricsLog(self.save_dir, cfg.logging, to_dict(cfg), enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ model wrapping / trainable set
     def _wrap(self) -> None:
         model = self.model
         if self.cfg.training.compile:
             model = torch.compile(model)
-        if self.dist.enabled and not self.sharded:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DDP(model, device_ids=ids, find_unused_parameters=False)
+        if not self.sharded:
+            model = distributed.wrap_ddp(model, self.dist)
         self.ddp = model  # what the loss calls: DDP, or the FSDP2 module itself (its hooks do the communication)
-
-    def _shard(self) -> None:
-        """FSDP2: ``fully_shard`` every RWKV block, then the root (embeddings, heads, conditioning). Master weights
-        stay fp32 (the optimizer updates fp32 shards); under ``dtype=bf16`` each block's parameters are gathered as
-        bf16 for compute and gradients are reduce-scattered in fp32. Forward inputs are not cast (the diffusion
-        times stay fp32); autocast still runs around the loss."""
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # Block.forward returns its last-token states as views; nothing modifies them in place (the two-process
-        # == one-process test in tests/test_distributed.py would catch a lost gradient), so FSDP2's warning is noise
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
-        param_dtype = torch.bfloat16 if self.cfg.training.dtype == "bf16" else None
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        for block in self.model.backbone.blocks:
-            if isinstance(getattr(block, "ln0", None), torch.nn.Module):
-                # block 0's ln0 runs outside the block's forward (RWKV7.forward_embeds): a unit of its own
-                fully_shard(block.ln0, mesh=mesh, mp_policy=mp)
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(self.model, mesh=mesh, mp_policy=mp)
 
     def _checkpoint_blocks(self) -> None:
         """Activation checkpointing: each RWKV block keeps only its inputs and recomputes its activations in the
@@ -296,29 +233,7 @@ class Trainer:
 
     def full_trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Whole trainable tensors on the CPU on every rank (under fsdp a collective: call it on every rank)."""
-        return {n: _full(t).cpu().clone() for n, t in self.trainable_tensors().items()}
-
-    def _plan_batch(self) -> None:
-        """Hold a resumed run's global batch: with another world size, pick ``grad_accum_steps`` to keep it."""
-        t, w = self.cfg.training, self.dist.world_size
-        if not t.resume:
-            return
-        folder, meta = peek_checkpoint(t.resume)
-        saved = (meta.get("data_state") or {}).get("global_batch")
-        if not saved or saved == t.train_batch_size * w * t.grad_accum_steps:
-            return
-        per_step = t.train_batch_size * w
-        if saved % per_step:
-            raise DiffRwkvError(
-                f"{folder}: trained with global batch {saved}; {w} processes x train_batch_size {t.train_batch_size} "
-                f"cannot reach it with whole accumulation steps: set training.train_batch_size to a divisor of "
-                f"{saved // w if saved % w == 0 else saved} / grad_accum_steps"
-            )
-        distributed.print0(
-            f"resume: global batch {saved} held with {w} processes: grad_accum_steps {t.grad_accum_steps} -> "
-            f"{saved // per_step}"
-        )
-        t.grad_accum_steps = saved // per_step
+        return {n: distributed.full_tensor(t).cpu().clone() for n, t in self.trainable_tensors().items()}
 
     def _maybe_unfreeze(self) -> None:
         m = self.cfg.model
@@ -329,48 +244,6 @@ class Trainer:
                 self.ema.add_params(self.model, names)
             self._wrap()
             distributed.print0(f"step {self.step}: unfroze {len(names)} backbone tensors")
-
-    # ------------------------------------------------------------------ data
-    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-padded batch, or fixed-length end-of-text padded rows with ``data.pad_to_length``."""
-        batch = collate_batch(samples)
-        n = self.cfg.data.pad_to_length
-        return pad_with_eot(batch, n) if n else batch
-
-    def rank_rows(self, step: int) -> list[np.ndarray]:
-        """The dataset rows of this rank's micro-batches at global step ``step``."""
-        t = self.cfg.training
-        rows = stream_rows(t.seed, len(self.train_set), step * self.global_batch, self.global_batch)
-        return shard_rows(rows, t.grad_accum_steps, self.dist.world_size, self.dist.rank)
-
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of global step ``step`` (on the device): the ones :meth:`prefetch` prepared
-        for this step, if any."""
-        ready, self._prefetched = self._prefetched, None
-        if ready is not None and ready[0] == step:
-            return ready[1]
-        return self._load(step)
-
-    def _load(self, step: int) -> list[dict[str, torch.Tensor]]:
-        if self.device_rows is not None:
-            return [self.device_rows.batch(mine) for mine in self.rank_rows(step)]
-        pin = self.device.type == "cuda"  # pinned host memory: the copy is queued, not waited for
-        out = []
-        for mine in self.rank_rows(step):
-            batch = self.collate([self.train_set[int(i)] for i in mine])
-            moved = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
-            moved[HOST_MASK] = batch["attention_mask"]  # the corruption's masks are made on the host
-            out.append(moved)
-        return out
-
-    def prefetch(self, step: int) -> None:
-        """Read and collate step ``step``'s rows now (the CPU is otherwise idle while the GPU runs this step's
-        backward: on an H200 the step waited ~9 ms on its data). A failure is left for :meth:`micro_batches` to
-        raise at its own step, as without prefetching."""
-        try:
-            self._prefetched = (step, self._load(step))
-        except Exception:
-            self._prefetched = None
 
     def modes(self, step: int):
         t = self.cfg.training
@@ -418,7 +291,7 @@ class Trainer:
         t, w = self.cfg.training, self.dist.world_size
         self._maybe_unfreeze()
         self.ddp.train()
-        batches = self.micro_batches(self.step)
+        batches = self.data.micro_batches(self.step)
         if self.batch_hook is not None:
             batches = [self.batch_hook(self.step, self.dist.rank, b) for b in batches]
         modes = self.modes(self.step)
@@ -438,8 +311,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             sums += st["sums"]
             n_masked += st["n_masked"]
-        if self.prefetch_data:
-            self.prefetch(self.step + 1)
+        self.data.prefetch(self.step + 1)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self._steps_on_device():
@@ -455,12 +327,9 @@ class Trainer:
             bad = (~finite).long()
             self._skipped.add(bad)
             skipped_total = self._skipped.tensor(bad.device)  # this step's total, read later or now
-        else:
-            if self.sharded:
-                grad_norm, finite = _clip_sharded_grads(params, t.max_grad_norm, self.device)
-                finite = finite and bool(torch.isfinite(sums).all())
-            else:
-                grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm, also_finite=sums)  # one sync
+        else:  # one sync; under fsdp the norm is of the whole gradient, summed over the ranks' shards
+            sum_over_ranks = distributed.all_reduce_sum if self.sharded else None
+            grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm, sums, sum_over_ranks)
             finite = distributed.all_true(finite, self.device)
             if finite:
                 self.scaler.step(self.optimizer)
@@ -488,66 +357,20 @@ class Trainer:
 
     def read_metrics(self, rec: dict) -> dict:
         """A :meth:`train_step` record with numbers for its device tensors (one wait); other keys are kept."""
-        if "_totals" not in rec:
-            return rec
-        out = {k: v for k, v in rec.items() if k not in ("_totals", "_norm")}
-        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        dev = rec["_totals"].device
-        flat = [rec["_totals"].float(), rec["_norm"].float().to(dev)]
-        flat += [v.detach().float().reshape(1).to(dev) for v in tensors.values()]
-        values = torch.cat(flat).tolist()  # the one wait
-        totals, norm, rest = values[:5], values[5:7], values[7:]
-        for (k, _), v in zip(tensors.items(), rest, strict=True):
-            out[k] = v
-        out["skipped"], out["skipped_total"] = int(out["skipped"]), int(out["skipped_total"])
-        if not math.isfinite(out["grad_norm"]):
-            out["grad_norm"] = float("nan")
-        text_loss = totals[0] / max(norm[0], 1.0)
-        latent_loss = totals[3] / max(norm[1], 1.0)
-        out.update(
-            loss=text_loss + self.cfg.training.latent_loss_weight * latent_loss,
-            text_loss=text_loss,
-            latent_loss=latent_loss,
-            masked_ce=totals[1] / max(totals[4], 1.0),
-            masked_acc=totals[2] / max(totals[4], 1.0),
-        )
-        return out
+        return read_step_metrics(rec, self.cfg.training.latent_loss_weight)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict:
-        """Validation text NELBO (bits/token, latent given: l2t) and latent MSE (text given: t2l), fixed noise."""
+        """Validation (with the EMA weights if any): ``val_masked_ce_bits`` and ``val_latent_mse``, defined in
+        train_metrics.py; ``{}`` without validation rows."""
         if len(self.val_set) == 0:
             return {}
         self.ddp.eval()
-        bs, w, r = self.cfg.training.eval_batch_size, self.dist.world_size, self.dist.rank
-        n_batches = math.ceil(len(self.val_set) / (bs * w))
-        if max_batches:
-            n_batches = min(n_batches, max_batches)
-        totals = torch.zeros(4, device=self.device)
-        ctx = self.ema.swapped(self.model) if self.ema is not None else contextlib.nullcontext()
-        with ctx:
-            for i in range(n_batches):
-                rows = list(range(i * bs * w, min((i + 1) * bs * w, len(self.val_set))))[r::w]
-                weight = 1.0
-                if not rows:
-                    if not self.sharded:
-                        continue
-                    rows, weight = [0], 0.0  # fsdp: every rank must run every forward (it gathers parameters)
-                batch = {k: v.to(self.device) for k, v in self.collate([self.val_set[j] for j in rows]).items()}
-                for mode, slot in (("l2t", 0), ("t2l", 2)):
-                    c = self.objective.corrupt(batch, mode, i, slot, 0, 1, salt=99991, clean_prefix=0.0)
-                    norm = c.counts(self.objective.text.weighting)
-                    with self._autocast():
-                        loss, st = self.objective.loss(self.model, c, torch.ones(2, device=self.device))
-                    part = st["sums"][0] if mode == "l2t" else st["sums"][3]
-                    totals[slot] += weight * part
-                    totals[slot + 1] += weight * (norm[0] if mode == "l2t" else norm[1])
-        totals = distributed.all_reduce_sum(totals)
-        return {
-            "val_text_nelbo_bits": float(totals[0] / totals[1].clamp_min(1)) / math.log(2),
-            "val_latent_mse": float(totals[2] / totals[3].clamp_min(1)),
-        }
+        rows = functools.partial(collate, pad_to_length=self.cfg.data.pad_to_length)
+        with self.ema.swapped(self.model) if self.ema is not None else contextlib.nullcontext():
+            return validation_metrics(self.model, self.objective, self.val_set, rows, info=self.dist,
+                                      batch_size=self.cfg.training.eval_batch_size, max_batches=max_batches,
+                                      every_rank_runs=self.sharded, autocast=self._autocast)  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def data_state(self) -> dict:
@@ -566,7 +389,10 @@ class Trainer:
         if self.token_map is not None:
             extra["vocab_ids"] = self.token_map.vocab_ids
         if self.checkpoint_format == "dcp":
-            return self._save_dcp(extra)
+            return save_dcp(self.save_dir, self.step, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, trainable=self.trainable_tensors(), ema=self.ema,
+                            data_state=self.data_state(), config=to_dict(self.cfg), backbone=self.backbone_ref,
+                            extra=extra, keep_last=self.cfg.logging.keep_last, info=self.dist)  # fmt: skip
         path = None
         if self.dist.is_main:
             path = save_checkpoint(
@@ -579,73 +405,13 @@ class Trainer:
         distributed.barrier()
         return path
 
-    def _dcp_state(self, with_ema: bool = True) -> dict:
-        """The state torch.distributed.checkpoint saves and loads in place: trainable tensors, optimizer state keyed
-        by parameter name (resharding-friendly), EMA shadows."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        state = {"model": self.trainable_tensors(), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
-        if with_ema and self.ema is not None:
-            state["ema"] = dict(self.ema.shadow)
-        return state
-
-    def _save_dcp(self, extra: dict) -> Path:
-        rng = distributed.gather_objects(capture_rng_state())
-        ema_meta = None
-        if self.ema is not None:
-            ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != "shadow"}
-        return save_dcp_checkpoint(
-            self.save_dir, self.step, state=self._dcp_state(), scheduler=self.scheduler.state_dict(),
-            rng=dict(enumerate(rng)) if rng is not None else None, data_state=self.data_state(),
-            config=to_dict(self.cfg), backbone=self.backbone_ref, extra=extra, ema_meta=ema_meta,
-            keep_last=self.cfg.logging.keep_last, rank=self.dist.rank, world_size=self.dist.world_size,
-        )  # fmt: skip
-
-    def _resume_dcp(self, where: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        ck = read_dcp_checkpoint(where)
-        verify_backbone(ck.backbone, self.backbone_ref, str(ck.path))
-        state = self._dcp_state(with_ema=ck.ema_meta is not None)
-        saved = {k: m for k, m in dcp.FileSystemReader(str(ck.dcp_path)).read_metadata().state_dict_metadata.items()
-                 if isinstance(m, TensorStorageMetadata)}  # fmt: skip
-        for section in ("model", "ema") if "ema" in state else ("model",):
-            for name, t in state[section].items():
-                m = saved.get(f"{section}.{name}")
-                if m is None:
-                    raise DiffRwkvError(f"{where}: checkpoint lacks trainable tensor '{name}' (another configuration?)")
-                if tuple(m.size) != tuple(t.shape) or m.properties.dtype != t.dtype:
-                    raise DiffRwkvError(
-                        f"{where}: tensor '{name}' does not fit this model's configuration (checkpoint: "
-                        f"{m.properties.dtype} {tuple(m.size)}, this model: {t.dtype} {tuple(t.shape)})"
-                    )
-        extra_names = sorted(k.split(".", 1)[1] for k in saved if k.startswith("model.")
-                             and k.split(".", 1)[1] not in state["model"])  # fmt: skip
-        if extra_names:
-            raise DiffRwkvError(f"{where}: tensor '{extra_names[0]}' is not trainable in this configuration")
-        try:
-            dcp.load(state, checkpoint_id=str(ck.dcp_path))
-            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        except Exception as exc:  # noqa: BLE001 -- one line, naming the checkpoint
-            raise DiffRwkvError(f"{ck.dcp_path}: cannot load ({' '.join(str(exc).split())[:300]})") from exc
-        self.scheduler.load_state_dict(ck.scheduler)
-        if self.ema is not None and ck.ema_meta is not None:
-            self.ema.num_updates = int(ck.ema_meta.get("num_updates", 0))
-            self.ema.decay = float(ck.ema_meta.get("decay", self.ema.decay))
-            self.ema.warmup = bool(ck.ema_meta.get("warmup", self.ema.warmup))
-        if ck.rng:
-            restore_rng_state(ck.rng.get(self.dist.rank, ck.rng[min(ck.rng)]))
-        self.step = int(ck.step)
-        self.skipped = int((ck.extra or {}).get("skipped", 0))
-        saved_by = ck.meta.get("world_size")
-        distributed.print0(f"resumed from {ck.path} (saved by {saved_by} processes) at step {self.step}")
-
     def _resume(self, where: str) -> None:
         folder, meta = peek_checkpoint(where)
         if meta.get("layout") == "dcp":
-            self._resume_dcp(str(folder))
+            self.step, self.skipped = resume_dcp(str(folder), model=self.model, optimizer=self.optimizer,
+                                                 scheduler=self.scheduler, trainable=self.trainable_tensors(),
+                                                 ema=self.ema, backbone_ref=self.backbone_ref,
+                                                 rank=self.dist.rank)  # fmt: skip
             return
         if self.sharded:
             raise DiffRwkvError(
@@ -690,40 +456,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def _log(self, record: dict) -> None:
-        if not self.dist.is_main:
-            return
-        if self._writers is None:
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            self._writers = {"jsonl": open(self.save_dir / "metrics.jsonl", "a")}
-            if self.cfg.logging.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._writers["tb"] = SummaryWriter(str(self.save_dir / "tensorboard"))
-                except ImportError:
-                    distributed.print0("tensorboard is not installed: logging to metrics.jsonl only")
-            if self.cfg.logging.wandb:
-                import wandb
-
-                wandb.init(project=self.cfg.logging.wandb_project, config=to_dict(self.cfg))
-                self._writers["wandb"] = wandb
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        self._writers["jsonl"].write(json.dumps(numbers) + "\n")
-        self._writers["jsonl"].flush()
-        if "tb" in self._writers:
-            for k, v in numbers.items():
-                if k != "step":
-                    self._writers["tb"].add_scalar(k, v, record["step"])
-        if "wandb" in self._writers:
-            self._writers["wandb"].log(numbers, step=record["step"])
+        self.metrics_log.write(record)
 
     def close(self) -> None:
-        for w in (self._writers or {}).values():
-            if hasattr(w, "close"):
-                w.close()
-            elif hasattr(w, "finish"):
-                w.finish()
-        self._writers = None
+        self.metrics_log.close()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

@@ -366,26 +366,40 @@ class EMA:
 
 @torch.no_grad()
 def clip_grads_on_device(
-    params: Iterable[torch.Tensor], max_norm: float, also_finite: torch.Tensor | None = None
+    params: Iterable[torch.Tensor],
+    max_norm: float,
+    also_finite: torch.Tensor | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`clip_and_check_grads` without reading anything back: the norm and the finiteness flag stay 0-dim
     tensors on the first gradient's device, and the clipping factor is applied there (1 where the norm is within
     ``max_norm`` or not finite), so the host never waits (host_sync.py). The flag is bool; a step that is not
-    finite must be skipped by the caller, e.g. through a fused optimizer's ``found_inf``."""
+    finite must be skipped by the caller, e.g. through a fused optimizer's ``found_inf``.
+
+    ``sum_over_ranks`` (e.g. :func:`distributed.all_reduce_sum`; every rank must call then) is for gradients
+    sharded over processes (FSDP2's DTensors): the norm is the root of the ranks' summed local squared norms, the
+    same on every rank, so every rank clips by the same factor; ``also_finite`` is still this rank's, so the caller
+    combines the flags over the ranks (:func:`distributed.all_true`) before stepping."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if sum_over_ranks is not None:
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    elif not grads:
         ok = torch.ones((), dtype=torch.bool) if also_finite is None else torch.isfinite(also_finite).all()
         return torch.zeros((), device=ok.device), ok
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
-    first = grads[0].device
+    first = grads[0].device if grads else also_finite.device if also_finite is not None else torch.device("cpu")
     norms = [
         n.to(first, torch.float32)
         for gs in by_device.values()
         for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)
     ]
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    if sum_over_ranks is None:
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    else:
+        sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=first)
+        total = sum_over_ranks(sq).sqrt()
     finite = torch.isfinite(total)
     if also_finite is not None:
         finite = finite & torch.isfinite(also_finite).all().to(first)
@@ -399,7 +413,10 @@ def clip_grads_on_device(
 
 @torch.no_grad()
 def clip_and_check_grads(
-    params: Iterable[torch.Tensor], max_norm: float, also_finite: torch.Tensor | None = None
+    params: Iterable[torch.Tensor],
+    max_norm: float,
+    also_finite: torch.Tensor | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, bool]:
     """Global L2 norm of the gradients, and whether it is finite; clip to ``max_norm`` only when it is.
 
@@ -407,11 +424,11 @@ def clip_and_check_grads(
     every rank skips together) and zeroes them. ``max_norm <= 0`` measures without clipping. Parameters without
     a gradient are ignored. The norm is accumulated in fp32 per device, then summed on the first device.
     ``also_finite`` (e.g. the step's loss sums): ``finite`` also requires every value of it to be finite, read in
-    the same device sync. :func:`clip_grads_on_device` is the same without the sync.
+    the same device sync. :func:`clip_grads_on_device` is the same without the sync (``sum_over_ranks``: there).
 
     Returns:
         ``(total_norm, finite)``; the norm is a Python float (one device sync).
     """
-    total, finite = clip_grads_on_device(params, max_norm, also_finite)
+    total, finite = clip_grads_on_device(params, max_norm, also_finite, sum_over_ranks)
     total_f, ok = torch.stack([total.float(), finite.to(total.device, torch.float32)]).tolist()
     return total_f, ok == 1.0

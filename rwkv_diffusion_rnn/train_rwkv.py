@@ -1,5 +1,5 @@
-"""Train the denoiser (the seed's entry point). Hydra reads ``configs/rwkv_mmdit.yaml`` (schema:
-:mod:`rwkv_diffusion_rnn.config`; an unknown key fails and names it).
+"""Train the denoiser (the entry point of the original rwkv_diffusion_rnn scripts). Hydra reads
+``configs/rwkv_mmdit.yaml`` (schema: :mod:`rwkv_diffusion_rnn.config`; an unknown key fails and names it).
 
     python rwkv_diffusion_rnn/train_rwkv.py --config-name rwkv_mmdit training.num_epochs=1 \\
         training.train_batch_size=1 training.dtype=fp32 data.max_samples=10 model.rwkv_name=/path/to/rwkv7-g1.pth

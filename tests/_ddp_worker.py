@@ -22,10 +22,6 @@ from rwkv_diffusion_rnn.config import TrainConfig
 from rwkv_diffusion_rnn.improved_trainer import Trainer
 
 
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def main() -> None:
     cfg_path, out = sys.argv[1], sys.argv[2]
     rest = sys.argv[3:]
@@ -46,7 +42,7 @@ def main() -> None:
         return batch
 
     def adam():
-        return [_full(s["exp_avg"]).clone() for s in trainer.optimizer.state.values()]
+        return [distributed.full_tensor(s["exp_avg"]).clone() for s in trainer.optimizer.state.values()]
 
     trainer.batch_hook = plant
     init = trainer.full_trainable_tensors()
@@ -57,7 +53,7 @@ def main() -> None:
         if step == nan_step:
             around_nan["before"] = trainer.full_trainable_tensors()
             around_nan["adam_before"] = adam()
-        rows.append([r.tolist() for r in trainer.rank_rows(step)])
+        rows.append([r.tolist() for r in trainer.data.rank_rows(step)])
         rec = trainer.train_step()
         if step == nan_step:
             around_nan["after"] = trainer.full_trainable_tensors()
@@ -67,7 +63,9 @@ def main() -> None:
         if trainer.step == save_at:
             saved = str(trainer.save())
     rank = int(os.environ.get("RANK", "0"))
-    ema = {k: _full(v).clone() for k, v in trainer.ema.shadow.items()} if trainer.ema is not None else None
+    ema = None
+    if trainer.ema is not None:
+        ema = {k: distributed.full_tensor(v).clone() for k, v in trainer.ema.shadow.items()}
     result = {"tensors": trainer.full_trainable_tensors(), "init": init, "losses": losses, "skipped": skipped,
               "around_nan": around_nan, "ema": ema, "rows": rows, "saved": saved,
               "grad_accum_steps": trainer.cfg.training.grad_accum_steps}  # fmt: skip

@@ -109,7 +109,7 @@ def test_a_training_step_has_no_wait_outside_its_host_side_work(setup, tmp_path,
     trainer = Trainer(cfg)
     assert trainer._steps_on_device()
     trainer.train_step(sync=False)
-    assert all(HOST_MASK in b for b in trainer.micro_batches(trainer.step))  # the mask's host copy comes along
+    assert all(HOST_MASK in b for b in trainer.data.micro_batches(trainer.step))  # the mask's host copy comes along
     with WaitDetector() as d, ReadDetector() as r:
         rec = trainer.train_step(sync=False)
         trainer.train_step(sync=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import zlib
 
 from rwkv_diffusion_rnn.config import TrainConfig
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
@@ -11,13 +11,13 @@ from tests.data_helpers import make_dataset
 
 
 def make_setup(tmp_path_factory, name: str):
-    """A fresh 16-row dataset and a random L2 D64 backbone checkpoint ``bb.pth`` (new seeds each call): the
-    ``setup`` = (root, make_dataset paths) that :func:`make_cfg` takes."""
+    """A 16-row dataset and a random L2 D64 backbone checkpoint ``bb.pth``, seeded by ``name`` (the same on every
+    run; another name, other data and weights): the ``setup`` = (root, make_dataset paths) that :func:`make_cfg`
+    takes."""
     root = tmp_path_factory.mktemp(name)
-    paths = make_dataset(root / "ds", n=16, seed=int(torch.randint(0, 1000, ())))
-    save_pth(
-        random_rwkv7(RWKV7Config.for_shape(2, 64), seed=int(torch.randint(0, 2**31, ()))).state_dict(), root / "bb.pth"
-    )
+    seed = zlib.crc32(name.encode())
+    paths = make_dataset(root / "ds", n=16, seed=seed % 1000)
+    save_pth(random_rwkv7(RWKV7Config.for_shape(2, 64), seed=seed).state_dict(), root / "bb.pth")
     return root, paths
 
 
