@@ -515,6 +515,6 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    from rwkv_diffusion_rnn.cli import run_main
+    from rwkv_diffusion_rnn.entry import run_main
 
     sys.exit(run_main(main, None))
