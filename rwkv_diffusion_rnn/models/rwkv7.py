@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.models.graphs import run_blocks
 from rwkv_diffusion_rnn.models.wkv7 import resolve_backend, wkv7
 
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
@@ -467,6 +466,19 @@ def reverse_index(lengths: torch.Tensor, total: int) -> torch.Tensor:
 
 #: ``pre_block(layer_id, x) -> x``: a hook the denoiser uses to condition every block (e.g. FiLM on time).
 PreBlockHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def run_blocks(blocks, x, pad, rev, pre_block: PreBlockHook | None, backend: str) -> torch.Tensor:
+    """``ln0`` and every block from a fresh state; the hidden states only (no state is carried out). The eager
+    training pass, and what a CUDA graph of the blocks captures (models/graphs.py)."""
+    x = blocks[0].ln0(x)
+    zeros = x.new_zeros(x.shape[0], x.shape[-1])
+    v_first = (None, None)
+    for i, block in enumerate(blocks):
+        if pre_block is not None:
+            x = pre_block(i, x)
+        x, _, v_first = block(x, zeros, None, zeros, v_first, pad, None, backend, rev)
+    return x
 
 
 class RWKV7(nn.Module):

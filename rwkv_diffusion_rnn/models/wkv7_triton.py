@@ -331,10 +331,10 @@ def wkv7_triton(
             raise DiffRwkvError(f"WKV operand {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)}")
     if state is not None and state.shape != (B, H, N, N):
         raise DiffRwkvError(f"WKV state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
-    if T == 0:
-        from rwkv_diffusion_rnn.models.wkv7 import wkv7_reference
-
-        return wkv7_reference(r, w, k, v, a, b, state)
+    if T == 0:  # no steps: an empty output, and the state passes through in fp32 (as the reference's)
+        return r.new_zeros(B, 0, H, N), state.float() if state is not None else r.new_zeros(
+            B, H, N, N, dtype=torch.float32
+        )
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     if state is not None:
         state = state.float().contiguous()

@@ -141,6 +141,28 @@ def evaluate(wt, case) -> dict:
     return out
 
 
+def empty_sequence(wt) -> dict:
+    """T = 0: an empty output in r's dtype and the initial state passed through in fp32, as the reference gives."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 0, 2, 8, generator=g).to(torch.bfloat16) for _ in range(6)]
+    state = torch.randn(2, 2, 8, 8, generator=g)
+    problems = []
+    for s in (state, None):
+        o, S = wt.wkv7_triton(*xs, s)
+        o_ref, S_ref = wkv7_reference_fp32(*xs, s)
+        if o.shape != o_ref.shape or o.dtype != o_ref.dtype:
+            problems.append(f"o: {tuple(o.shape)} {o.dtype}, expected {tuple(o_ref.shape)} {o_ref.dtype}")
+        if S.dtype != torch.float32 or not torch.equal(S, S_ref):
+            problems.append(f"state (initial {'given' if s is not None else 'None'}) differs from the reference's")
+    return {"problems": problems}
+
+
+def wkv7_reference_fp32(*args):
+    from rwkv_diffusion_rnn.models.wkv7 import wkv7_reference
+
+    return wkv7_reference(*args)
+
+
 def _worker() -> None:
     """Subprocess entry: run every case under the interpreter (TRITON_INTERPRET=1 set by the caller)."""
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
@@ -164,6 +186,7 @@ def _worker() -> None:
     assert wt.INTERPRET
     torch.set_num_threads(1)
     results = {case[0]: evaluate(wt, case) for case in CASES}
+    results["T0"] = empty_sequence(wt)
     print(json.dumps(results))
 
 
@@ -199,6 +222,9 @@ else:
         assert not bad, f"seed {res['seed']} case {case}: {'; '.join(bad)} [{summary}]"
         expected = {"o", "state", "dr", "dw", "dk", "dv", "da", "db"} | ({"dstate"} if case[7] else set())
         assert expected <= set(res["errors"]), sorted(res["errors"])
+
+    def test_empty_sequence(interpreted):
+        assert not interpreted["T0"]["problems"], interpreted["T0"]["problems"]
 
     def test_fp64_oracle_is_the_reference_recurrence():
         """The fp64 twin used above agrees with wkv7_reference (fp32) to fp32 precision."""
