@@ -40,7 +40,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "make-corpus": ("rwkv_diffusion_rnn.corpus:main", "write the embedded default corpus of English sentences"),
     "train": ("rwkv_diffusion_rnn.train_rwkv:main", "train the denoiser (Hydra config, as the original train_rwkv.py)"),
     "sample": ("rwkv_diffusion_rnn.sample_cli:main", "generate text from latents, latents from text, or both"),
-    "evaluate": ("rwkv_diffusion_rnn.evaluate:main", "evaluate a checkpoint"),
+    "evaluate": ("rwkv_diffusion_rnn.eval_cli:main", "evaluate a checkpoint"),
     "demo": ("rwkv_diffusion_rnn.demo:main", "the offline end-to-end demo"),
     "serve": ("rwkv_diffusion_rnn.serve:main", "a local playground page over a trained model (127.0.0.1)"),
 }
