@@ -14,7 +14,7 @@ CONTEXTS = ["causal", "twice", "bidirectional"]
 
 def _denoiser(context: str, lm_head: bool = False, prefix: int = 2, readout: int = 2, seed: int | None = None,
               latent_film: bool = False):  # fmt: skip
-    seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
+    seed = 113 if seed is None else seed
     backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=seed)
     cfg = DenoiserConfig(
         context=context, use_rwkv_lm_head=lm_head, latent_prefix_len=prefix, latent_readout_len=readout,
@@ -94,7 +94,7 @@ def test_mask_token_and_latent_reach_the_output():
 
 @pytest.mark.parametrize("every_block", [False, True])
 def test_zero_init_film_leaves_backbone_states_unchanged(every_block):
-    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=int(torch.randint(0, 2**31, ())))
+    backbone = random_rwkv7(RWKV7Config.for_shape(2, 64, 300), seed=114)
     d = RWKVDenoiser(backbone, DenoiserConfig(film_every_block=every_block)).eval()
     ids, mask, z, t1, t2 = _inputs()
     captured = {}
