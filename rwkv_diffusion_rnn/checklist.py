@@ -36,14 +36,12 @@ from rwkv_diffusion_rnn.evaluate import (
     EvalOptions,
     EvalResult,
     Sampler,
-    check_paths,
     collate_rows,
     default_sampler,
     evaluate,
     generate_l2t,
     generate_t2l,
     likelihood_metrics,
-    options_from_args,
     pick_device,
     special_token_rows,
 )
@@ -323,29 +321,6 @@ def run_checklist(ctx: CheckContext, checks: Sequence[Check] | None = None) -> l
                 results.append(CheckResult(check.id, "FAIL", str(exc)))
         status[check.id] = results[-1].status
     return results
-
-
-def main_checklist(args: argparse.Namespace, sampler: Sampler | None = None) -> int:
-    """``diffrwkv evaluate --checklist CKPT ...``: print PASS/FAIL per check; exit 1 if any is not PASS."""
-    from rwkv_diffusion_rnn.data_io import atomic_write_json
-
-    check_paths(args.checklist, args.data, args.stsb)
-    opts = options_from_args(args, CHECKLIST_SAMPLES)
-    if args.elbo_rows is None:
-        opts.elbo_rows = CHECKLIST_ELBO_ROWS
-    results = run_checklist(CheckContext(args.checklist, args.data, opts, sampler))
-    width = max(len(r.id) for r in results)
-    for r in results:
-        print(f"{r.status}  {r.id:<{width}}  {r.detail}")
-    failed = [r.id for r in results if r.status != "PASS"]
-    print(
-        f"{len(results) - len(failed)} of {len(results)} checks passed"
-        + (f"; not passed: {', '.join(failed)}" if failed else "")
-    )
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.out) / "checklist.json", [r.__dict__ for r in results])
-    return 1 if failed else 0
 
 
 # ------------------------------------------------------------------------------------------------ markdown sync

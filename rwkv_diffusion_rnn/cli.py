@@ -1,8 +1,10 @@
 """``diffrwkv <verb>``: the one command in front of every entry point.
 
 Each verb names a module-level ``main(argv: list[str] | None) -> int`` that owns its own argparse parser, so
-``python rwkv_diffusion_rnn/<module>.py ...`` (the seed's commands) and ``diffrwkv <verb> ...`` are the same code.
-Modules are imported only when their verb runs, so ``diffrwkv --help`` is instant.
+``python rwkv_diffusion_rnn/<module>.py ...`` (the original rwkv_diffusion_rnn scripts' commands) and
+``diffrwkv <verb> ...`` are the same code.
+Modules are imported only when their verb runs, so ``diffrwkv --help`` is instant. This module is only that
+front: the library never imports it (the shared error handling is :func:`rwkv_diffusion_rnn.entry.run_main`).
 
 A :class:`~rwkv_diffusion_rnn.errors.DiffRwkvError` (bad input, missing file, offline hub) is printed as one line,
 ``error: ...``, with exit status 2; set ``DIFFRWKV_DEBUG=1`` to see the traceback instead. A near-miss verb, flag or
@@ -15,10 +17,11 @@ import argparse
 import contextlib
 import difflib
 import importlib
-import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
+
+from rwkv_diffusion_rnn.entry import run_main
 
 #: verb -> ("module:function", one-line help). Registry rather than if/elif: adding a verb is one line.
 VERBS: dict[str, tuple[str, str]] = {
@@ -30,14 +33,14 @@ VERBS: dict[str, tuple[str, str]] = {
         "rwkv_diffusion_rnn.pretrained_rwkv:convert_main",
         "convert a checkpoint: BlinkDL .pth <-> HF safetensors",
     ),
-    "prepare-latents": ("rwkv_diffusion_rnn.prepare_latents:main", "encode text into 32-d latents (seed layout)"),
+    "prepare-latents": ("rwkv_diffusion_rnn.prepare_latents:main", "encode text into 32-d latents (original layout)"),
     "tokenize": ("rwkv_diffusion_rnn.preprocess_tokenize_text:main", "tokenize the JSON rows into .npz files"),
     "pack": ("rwkv_diffusion_rnn.data_pack:main", "pack a dataset into memory-mapped arrays"),
     "check-data": ("rwkv_diffusion_rnn.check_data:main", "validate a dataset folder and print a summary"),
     "make-corpus": ("rwkv_diffusion_rnn.corpus:main", "write the embedded default corpus of English sentences"),
-    "train": ("rwkv_diffusion_rnn.train_rwkv:main", "train the denoiser (Hydra config, as the seed's train_rwkv.py)"),
+    "train": ("rwkv_diffusion_rnn.train_rwkv:main", "train the denoiser (Hydra config, as the original train_rwkv.py)"),
     "sample": ("rwkv_diffusion_rnn.sample_cli:main", "generate text from latents, latents from text, or both"),
-    "evaluate": ("rwkv_diffusion_rnn.evaluate:main", "evaluate a checkpoint"),
+    "evaluate": ("rwkv_diffusion_rnn.eval_cli:main", "evaluate a checkpoint"),
     "demo": ("rwkv_diffusion_rnn.demo:main", "the offline end-to-end demo"),
     "serve": ("rwkv_diffusion_rnn.serve:main", "a local playground page over a trained model (127.0.0.1)"),
 }
@@ -57,7 +60,7 @@ def nearest(word: str, choices: Iterable[str]) -> str | None:
 
 
 def flag_hint(parser: argparse.ArgumentParser, message: str) -> str:
-    """"; did you mean ...?" for an argparse error about an unknown flag or an invalid choice, else ""."""
+    """ "; did you mean ...?" for an argparse error about an unknown flag or an invalid choice, else ""."""
     if message.startswith("unrecognized arguments: "):
         flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
         for word in message.split(": ", 1)[1].split():
@@ -83,22 +86,6 @@ def flag_suggestions() -> Iterator[None]:
         yield
     finally:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
-
-
-def run_main(fn, argv: list[str] | None) -> int:
-    """Call an entry point, turning a DiffRwkvError into one line on stderr and exit status 2."""
-    from rwkv_diffusion_rnn.errors import DiffRwkvError
-
-    try:
-        return int(fn(argv) or 0)
-    except DiffRwkvError as exc:
-        if os.environ.get("DIFFRWKV_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

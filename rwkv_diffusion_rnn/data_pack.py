@@ -171,6 +171,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rwkv_diffusion_rnn.cli import run_main
+    from rwkv_diffusion_rnn.entry import run_main
 
     sys.exit(run_main(main, None))

@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     run = train(out, data, p, args.seed, args.device)
     t_train = time.perf_counter()
 
-    from rwkv_diffusion_rnn.eval_report import write_outputs
-    from rwkv_diffusion_rnn.evaluate import EvalOptions, evaluate, resolve_data, summary_line
+    from rwkv_diffusion_rnn.eval_data import resolve_data
+    from rwkv_diffusion_rnn.eval_report import summary_line, write_outputs
+    from rwkv_diffusion_rnn.evaluate import EvalOptions, evaluate
     from rwkv_diffusion_rnn.pipeline import load_trained
 
     _say(f"sampling and evaluating on {p['eval_rows']} held-out rows ...")
@@ -161,6 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from rwkv_diffusion_rnn.cli import run_main
+    from rwkv_diffusion_rnn.entry import run_main
 
     sys.exit(run_main(main, None))

@@ -255,3 +255,20 @@ def render_report(metrics: dict[str, Any], plots: dict[str, str], note: str | No
         if note:
             out.append(f"\n({note})")
     return "\n".join(out) + "\n"
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line: the headline numbers of the last step count beside the floor."""
+    k = str(metrics["steps"][-1])
+    r, f, lik = metrics["by_steps"][k], metrics["floor"], metrics["likelihood"]
+
+    def fmt(x: Any, decimals: int = 3) -> str:
+        return "n/a" if x is None else f"{x:.{decimals}f}"
+
+    return (
+        f"step {metrics['step']}, {metrics['rows']} rows, {k} sampling steps: "
+        f"L2T cos {fmt(r['l2t_cosine'])} (floor {fmt(f['l2t_cosine'])}), "
+        f"R@1 {fmt(r['l2t_retrieval_top1'])} (floor {fmt(f['l2t_retrieval_top1'])}), "
+        f"BLEU {fmt(r['bleu'], 1)}, T2L cos {fmt(r['t2l_cosine'])}, "
+        f"NELBO {fmt(lik['val_text_nelbo_bits'])} bits/token"
+    )

@@ -1,22 +1,8 @@
-"""``diffrwkv evaluate``: measure a trained checkpoint on held-out rows, against a floor, and write a report.
+"""What ``diffrwkv evaluate`` measures on a trained checkpoint: held-out rows, beside a floor.
 
-Commands::
-
-    diffrwkv evaluate --checkpoint outputs/rwkv_mmdit --data preprocessed_data --out outputs/eval
-    diffrwkv evaluate --checkpoint CKPT --data DATA --l2t-preset varied --steps 8,16,32 --num-samples 1000 \\
-        --stsb sts-dev.csv --device cuda --batch-size 256
-    diffrwkv evaluate --checklist CKPT --data DATA          # the regression checklist: PASS/FAIL per check
-
-The decoders are ``diffrwkv sample``'s defaults: latent -> text ``faithful`` (left to right, argmax, guidance 0.5;
-:data:`~rwkv_diffusion_rnn.sampling.L2T_PRESETS`), text -> latent DDIM, both with ``--steps`` (default: the L2T
-preset's, 1; for ``varied`` 32). ``--l2t-preset varied`` scores sampled text; ``--l2t-option KEY=VALUE`` /
-``--t2l-option`` override single settings.
-
-``--checkpoint`` is a ``step_*`` folder or a save_dir (newest checkpoint). ``--data`` is the folder written by
-``diffrwkv prepare-latents`` (holding ``latent_encoder.json``) or its parent, with the tokens in a sibling
-``rwkv_tokens/``; without it the paths recorded in the checkpoint are used. The split evaluated is the one training
-held out: the ``validation`` split beside the data, or the hash split when the run used
-``data.validation_fraction``.
+:func:`evaluate` computes every number (its command-line front, flags and report are
+:mod:`rwkv_diffusion_rnn.eval_cli` and :mod:`rwkv_diffusion_rnn.eval_report`; the regression checklist built on it
+is :mod:`rwkv_diffusion_rnn.checklist`).
 
 What is measured (definitions in :mod:`rwkv_diffusion_rnn.metrics`):
 
@@ -38,15 +24,12 @@ true token length (oracle length, ``length=[...]`` one per row); the report says
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,11 +44,9 @@ from rwkv_diffusion_rnn.eval_data import (
     encode_texts,
     floor_texts,
     read_stsb,
-    resolve_data,
     take_targets,
 )
 from rwkv_diffusion_rnn.pipeline import LoadedModel
-from rwkv_diffusion_rnn.sampling import L2T_PRESET, L2T_PRESETS
 
 EVAL_SALT = 99991  # the trainer's validation noise stream (Trainer.evaluate): the same corruption per batch
 
@@ -373,148 +354,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-
-
-def _steps(value: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(s) for s in value.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}': expected comma-separated integers, e.g. 8,16,32") from None
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"'{value}': expected step counts >= 1")
-    return steps
-
-
-def _option(value: str) -> tuple[str, Any]:
-    key, sep, raw = value.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"'{value}': expected KEY=VALUE, e.g. temperature=0.8")
-    try:
-        return key, json.loads(raw)  # numbers, true/false, null
-    except ValueError:
-        return key, raw  # a plain string, e.g. strategy=confidence
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="diffrwkv evaluate",
-        description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (rwkv_diffusion_rnn/evaluate.py) for what is "
-        "measured; the checklist is rwkv_diffusion_rnn/eval_checklist.md.",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="CKPT", help="a step_* folder, or a save_dir (its newest checkpoint)")
-    src.add_argument("--checklist", metavar="CKPT", help="run the regression checklist on CKPT: PASS/FAIL per check")
-    p.add_argument("--data", metavar="DIR", help="prepare-latents folder or its parent (default: the checkpoint's)")
-    p.add_argument("--split", default="validation", choices=["validation", "train"])
-    p.add_argument("--num-samples", type=int, help="rows for L2T / T2L (default 256; checklist 64)")
-    p.add_argument("--steps", type=_steps, help="sampling steps, e.g. 16 or 8,16,32 (default: the L2T preset's: "
-                   "faithful 1, varied 32)")  # fmt: skip
-    p.add_argument("--stsb", metavar="PATH", help="STS-B csv, tab-separated (e.g. the STS benchmark's sts-dev.csv)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: <save_dir>/eval/step_XXXXXXXX)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass / sampler batch")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed and floor draw")
-    p.add_argument("--elbo-rows", type=int, help="rows for NELBO / latent MSE (default: the whole split)")
-    p.add_argument("--l2t-preset", choices=tuple(L2T_PRESETS), default=L2T_PRESET,
-                   help="latent -> text decoder, as diffrwkv sample --preset (faithful: left to right, argmax, "
-                   "guidance 0.5; varied: sampled text)")  # fmt: skip
-    p.add_argument(
-        "--l2t-option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra sample_l2t argument, e.g. strategy=ancestral, guidance_scale=1.0 (repeatable)",
-    )
-    p.add_argument(
-        "--t2l-option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra sample_t2l argument, e.g. method=ddpm (repeatable)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
-    return p
-
-
-def options_from_args(args: argparse.Namespace, default_samples: int) -> EvalOptions:
-    n = default_samples if args.num_samples is None else args.num_samples
-    if n < 2 or args.batch_size < 1 or (args.elbo_rows is not None and args.elbo_rows < 1):
-        raise DiffRwkvError("--num-samples must be >= 2, --batch-size and --elbo-rows >= 1")
-    preset = dict(L2T_PRESETS[getattr(args, "l2t_preset", None) or L2T_PRESET])
-    steps = args.steps or (preset.pop("num_steps"),)
-    preset.pop("num_steps", None)
-    return EvalOptions(
-        split=args.split,
-        num_samples=n,
-        steps=steps,
-        stsb=args.stsb,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        elbo_rows=args.elbo_rows,
-        l2t_options={**preset, **dict(args.l2t_option)},
-        t2l_options=dict(args.t2l_option),
-        progress=not args.no_progress,
-    )
-
-
-def check_paths(checkpoint: str, data: str | None, stsb: str | None) -> None:
-    """Fail in one line, before anything loads, when a named input does not exist."""
-    if not Path(checkpoint).exists():
-        raise DiffRwkvError(f"{checkpoint}: checkpoint not found; expected a step_* folder or a save_dir")
-    if data is not None and not Path(data).is_dir():
-        raise DiffRwkvError(f"{data}: data folder not found; expected the prepare-latents output or its parent")
-    if stsb is not None and not Path(stsb).is_file():
-        raise DiffRwkvError(f"{stsb}: STS-B file not found; expected the tab-separated sts-dev.csv")
-
-
-def main(argv: list[str] | None = None, sampler: Sampler | None = None) -> int:
-    """``diffrwkv evaluate``; ``sampler`` replaces :mod:`sampling` (tests)."""
-    args = build_parser().parse_args(argv)
-    if args.checklist:
-        from rwkv_diffusion_rnn.checklist import main_checklist
-
-        return main_checklist(args, sampler)
-    from rwkv_diffusion_rnn.eval_report import write_outputs
-    from rwkv_diffusion_rnn.pipeline import load_trained
-
-    check_paths(args.checkpoint, args.data, args.stsb)
-    opts = options_from_args(args, 256)
-    m = load_trained(args.checkpoint, device=pick_device(opts.device))
-    data = resolve_data(m, args.data, opts.split, encoder_device=pick_device(opts.device))
-    result = evaluate(m, data, opts, sampler)
-    out = Path(args.out) if args.out else m.path.parent / "eval" / m.path.name
-    paths = write_outputs(result.metrics, out, run_dir=m.path.parent)
-    print(summary_line(result.metrics))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def summary_line(metrics: dict[str, Any]) -> str:
-    """One line: the headline numbers of the last step count beside the floor."""
-    k = str(metrics["steps"][-1])
-    r, f, lik = metrics["by_steps"][k], metrics["floor"], metrics["likelihood"]
-
-    def fmt(x: Any, decimals: int = 3) -> str:
-        return "n/a" if x is None else f"{x:.{decimals}f}"
-
-    return (
-        f"step {metrics['step']}, {metrics['rows']} rows, {k} sampling steps: "
-        f"L2T cos {fmt(r['l2t_cosine'])} (floor {fmt(f['l2t_cosine'])}), "
-        f"R@1 {fmt(r['l2t_retrieval_top1'])} (floor {fmt(f['l2t_retrieval_top1'])}), "
-        f"BLEU {fmt(r['bleu'], 1)}, T2L cos {fmt(r['t2l_cosine'])}, "
-        f"NELBO {fmt(lik['val_text_nelbo_bits'])} bits/token"
-    )
-
-
-if __name__ == "__main__":
-    from rwkv_diffusion_rnn.cli import run_main
-
-    sys.exit(run_main(main, None))

@@ -1,4 +1,5 @@
-"""Generation loops around a trained denoiser (the ``diffrwkv sample`` command is :mod:`sample_cli`).
+"""Generation loops around a trained denoiser (the ``diffrwkv sample`` command is :mod:`sample_cli`; how inputs
+are read and outputs cut clean, :mod:`sampling_inputs`).
 
     from rwkv_diffusion_rnn.pipeline import load_trained
     from rwkv_diffusion_rnn.sampling import sample_joint, sample_l2t, sample_t2l
@@ -60,15 +61,13 @@ and float64 Gumbel noise, ~10 ms a step at batch 256, dominate there.
 Self-reranking (``sample_l2t(candidates=K)``, :func:`rerank_l2t`): the model is also a text -> latent embedder, so
 it can check its own decodes: K candidates per latent, kept is the one whose own T2L lands closest to the latent.
 On the captions study (H200, 300 s of training) it lifted the argmax decode's round-trip cosine 0.927 -> 0.948 at 8
-candidates; on a model whose T2L is weak it helps sampled decodes only (docs/RESULTS.md, 2026-11-27 session 6).
+candidates; on a model whose T2L is weak it helps sampled decodes only (docs/RESULTS.md, 2026-11-27).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +82,16 @@ from rwkv_diffusion_rnn.samplers import (
     RowGenerators,
     guided_log_probs,
     time_for_mask_fraction,
+)
+from rwkv_diffusion_rnn.sampling_inputs import (
+    clean_ids,
+    condition_text,
+    eot_id,
+    progress_bar,
+    resolve_lengths,
+    row_batches,
+    run_device,
+    standardised_latents,
 )
 
 __all__ = ["L2T_PRESET", "L2T_PRESETS", "NO_CHANGE_CACHE", "clean_ids", "condition_text", "rerank_l2t",
@@ -103,110 +112,6 @@ L2T_PRESETS: dict[str, dict] = {
     "varied": dict(num_steps=32, strategy=L2T_STRATEGY, temperature=1.0, guidance_scale=0.0, block_size=None),
 }
 L2T_PRESET = "faithful"
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-def _cfg(m, section: str, key: str, default=None):
-    return getattr(getattr(getattr(m, "config", None), section, None), key, default)
-
-
-def _device(m, device: str | torch.device | None) -> torch.device:
-    """Where to run: ``device`` ("auto": CUDA when available), the denoiser being moved there if it is elsewhere;
-    None: the denoiser's own device."""
-    param = next(iter(m.denoiser.parameters()), None) if hasattr(m.denoiser, "parameters") else None
-    here = param.device if param is not None else torch.device("cpu")
-    if device is None:
-        return here
-    dev = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else torch.device(device)
-    )
-    if param is not None and here != dev:
-        m.denoiser.to(dev)
-    return dev
-
-
-def _chunks(n: int, size: int) -> Iterator[list[int]]:
-    if size < 1:
-        raise DiffRwkvError(f"batch_size must be >= 1, got {size}")
-    for lo in range(0, n, size):
-        yield list(range(lo, min(n, lo + size)))
-
-
-def _eot(m) -> int:
-    return int(getattr(getattr(m, "tokenizer", None), "eot_id", 0) or 0)
-
-
-def resolve_lengths(m, length: int | Sequence[int] | None, n: int) -> list[int]:
-    """Generation length of each of ``n`` rows: ``length`` (an int or one per row), else ``data.pad_to_length``."""
-    if length is None:
-        pad = _cfg(m, "data", "pad_to_length")
-        if not pad:
-            raise DiffRwkvError("this model was trained on variable-length rows (data.pad_to_length is unset); "
-                                "give a length (one int, or one per row)")  # fmt: skip
-        return [int(pad)] * n
-    lengths = [int(length)] * n if isinstance(length, int | np.integer) else [int(x) for x in length]
-    if len(lengths) != n or any(x < 1 for x in lengths):
-        raise DiffRwkvError(f"length must be an int >= 1 or {n} such ints; got {len(lengths)} values")
-    return lengths
-
-
-def condition_text(m, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean condition text formatted as in training: ``(ids [N, T] long, attention_mask [N, T] long)``.
-
-    With ``data.pad_to_length`` L: the text cut to L - 1 tokens, then end-of-text up to L (all attended; exactly
-    ``data_simple.pad_with_eot``). Otherwise: cut to ``data.max_length``, right-padded with attention 0."""
-    from rwkv_diffusion_rnn.data_simple import pad_with_eot
-
-    mask_id = int(m.denoiser.mask_id)
-    rows = [[int(i) for i in r] for r in token_ids]
-    for k, r in enumerate(rows):
-        if any(not 0 <= i < mask_id for i in r):
-            raise DiffRwkvError(f"text row {k} has a token id outside the model's vocabulary 0..{mask_id - 1}")
-    max_len = _cfg(m, "data", "max_length")
-    rows = [r[:max_len] if max_len else r for r in rows]
-    T = max([len(r) for r in rows] + [1])
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    attn = torch.zeros(len(rows), T, dtype=torch.long)
-    for k, r in enumerate(rows):
-        ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
-        attn[k, : len(r)] = 1
-    pad = _cfg(m, "data", "pad_to_length")
-    if pad:
-        batch = pad_with_eot({"input_ids": ids, "attention_mask": attn}, int(pad), _eot(m))
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-    return ids, attn
-
-
-def clean_ids(ids: Sequence[int], eot_id: int, mask_id: int) -> list[int]:
-    """Generated ids cut at the first end-of-text (= pad), without ``<mask>``."""
-    out = []
-    for i in ids:
-        if int(i) == eot_id:
-            break
-        if int(i) != mask_id:
-            out.append(int(i))
-    return out
-
-
-def _standardised(m, latents, dev: torch.device) -> torch.Tensor:
-    """RAW latents (array, tensor or nested lists) ``[N, D]`` -> standardised float32 ``[N, D]`` on ``dev``."""
-    if isinstance(latents, torch.Tensor):
-        z = latents.detach().to("cpu", torch.float32)
-    else:
-        z = torch.as_tensor(np.asarray(latents, dtype=np.float32))
-    if z.dim() != 2 or z.shape[1] != m.normalizer.dim:
-        raise DiffRwkvError(f"latents must be [N, {m.normalizer.dim}]; got shape {list(z.shape)}")
-    if not bool(torch.isfinite(z).all()):
-        raise DiffRwkvError(f"latent row {int((~torch.isfinite(z)).any(1).nonzero()[0])} is not finite")
-    return m.normalizer.normalize(z.to(dev)).float()
-
-
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return contextlib.nullcontext(None)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------- text (L2T)
@@ -360,18 +265,18 @@ def sample_l2t(
             rerank_record.update(candidates=cands, choice=choice.tolist(), cosine=cos.tolist())
         return [cands[int(c)][i] for i, c in enumerate(choice)]
     den = m.denoiser
-    dev = _device(m, device)
-    z_all = _standardised(m, latents, dev)
+    dev = run_device(m, device)
+    z_all = standardised_latents(m, latents, dev)
     N, D = z_all.shape
     lengths = resolve_lengths(m, length, N)
     sched = _text_scheduler(m, strategy, temperature, top_p, threshold, num_steps)
-    eot, mask_id = _eot(m), int(den.mask_id)
+    eot, mask_id = eot_id(m), int(den.mask_id)
     results: list[list[int]] = []
     per_batch = [
-        1 if block_size is None else -(-max(lengths[i] for i in r) // block_size) for r in _chunks(N, batch_size)
+        1 if block_size is None else -(-max(lengths[i] for i in r) // block_size) for r in row_batches(N, batch_size)
     ]
-    with _bar(progress, sum(per_batch) * num_steps, "latent->text") as bar:
-        for rows in _chunks(N, batch_size):
+    with progress_bar(progress, sum(per_batch) * num_steps, "latent->text") as bar:
+        for rows in row_batches(N, batch_size):
             B = len(rows)
             seq, attn = _blank([lengths[i] for i in rows], mask_id, eot, dev)
             conds = [_Cond(z_all[rows], torch.zeros(B, device=dev))]
@@ -453,14 +358,14 @@ def sample_t2l(
     ``num_steps`` None: :func:`t2l_default_steps`."""
     num_steps = t2l_default_steps(m) if num_steps is None else num_steps
     den = m.denoiser
-    dev = _device(m, device)
+    dev = run_device(m, device)
     ids_all, attn_all = condition_text(m, token_ids)
     N, D = ids_all.shape[0], m.normalizer.dim
     sched = GaussianScheduler(m.latent, method, eta, clip_x0)
     sched.set_timesteps(num_steps)
     out = np.zeros((N, D), dtype=np.float32)
-    with _bar(progress, -(-N // batch_size) * num_steps, "text->latent") as bar:
-        for rows in _chunks(N, batch_size):
+    with progress_bar(progress, -(-N // batch_size) * num_steps, "text->latent") as bar:
+        for rows in row_batches(N, batch_size):
             B = len(rows)
             attn = attn_all[rows].to(dev)
             T = max(int(attn.sum(1).max()), 1)
@@ -511,16 +416,16 @@ def sample_joint(
     """Text and latent together from noise: both clocks run 1 -> 0 on one grid and one network call per step feeds
     both schedulers. Returns (N clean id lists, RAW latents ``[N, D]`` float32)."""
     den = m.denoiser
-    dev = _device(m, device)
+    dev = run_device(m, device)
     lengths = resolve_lengths(m, length, n)
     tsched = _text_scheduler(m, strategy, temperature, top_p, threshold, num_steps)
     lsched = GaussianScheduler(m.latent, method, eta, clip_x0)
     lsched.set_timesteps(num_steps)
-    eot, mask_id, D = _eot(m), int(den.mask_id), m.normalizer.dim
+    eot, mask_id, D = eot_id(m), int(den.mask_id), m.normalizer.dim
     texts: list[list[int]] = []
     latents = np.zeros((n, D), dtype=np.float32)
-    with _bar(progress, -(-n // batch_size) * num_steps, "joint") as bar:
-        for rows in _chunks(n, batch_size):
+    with progress_bar(progress, -(-n // batch_size) * num_steps, "joint") as bar:
+        for rows in row_batches(n, batch_size):
             B = len(rows)
             seq, attn = _blank([lengths[i] for i in rows], mask_id, eot, dev)
             n_gen = (seq == mask_id).sum(1)

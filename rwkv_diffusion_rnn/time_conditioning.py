@@ -95,10 +95,21 @@ class SiteModulation:
     """``pre_block(i, x) -> x``: the modulation of site ``i`` applied to block input ``x`` ``[B, T, C]``.
 
     A plain object holding its one tensor ``mod`` ``[B, S or 1, sites, 1 or 2, C]``, so that a CUDA graph of the blocks
-    (models/graphs.py) can take ``mod`` as an input and rebuild the hook around its own copy."""
+    (models/graphs.py) can take ``mod`` as an input and rebuild the hook around its own copy: :meth:`graph_parts`
+    and :meth:`from_graph_parts` are what the graph asks of a hook."""
 
     def __init__(self, mod: torch.Tensor, mode: str, n_sites: int) -> None:
         self.mod, self.mode, self.n_sites = mod, mode, n_sites
+
+    def graph_parts(self) -> tuple[tuple[torch.Tensor], tuple[str, int]]:
+        """The tensors a CUDA graph takes as inputs, and the rest of the hook (hashable)."""
+        return (self.mod,), (self.mode, self.n_sites)
+
+    @classmethod
+    def from_graph_parts(cls, tensors: tuple[torch.Tensor, ...], spec: tuple[str, int]) -> SiteModulation:
+        """The same hook around ``tensors`` (a graph's static copies of :meth:`graph_parts`'s)."""
+        (mod,) = tensors
+        return cls(mod, *spec)
 
     def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i >= self.n_sites:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_diffusion_rnn import checklist, cli
+from rwkv_diffusion_rnn import checklist, cli, eval_cli, eval_data
 from rwkv_diffusion_rnn import evaluate as ev
 from rwkv_diffusion_rnn.config import TrainConfig
 from rwkv_diffusion_rnn.corpus import generate
@@ -28,7 +28,7 @@ class OracleSampler:
     """A stand-in for :mod:`sampling` with its signatures: L2T returns the row whose latent was given, T2L the
     latent of the text given (unknown texts get a seeded pseudo-random latent). ``plant`` corrupts outputs."""
 
-    def __init__(self, data: ev.EvalData, plant: str | None = None) -> None:
+    def __init__(self, data: eval_data.EvalData, plant: str | None = None) -> None:
         rows = [data.rows[i] for i in range(len(data.rows))] + [data.train[i] for i in range(len(data.train))]
         self.by_latent = {r["latent"].numpy().tobytes(): r["input_ids"].tolist() for r in rows}
         self.by_tokens = {tuple(r["input_ids"].tolist()): r["latent"].numpy() for r in rows}
@@ -91,13 +91,13 @@ def run(tmp_path_factory, one_thread):
     """prepare-latents (fake encoder) + tokenize + a short real training run; returns the folders."""
     root = tmp_path_factory.mktemp("eval")
     src = root / "corpus.txt"
-    src.write_text("\n".join(generate(N_ROWS, seed=int(torch.randint(0, 1000, ())))) + "\n")
+    src.write_text("\n".join(generate(N_ROWS, seed=17)) + "\n")
     data = root / "data"
     args = ["prepare-latents", "--input", str(src), "--output_dir", str(data / "qwen_32d"), "--encoder", "test-hash"]
     assert cli.main([*args, "--validation-fraction", "0.25"]) == 0
     for split in ("train", "validation"):
         tokenize_json(data / "qwen_32d" / f"{split}_data.json", data / "rwkv_tokens", max_length=64)
-    save_pth(random_rwkv7(RWKV7Config.for_shape(2, 64), seed=int(torch.randint(0, 2**31, ()))).state_dict(),
+    save_pth(random_rwkv7(RWKV7Config.for_shape(2, 64), seed=18).state_dict(),
              root / "bb.pth")  # fmt: skip
     # eps target pinned: the trivial-predictor reference level asserted below is eps's (the default is x0)
     trainer = Trainer(_config(root, root / "run", diffusion__latent_prediction="eps"))
@@ -108,7 +108,7 @@ def run(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def loaded(run):
     m = load_trained(run["save_dir"])
-    data = ev.resolve_data(m, run["data"])
+    data = eval_data.resolve_data(m, run["data"])
     return m, data
 
 
@@ -123,9 +123,9 @@ def _opts(**kw) -> ev.EvalOptions:
 def test_resolve_data_takes_the_root_or_the_latent_folder(run, loaded):
     m, data = loaded
     assert data.split == "validation" and len(data.rows) > 0 and len(data.train) > len(data.rows)
-    again = ev.resolve_data(m, run["data"] / "qwen_32d")
+    again = eval_data.resolve_data(m, run["data"] / "qwen_32d")
     assert list(again.rows.rows) == list(data.rows.rows)
-    default = ev.resolve_data(m, None)  # the paths recorded in the checkpoint
+    default = eval_data.resolve_data(m, None)  # the paths recorded in the checkpoint
     assert len(default.rows) == len(data.rows)
 
 
@@ -180,7 +180,7 @@ def test_stsb_spearman_and_encoder_ceiling(loaded, tmp_path):
     lines = [f"main-captions\tMSRvid\t2012test\t{i:04d}\t{i % 5 + 0.5}\t{texts[i]}\t{texts[(i + 1) % 6]}\textra"
              for i in range(6)]  # fmt: skip
     path.write_text("\n".join(lines) + '\nmain\tx\t2012\t0007\t2.0\tA "quoted\tsentence\n')
-    s1, s2, scores = ev.read_stsb(path)
+    s1, s2, scores = eval_data.read_stsb(path)
     assert len(scores) == 7 and s1[6] == 'A "quoted'  # QUOTE_NONE: a stray quote is a character
     res = ev.evaluate(m, data, _opts(stsb=str(path)), OracleSampler(data))
     enc = data.encoder
@@ -189,24 +189,25 @@ def test_stsb_spearman_and_encoder_ceiling(loaded, tmp_path):
     assert math.isfinite(res.metrics["by_steps"]["4"]["sts_spearman"])
     path.write_text("only\tthree\tfields\n")
     with pytest.raises(ev.DiffRwkvError, match=r"sts.csv:1: expected 7 tab-separated fields"):
-        ev.read_stsb(path)
+        eval_data.read_stsb(path)
 
 
 def test_real_stsb_file_reads_when_present():
     path = SHARED_DATA / "stsb" / "sts-dev.csv"
     if not path.is_file():
         pytest.skip(f"{path} not present (real data lives outside the repo)")
-    s1, s2, scores = ev.read_stsb(path)
+    s1, s2, scores = eval_data.read_stsb(path)
     assert len(scores) == 1500 and scores.min() >= 0 and scores.max() <= 5
 
 
 def test_checklist_passes_with_an_oracle_sampler_and_fails_planted_defects(run, loaded, capsys, monkeypatch):
+    torch.manual_seed(19)  # the "unseeded" plant draws from the global generator: two calls still differ
     m, data = loaded
     argv = ["--checklist", str(run["save_dir"]), "--data", str(run["data"]), "--num-samples", "8", "--steps", "4",
             "--device", "cpu", "--batch-size", "4", "--no-progress"]  # fmt: skip
 
     def statuses(rc_expected):
-        assert ev.main(argv, sampler=sampler) == rc_expected
+        assert eval_cli.main(argv, sampler=sampler) == rc_expected
         lines = capsys.readouterr().out.splitlines()
         return {line.split()[1]: line.split()[0] for line in lines[:-1]}, lines[-1]
 
@@ -299,7 +300,7 @@ def test_fixed_length_model_and_a_changed_backbone(run, tmp_path, capsys):
                   model__rwkv_name=str(backbone))  # fmt: skip
     Trainer(cfg).fit()
     m = load_trained(tmp_path / "fixed")
-    data = ev.resolve_data(m, run["data"])
+    data = eval_data.resolve_data(m, run["data"])
     sampler = OracleSampler(data)
     res = ev.evaluate(m, data, _opts(), sampler)
     assert res.metrics["oracle_length"] is False and all(c["length"] is None for c in sampler.calls)
@@ -309,7 +310,7 @@ def test_fixed_length_model_and_a_changed_backbone(run, tmp_path, capsys):
     with open(backbone, "ab") as f:
         f.write(b"\0")
     argv = ["--checklist", str(tmp_path / "fixed"), "--data", str(run["data"]), "--device", "cpu", "--no-progress"]
-    assert ev.main(argv, sampler=sampler) == 1
+    assert eval_cli.main(argv, sampler=sampler) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("FAIL  loads") and "changed since training (sha256 differs)" in lines[0]
     assert all(line.startswith("SKIP") and line.endswith("needs loads") for line in lines[1:-1])

@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed values and scipy, on fresh random inputs."""
+"""Metric functions against hand-computed values and scipy, on seeded random inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rwkv_diffusion_rnn import metrics as M
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    return np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    return np.random.default_rng(41)
 
 
 def test_cosine_rows_and_matrix_match_the_definition(rng):

@@ -1,4 +1,4 @@
-"""CUDA graphs of the RWKV-7 block stack for training steps (issue #6), opt-in: ``training.cuda_graphs``.
+"""CUDA graphs of the RWKV-7 block stack for training steps, opt-in: ``training.cuda_graphs``.
 
 Why: at the g1 sizes a training step launches ~3,000 small kernels (elementwise work, the low-rank matmuls, fla's
 ~40 Triton launches per layer); on an H200 the CPU spends ~2x the GPU's time issuing them (torch.profiler, denoiser
@@ -12,8 +12,9 @@ most :attr:`BlockGraphs.max_variants`; past that, eager. Graphs are used only wh
 
 * a training forward with gradients on a CUDA device (evaluation and sampling run eager: they carry states);
 * no recurrent state in or out (``forward_embeds(..., need_state=False)``);
-* a ``pre_block`` hook that is a :class:`~rwkv_diffusion_rnn.time_conditioning.SiteModulation` (its tensor becomes
-  a graph input) or none;
+* a ``pre_block`` hook that offers ``graph_parts()`` and ``from_graph_parts()`` (:class:`GraphableHook`: its
+  tensors become graph inputs and the graph rebuilds the hook around its own copies; the denoiser's time modulation
+  does) or none — this module knows nothing else about the hook;
 * one process (DDP/FSDP hook into every parameter's gradient; not combined here);
 * every trainable tensor the blocks use is a parameter of the blocks (LoRA adapters, held outside them and applied
   by hooks, would get no gradient: the trainer refuses ``model.lora_rank`` with graphs).
@@ -33,45 +34,51 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Hashable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.rwkv7 import FLIP, RWKV7, run_blocks
+from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
+
+
+@runtime_checkable
+class GraphableHook(Protocol):
+    """A ``pre_block`` hook a CUDA graph of the blocks can take.
+
+    ``graph_parts()`` returns the hook's tensors (each becomes a graph input) and a hashable ``spec`` of everything
+    else (part of the capture's key); ``type(hook).from_graph_parts(tensors, spec)`` builds an equal hook around
+    other tensors (the graph's static copies).
+    """
+
+    def graph_parts(self) -> tuple[tuple[torch.Tensor, ...], Hashable]: ...
+
+    @classmethod
+    def from_graph_parts(cls, tensors: tuple[torch.Tensor, ...], spec: Hashable) -> GraphableHook: ...
 
 
 class _Stack(nn.Module):
     """``ln0`` + the blocks of one :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` with a fixed argument layout."""
 
     def __init__(self, model: nn.Module, has_pad: bool, rev: str | None, hook: tuple | None) -> None:
+        """``hook``: None, or ``(hook class, spec, number of tensors)`` of a :class:`GraphableHook`."""
         super().__init__()
         self.blocks = model.blocks  # the same modules (and parameters), registered here for make_graphed_callables
         self.backend = model.wkv_backend
         self.has_pad, self.rev, self.hook = has_pad, rev, hook
 
     def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        from rwkv_diffusion_rnn.models.rwkv7 import FLIP
-        from rwkv_diffusion_rnn.time_conditioning import SiteModulation
-
         rest = list(rest)
         pad = rest.pop(0) if self.has_pad else None
         rev = FLIP if self.rev == "flip" else (rest.pop(0) if self.rev == "index" else None)
-        pre_block = SiteModulation(rest.pop(0), *self.hook) if self.hook is not None else None
-        from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
-
+        pre_block = None
+        if self.hook is not None:
+            hook_cls, spec, n = self.hook
+            pre_block = hook_cls.from_graph_parts(tuple(rest[:n]), spec)
         return run_blocks(self.blocks, x, pad, rev, pre_block, resolve_backend(self.backend, x.device))
-
-
-def run_blocks(blocks, x, pad, rev, pre_block, backend) -> torch.Tensor:
-    """``ln0`` and every block from a fresh state; the hidden states only (no state is carried out)."""
-    x = blocks[0].ln0(x)
-    zeros = x.new_zeros(x.shape[0], x.shape[-1])
-    v_first = (None, None)
-    for i, block in enumerate(blocks):
-        if pre_block is not None:
-            x = pre_block(i, x)
-        x, _, v_first = block(x, zeros, None, zeros, v_first, pad, None, backend, rev)
-    return x
 
 
 class BlockGraphs:
@@ -96,13 +103,11 @@ class BlockGraphs:
         self.__init__()
 
     def usable(self, model: nn.Module, x: torch.Tensor, pre_block) -> bool:
-        from rwkv_diffusion_rnn.time_conditioning import SiteModulation
-
         return (
             x.is_cuda
             and model.training
             and torch.is_grad_enabled()
-            and (pre_block is None or isinstance(pre_block, SiteModulation))
+            and (pre_block is None or isinstance(pre_block, GraphableHook))
             and not torch.cuda.is_current_stream_capturing()
             # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
             and not any(m._forward_hooks or m._forward_pre_hooks for m in model.blocks.modules())
@@ -124,8 +129,9 @@ class BlockGraphs:
         inputs = [x] + ([pad] if pad is not None else []) + ([rev] if rev_kind == "index" else [])
         hook = None
         if pre_block is not None:
-            hook = (pre_block.mode, pre_block.n_sites)
-            inputs.append(pre_block.mod)
+            tensors, spec = pre_block.graph_parts()
+            hook = (type(pre_block), spec, len(tensors))
+            inputs.extend(tensors)
         # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
         # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
         params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in model.blocks.parameters())
@@ -167,8 +173,6 @@ def own_gradients(model: nn.Module) -> int:
     """Give every trainable parameter of the graphed block stacks inside ``model`` a zero gradient of its own where
     it has none, so that the next graphed backward adds into it instead of handing over a static buffer (see the
     module notes on gradient accumulation). Returns the number of gradients allocated."""
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7
-
     n = 0
     for module in model.modules():
         if isinstance(module, RWKV7) and module.graphs is not None:
@@ -182,8 +186,6 @@ def own_gradients(model: nn.Module) -> int:
 def enable_cuda_graphs(model: nn.Module) -> int:
     """Graph the block stack of every :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` inside ``model`` (in place;
     captured at the first eligible forward). Returns the number of backbones switched."""
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7
-
     n = 0
     for module in model.modules():
         if isinstance(module, RWKV7):

@@ -11,7 +11,7 @@ The model takes and returns a recurrent :class:`RWKV7State`, so a sequence proce
 Right-padded batches are handled through ``attention_mask`` (1 = token, 0 = padding at the end of a row): padding
 leaves the state untouched, so the returned state is each row's state after its last real token.
 
-Speed (issue #6): on a GPU the blocks' elementwise work (token shift, six mixes, decay / key / value-residual
+Speed: on a GPU the blocks' elementwise work (token shift, six mixes, decay / key / value-residual
 arithmetic, GroupNorm, bonus, gate, squared ReLU; ~200 kernels per layer and step in eager mode) moves more bytes
 than the matmuls at the g1 sizes. :func:`compile_blocks` (each block through ``torch.compile``, the WKV kernel
 excluded) or the narrower :func:`compile_regions` fuse it; both are opt-in, applied from outside the model, and
@@ -20,21 +20,17 @@ tested against the eager code (tests/models/test_rwkv7_regions.py). bench/throug
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.models.graphs import run_blocks
+from rwkv_diffusion_rnn.models.rwkv7_init import init_like_blinkdl
+from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN, Regions, matmul_dtype
 from rwkv_diffusion_rnn.models.wkv7 import resolve_backend, wkv7
-
-#: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
-DECAY_SCALE = math.exp(-0.5)
 
 
 def default_lora_dims(n_embd: int) -> dict[str, int]:
@@ -134,11 +130,6 @@ class RWKV7State:
         return self.att_x.shape[1]
 
 
-def _token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """``[B, T, C]`` -> the previous token's vector at every position (``prev`` ``[B, C]`` before position 0)."""
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
-
-
 def _last_valid(x: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Each row's input at its last real position (``prev`` for an empty row): the token-shift state to carry."""
     if lengths is None:
@@ -146,90 +137,6 @@ def _last_valid(x: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor | Non
     idx = (lengths - 1).clamp(min=0)
     last = x[torch.arange(x.shape[0], device=x.device), idx]
     return torch.where((lengths > 0).unsqueeze(-1), last, prev)
-
-
-# ------------------------------------------------------------------ elementwise regions
-# The time-mix and channel-mix are a few matmuls surrounded by many elementwise operations on [B, T, C] tensors;
-# on a GPU the latter are memory-bound and, run one kernel each, cost more than the matmuls at the g1 sizes. They
-# are written here as pure functions of tensors so that :func:`compile_regions` can hand them to ``torch.compile``
-# (which fuses each region, forward and backward, into a few kernels) without touching the module code; the plain
-# functions stay the reference (tests/models/test_rwkv7_regions.py compares the two).
-
-
-def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):
-    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xa, xg).
-
-    All six only feed matmuls, so under autocast five are returned in its dtype ``mm_dtype``: the rounding autocast
-    applies at the matmul, done once in the region (fused when compiled). ``xv`` stays as it is: it feeds two matmuls,
-    and a bf16 tensor would sum their two gradients in bf16 where autocast sums them in fp32."""
-    xx = _token_shift(x, shift) - x
-    xr, xw, xk, xv, xa, xg = (x + xx * m for m in (x_r, x_w, x_k, x_v, x_a, x_g))
-    return _cast(xr, mm_dtype), _cast(xw, mm_dtype), _cast(xk, mm_dtype), xv, _cast(xa, mm_dtype), _cast(xg, mm_dtype)
-
-
-def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):
-    """The WKV operands besides r and v, all ``[B, T, C]``: log decay ``w`` (fp32), the gated key ``k``, the
-    transition vectors ``-kk`` and ``kk * a`` (``kk`` the per-head normalised key, ``a`` the in-context rate).
-
-    ``w_low`` = tanh(xw w1) w2 and ``a_low`` = (xa a1) a2 are the low-rank outputs."""
-    B, T, C = k.shape
-    # log decay in fp32: the decay compounds over the sequence, bf16 would lose it
-    w = -DECAY_SCALE * torch.sigmoid((w0 + w_low).float())
-    a = torch.sigmoid(a0 + a_low)
-    kk = F.normalize((k * k_k).view(B, T, n_head, C // n_head), dim=-1, p=2.0).view(B, T, C)
-    k = k * (1 + (a - 1) * k_a)
-    return w, k, -kk, kk * a
-
-
-def tm_value_mix(v, v_first, v0, v_low):
-    """Value residual (layers > 0): v moves towards layer 0's values by sigmoid(v0 + (xv v1) v2)."""
-    return v + (v_first - v) * torch.sigmoid(v0 + v_low)
-
-
-def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, mm_dtype: torch.dtype | None = None):
-    """GroupNorm of the WKV output ``o`` ``[B, T, C]``, plus the per-head bonus (r . (k * r_k)) v, times the gate
-    (in ``mm_dtype`` when given: the result only feeds the output projection)."""
-    B, T, C = o.shape
-    N = C // n_head
-    o = F.group_norm(o.reshape(B * T, C), n_head, ln_weight, ln_bias, eps).view(B, T, C)
-    bonus = (r * k * r_k.view(1, 1, C)).view(B, T, n_head, N).sum(-1, keepdim=True) * v.view(B, T, n_head, N)
-    return _cast((o + bonus.view(B, T, C)) * g, mm_dtype)
-
-
-def cm_mix(x, shift, x_k, mm_dtype: torch.dtype | None = None):
-    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input (in ``mm_dtype`` when given, see :func:`tm_mix`)."""
-    return _cast(x + (_token_shift(x, shift) - x) * x_k, mm_dtype)
-
-
-def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return x if dtype is None else x.to(dtype)
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would cast ``x`` to at a matmul, or None (autocast off, or ``x`` not floating point)."""
-    dev = x.device.type
-    if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
-        return None
-    return torch.get_autocast_dtype(dev)
-
-
-def sq_relu(k):
-    return torch.relu(k) ** 2
-
-
-@dataclass(frozen=True)
-class Regions:
-    """The elementwise functions the blocks call: plain (:data:`PLAIN`) or compiled (:func:`compile_regions`)."""
-
-    tm_mix: Callable = tm_mix
-    tm_kernel_inputs: Callable = tm_kernel_inputs
-    tm_value_mix: Callable = tm_value_mix
-    tm_output: Callable = tm_output
-    cm_mix: Callable = cm_mix
-    sq_relu: Callable = sq_relu
-
-
-PLAIN = Regions()
 
 
 def inductor_guard() -> None:
@@ -284,7 +191,7 @@ def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
     Process-wide and read when a graph is first compiled; compiled graphs do not key on it (every block shares one
     ``forward``), so a budget different from the one in force also drops dynamo's cached graphs, and the next call
     compiles under the new one. None leaves the setting as it is (1 is torch's default). On an H200 the 0.4B LM
-    step's peak went 19.3 -> 13.6 GiB at 0.5 for 3 % of its speed (docs/RESULTS.md, 2026-11-27 session 5)."""
+    step's peak went 19.3 -> 13.6 GiB at 0.5 for 3 % of its speed (docs/RESULTS.md, 2026-11-27)."""
     if memory_budget is not None:
         if not 0 < memory_budget <= 1:
             raise DiffRwkvError(f"memory budget must be in (0, 1]; got {memory_budget}")
@@ -469,6 +376,19 @@ def reverse_index(lengths: torch.Tensor, total: int) -> torch.Tensor:
 PreBlockHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def run_blocks(blocks, x, pad, rev, pre_block: PreBlockHook | None, backend: str) -> torch.Tensor:
+    """``ln0`` and every block from a fresh state; the hidden states only (no state is carried out). The eager
+    training pass, and what a CUDA graph of the blocks captures (models/graphs.py)."""
+    x = blocks[0].ln0(x)
+    zeros = x.new_zeros(x.shape[0], x.shape[-1])
+    v_first = (None, None)
+    for i, block in enumerate(blocks):
+        if pre_block is not None:
+            x = pre_block(i, x)
+        x, _, v_first = block(x, zeros, None, zeros, v_first, pad, None, backend, rev)
+    return x
+
+
 class RWKV7(nn.Module):
     """RWKV-7 language model: ``emb`` -> ``blocks`` -> ``ln_out`` -> ``head``.
 
@@ -586,46 +506,7 @@ class RWKV7(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise a new model the way BlinkDL's RWKV-7 trainer does (layer-dependent mixes and decay spectrum,
         zero output projections, tiny embeddings), so that training from scratch is well-conditioned."""
-        cfg = self.cfg
-        C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
-        ddd = torch.arange(C, dtype=torch.float32) / C
-        n = torch.arange(C, dtype=torch.float32)
-        linear = n / max(C - 1, 1) - 0.5
-        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
-        zigzag = zigzag * zigzag.abs()
-        self.emb.weight.uniform_(-1e-4, 1e-4)
-        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(max(cfg.vocab_size / C, 1.0)))
-        for lid, blk in enumerate(self.blocks):
-            r01 = lid / max(L - 1, 1)
-            r10 = 1.0 - lid / L
-            for ln in (blk.ln1, blk.ln2) + ((blk.ln0,) if lid == 0 else ()):
-                ln.reset_parameters()
-            att = blk.att
-            for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
-                getattr(att, name).copy_((1.0 - ddd ** (p * r10)).view(1, 1, C))
-            decay = -6 + 6 * (n / max(C - 1, 1)) ** (1 + r01**0.3)
-            att.w0.copy_((decay + 0.5 + zigzag * 2.5).view(1, 1, C))
-            att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
-            att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
-            att.k_a.fill_(1.02)
-            att.r_k.fill_(-0.04)
-            lows = [("w1", "w2"), ("a1", "a2"), ("g1", "g2")] + ([("v1", "v2")] if lid > 0 else [])
-            for first, second in lows:
-                getattr(att, first).zero_()
-                nn.init.orthogonal_(getattr(att, second), gain=0.1)
-            if lid > 0:
-                att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
-            s = 1 / math.sqrt(C)
-            att.receptance.weight.uniform_(-0.5 * s, 0.5 * s)
-            att.key.weight.uniform_(-0.05 * s, 0.05 * s)
-            att.value.weight.uniform_(-0.5 * s, 0.5 * s)
-            att.output.weight.zero_()
-            att.ln_x.weight.fill_(((1 + lid) / L) ** 0.7)
-            att.ln_x.bias.zero_()
-            blk.ffn.x_k.copy_((1.0 - ddd ** (r10**4)).view(1, 1, C))
-            blk.ffn.key.weight.uniform_(-0.5 * s, 0.5 * s)
-            blk.ffn.value.weight.zero_()
-        self.ln_out.reset_parameters()
+        init_like_blinkdl(self)
 
 
 def random_rwkv7(cfg: RWKV7Config, seed: int = 0, wkv_backend: str | None = None) -> RWKV7:

@@ -36,7 +36,7 @@ program; BV = 8 forward, <= 150 registers; BV = 16 backward, 255 registers) comp
 every program of B = 16, H = 12 or 16, N = 64 on the GPU at once (a whole-head backward, BV = 64, spills at 4 warps
 and needs more than 128 registers a thread at 8: one program per SM, two waves).
 
-Measured on an H200 (docs/RESULTS.md, 2026-11-27 session 4): correct to one bf16 rounding against the fp64
+Measured on an H200 (docs/RESULTS.md, 2026-11-27): correct to one bf16 rounding against the fp64
 recurrence, and 1.6x fla's chunk kernel timed alone (1.52 vs 2.39 ms fwd + bwd at B16 T512 H12) — but slower inside
 the CUDA-graphed training step (23.7 vs ~15 ms of WKV kernels a step at the 0.1B shape), where fla's launch cost
 vanishes and its parallel-in-time chunks win over these 512 dependent steps. Hence opt-in; ``auto`` picks fla.
@@ -331,10 +331,10 @@ def wkv7_triton(
             raise DiffRwkvError(f"WKV operand {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)}")
     if state is not None and state.shape != (B, H, N, N):
         raise DiffRwkvError(f"WKV state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
-    if T == 0:
-        from rwkv_diffusion_rnn.models.wkv7 import wkv7_reference
-
-        return wkv7_reference(r, w, k, v, a, b, state)
+    if T == 0:  # no steps: an empty output, and the state passes through in fp32 (as the reference's)
+        return r.new_zeros(B, 0, H, N), state.float() if state is not None else r.new_zeros(
+            B, H, N, N, dtype=torch.float32
+        )
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     if state is not None:
         state = state.float().contiguous()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,7 @@ def _case(n, c, v, seed):
 
 @pytest.mark.parametrize("n,chunk", [(37, 8), (64, 16), (5, 1024), (1, 1)])
 def test_matches_cross_entropy_on_logits_fp32(n, chunk):
-    seed = random.randrange(2**31)
+    seed = 101
     h, w, y, gl = _case(n, 24, 301, seed)
     ref = F.cross_entropy(h @ w.T, y, reduction="none")
     (ref * gl).sum().backward()
@@ -39,7 +37,7 @@ def test_matches_cross_entropy_on_logits_fp32(n, chunk):
 
 def test_under_bf16_autocast_matches_autocast_logits():
     """Under autocast the reference is what the trainer did before: bf16 logits, fp32 log-softmax."""
-    seed = random.randrange(2**31)
+    seed = 102
     h, w, y, gl = _case(50, 32, 500, seed)
     with torch.autocast("cpu", torch.bfloat16):
         ref = F.cross_entropy((h @ w.T).float(), y, reduction="none")
@@ -63,7 +61,7 @@ def test_rejects_mismatched_shapes():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_chunks_match_the_eager_reference(autocast):
     """The compiled per-chunk kernels (the CUDA default) against the eager functions they compile, on the CPU."""
-    seed = random.randrange(2**31)
+    seed = 103
     out = []
     for fused in (False, True):
         h, w, y, gl = _case(45, 32, 700, seed)

@@ -34,7 +34,7 @@ def _real_ids(n_min: int = 32) -> list[int]:
     tok = load_tokenizer("rwkv-world")
     try:
         lines = real_text_lines()
-        rng = random.Random()
+        rng = random.Random(7)
         text = " ".join(rng.sample(lines, 4))
     except pytest.skip.Exception:
         text = sample_text()
@@ -45,7 +45,7 @@ def _real_ids(n_min: int = 32) -> list[int]:
 
 @pytest.mark.parametrize("n_layer,n_embd", [(2, 128), (3, 192)])  # 192: not a power of two (3 heads)
 def test_logits_match_blinkdl_rwkv_package(tmp_path, n_layer, n_embd):
-    seed = random.randrange(2**31)
+    seed = 104
     model = random_rwkv7(n_layer, n_embd, seed=seed)
     path = tmp_path / "model.pth"
     save_pth(model.state_dict(), path)
@@ -68,7 +68,7 @@ def test_logits_match_blinkdl_rwkv_package(tmp_path, n_layer, n_embd):
 
 
 def test_three_pieces_with_state_equal_one_pass():
-    model = random_rwkv7(2, 128, vocab_size=1000, seed=random.randrange(2**31))
+    model = random_rwkv7(2, 128, vocab_size=1000, seed=105)
     ids = torch.randint(1, 1000, (3, 41))
     with torch.no_grad():
         full, full_state = model(ids, return_state=True)
@@ -84,7 +84,7 @@ def test_three_pieces_with_state_equal_one_pass():
 
 
 def test_right_padded_batch_equals_rows_alone():
-    model = random_rwkv7(2, 128, vocab_size=1000, seed=random.randrange(2**31))
+    model = random_rwkv7(2, 128, vocab_size=1000, seed=106)
     lengths = [13, 5, 9, 1]
     rows = [torch.randint(1, 1000, (n,)) for n in lengths]
     T = max(lengths)

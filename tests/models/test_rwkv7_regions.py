@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from rwkv_diffusion_rnn.models.rwkv7 import (
-    PLAIN,
     ChannelMix,
     TimeMix,
     compile_blocks,
     compile_regions,
     compiled_regions,
 )
+from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN
 from tests.conftest import random_rwkv7
 
 
@@ -35,7 +35,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.slow  # two torch.compile graphs per region (forward, backward): ~30 s per case on 2 cores
 @pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 2e-2)])  # bf16: the fused kernels round differently
 def test_compiled_regions_match_plain_forward_and_backward(bf16, tol):
-    seed = random.randrange(2**31)
+    seed = 107
     torch.manual_seed(seed)
     model = random_rwkv7(2, 128, vocab_size=300, seed=seed).train()
     B, T = 3, 19
@@ -65,7 +65,7 @@ def test_compiled_regions_match_plain_forward_and_backward(bf16, tol):
 @pytest.mark.slow  # torch.compile of a whole block (forward, backward): ~40 s per case on 2 cores
 @pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 2e-2)])
 def test_compiled_blocks_match_plain_forward_and_backward(bf16, tol):
-    seed = random.randrange(2**31)
+    seed = 108
     torch.manual_seed(seed)
     model = random_rwkv7(2, 128, vocab_size=300, seed=seed).train()
     compiled = copy.deepcopy(model)
@@ -97,7 +97,7 @@ def test_compiled_blocks_in_the_denoiser_with_lora_and_reverse_pass():
     block), LoRA forward hooks (traced into the graph), FiLM before every block, a right-padded row."""
     from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser
 
-    seed = random.randrange(2**31)
+    seed = 109
 
     def make() -> RWKVDenoiser:
         torch.manual_seed(seed)
@@ -143,7 +143,7 @@ def test_compiling_switches_off_inductors_mix_order_reduction():
     try:
         for switch in (lambda m: compile_blocks(m), lambda m: compile_regions(m)):
             inductor_config.triton.mix_order_reduction = True
-            switch(random_rwkv7(1, 64, vocab_size=256, seed=random.randrange(2**31)))
+            switch(random_rwkv7(1, 64, vocab_size=256, seed=110))
             assert inductor_config.triton.mix_order_reduction is False
     finally:
         inductor_config.triton.mix_order_reduction = before
@@ -160,7 +160,7 @@ def test_compiled_blocks_share_graphs_across_layers():
     for n_layer in (2, 5):
         torch._dynamo.reset()
         counters.clear()
-        model = random_rwkv7(n_layer, 64, vocab_size=100, seed=random.randrange(2**31)).train()
+        model = random_rwkv7(n_layer, 64, vocab_size=100, seed=111).train()
         assert compile_blocks(model) == n_layer
         model(torch.randint(0, 100, (2, 9))).float().pow(2).mean().backward()
         graphs[n_layer] = counters["stats"]["unique_graphs"]
@@ -177,7 +177,7 @@ def test_compile_blocks_sets_the_partitioners_memory_budget_or_refuses_it():
     from rwkv_diffusion_rnn.config import TrainConfig, validate
     from rwkv_diffusion_rnn.errors import DiffRwkvError
 
-    budget = round(random.uniform(0.05, 0.95), 3)
+    budget = round(random.Random(8).uniform(0.05, 0.95), 3)
     with functorch_config.patch(activation_memory_budget=1.0):
         model = random_rwkv7(2, 64, vocab_size=50, seed=0)
         assert compile_blocks(model, budget) == 2 and functorch_config.activation_memory_budget == budget
@@ -219,7 +219,7 @@ def test_fla_operands_cast_in_the_block_change_no_number(monkeypatch, compiled):
     to compile's rounding when compiled). Other backends get the fp32 operands as before."""
     from rwkv_diffusion_rnn.models import wkv7 as wkv7_module
 
-    seed = random.randrange(2**31)
+    seed = 112
     seen_fla, seen_other = [], []
     monkeypatch.setitem(wkv7_module.BACKENDS, "fla", _fla_like(False, seen_fla))
     monkeypatch.setitem(wkv7_module.BACKENDS, "fla_casting_inside", _fla_like(True, seen_other))

@@ -8,7 +8,7 @@ session that also runs compiled kernels (fla on a GPU machine): the cases run in
 script with ``TRITON_INTERPRET=1``, and the tests here judge its results.
 
 Errors are relative norms ``||x - ref|| / ||ref||`` against the recurrence computed in float64 on the same
-(dtype-rounded) inputs; the bounds are argued in :func:`bound`. Every run draws fresh inputs (the seed is in the
+(dtype-rounded) inputs; the bounds are argued in :func:`bound`. Every case draws its inputs from a fixed seed (in the
 failure message).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import traceback
@@ -110,7 +109,7 @@ def evaluate(wt, case) -> dict:
     """One case (module ``wt`` = wkv7_triton): relative errors of every result, their bounds, dtype mismatches."""
     _, B, T, H, N, dtype, w_dtype, with_state, loss_on, cfg, floor = case
     dtype, w_dtype = getattr(torch, dtype), getattr(torch, w_dtype)
-    seed = random.randrange(2**31)
+    seed = 115
     out = {"seed": seed, "errors": {}, "bounds": {}, "dtype_errors": []}
     try:
         wt.CONFIG = wt.TritonWKVConfig(**cfg)
@@ -141,6 +140,28 @@ def evaluate(wt, case) -> dict:
     return out
 
 
+def empty_sequence(wt) -> dict:
+    """T = 0: an empty output in r's dtype and the initial state passed through in fp32, as the reference gives."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2, 0, 2, 8, generator=g).to(torch.bfloat16) for _ in range(6)]
+    state = torch.randn(2, 2, 8, 8, generator=g)
+    problems = []
+    for s in (state, None):
+        o, S = wt.wkv7_triton(*xs, s)
+        o_ref, S_ref = wkv7_reference_fp32(*xs, s)
+        if o.shape != o_ref.shape or o.dtype != o_ref.dtype:
+            problems.append(f"o: {tuple(o.shape)} {o.dtype}, expected {tuple(o_ref.shape)} {o_ref.dtype}")
+        if S.dtype != torch.float32 or not torch.equal(S, S_ref):
+            problems.append(f"state (initial {'given' if s is not None else 'None'}) differs from the reference's")
+    return {"problems": problems}
+
+
+def wkv7_reference_fp32(*args):
+    from rwkv_diffusion_rnn.models.wkv7 import wkv7_reference
+
+    return wkv7_reference(*args)
+
+
 def _worker() -> None:
     """Subprocess entry: run every case under the interpreter (TRITON_INTERPRET=1 set by the caller)."""
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
@@ -164,6 +185,7 @@ def _worker() -> None:
     assert wt.INTERPRET
     torch.set_num_threads(1)
     results = {case[0]: evaluate(wt, case) for case in CASES}
+    results["T0"] = empty_sequence(wt)
     print(json.dumps(results))
 
 
@@ -200,9 +222,12 @@ else:
         expected = {"o", "state", "dr", "dw", "dk", "dv", "da", "db"} | ({"dstate"} if case[7] else set())
         assert expected <= set(res["errors"]), sorted(res["errors"])
 
+    def test_empty_sequence(interpreted):
+        assert not interpreted["T0"]["problems"], interpreted["T0"]["problems"]
+
     def test_fp64_oracle_is_the_reference_recurrence():
         """The fp64 twin used above agrees with wkv7_reference (fp32) to fp32 precision."""
-        seed = random.randrange(2**31)
+        seed = 116
         xs, state, _, _ = make_inputs(2, 9, 2, 8, torch.float32, torch.float32, True, seed)
         for x, y in zip(reference64(*xs, state), wkv7_reference(*xs, state), strict=True):
             assert ((x - y.double()).norm() / x.norm()).item() < 1e-5, f"seed {seed}"
@@ -237,7 +262,7 @@ else:
         """On a GPU machine: the compiled kernels (default launch config) at the real head size."""
         from rwkv_diffusion_rnn.models import wkv7_triton as compiled
 
-        seed = random.randrange(2**31)
+        seed = 117
         xs, state, go, gs = make_inputs(2, 100, 3, 64, torch.bfloat16, torch.float32, True, seed)
         cuda = [x.cuda() for x in xs]
         ours = run(compiled.wkv7_triton, cuda, state.cuda(), go.cuda(), gs.cuda(), "both")
