@@ -3,8 +3,9 @@
 A store maps a row number (the row of the dataset JSON, or of the pack) to its token ids, latent and text, and
 knows how to describe a row in an error message. Two layouts, detected by :func:`open_store`:
 
-* **Per-row files** (the original scripts' layout): ``train_data.json`` + ``latents/train/<key>.npy`` + ``rwkv_tokens/train/
-  <key>.npz``. Rows pair by key (the latent file's stem), through the JSON when there is one, else by file names.
+* **Per-row files** (the original scripts' layout): ``train_data.json`` + ``latents/train/<key>.npy`` +
+  ``rwkv_tokens/train/<key>.npz``. Rows pair by key (the latent file's stem), through the JSON when there is one,
+  else by file names.
 * **Packed** (``diffrwkv pack``): ``pack_meta.json`` plus memory-mapped ``latents.npy`` float32 ``[N, D]``,
   ``tokens.npy`` uint16/int32 ``[sum L]``, ``offsets.npy`` int64 ``[N + 1]`` and optional ``text_bytes.npy`` uint8 +
   ``text_offsets.npy`` int64. Memory maps are opened lazily in each process, so DataLoader workers share the page

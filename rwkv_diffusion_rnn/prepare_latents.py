@@ -365,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", metavar="FILE", help="text files (.txt/.jsonl/.json/.csv/.tsv, optionally .gz)"
     )
     p.add_argument(
-        "--output_dir", "--output-dir", required=True, help="output folder (per-row file layout); must be new or --overwrite"
+        "--output_dir",
+        "--output-dir",
+        required=True,
+        help="output folder (per-row file layout); must be new or --overwrite",
     )
     p.add_argument(
         "--validation-input", nargs="+", metavar="FILE", help="validation texts (default: a split of --input)"
