@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffrwkv pack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--json_path", "--json-path", help="dataset JSON (default: found from --latent_dir, seed layout)")
+    p.add_argument(
+        "--json_path", "--json-path", help="dataset JSON (default: found from --latent_dir, per-row file layout)"
+    )
     p.add_argument("--token_dir", "--token-dir", required=True, help="folder of per-row .npz token files")
     p.add_argument(
         "--latent_dir", "--latent-dir", default="", help="folder of per-row .npy latents (pairing without JSON)"

@@ -3,8 +3,9 @@
 A store maps a row number (the row of the dataset JSON, or of the pack) to its token ids, latent and text, and
 knows how to describe a row in an error message. Two layouts, detected by :func:`open_store`:
 
-* **Per-row files** (the seed layout): ``train_data.json`` + ``latents/train/<key>.npy`` + ``rwkv_tokens/train/
-  <key>.npz``. Rows pair by key (the latent file's stem), through the JSON when there is one, else by file names.
+* **Per-row files** (the original scripts' layout): ``train_data.json`` + ``latents/train/<key>.npy`` +
+  ``rwkv_tokens/train/<key>.npz``. Rows pair by key (the latent file's stem), through the JSON when there is one,
+  else by file names.
 * **Packed** (``diffrwkv pack``): ``pack_meta.json`` plus memory-mapped ``latents.npy`` float32 ``[N, D]``,
   ``tokens.npy`` uint16/int32 ``[sum L]``, ``offsets.npy`` int64 ``[N + 1]`` and optional ``text_bytes.npy`` uint8 +
   ``text_offsets.npy`` int64. Memory maps are opened lazily in each process, so DataLoader workers share the page
@@ -52,7 +53,7 @@ def _names(folder: Path, suffix: str) -> set[str]:
 
 
 class FileStore:
-    """Seed layout. ``rows`` are JSON rows (or, without a JSON, the sorted common file stems)."""
+    """Per-row file layout. ``rows`` are JSON rows (or, without a JSON, the sorted common file stems)."""
 
     kind = "files"
 
@@ -254,7 +255,7 @@ def open_store(
 
 
 def _find_json(latent_dir: str) -> Path | None:
-    """The seed pairs ``qwen_32d/latents/train`` with ``qwen_32d/train_data.json``: look there."""
+    """The original scripts pair ``qwen_32d/latents/train`` with ``qwen_32d/train_data.json``: look there."""
     if not latent_dir:
         return None
     folder = Path(latent_dir)

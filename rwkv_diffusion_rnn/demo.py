@@ -41,7 +41,7 @@ def _say(msg: str) -> None:
 
 
 def build_data(out: Path, train_rows: int, val_rows: int, seed: int) -> Path:
-    """Corpus -> latents -> tokens, in the seed layout under ``out/data``. Returns the data root."""
+    """Corpus -> latents -> tokens, in the per-row file layout under ``out/data``. Returns the data root."""
     from rwkv_diffusion_rnn.corpus import generate
     from rwkv_diffusion_rnn.prepare_latents import main as prepare_latents_main
     from rwkv_diffusion_rnn.preprocess_tokenize_text import tokenize_json
@@ -81,7 +81,7 @@ def train(out: Path, data: Path, p: dict, seed: int, device: str) -> Path:
     t.mixed_weights = {"l2t": 2.0, "t2l": 1.0, "unconditional": 0.25}
     cfg.diffusion.latent_prediction = "x0"
     # t2l rows' times skewed to 1 (t ** 0.5): with uniform times text -> latent learned late and unevenly, in one of
-    # three seeds not at all (docs/RESULTS.md, 2026-11-27 session 7)
+    # three seeds not at all (docs/RESULTS.md, 2026-11-27, "the demo's text -> latent made reliable")
     cfg.diffusion.t2l_time_power = 0.5
     lg.save_dir, lg.log_freq, lg.eval_freq, lg.save_freq, lg.tensorboard = str(out / "run"), 50, 400, 100000, False
     _say(f"training RWKV-7 L{p['n_layer']} D{p['n_embd']} from scratch for {p['steps']} steps (batch {p['batch']}) ...")

@@ -1,4 +1,4 @@
-"""``diffrwkv prepare-latents``: text (or precomputed embeddings) -> 32-d latents in the seed's layout.
+"""``diffrwkv prepare-latents``: text (or precomputed embeddings) -> 32-d latents in the per-row file layout.
 
 Output (``OUT`` = ``--output_dir``)::
 
@@ -13,7 +13,7 @@ Commands::
     diffrwkv prepare-latents --input captions.txt.gz --output_dir preprocessed_data/qwen_32d
     # Qwen3-Embedding at 32-d: Matryoshka truncation + re-normalisation, the model's "document" prompt
     diffrwkv prepare-latents --input data.jsonl --column text --encoder Qwen/Qwen3-Embedding-0.6B --output_dir OUT
-    # existing 1024-d latents (.npy [N, 1024] aligned with --input, or a seed-layout JSON): truncate or pca
+    # existing 1024-d latents (.npy [N, 1024] aligned with --input, or a dataset JSON): truncate or pca
     diffrwkv prepare-latents --from-npy emb1024.npy --input texts.txt --output_dir OUT \\
         --encoder Qwen/Qwen3-Embedding-0.6B   # the encoder that made them (recorded, used by encode())
 
@@ -218,7 +218,7 @@ def embed_resumable(embedder, texts: list[str], cache: Path, *, batch_size: int,
 
 
 def load_precomputed(path: Path, n_texts: int | None) -> tuple[np.ndarray, list[tuple[str, str]] | None]:
-    """``--from-npy``: an ``.npy`` ``[N, D_in]`` (texts come from --input) or a seed-layout JSON (texts included)."""
+    """``--from-npy``: an ``.npy`` ``[N, D_in]`` (texts come from --input) or a dataset JSON (texts included)."""
     if path.suffix == ".json":
         rows = read_dataset_json(path)
         first = load_latent(rows[0].latent_path, dim=None, where=f"{path}: row 0")
@@ -365,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", metavar="FILE", help="text files (.txt/.jsonl/.json/.csv/.tsv, optionally .gz)"
     )
     p.add_argument(
-        "--output_dir", "--output-dir", required=True, help="output folder (seed layout); must be new or --overwrite"
+        "--output_dir",
+        "--output-dir",
+        required=True,
+        help="output folder (per-row file layout); must be new or --overwrite",
     )
     p.add_argument(
         "--validation-input", nargs="+", metavar="FILE", help="validation texts (default: a split of --input)"

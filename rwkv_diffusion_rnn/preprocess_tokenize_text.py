@@ -1,6 +1,7 @@
-"""Tokenize the rows of a dataset JSON into one ``.npz`` per row (the seed's step 2).
+"""Tokenize the rows of a dataset JSON into one ``.npz`` per row (step 2 of the original rwkv_diffusion_rnn
+scripts).
 
-Seed command (works as written)::
+The original scripts' command (works as written)::
 
     python rwkv_diffusion_rnn/preprocess_tokenize_text.py \\
       --json_path preprocessed_data/qwen_32d/train_data.json \\

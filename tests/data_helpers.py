@@ -1,4 +1,4 @@
-"""Builders shared by the data-pipeline tests: small seed-layout datasets and a fast fake sentence encoder."""
+"""Builders shared by the data-pipeline tests: small per-row file datasets and a fast fake sentence encoder."""
 
 from __future__ import annotations
 

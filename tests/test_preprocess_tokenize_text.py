@@ -1,4 +1,5 @@
-"""Tokenization: ids identical to BlinkDL's tokenizer, the seed's command line, naming, truncation, resume."""
+"""Tokenization: ids identical to BlinkDL's tokenizer, the original scripts' command line, naming, truncation,
+resume."""
 
 from __future__ import annotations
 

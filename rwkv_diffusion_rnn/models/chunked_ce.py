@@ -1,4 +1,4 @@
-"""Head + cross-entropy over a large vocabulary in row chunks, without keeping the logits (issue #6, memory).
+"""Head + cross-entropy over a large vocabulary in row chunks, without keeping the logits (memory).
 
 ``F.cross_entropy(h @ W.T, y)`` at the g1 sizes keeps ``[N, V]`` logits alive for the backward: at 8,192 rows and
 65,536 classes that is 1 GiB in bf16 plus 2 GiB in fp32 for the log-softmax and as much again for its gradient,
@@ -14,8 +14,9 @@ order of the fp32 sums. Tested against that reference (tests/models/test_chunked
 Fused per-chunk work (on CUDA by default): the fp32 work on a chunk's ``[chunk, V]`` logits — log-sum-exp, target
 logit and argmax in the forward; softmax minus one-hot times the row's gradient, cast back, in the backward — is
 one compiled kernel each way (``torch.compile`` of :func:`_chunk_stats` / :func:`_chunk_grad`), reading the
-low-precision logits once instead of materialising fp32 copies between five or six separate kernels (session 4's
-profile: ~4.2 ms of a 0.1B step on that fp32 softmax). The eager functions are the reference
+low-precision logits once instead of materialising fp32 copies between five or six separate kernels (a profile
+of the 0.1B step on an H200: ~4.2 ms on that fp32 softmax; docs/RESULTS.md, 2026-11-27, "our Triton WKV-7
+kernels on the GPU; a profile of the step"). The eager functions are the reference
 (``fused=False``); the same code runs compiled.
 """
 

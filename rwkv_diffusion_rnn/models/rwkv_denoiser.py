@@ -9,10 +9,10 @@
 * Rows are laid out without gaps: ``prefix, real text, readout`` then right padding, so a padded row computes
   exactly what it computes alone.
 
-``context`` (DESIGN §2): ``causal`` runs the sequence once; ``twice`` feeds each row's sequence two times in one pass
-and reads every output from the second copy (every position has then seen everything, with unchanged pretrained
-weights, at 2x cost); ``bidirectional`` makes each time-mix also read the sequence in reverse (shared weights; needs
-training).
+``context`` (docs/design.md, "The denoiser"): ``causal`` runs the sequence once; ``twice`` feeds each row's
+sequence two times in one pass and reads every output from the second copy (every position has then seen
+everything, with unchanged pretrained weights, at 2x cost); ``bidirectional`` makes each time-mix also read the
+sequence in reverse (shared weights; needs training).
 
 Heads: a fresh text head (``use_rwkv_lm_head=False``) reads text position i at sequence position i; BlinkDL's LM
 head predicts the NEXT token, so with it position i is read one step earlier (the prefix supplies position -1). The
@@ -356,7 +356,7 @@ class RWKVDenoiser(nn.Module):
         return head(text_hidden.to(head.weight.dtype))
 
 
-# ------------------------------------------------------------------------------------- compiled regions (issue #6)
+# ------------------------------------------------------------------------------ compiled regions (training speed)
 _REGIONS: dict[str, object] = {}
 
 
@@ -377,9 +377,9 @@ def compile_denoiser_regions(model: nn.Module) -> int:
     (:meth:`RWKVDenoiser.read_dense`). Returns how many denoisers were switched.
 
     Why: with compiled, CUDA-graphed blocks the 0.1B denoiser step is host-bound (43 ms of GPU kernels in a 56 ms
-    step on an H200; docs/RESULTS.md, 2026-11-27 session 6): its forward runs ~140 eager ops outside the blocks
-    (a tiny model on the CPU: 137 a step, the LM step's ~10), and their backward as many, each a launch from
-    Python. Compiled, each region is a few fused kernels. Numerics: the same operations, fused
+    step on an H200; docs/RESULTS.md, 2026-11-27, "after the fused head"): its forward runs ~140 eager ops outside
+    the blocks (a tiny model on the CPU: 137 a step, the LM step's ~10), and their backward as many, each a launch
+    from Python. Compiled, each region is a few fused kernels. Numerics: the same operations, fused
     (tests/models/test_rwkv_denoiser.py compares gradients with eager). Only the training forward (module in
     training mode, gradients on) runs them: evaluation and sampling, whose shapes vary, stay eager, so they do not
     use up dynamo's recompile limit. Idempotent; a copy of the model (deepcopy) keeps the switch."""
