@@ -224,7 +224,7 @@ def test_prepare_latents_from_npy_nonfinite(tmp_path, capsys, bad):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
-def test_prepare_latents_from_seed_json_wrong_dim(tmp_path, capsys):
+def test_prepare_latents_from_original_json_wrong_dim(tmp_path, capsys):
     d = make_dataset(tmp_path, n=8, dim=64, tokenize=False)
     np.save(_latent(d, 5), np.ones(63, np.float32))
     out = tmp_path / "o"

@@ -191,7 +191,7 @@ def test_from_npy_with_its_encoder_named_reproduces_with_encode(tmp_path):
     np.testing.assert_allclose(enc.encode([r["text"] for r in rows]), z, atol=1e-5)
 
 
-def test_from_seed_json(tmp_path):
+def test_from_original_json_layout(tmp_path):
     d = make_dataset(tmp_path, n=10, dim=64, tokenize=False)
     assert (
         cli.main(

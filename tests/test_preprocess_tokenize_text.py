@@ -66,7 +66,7 @@ def test_separator_in_text_falls_back_to_rowwise(trie):
     assert np.array_equal(flat, f2) and np.array_equal(offsets, o2)
 
 
-def test_seed_command_line_writes_paired_npz(tmp_path):
+def test_original_command_line_writes_paired_npz(tmp_path):
     d = make_dataset(tmp_path, n=9, tokenize=False)
     out = tmp_path / "rwkv_tokens"
     cmd = [sys.executable, "rwkv_diffusion_rnn/preprocess_tokenize_text.py", "--json_path", str(d["json"])]

@@ -268,14 +268,14 @@ def _train_cmd(*overrides: str) -> list[str]:
             *overrides]  # fmt: skip
 
 
-SEED_SMOKE = ["training.num_epochs=1", "training.train_batch_size=1", "training.eval_batch_size=1",
+ORIGINAL_SMOKE = ["training.num_epochs=1", "training.train_batch_size=1", "training.eval_batch_size=1",
               "training.dtype=fp32", "data.num_workers=0", "data.max_samples=10", "logging.log_freq=1",
               "logging.eval_freq=100000", "tokenizer.local_files_only=false"]  # fmt: skip
 
 
-def test_seed_smoke_command_runs_with_a_local_checkpoint(setup, tmp_path):
+def test_original_smoke_command_runs_with_a_local_checkpoint(setup, tmp_path):
     root, p = setup
-    cmd = _train_cmd(*SEED_SMOKE, f"model.rwkv_name={root / 'bb.pth'}", f"data.json_path={p['json']}",
+    cmd = _train_cmd(*ORIGINAL_SMOKE, f"model.rwkv_name={root / 'bb.pth'}", f"data.json_path={p['json']}",
                      f"data.token_dir={p['token_dir']}", f"data.latent_dir={p['latent_dir']}",
                      f"logging.save_dir={tmp_path}")  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf"),
@@ -288,7 +288,7 @@ def test_seed_smoke_command_runs_with_a_local_checkpoint(setup, tmp_path):
 
 def test_offline_without_checkpoint_is_one_line(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(_train_cmd(*SEED_SMOKE), capture_output=True, text=True, cwd=tmp_path, env=env)
+    r = subprocess.run(_train_cmd(*ORIGINAL_SMOKE), capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "model.rwkv_name" in err[0], r.stderr
@@ -301,7 +301,7 @@ def test_unknown_config_key_is_refused_by_name(tmp_path):
 
 def test_diffrwkv_train_verb_finds_the_config(setup, tmp_path):
     root, p = setup
-    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.cli", "train", *SEED_SMOKE, f"model.rwkv_name={root / 'bb.pth'}",
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.cli", "train", *ORIGINAL_SMOKE, f"model.rwkv_name={root / 'bb.pth'}",
            f"data.json_path={p['json']}", f"data.token_dir={p['token_dir']}", f"data.latent_dir={p['latent_dir']}",
            "data.max_samples=4", f"logging.save_dir={tmp_path}"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
