@@ -158,7 +158,7 @@ def test_dtype_and_device_arguments(pth):
     assert not model.training
 
 
-def test_hf_folder_backbone_is_hashed_and_a_changed_one_refused(tmp_path):
+def test_a_run_on_a_changed_hf_folder_backbone_is_refused_at_load_and_resume(tmp_path):
     """A frozen backbone given as a Hugging Face folder is recorded with its digest; loading the run, or resuming
     it, after the folder's weights changed is refused in one line (as for a .pth)."""
     import shutil
