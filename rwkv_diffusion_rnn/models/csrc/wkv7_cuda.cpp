@@ -1,0 +1,108 @@
+// Torch glue of the WKV-7 CUDA kernels (wkv7_cuda.cu): checks, allocation-free calls on the current stream.
+// The Python side (rwkv_diffusion_rnn/models/wkv7_cuda.py) allocates every tensor and validates shapes; the checks
+// here only guard the raw pointers handed to the kernels.
+
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+int wkv7_cuda_forward(int x_dtype, int w_dtype, int B, int Tn, int H, const void* r, const void* w, const void* k,
+                      const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt, int save,
+                      void* stream);
+int wkv7_cuda_backward(int x_dtype, int w_dtype, int B, int Tn, int H, const void* r, const void* w, const void* k,
+                       const void* v, const void* a, const void* b, const void* dout, const float* sa,
+                       const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da,
+                       void* db, void* stream);
+
+namespace {
+
+int code(const torch::Tensor& x) {
+    if (x.scalar_type() == torch::kFloat32) return 0;
+    if (x.scalar_type() == torch::kBFloat16) return 1;
+    TORCH_CHECK(false, "wkv7_cuda: dtype must be float32 or bfloat16, got ", x.scalar_type());
+    return -1;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& like, const char* name) {
+    TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "wkv7_cuda: ", name, " must be a contiguous CUDA tensor");
+    TORCH_CHECK(x.device() == like.device(), "wkv7_cuda: ", name, " is on another device");
+}
+
+void check_same(const torch::Tensor& x, const torch::Tensor& like, const char* name) {
+    check(x, like, name);
+    TORCH_CHECK(x.sizes() == like.sizes() && x.scalar_type() == like.scalar_type(), "wkv7_cuda: ", name,
+                " must match r's shape and dtype");
+}
+
+void check_f32(const torch::Tensor& x, const torch::Tensor& like, int64_t numel, const char* name) {
+    check(x, like, name);
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.numel() == numel, "wkv7_cuda: ", name,
+                " must be float32 with ", numel, " elements");
+}
+
+void check_operands(const torch::Tensor& r, const torch::Tensor& w, const torch::Tensor& k, const torch::Tensor& v,
+                    const torch::Tensor& a, const torch::Tensor& b) {
+    check(r, r, "r");
+    TORCH_CHECK(r.dim() == 4 && r.size(3) == 64, "wkv7_cuda: operands must be [B, T, H, 64]");
+    check(w, r, "w");
+    TORCH_CHECK(w.sizes() == r.sizes(), "wkv7_cuda: w must match r's shape");
+    check_same(k, r, "k");
+    check_same(v, r, "v");
+    check_same(a, r, "a");
+    check_same(b, r, "b");
+}
+
+}  // namespace
+
+// o [B, T, H, 64] (r's dtype); sa [B, T, H, 64] fp32 (save) ; ckpt [B, H, ceil(T/16) or 1, 64, 64] fp32.
+void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
+             torch::Tensor o, torch::Tensor sa, torch::Tensor ckpt, bool save) {
+    check_operands(r, w, k, v, a, b);
+    check_same(o, r, "o");
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    const int64_t NC = (T + 15) / 16;
+    if (save) check_f32(sa, r, r.numel(), "sa");
+    check_f32(ckpt, r, int64_t(B) * H * (save ? NC : 1) * 64 * 64, "ckpt");
+    const c10::cuda::CUDAGuard guard(r.device());
+    const int err = wkv7_cuda_forward(code(r), code(w), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
+                                      v.data_ptr(), a.data_ptr(), b.data_ptr(), o.data_ptr(),
+                                      save ? sa.data_ptr<float>() : nullptr, ckpt.data_ptr<float>(), save ? 1 : 0,
+                                      c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
+    TORCH_CHECK(err == 0, "wkv7_cuda: forward launch failed: ", cudaGetErrorString(cudaError_t(err)));
+}
+
+// dht: [B, H, 64, 64] fp32 gradient of the final state, or an empty tensor for none. Gradients: dw in w's dtype,
+// the others in r's dtype.
+void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
+              torch::Tensor dout, torch::Tensor sa, torch::Tensor ckpt, torch::Tensor dht, torch::Tensor dr,
+              torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db) {
+    check_operands(r, w, k, v, a, b);
+    check_same(dout, r, "do");
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    const int64_t NC = (T + 15) / 16;
+    check_f32(sa, r, r.numel(), "sa");
+    check_f32(ckpt, r, int64_t(B) * H * NC * 64 * 64, "ckpt");
+    const bool has_dht = dht.numel() > 0;
+    if (has_dht) check_f32(dht, r, int64_t(B) * H * 64 * 64, "dht");
+    check_same(dr, r, "dr");
+    check_same(dk, r, "dk");
+    check_same(dv, r, "dv");
+    check_same(da, r, "da");
+    check_same(db, r, "db");
+    check_same(dw, w, "dw");
+    const c10::cuda::CUDAGuard guard(r.device());
+    const int err = wkv7_cuda_backward(code(r), code(w), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
+                                       v.data_ptr(), a.data_ptr(), b.data_ptr(), dout.data_ptr(),
+                                       sa.data_ptr<float>(), ckpt.data_ptr<float>(),
+                                       has_dht ? dht.data_ptr<float>() : nullptr, dr.data_ptr(), dw.data_ptr(),
+                                       dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(),
+                                       c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
+    TORCH_CHECK(err == 0, "wkv7_cuda: backward launch failed: ", cudaGetErrorString(cudaError_t(err)));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("forward", &forward, "WKV-7 forward (head size 64)");
+    m.def("backward", &backward, "WKV-7 backward (head size 64)");
+}

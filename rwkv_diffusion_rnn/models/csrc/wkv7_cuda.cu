@@ -1,0 +1,341 @@
+// WKV-7 forward and backward for head size 64 (backend ``cuda`` of rwkv_diffusion_rnn/models/wkv7.py).
+//
+// Plain CUDA, no torch headers: wkv7_cuda.cpp holds the torch glue and calls the C-style launchers at the end.
+//
+// Layout and convention (those of wkv7_reference): operands x[b, t, h, n] contiguous, head size N = 64, state
+// S[k, v] in fp32, ``w`` the LOG decay (d = exp(w)). One step, for key index i and value index j:
+//
+//     sa[j]   = sum_i a[i] S[i, j]                       (S = S_{t-1})
+//     S'[i,j] = d[i] S[i, j] + b[i] sa[j] + k[i] v[j]    (S' = S_t)
+//     o[j]    = sum_i r[i] S'[i, j]
+//
+// Gradients. Let G = dL/dS_t (everything downstream of S_t), do = dL/do_t. Walking t = T-1 .. 0, with G_T-1 the
+// gradient of the final state (zero when the final state is not in the loss):
+//
+//     G       += r do^T                       (o_t = S_t^T r_t)
+//     dr[i]    = sum_j S_t[i, j] do[j]
+//     dk[i]    = sum_j G[i, j] v[j]           dv[j]  = sum_i G[i, j] k[i]
+//     db[i]    = sum_j G[i, j] sa[j]          dsa[j] = sum_i G[i, j] b[i]
+//     dw[i]    = d[i] sum_j G[i, j] S_{t-1}[i, j]       (dL/dd * dd/dw, dd/dw = d)
+//     da[i]    = sum_j S_{t-1}[i, j] dsa[j]             (sa = S_{t-1}^T a)
+//     G_{t-1}  = diag(d) G + a dsa^T                    (the two paths from S_{t-1} into S_t)
+//
+// Forward: one block of 64 threads per (batch, head); thread j owns the value column S[:, j] (64 fp32 registers),
+// so both reductions over keys (sa, o) are inside the thread. The step vectors r, d, k, v, a, b of a chunk of
+// C = 16 steps are staged in shared memory (fp32) and read back as float4 broadcasts; the reductions keep four
+// partial sums (one per float4 lane) to shorten their dependency chains. With ``save`` it writes, for the
+// backward, sa_t (fp32 [B, T, H, N]) and the state after the last step of every chunk (fp32
+// [B, H, ceil(T / C), N, N], stored S[k, v]); without, only the final state (into slot 0).
+//
+// Backward: one block of 64 threads per (batch, head); thread i owns the key row S[i, :] and the row G[i, :], so
+// dr, dk, db, dw, da reduce inside the thread, and also the column G[:, i] (a second copy of G, updated with the
+// same formulas), so dv and dsa reduce inside the thread too: 3 x 64 fp32 registers. dsa is exchanged through
+// shared memory (double-buffered by step parity: one __syncthreads a step). The state walks backwards by undoing
+// each step, S_{t-1} = (S_t - k v^T - b sa^T) / d, with sa_t exact from the forward, and restarts from the exact
+// checkpoint at every chunk end. Undoing amplifies a rounding by 1/d per step, and RWKV-7's decay is at least
+// exp(-exp(-0.5)) = 0.545 (w >= -exp(-0.5), which our sigmoid parameterisation keeps, saturating at equality in
+// fp32), so by at most 1.83^16 ~ 1.6e4 in a channel pinned at that floor before the checkpoint resets it: fp32
+// rounding 6e-8 becomes <= ~1e-3 relative in the worst channel, ~1e-6 for typical decays; bf16 gradients round at
+// 4e-3 anyway. Decays far below the floor (not produced by the model) would degrade the backward.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int N = 64;  // head size
+constexpr int C = 16;  // steps a chunk: staging granularity and checkpoint stride
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ const float4& q4(const float* row, int q) {
+    return reinterpret_cast<const float4*>(row)[q];
+}
+
+// ---------------------------------------------------------------------------------------------- forward
+
+template <typename T, typename TW>
+__global__ void __launch_bounds__(N) wkv7_fwd_kernel(
+    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
+    const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, T* __restrict__ o_,
+    float* __restrict__ sa_, float* __restrict__ ckpt_, int save) {
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, j = threadIdx.x;
+    const int NC = (Tn + C - 1) / C;
+    __shared__ __align__(16) float sr[C][N];
+    __shared__ __align__(16) float sd[C][N];
+    __shared__ __align__(16) float sk[C][N];
+    __shared__ __align__(16) float sv[C][N];
+    __shared__ __align__(16) float sa[C][N];
+    __shared__ __align__(16) float sb[C][N];
+
+    float S[N];  // S[i, j] for i = 0..N-1: this thread's value column
+#pragma unroll
+    for (int i = 0; i < N; ++i) S[i] = 0.f;
+
+    for (int c = 0; c < NC; ++c) {
+        const int t0 = c * C, len = min(C, Tn - t0);
+        __syncthreads();  // the previous chunk's readers are done with the staging buffers
+#pragma unroll
+        for (int tt = 0; tt < C; ++tt) {
+            if (tt < len) {
+                const int64_t idx = ((int64_t(bb) * Tn + t0 + tt) * H + hh) * N + j;
+                sr[tt][j] = to_f(r_[idx]);
+                sd[tt][j] = __expf(to_f(w_[idx]));
+                sk[tt][j] = to_f(k_[idx]);
+                sv[tt][j] = to_f(v_[idx]);
+                sa[tt][j] = to_f(a_[idx]);
+                sb[tt][j] = to_f(b_[idx]);
+            }
+        }
+        __syncthreads();
+
+        for (int tt = 0; tt < len; ++tt) {
+            const int64_t idx = ((int64_t(bb) * Tn + t0 + tt) * H + hh) * N + j;
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 A = q4(sa[tt], q);
+                acc.x = fmaf(A.x, S[4 * q + 0], acc.x);
+                acc.y = fmaf(A.y, S[4 * q + 1], acc.y);
+                acc.z = fmaf(A.z, S[4 * q + 2], acc.z);
+                acc.w = fmaf(A.w, S[4 * q + 3], acc.w);
+            }
+            const float saj = (acc.x + acc.y) + (acc.z + acc.w);
+            const float vj = sv[tt][j];
+            float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 D = q4(sd[tt], q), K = q4(sk[tt], q), B = q4(sb[tt], q), R = q4(sr[tt], q);
+                S[4 * q + 0] = fmaf(D.x, S[4 * q + 0], fmaf(B.x, saj, K.x * vj));
+                S[4 * q + 1] = fmaf(D.y, S[4 * q + 1], fmaf(B.y, saj, K.y * vj));
+                S[4 * q + 2] = fmaf(D.z, S[4 * q + 2], fmaf(B.z, saj, K.z * vj));
+                S[4 * q + 3] = fmaf(D.w, S[4 * q + 3], fmaf(B.w, saj, K.w * vj));
+                y.x = fmaf(R.x, S[4 * q + 0], y.x);
+                y.y = fmaf(R.y, S[4 * q + 1], y.y);
+                y.z = fmaf(R.z, S[4 * q + 2], y.z);
+                y.w = fmaf(R.w, S[4 * q + 3], y.w);
+            }
+            o_[idx] = from_f<T>((y.x + y.y) + (y.z + y.w));
+            if (save) sa_[idx] = saj;
+        }
+
+        if (save || c == NC - 1) {  // the state after the chunk's last step, S[k, v]: coalesced over j
+            float* dst = ckpt_ + (int64_t(bh) * (save ? NC : 1) + (save ? c : 0)) * (N * N) + j;
+#pragma unroll
+            for (int i = 0; i < N; ++i) dst[i * N] = S[i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- backward
+
+template <typename T, typename TW>
+__global__ void __launch_bounds__(N) wkv7_bwd_kernel(
+    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
+    const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, const T* __restrict__ do_,
+    const float* __restrict__ sa_, const float* __restrict__ ckpt_, const float* __restrict__ dht_,
+    T* __restrict__ dr_, TW* __restrict__ dw_, T* __restrict__ dk_, T* __restrict__ dv_, T* __restrict__ da_,
+    T* __restrict__ db_) {
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, i = threadIdx.x;
+    const int NC = (Tn + C - 1) / C;
+    __shared__ __align__(16) float sr[C][N];
+    __shared__ __align__(16) float sd[C][N];
+    __shared__ __align__(16) float sk[C][N];
+    __shared__ __align__(16) float sv[C][N];
+    __shared__ __align__(16) float sa[C][N];
+    __shared__ __align__(16) float sb[C][N];
+    __shared__ __align__(16) float sdo[C][N];
+    __shared__ __align__(16) float ssa[C][N];
+    __shared__ __align__(16) float sdsa[2][N];
+
+    float S[N];   // S[i, j], j = 0..N-1: this thread's key row of the state
+    float G[N];   // G[i, j]: the same row of the state's gradient
+    float Gc[N];  // G[k, i], k = 0..N-1: column i of the state's gradient (a second copy)
+    if (dht_ != nullptr) {
+        const float* src = dht_ + int64_t(bh) * (N * N);
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+            const float4 g = q4(src + i * N, q);
+            G[4 * q + 0] = g.x;
+            G[4 * q + 1] = g.y;
+            G[4 * q + 2] = g.z;
+            G[4 * q + 3] = g.w;
+        }
+#pragma unroll
+        for (int kk = 0; kk < N; ++kk) Gc[kk] = src[kk * N + i];
+    } else {
+#pragma unroll
+        for (int jj = 0; jj < N; ++jj) {
+            G[jj] = 0.f;
+            Gc[jj] = 0.f;
+        }
+    }
+    int par = 0;
+
+    for (int c = NC - 1; c >= 0; --c) {
+        const int t0 = c * C, len = min(C, Tn - t0);
+        {  // S_t after the chunk's last step, this thread's row
+            const float* src = ckpt_ + (int64_t(bh) * NC + c) * (N * N) + i * N;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 s = q4(src, q);
+                S[4 * q + 0] = s.x;
+                S[4 * q + 1] = s.y;
+                S[4 * q + 2] = s.z;
+                S[4 * q + 3] = s.w;
+            }
+        }
+        __syncthreads();  // the previous chunk's readers are done with the staging buffers
+#pragma unroll
+        for (int tt = 0; tt < C; ++tt) {
+            if (tt < len) {
+                const int64_t idx = ((int64_t(bb) * Tn + t0 + tt) * H + hh) * N + i;
+                sr[tt][i] = to_f(r_[idx]);
+                sd[tt][i] = __expf(to_f(w_[idx]));
+                sk[tt][i] = to_f(k_[idx]);
+                sv[tt][i] = to_f(v_[idx]);
+                sa[tt][i] = to_f(a_[idx]);
+                sb[tt][i] = to_f(b_[idx]);
+                sdo[tt][i] = to_f(do_[idx]);
+                ssa[tt][i] = sa_[idx];
+            }
+        }
+        __syncthreads();
+
+        for (int tt = len - 1; tt >= 0; --tt) {
+            const int64_t idx = ((int64_t(bb) * Tn + t0 + tt) * H + hh) * N + i;
+            const float ri = sr[tt][i], di = sd[tt][i], ki = sk[tt][i], ai = sa[tt][i], bi = sb[tt][i];
+            const float doi = sdo[tt][i], inv_di = 1.f / di;
+
+            // row pass: G += r do^T; dr from S_t; undo the step; dk, db, dw from G_t and S_{t-1}
+            float dr = 0.f, dk = 0.f, db = 0.f, dd = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 DO = q4(sdo[tt], q), V = q4(sv[tt], q), SA = q4(ssa[tt], q);
+#define WKV7_ROW(e, m)                                                   \
+    G[4 * q + e] = fmaf(ri, DO.m, G[4 * q + e]);                          \
+    dr = fmaf(S[4 * q + e], DO.m, dr);                                    \
+    S[4 * q + e] = (S[4 * q + e] - ki * V.m - bi * SA.m) * inv_di;        \
+    dk = fmaf(G[4 * q + e], V.m, dk);                                     \
+    db = fmaf(G[4 * q + e], SA.m, db);                                    \
+    dd = fmaf(G[4 * q + e], S[4 * q + e], dd);
+                WKV7_ROW(0, x)
+                WKV7_ROW(1, y)
+                WKV7_ROW(2, z)
+                WKV7_ROW(3, w)
+#undef WKV7_ROW
+            }
+
+            // column pass: G[:, i] += r do_i; dv, dsa from G_t
+            float dv0 = 0.f, dv1 = 0.f, ds0 = 0.f, ds1 = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 R = q4(sr[tt], q), K = q4(sk[tt], q), B = q4(sb[tt], q);
+                Gc[4 * q + 0] = fmaf(R.x, doi, Gc[4 * q + 0]);
+                Gc[4 * q + 1] = fmaf(R.y, doi, Gc[4 * q + 1]);
+                Gc[4 * q + 2] = fmaf(R.z, doi, Gc[4 * q + 2]);
+                Gc[4 * q + 3] = fmaf(R.w, doi, Gc[4 * q + 3]);
+                dv0 = fmaf(Gc[4 * q + 0], K.x, dv0);
+                dv1 = fmaf(Gc[4 * q + 1], K.y, dv1);
+                dv0 = fmaf(Gc[4 * q + 2], K.z, dv0);
+                dv1 = fmaf(Gc[4 * q + 3], K.w, dv1);
+                ds0 = fmaf(Gc[4 * q + 0], B.x, ds0);
+                ds1 = fmaf(Gc[4 * q + 1], B.y, ds1);
+                ds0 = fmaf(Gc[4 * q + 2], B.z, ds0);
+                ds1 = fmaf(Gc[4 * q + 3], B.w, ds1);
+            }
+            const float dsai = ds0 + ds1;
+            sdsa[par][i] = dsai;
+            dr_[idx] = from_f<T>(dr);
+            dk_[idx] = from_f<T>(dk);
+            db_[idx] = from_f<T>(db);
+            dw_[idx] = from_f<TW>(dd * di);
+            dv_[idx] = from_f<T>(dv0 + dv1);
+            __syncthreads();  // dsa complete; sdsa[par ^ 1] was last read before this thread's previous sync
+
+            // da from S_{t-1}; G_{t-1} = diag(d) G + a dsa^T, in both copies
+            float da0 = 0.f, da1 = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 DS = q4(sdsa[par], q);
+                da0 = fmaf(S[4 * q + 0], DS.x, da0);
+                da1 = fmaf(S[4 * q + 1], DS.y, da1);
+                da0 = fmaf(S[4 * q + 2], DS.z, da0);
+                da1 = fmaf(S[4 * q + 3], DS.w, da1);
+                G[4 * q + 0] = fmaf(di, G[4 * q + 0], ai * DS.x);
+                G[4 * q + 1] = fmaf(di, G[4 * q + 1], ai * DS.y);
+                G[4 * q + 2] = fmaf(di, G[4 * q + 2], ai * DS.z);
+                G[4 * q + 3] = fmaf(di, G[4 * q + 3], ai * DS.w);
+            }
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 D = q4(sd[tt], q), A = q4(sa[tt], q);
+                Gc[4 * q + 0] = fmaf(D.x, Gc[4 * q + 0], A.x * dsai);
+                Gc[4 * q + 1] = fmaf(D.y, Gc[4 * q + 1], A.y * dsai);
+                Gc[4 * q + 2] = fmaf(D.z, Gc[4 * q + 2], A.z * dsai);
+                Gc[4 * q + 3] = fmaf(D.w, Gc[4 * q + 3], A.w * dsai);
+            }
+            da_[idx] = from_f<T>(da0 + da1);
+            par ^= 1;
+        }
+    }
+}
+
+template <typename T, typename TW>
+int launch_fwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+               const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
+    wkv7_fwd_kernel<T, TW><<<B * H, N, 0, stream>>>(
+        Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (T*)o, sa, ckpt, save);
+    return (int)cudaGetLastError();
+}
+
+template <typename T, typename TW>
+int launch_bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+               const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr,
+               void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t stream) {
+    wkv7_bwd_kernel<T, TW><<<B * H, N, 0, stream>>>(
+        Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (const T*)dout, sa,
+        ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
+    return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- C launchers
+// dtype codes: 0 = float32, 1 = bfloat16. ``x_dtype`` for r, k, v, a, b, o (and do, dr, dk, dv, da, db);
+// ``w_dtype`` for w and dw. Returns a cudaError_t (0 = launched), or -1 for an unsupported dtype pair.
+
+int wkv7_cuda_forward(int x_dtype, int w_dtype, int B, int Tn, int H, const void* r, const void* w, const void* k,
+                      const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt, int save,
+                      void* stream) {
+    cudaStream_t s = (cudaStream_t)stream;
+    if (x_dtype == 1 && w_dtype == 0)
+        return launch_fwd<__nv_bfloat16, float>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (x_dtype == 1 && w_dtype == 1)
+        return launch_fwd<__nv_bfloat16, __nv_bfloat16>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (x_dtype == 0 && w_dtype == 0)
+        return launch_fwd<float, float>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    return -1;
+}
+
+int wkv7_cuda_backward(int x_dtype, int w_dtype, int B, int Tn, int H, const void* r, const void* w, const void* k,
+                       const void* v, const void* a, const void* b, const void* dout, const float* sa,
+                       const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da,
+                       void* db, void* stream) {
+    cudaStream_t s = (cudaStream_t)stream;
+    if (x_dtype == 1 && w_dtype == 0)
+        return launch_bwd<__nv_bfloat16, float>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv,
+                                                da, db, s);
+    if (x_dtype == 1 && w_dtype == 1)
+        return launch_bwd<__nv_bfloat16, __nv_bfloat16>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw,
+                                                        dk, dv, da, db, s);
+    if (x_dtype == 0 && w_dtype == 0)
+        return launch_bwd<float, float>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db,
+                                        s);
+    return -1;
+}
