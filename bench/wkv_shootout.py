@@ -7,6 +7,8 @@
 Kernels (each optional; one that cannot load or build prints one line and the others go on):
 
 ``triton``            ours (rwkv_diffusion_rnn/models/wkv7_triton.py).
+``ours_cuda``         ours in CUDA (rwkv_diffusion_rnn/models/wkv7_cuda.py, backend ``cuda``: head size 64, no initial
+                      state), built in this process on first use (nvcc and ninja) while the other builds run.
 ``fla``               fla's chunked ``chunk_rwkv7`` (flash-linear-attention / fla-core), when it imports.
 ``blinkdl``           BlinkDL's RWKV-7 training kernel (RWKV-LM, RWKV-v7/train_temp/cuda/rwkv7_clampw.cu, .cpp),
 ``blinkdl_v3``        ... its H100 variant (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp),
@@ -157,6 +159,13 @@ def load_triton():
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("triton is not installed")
     return BACKENDS["triton"]
+
+
+def load_ours_cuda():
+    from rwkv_diffusion_rnn.models.wkv7_cuda import extension
+
+    extension()  # the build (or the load of an earlier build); raises one line without nvcc / ninja
+    return BACKENDS["cuda"]
 
 
 def load_fla():
@@ -387,6 +396,7 @@ def identity(w):
 
 KERNELS = [
     Kernel("triton", "ours", adapt_ours, identity, True, True, load_triton, wkv7_reference),
+    Kernel("ours_cuda", "ours", adapt_ours, identity, False, True, load_ours_cuda, wkv7_reference),
     Kernel("fla", "fla-core 0.6.0", adapt_ours, identity, True, True, load_fla, wkv7_reference),
     Kernel("blinkdl", "RWKV-LM train_temp", adapt_blinkdl, w_logit, False, False, None, emulate_blinkdl, blinkdl_fn),
     Kernel("blinkdl_v3", "RWKV-LM train_temp", adapt_blinkdl, w_logit, False, False, None, emulate_blinkdl,
