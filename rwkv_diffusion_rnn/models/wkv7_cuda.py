@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -26,6 +27,19 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 HEAD = 64
 CHUNK = 16  # steps between checkpoints (fixed in the kernel)
+
+
+@dataclass
+class CudaWKVConfig:
+    """Threads per row (or column) of a head's 64 x 64 state: 1, 2 or 4 (the kernels' ``split``), for the forward
+    and the backward. More threads put more warps on each SM; fewer spend fewer shuffles.
+    ``bench/wkv_shootout.py`` times the alternatives."""
+
+    fwd_split: int = 2
+    bwd_split: int = 2
+
+
+CONFIG = CudaWKVConfig()
 SOURCES = tuple(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", f) for f in ("wkv7_cuda.cu", "wkv7_cuda.cpp")
 )
@@ -80,6 +94,7 @@ class _WKV7Cuda(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b):
         o, ht, sa, ckpt = _forward(r, w, k, v, a, b, save=True)
         ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
+        ctx.split = CONFIG.bwd_split
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -89,7 +104,7 @@ class _WKV7Cuda(torch.autograd.Function):
         do = torch.zeros_like(r) if do is None else do.to(r.dtype).contiguous()
         dht = dht.float().contiguous() if dht is not None else r.new_empty(0, dtype=torch.float32)
         dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db)
+        extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, ctx.split)
         return dr, dw, dk, dv, da, db
 
 
@@ -99,7 +114,7 @@ def _forward(r, w, k, v, a, b, save: bool):
     o = torch.empty_like(r)
     sa = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) if save else o.new_empty(0, dtype=torch.float32)
     ckpt = torch.empty(B, H, nc, N, N, device=r.device, dtype=torch.float32)
-    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save)
+    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, CONFIG.fwd_split)
     # the final state, a copy: a view would tie the caller's tensor to the saved checkpoints
     return o, ckpt[:, :, -1].clone(memory_format=torch.contiguous_format), sa, ckpt
 

@@ -2,14 +2,18 @@
 
 Without a GPU: a PyTorch emulation of the kernels' algorithm (the same chunk checkpoints, the backward's step
 undoing, its two copies of the state gradient and the same per-step formulas) against autograd of the reference
-recurrence, which catches formula mistakes; the wrapper's refusals; the ``.cu`` compiling with nvcc when there is
-one. With a GPU: the built kernels against the recurrence in fp64.
+recurrence, which catches formula mistakes; the kernels' own code compiled as host C++ (wkv7_cuda_host.cpp: threads,
+barriers and shuffles stood in for) against the same truth, which catches indexing and synchronisation mistakes;
+the wrapper's refusals; the ``.cu`` compiling with nvcc when there is one. With a GPU: the built kernels against the
+recurrence in fp64.
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +124,74 @@ def test_emulated_algorithm_matches_autograd(T, floor, dtype, with_dht, bound):
     grads, G0, Gc0 = emulate_backward(*ops, go.to(dtype), sa, ckpt, gs.to(dtype) if with_dht else None)
     assert rel(Gc0.transpose(-1, -2), G0) < bound  # the two copies of the state gradient agree
     for name, got, leaf in zip(("dr", "dw", "dk", "dv", "da", "db"), grads, leaves, strict=True):
+        assert rel(got, leaf.grad) < bound, (name, rel(got, leaf.grad))
+
+
+# ---------------------------------------------------------------- the kernels' code on the host
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ (C++20) to compile the kernels for the host")
+    out = tmp_path_factory.mktemp("wkv7_host") / "wkv7_host.so"
+    src = Path(__file__).with_name("wkv7_cuda_host.cpp")
+    cmd = [cxx, "-std=c++20", "-O0", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread"]
+    res = subprocess.run([*cmd, f"-I{Path(wc.SOURCES[0]).parent}", str(src), "-o", str(out)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ctypes.CDLL(str(out))
+
+
+def host_run(lib, xs, do, dht, split):
+    """Forward and backward through the host build, allocated as wkv7_cuda.py does; returns o, ht and grads."""
+    r, w, k, v, a, b = xs
+    B, T, H, N = r.shape
+    nc = -(-T // C)
+    codes = {torch.float32: 0, torch.bfloat16: 1}
+    o = torch.empty_like(r)
+    sa = torch.empty(B, T, H, N, dtype=torch.float32)
+    ckpt = torch.empty(B, H, nc, N, N, dtype=torch.float32)
+    ptr = ctypes.c_void_p
+
+    def p(x):
+        return ptr(x.data_ptr()) if x is not None else ptr(0)
+
+    dims = (codes[r.dtype], codes[w.dtype], split, B, T, H)
+    assert lib.host_forward(*dims, *map(p, xs), p(o), p(sa), p(ckpt), 1) == 0
+    grads = [torch.empty_like(x) for x in xs]
+    assert lib.host_backward(*dims, *map(p, xs), p(do), p(sa), p(ckpt), p(dht), *map(p, grads)) == 0
+    return o, ckpt[:, :, -1], grads
+
+
+@pytest.mark.parametrize(
+    ("T", "dtype", "w_dtype", "split", "with_dht"),
+    [
+        (37, torch.float32, torch.float32, 1, True),  # partial last chunk, a final-state gradient
+        (37, torch.float32, torch.float32, 2, False),
+        (21, torch.float32, torch.float32, 4, True),
+        (20, torch.bfloat16, torch.float32, 2, False),  # the model's mix: bf16 activations, fp32 log decay
+        (17, torch.bfloat16, torch.bfloat16, 1, True),  # the shoot-out's timing inputs: all bf16
+    ],
+)
+def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split, with_dht):
+    B, H, N = 1, 2, 64
+    xs = make_inputs(B, T, H, N, seed=50 + T)
+    xs = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate(xs)]  # the kernel's inputs, rounded
+    g = torch.Generator().manual_seed(200 + T)
+    go = torch.randn(B, T, H, N, generator=g).to(dtype)
+    gs = torch.randn(B, H, N, N, generator=g) if with_dht else None
+
+    leaves = [x.double().requires_grad_() for x in xs]
+    o_ref, S_ref = wkv7_reference(*leaves, compute_dtype=torch.float64)
+    ((o_ref * go.double()).sum() + ((S_ref * gs.double()).sum() if with_dht else 0.0)).backward()
+
+    o, ht, grads = host_run(host_lib, xs, go, gs, split)
+    bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    assert rel(o, o_ref) < bound and rel(ht, S_ref) < 1e-4
+    for name, got, x, leaf in zip(("dr", "dw", "dk", "dv", "da", "db"), grads, xs, leaves, strict=True):
+        assert got.dtype == x.dtype
         assert rel(got, leaf.grad) < bound, (name, rel(got, leaf.grad))
 
 

@@ -6,10 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-int wkv7_cuda_forward(int x_dtype, int w_dtype, int B, int Tn, int H, const void* r, const void* w, const void* k,
+int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
                       const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt, int save,
                       void* stream);
-int wkv7_cuda_backward(int x_dtype, int w_dtype, int B, int Tn, int H, const void* r, const void* w, const void* k,
+int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
                        const void* v, const void* a, const void* b, const void* dout, const float* sa,
                        const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da,
                        void* db, void* stream);
@@ -54,9 +54,10 @@ void check_operands(const torch::Tensor& r, const torch::Tensor& w, const torch:
 
 }  // namespace
 
-// o [B, T, H, 64] (r's dtype); sa [B, T, H, 64] fp32 (save) ; ckpt [B, H, ceil(T/16) or 1, 64, 64] fp32.
+// o [B, T, H, 64] (r's dtype); sa [B, T, H, 64] fp32 (save); ckpt [B, H, ceil(T/16) or 1, 64, 64] fp32;
+// split: threads per state row or column (1, 2 or 4).
 void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-             torch::Tensor o, torch::Tensor sa, torch::Tensor ckpt, bool save) {
+             torch::Tensor o, torch::Tensor sa, torch::Tensor ckpt, bool save, int64_t split) {
     check_operands(r, w, k, v, a, b);
     check_same(o, r, "o");
     const int B = r.size(0), T = r.size(1), H = r.size(2);
@@ -64,11 +65,12 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
     if (save) check_f32(sa, r, r.numel(), "sa");
     check_f32(ckpt, r, int64_t(B) * H * (save ? NC : 1) * 64 * 64, "ckpt");
     const c10::cuda::CUDAGuard guard(r.device());
-    const int err = wkv7_cuda_forward(code(r), code(w), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
+    const int err = wkv7_cuda_forward(code(r), code(w), int(split), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
                                       v.data_ptr(), a.data_ptr(), b.data_ptr(), o.data_ptr(),
                                       save ? sa.data_ptr<float>() : nullptr, ckpt.data_ptr<float>(), save ? 1 : 0,
                                       c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
+    TORCH_CHECK(err != -2, "wkv7_cuda: split must be 1, 2 or 4, got ", split);
     TORCH_CHECK(err == 0, "wkv7_cuda: forward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
@@ -76,7 +78,8 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
 // the others in r's dtype.
 void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
               torch::Tensor dout, torch::Tensor sa, torch::Tensor ckpt, torch::Tensor dht, torch::Tensor dr,
-              torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db) {
+              torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
+              int64_t split) {
     check_operands(r, w, k, v, a, b);
     check_same(dout, r, "do");
     const int B = r.size(0), T = r.size(1), H = r.size(2);
@@ -92,13 +95,14 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
     check_same(db, r, "db");
     check_same(dw, w, "dw");
     const c10::cuda::CUDAGuard guard(r.device());
-    const int err = wkv7_cuda_backward(code(r), code(w), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
+    const int err = wkv7_cuda_backward(code(r), code(w), int(split), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
                                        v.data_ptr(), a.data_ptr(), b.data_ptr(), dout.data_ptr(),
                                        sa.data_ptr<float>(), ckpt.data_ptr<float>(),
                                        has_dht ? dht.data_ptr<float>() : nullptr, dr.data_ptr(), dw.data_ptr(),
                                        dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(),
                                        c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
+    TORCH_CHECK(err != -2, "wkv7_cuda: split must be 1, 2 or 4, got ", split);
     TORCH_CHECK(err == 0, "wkv7_cuda: backward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
