@@ -78,15 +78,18 @@ def build_kwargs() -> dict:
         "sources": list(SOURCES),
         "extra_cuda_cflags": ["-O3", "--use_fast_math", f"-arch=sm_{major}{minor}"],
         "extra_cflags": ["-O3"],
+        "is_python_module": False,  # the .cpp registers torch.ops.diffrwkv_wkv7.*
     }
 
 
 @lru_cache(maxsize=1)
 def extension():
-    """The compiled module (built on the first call, then loaded from the build folder)."""
+    """The compiled operators, ``torch.ops.diffrwkv_wkv7`` (built on the first call, then loaded from the build
+    folder)."""
     from torch.utils import cpp_extension as ce
 
-    return ce.load(**build_kwargs(), verbose=False)
+    ce.load(**build_kwargs(), verbose=False)
+    return torch.ops.diffrwkv_wkv7
 
 
 class _WKV7Cuda(torch.autograd.Function):

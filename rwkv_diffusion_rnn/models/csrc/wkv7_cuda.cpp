@@ -1,10 +1,13 @@
-// Torch glue of the WKV-7 CUDA kernels (wkv7_cuda.cu): checks, allocation-free calls on the current stream.
-// The Python side (rwkv_diffusion_rnn/models/wkv7_cuda.py) allocates every tensor and validates shapes; the checks
-// here only guard the raw pointers handed to the kernels.
+// Torch glue of the WKV-7 CUDA kernels (wkv7_cuda.cu): checks, allocation-free calls on the current stream,
+// registered as the operators torch.ops.diffrwkv_wkv7.forward / .backward. The Python side
+// (rwkv_diffusion_rnn/models/wkv7_cuda.py) allocates every tensor and validates shapes; the checks here only guard
+// the raw pointers handed to the kernels. Light headers (not torch/extension.h): the build takes seconds, not
+// minutes.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
                       const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt, int save,
@@ -16,32 +19,32 @@ int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int B, int Tn, int H
 
 namespace {
 
-int code(const torch::Tensor& x) {
-    if (x.scalar_type() == torch::kFloat32) return 0;
-    if (x.scalar_type() == torch::kBFloat16) return 1;
+int code(const at::Tensor& x) {
+    if (x.scalar_type() == at::kFloat) return 0;
+    if (x.scalar_type() == at::kBFloat16) return 1;
     TORCH_CHECK(false, "wkv7_cuda: dtype must be float32 or bfloat16, got ", x.scalar_type());
     return -1;
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& like, const char* name) {
+void check(const at::Tensor& x, const at::Tensor& like, const char* name) {
     TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "wkv7_cuda: ", name, " must be a contiguous CUDA tensor");
     TORCH_CHECK(x.device() == like.device(), "wkv7_cuda: ", name, " is on another device");
 }
 
-void check_same(const torch::Tensor& x, const torch::Tensor& like, const char* name) {
+void check_same(const at::Tensor& x, const at::Tensor& like, const char* name) {
     check(x, like, name);
     TORCH_CHECK(x.sizes() == like.sizes() && x.scalar_type() == like.scalar_type(), "wkv7_cuda: ", name,
                 " must match r's shape and dtype");
 }
 
-void check_f32(const torch::Tensor& x, const torch::Tensor& like, int64_t numel, const char* name) {
+void check_f32(const at::Tensor& x, const at::Tensor& like, int64_t numel, const char* name) {
     check(x, like, name);
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.numel() == numel, "wkv7_cuda: ", name,
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == numel, "wkv7_cuda: ", name,
                 " must be float32 with ", numel, " elements");
 }
 
-void check_operands(const torch::Tensor& r, const torch::Tensor& w, const torch::Tensor& k, const torch::Tensor& v,
-                    const torch::Tensor& a, const torch::Tensor& b) {
+void check_operands(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& a, const at::Tensor& b) {
     check(r, r, "r");
     TORCH_CHECK(r.dim() == 4 && r.size(3) == 64, "wkv7_cuda: operands must be [B, T, H, 64]");
     check(w, r, "w");
@@ -56,8 +59,8 @@ void check_operands(const torch::Tensor& r, const torch::Tensor& w, const torch:
 
 // o [B, T, H, 64] (r's dtype); sa [B, T, H, 64] fp32 (save); ckpt [B, H, ceil(T/16) or 1, 64, 64] fp32;
 // split: threads per state row or column (1, 2 or 4).
-void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-             torch::Tensor o, torch::Tensor sa, torch::Tensor ckpt, bool save, int64_t split) {
+void forward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+             const at::Tensor& o, const at::Tensor& sa, const at::Tensor& ckpt, bool save, int64_t split) {
     check_operands(r, w, k, v, a, b);
     check_same(o, r, "o");
     const int B = r.size(0), T = r.size(1), H = r.size(2);
@@ -76,9 +79,9 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
 
 // dht: [B, H, 64, 64] fp32 gradient of the final state, or an empty tensor for none. Gradients: dw in w's dtype,
 // the others in r's dtype.
-void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-              torch::Tensor dout, torch::Tensor sa, torch::Tensor ckpt, torch::Tensor dht, torch::Tensor dr,
-              torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
+void backward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+              const at::Tensor& dout, const at::Tensor& sa, const at::Tensor& ckpt, const at::Tensor& dht, const at::Tensor& dr,
+              const at::Tensor& dw, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& da, const at::Tensor& db,
               int64_t split) {
     check_operands(r, w, k, v, a, b);
     check_same(dout, r, "do");
@@ -106,7 +109,7 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
     TORCH_CHECK(err == 0, "wkv7_cuda: backward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("forward", &forward, "WKV-7 forward (head size 64)");
-    m.def("backward", &backward, "WKV-7 backward (head size 64)");
+TORCH_LIBRARY(diffrwkv_wkv7, m) {
+    m.def("forward", &forward);
+    m.def("backward", &backward);
 }
