@@ -58,8 +58,8 @@ def _cuda_home() -> str | None:
 
 
 def build_kwargs() -> dict:
-    """The arguments of :func:`torch.utils.cpp_extension.load` for this GPU (JSON-serialisable; the shoot-out
-    builds with them in a subprocess). Raises DiffRwkvError when the toolchain is missing."""
+    """The arguments of :func:`torch.utils.cpp_extension.load` for this GPU. Raises DiffRwkvError when the
+    toolchain is missing."""
     from torch.utils import cpp_extension as ce
 
     if not torch.cuda.is_available() or torch.version.cuda is None:
