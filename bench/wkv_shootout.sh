@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device command of the WKV-7 kernel shoot-out (bench/wkv_shootout.py), run from the repository root:
-#   bash bench/wkv_shootout.sh
+#   bash bench/wkv_shootout.sh [wkv_shootout.py options, e.g. --kernels triton,ours_cuda --budget-s 200]
 # Needs, beside the working tree (none of it in git):
 #   .device/wheels-wkv/   wheels installed with --no-index --no-deps into /tmp/site: fla-core, einops (fla's
 #                         chunk_rwkv7), rwkv-ops, flashrwkv2 (useless without tilelang, which is too big to carry),
@@ -26,7 +26,7 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/site/bin:$PATH
 blinkdl=()
 [ -f .device/blinkdl/rwkv7_clampw.cu ] && blinkdl=(--blinkdl-src .device/blinkdl)
-timeout 330 "$PY" bench/wkv_shootout.py "${blinkdl[@]}" --budget-s 290 --out "$OUT/wkv_shootout.json" 2>&1 \
+timeout 330 "$PY" bench/wkv_shootout.py "${blinkdl[@]}" --budget-s 290 --out "$OUT/wkv_shootout.json" "$@" 2>&1 \
   | tee -a "$log"
 rc=${PIPESTATUS[0]}
 cp bench/_external/build_*.log "$OUT/" 2>/dev/null

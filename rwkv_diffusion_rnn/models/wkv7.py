@@ -15,6 +15,8 @@ Backends
 ``fla``        fla's Triton ``chunk_rwkv7`` (CUDA only; install ``diffrwkv[gpu]``).
 ``triton``     our own sequential Triton kernels, forward and backward (:mod:`.wkv7_triton`; CUDA only, needs
                ``triton``; opt-in: ``auto`` never picks it).
+``cuda``       our own CUDA kernels, forward and backward, head size 64, no initial state (:mod:`.wkv7_cuda`;
+               built on first use with nvcc and ninja; opt-in: ``auto`` never picks it).
 ``auto``       ``fla`` for CUDA tensors when fla imports, else ``reference``.
 
 The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
@@ -148,6 +150,23 @@ def wkv7_triton(
     if importlib.util.find_spec("triton") is None:
         raise DiffRwkvError("WKV backend 'triton' needs the triton package on a CUDA machine (pip install triton)")
     from rwkv_diffusion_rnn.models.wkv7_triton import wkv7_triton as run
+
+    return run(r, w, k, v, a, b, state)
+
+
+@register_backend("cuda")
+def wkv7_cuda(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our CUDA kernels (:mod:`.wkv7_cuda`, imported on first use; head size 64, no initial state); otherwise the
+    contract of :func:`wkv7_reference`."""
+    from rwkv_diffusion_rnn.models.wkv7_cuda import wkv7_cuda as run
 
     return run(r, w, k, v, a, b, state)
 

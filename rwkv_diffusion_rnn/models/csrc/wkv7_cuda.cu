@@ -1,0 +1,411 @@
+// WKV-7 forward and backward for head size 64 (backend ``cuda`` of rwkv_diffusion_rnn/models/wkv7.py).
+//
+// Plain CUDA, no torch headers: wkv7_cuda.cpp holds the torch glue and calls the C-style launchers at the end.
+// With WKV7_HOST_EMULATION defined the kernels compile as host C++ against a stand-in of the CUDA built-ins
+// (tests/models/wkv7_cuda_host.cpp: threads, barriers, shuffles), which is how the tests run this code without a GPU.
+//
+// Layout and convention (those of wkv7_reference): operands x[b, t, h, n] contiguous, head size N = 64, state
+// S[k, v] in fp32, ``w`` the LOG decay (d = exp(w)). One step, for key index i and value index j:
+//
+//     sa[j]   = sum_i a[i] S[i, j]                       (S = S_{t-1})
+//     S'[i,j] = d[i] S[i, j] + b[i] sa[j] + k[i] v[j]    (S' = S_t)
+//     o[j]    = sum_i r[i] S'[i, j]
+//
+// Gradients. Let G = dL/dS_t (everything downstream of S_t), do = dL/do_t. Walking t = T-1 .. 0, with G_T-1 the
+// gradient of the final state (zero when the final state is not in the loss):
+//
+//     G       += r do^T                       (o_t = S_t^T r_t)
+//     dr[i]    = sum_j S_t[i, j] do[j]
+//     dk[i]    = sum_j G[i, j] v[j]           dv[j]  = sum_i G[i, j] k[i]
+//     db[i]    = sum_j G[i, j] sa[j]          dsa[j] = sum_i G[i, j] b[i]
+//     dw[i]    = d[i] sum_j G[i, j] S_{t-1}[i, j]       (dL/dd * dd/dw, dd/dw = d)
+//     da[i]    = sum_j S_{t-1}[i, j] dsa[j]             (sa = S_{t-1}^T a)
+//     G_{t-1}  = diag(d) G + a dsa^T                    (the two paths from S_{t-1} into S_t)
+//
+// Threads: one block per (batch, head) of 64 P threads, P = 1, 2 or 4 (``split``, chosen per launch): a group of P
+// adjacent lanes owns one row or column of the state, each thread N / P of its elements, taken as float4 chunks
+// interleaved over the group (chunk q * P + p for thread p: conflict-free shared-memory reads), and the group sums
+// its partial reductions with P - 1 shuffles. P = 1 keeps the whole row in one thread; a larger P puts more warps
+// on each SM (B H blocks barely fill 132 SMs at one warp per scheduler) at the cost of the shuffles.
+//
+// Forward: the group j owns the value column S[:, j], so both reductions over keys (sa, o) stay in the group. The
+// step vectors r, d, k, v, a, b of a chunk of C = 16 steps are staged in shared memory (fp32) and read back as
+// float4 broadcasts; the reductions keep four partial sums (one per float4 lane) to shorten their dependency
+// chains. With ``save`` it writes, for the backward, sa_t (fp32 [B, T, H, N]) and the state after the last step of
+// every chunk (fp32 [B, H, ceil(T / C), N, N], stored S[k, v]); without, only the final state (into slot 0).
+//
+// Backward: the group i owns the key row S[i, :] and the row G[i, :], so dr, dk, db, dw, da reduce inside the
+// group, and also the column G[:, i] (a second copy of G, updated with the same formulas), so dv and dsa reduce
+// inside the group too: 3 x 64 / P fp32 registers a thread. dsa is exchanged through shared memory
+// (double-buffered by step parity: one __syncthreads a step). The state walks backwards by undoing each step,
+// S_{t-1} = (S_t - k v^T - b sa^T) / d, with sa_t exact from the forward, and restarts from the exact checkpoint
+// at every chunk end. Undoing amplifies a rounding by 1/d per step, and RWKV-7's decay is at least
+// exp(-exp(-0.5)) = 0.545 (w >= -exp(-0.5), which our sigmoid parameterisation keeps, reaching equality only when
+// the sigmoid saturates in fp32), so by at most 1.83^16 ~ 1.6e4 in a channel pinned at that floor before the
+// next checkpoint resets it. Measured on the algorithm in fp32 (tests/models/test_wkv7_cuda.py, T = 512, N = 64):
+// gradient errors ~4e-6 relative for RWKV-7-like decays, ~2.5e-4 with every decay at the floor; bf16 outputs round
+// at ~2e-3 anyway. Decays far below the floor (which the model never produces) would degrade the backward.
+
+#ifndef WKV7_HOST_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#endif
+#include <stdint.h>
+
+namespace {
+
+constexpr int N = 64;  // head size
+constexpr int C = 16;  // steps a chunk: staging granularity and checkpoint stride
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float4 q4(const float* row, int q) { return reinterpret_cast<const float4*>(row)[q]; }
+
+// the sum over the P adjacent lanes of a group (every thread of the block calls it: no divergence around it)
+template <int P> __device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+    for (int off = 1; off < P; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+}
+
+__device__ __forceinline__ int64_t at(int bb, int Tn, int t, int H, int hh, int n) {
+    return ((int64_t(bb) * Tn + t) * H + hh) * N + n;
+}
+
+// ---------------------------------------------------------------------------------------------- forward
+
+template <typename T, typename TW, int P>
+__global__ void __launch_bounds__(N * P) wkv7_fwd_kernel(
+    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
+    const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, T* __restrict__ o_,
+    float* __restrict__ sa_, float* __restrict__ ckpt_, int save) {
+    constexpr int NQ = N / (4 * P);  // float4 chunks a thread holds
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, j = tid / P, p = tid % P;
+    const int NC = (Tn + C - 1) / C;
+    __shared__ __align__(16) float sh_r[C][N];
+    __shared__ __align__(16) float sh_d[C][N];
+    __shared__ __align__(16) float sh_k[C][N];
+    __shared__ __align__(16) float sh_v[C][N];
+    __shared__ __align__(16) float sh_a[C][N];
+    __shared__ __align__(16) float sh_b[C][N];
+
+    float S[4 * NQ];  // S[i, j] for the rows i = 4 (q P + p) + e of this thread: its share of the value column j
+#pragma unroll
+    for (int x = 0; x < 4 * NQ; ++x) S[x] = 0.f;
+
+    for (int c = 0; c < NC; ++c) {
+        const int t0 = c * C, len = min(C, Tn - t0);
+        __syncthreads();  // the previous chunk's readers are done with the staging buffers
+#pragma unroll
+        for (int u = 0; u < C / P; ++u) {
+            const int e = tid + u * N * P, tt = e / N, n = e % N;
+            if (tt < len) {
+                const int64_t idx = at(bb, Tn, t0 + tt, H, hh, n);
+                sh_r[tt][n] = to_f(r_[idx]);
+                sh_d[tt][n] = __expf(to_f(w_[idx]));
+                sh_k[tt][n] = to_f(k_[idx]);
+                sh_v[tt][n] = to_f(v_[idx]);
+                sh_a[tt][n] = to_f(a_[idx]);
+                sh_b[tt][n] = to_f(b_[idx]);
+            }
+        }
+        __syncthreads();
+
+        for (int tt = 0; tt < len; ++tt) {
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 A = q4(sh_a[tt], q * P + p);
+                acc.x = fmaf(A.x, S[4 * q + 0], acc.x);
+                acc.y = fmaf(A.y, S[4 * q + 1], acc.y);
+                acc.z = fmaf(A.z, S[4 * q + 2], acc.z);
+                acc.w = fmaf(A.w, S[4 * q + 3], acc.w);
+            }
+            const float saj = group_sum<P>((acc.x + acc.y) + (acc.z + acc.w));
+            const float vj = sh_v[tt][j];
+            float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int qq = q * P + p;
+                const float4 D = q4(sh_d[tt], qq), K = q4(sh_k[tt], qq), B = q4(sh_b[tt], qq), R = q4(sh_r[tt], qq);
+                S[4 * q + 0] = fmaf(D.x, S[4 * q + 0], fmaf(B.x, saj, K.x * vj));
+                S[4 * q + 1] = fmaf(D.y, S[4 * q + 1], fmaf(B.y, saj, K.y * vj));
+                S[4 * q + 2] = fmaf(D.z, S[4 * q + 2], fmaf(B.z, saj, K.z * vj));
+                S[4 * q + 3] = fmaf(D.w, S[4 * q + 3], fmaf(B.w, saj, K.w * vj));
+                y.x = fmaf(R.x, S[4 * q + 0], y.x);
+                y.y = fmaf(R.y, S[4 * q + 1], y.y);
+                y.z = fmaf(R.z, S[4 * q + 2], y.z);
+                y.w = fmaf(R.w, S[4 * q + 3], y.w);
+            }
+            const float oj = group_sum<P>((y.x + y.y) + (y.z + y.w));
+            if (p == 0) {
+                const int64_t idx = at(bb, Tn, t0 + tt, H, hh, j);
+                o_[idx] = from_f<T>(oj);
+                if (save) sa_[idx] = saj;
+            }
+        }
+
+        if (save || c == NC - 1) {  // the state after the chunk's last step, S[k, v]: coalesced over j
+            float* dst = ckpt_ + (int64_t(bh) * (save ? NC : 1) + (save ? c : 0)) * (N * N) + j;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dst[(4 * (q * P + p) + e) * N] = S[4 * q + e];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- backward
+
+template <typename T, typename TW, int P>
+__global__ void __launch_bounds__(N * P) wkv7_bwd_kernel(
+    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
+    const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, const T* __restrict__ do_,
+    const float* __restrict__ sa_, const float* __restrict__ ckpt_, const float* __restrict__ dht_,
+    T* __restrict__ dr_, TW* __restrict__ dw_, T* __restrict__ dk_, T* __restrict__ dv_, T* __restrict__ da_,
+    T* __restrict__ db_) {
+    constexpr int NQ = N / (4 * P);
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, i = tid / P, p = tid % P;
+    const int NC = (Tn + C - 1) / C;
+    __shared__ __align__(16) float sh_r[C][N];
+    __shared__ __align__(16) float sh_d[C][N];
+    __shared__ __align__(16) float sh_k[C][N];
+    __shared__ __align__(16) float sh_v[C][N];
+    __shared__ __align__(16) float sh_a[C][N];
+    __shared__ __align__(16) float sh_b[C][N];
+    __shared__ __align__(16) float sh_do[C][N];
+    __shared__ __align__(16) float sh_sa[C][N];
+    __shared__ __align__(16) float sh_dsa[2][N];
+
+    // this thread's share: the columns (of S and G's row i) and rows (of G's column i) 4 (q P + p) + e
+    float S[4 * NQ];   // S[i, j]: the key row i of the state
+    float G[4 * NQ];   // G[i, j]: the same row of the state's gradient
+    float Gc[4 * NQ];  // G[k, i]: the column i of the state's gradient (a second copy)
+    if (dht_ != nullptr) {
+        const float* src = dht_ + int64_t(bh) * (N * N);
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+            const float4 g = q4(src + i * N, q * P + p);
+            G[4 * q + 0] = g.x;
+            G[4 * q + 1] = g.y;
+            G[4 * q + 2] = g.z;
+            G[4 * q + 3] = g.w;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) Gc[4 * q + e] = src[(4 * (q * P + p) + e) * N + i];
+        }
+    } else {
+#pragma unroll
+        for (int x = 0; x < 4 * NQ; ++x) {
+            G[x] = 0.f;
+            Gc[x] = 0.f;
+        }
+    }
+    int par = 0;
+
+    for (int c = NC - 1; c >= 0; --c) {
+        const int t0 = c * C, len = min(C, Tn - t0);
+        {  // S_t after the chunk's last step: this thread's share of the row i
+            const float* src = ckpt_ + (int64_t(bh) * NC + c) * (N * N) + i * N;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 s = q4(src, q * P + p);
+                S[4 * q + 0] = s.x;
+                S[4 * q + 1] = s.y;
+                S[4 * q + 2] = s.z;
+                S[4 * q + 3] = s.w;
+            }
+        }
+        __syncthreads();  // the previous chunk's readers are done with the staging buffers
+#pragma unroll
+        for (int u = 0; u < C / P; ++u) {
+            const int e = tid + u * N * P, tt = e / N, n = e % N;
+            if (tt < len) {
+                const int64_t idx = at(bb, Tn, t0 + tt, H, hh, n);
+                sh_r[tt][n] = to_f(r_[idx]);
+                sh_d[tt][n] = __expf(to_f(w_[idx]));
+                sh_k[tt][n] = to_f(k_[idx]);
+                sh_v[tt][n] = to_f(v_[idx]);
+                sh_a[tt][n] = to_f(a_[idx]);
+                sh_b[tt][n] = to_f(b_[idx]);
+                sh_do[tt][n] = to_f(do_[idx]);
+                sh_sa[tt][n] = sa_[idx];
+            }
+        }
+        __syncthreads();
+
+        for (int tt = len - 1; tt >= 0; --tt) {
+            const float ri = sh_r[tt][i], di = sh_d[tt][i], ki = sh_k[tt][i], ai = sh_a[tt][i], bi = sh_b[tt][i];
+            const float doi = sh_do[tt][i], inv_di = 1.f / di;
+
+            // row pass: G += r do^T; dr from S_t; undo the step; dk, db, dw from G_t and S_{t-1}
+            float dr = 0.f, dk = 0.f, db = 0.f, dd = 0.f;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int qq = q * P + p;
+                const float4 DO = q4(sh_do[tt], qq), V = q4(sh_v[tt], qq), SA = q4(sh_sa[tt], qq);
+#define WKV7_ROW(e, m)                                            \
+    G[4 * q + e] = fmaf(ri, DO.m, G[4 * q + e]);                   \
+    dr = fmaf(S[4 * q + e], DO.m, dr);                             \
+    S[4 * q + e] = (S[4 * q + e] - ki * V.m - bi * SA.m) * inv_di; \
+    dk = fmaf(G[4 * q + e], V.m, dk);                              \
+    db = fmaf(G[4 * q + e], SA.m, db);                             \
+    dd = fmaf(G[4 * q + e], S[4 * q + e], dd);
+                WKV7_ROW(0, x)
+                WKV7_ROW(1, y)
+                WKV7_ROW(2, z)
+                WKV7_ROW(3, w)
+#undef WKV7_ROW
+            }
+
+            // column pass: G[:, i] += r do_i; dv, dsa from G_t
+            float dv0 = 0.f, dv1 = 0.f, ds0 = 0.f, ds1 = 0.f;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int qq = q * P + p;
+                const float4 R = q4(sh_r[tt], qq), K = q4(sh_k[tt], qq), B = q4(sh_b[tt], qq);
+                Gc[4 * q + 0] = fmaf(R.x, doi, Gc[4 * q + 0]);
+                Gc[4 * q + 1] = fmaf(R.y, doi, Gc[4 * q + 1]);
+                Gc[4 * q + 2] = fmaf(R.z, doi, Gc[4 * q + 2]);
+                Gc[4 * q + 3] = fmaf(R.w, doi, Gc[4 * q + 3]);
+                dv0 = fmaf(Gc[4 * q + 0], K.x, dv0);
+                dv1 = fmaf(Gc[4 * q + 1], K.y, dv1);
+                dv0 = fmaf(Gc[4 * q + 2], K.z, dv0);
+                dv1 = fmaf(Gc[4 * q + 3], K.w, dv1);
+                ds0 = fmaf(Gc[4 * q + 0], B.x, ds0);
+                ds1 = fmaf(Gc[4 * q + 1], B.y, ds1);
+                ds0 = fmaf(Gc[4 * q + 2], B.z, ds0);
+                ds1 = fmaf(Gc[4 * q + 3], B.w, ds1);
+            }
+            dr = group_sum<P>(dr);
+            dk = group_sum<P>(dk);
+            db = group_sum<P>(db);
+            dd = group_sum<P>(dd);
+            const float dv = group_sum<P>(dv0 + dv1), dsai = group_sum<P>(ds0 + ds1);
+            const int64_t idx = at(bb, Tn, t0 + tt, H, hh, i);
+            if (p == 0) {
+                sh_dsa[par][i] = dsai;
+                dr_[idx] = from_f<T>(dr);
+                dk_[idx] = from_f<T>(dk);
+                db_[idx] = from_f<T>(db);
+                dw_[idx] = from_f<TW>(dd * di);
+                dv_[idx] = from_f<T>(dv);
+            }
+            __syncthreads();  // dsa complete; sh_dsa[par ^ 1] was last read before every thread's previous sync
+
+            // da from S_{t-1}; G_{t-1} = diag(d) G + a dsa^T, in both copies
+            float da0 = 0.f, da1 = 0.f;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const float4 DS = q4(sh_dsa[par], q * P + p);
+                da0 = fmaf(S[4 * q + 0], DS.x, da0);
+                da1 = fmaf(S[4 * q + 1], DS.y, da1);
+                da0 = fmaf(S[4 * q + 2], DS.z, da0);
+                da1 = fmaf(S[4 * q + 3], DS.w, da1);
+                G[4 * q + 0] = fmaf(di, G[4 * q + 0], ai * DS.x);
+                G[4 * q + 1] = fmaf(di, G[4 * q + 1], ai * DS.y);
+                G[4 * q + 2] = fmaf(di, G[4 * q + 2], ai * DS.z);
+                G[4 * q + 3] = fmaf(di, G[4 * q + 3], ai * DS.w);
+            }
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int qq = q * P + p;
+                const float4 D = q4(sh_d[tt], qq), A = q4(sh_a[tt], qq);
+                Gc[4 * q + 0] = fmaf(D.x, Gc[4 * q + 0], A.x * dsai);
+                Gc[4 * q + 1] = fmaf(D.y, Gc[4 * q + 1], A.y * dsai);
+                Gc[4 * q + 2] = fmaf(D.z, Gc[4 * q + 2], A.z * dsai);
+                Gc[4 * q + 3] = fmaf(D.w, Gc[4 * q + 3], A.w * dsai);
+            }
+            const float da = group_sum<P>(da0 + da1);
+            if (p == 0) da_[idx] = from_f<T>(da);
+            par ^= 1;
+        }
+    }
+}
+
+}  // namespace
+
+#ifndef WKV7_HOST_EMULATION
+namespace {
+
+template <typename T, typename TW, int P>
+int launch_fwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+               const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
+    wkv7_fwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(
+        Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (T*)o, sa, ckpt, save);
+    return (int)cudaGetLastError();
+}
+
+template <typename T, typename TW>
+int launch_fwd_split(int split, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
+                     const void* a, const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t s) {
+    if (split == 1) return launch_fwd<T, TW, 1>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (split == 2) return launch_fwd<T, TW, 2>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (split == 4) return launch_fwd<T, TW, 4>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    return -2;
+}
+
+template <typename T, typename TW, int P>
+int launch_bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+               const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr,
+               void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t stream) {
+    wkv7_bwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(
+        Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (const T*)dout, sa,
+        ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
+    return (int)cudaGetLastError();
+}
+
+template <typename T, typename TW>
+int launch_bwd_split(int split, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
+                     const void* a, const void* b, const void* dout, const float* sa, const float* ckpt,
+                     const float* dht, void* dr, void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t s) {
+    if (split == 1)
+        return launch_bwd<T, TW, 1>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db, s);
+    if (split == 2)
+        return launch_bwd<T, TW, 2>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db, s);
+    if (split == 4)
+        return launch_bwd<T, TW, 4>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db, s);
+    return -2;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------- C launchers
+// dtype codes: 0 = float32, 1 = bfloat16. ``x_dtype`` for r, k, v, a, b, o (and do, dr, dk, dv, da, db);
+// ``w_dtype`` for w and dw. ``split``: threads per state row or column (1, 2 or 4). Returns a cudaError_t
+// (0 = launched), -1 for an unsupported dtype pair, -2 for an unsupported split.
+
+int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w,
+                      const void* k, const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt,
+                      int save, void* stream) {
+    cudaStream_t s = (cudaStream_t)stream;
+    if (x_dtype == 1 && w_dtype == 0)
+        return launch_fwd_split<__nv_bfloat16, float>(split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (x_dtype == 1 && w_dtype == 1)
+        return launch_fwd_split<__nv_bfloat16, __nv_bfloat16>(split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save,
+                                                              s);
+    if (x_dtype == 0 && w_dtype == 0)
+        return launch_fwd_split<float, float>(split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    return -1;
+}
+
+int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w,
+                       const void* k, const void* v, const void* a, const void* b, const void* dout, const float* sa,
+                       const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da,
+                       void* db, void* stream) {
+    cudaStream_t s = (cudaStream_t)stream;
+    if (x_dtype == 1 && w_dtype == 0)
+        return launch_bwd_split<__nv_bfloat16, float>(split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw,
+                                                      dk, dv, da, db, s);
+    if (x_dtype == 1 && w_dtype == 1)
+        return launch_bwd_split<__nv_bfloat16, __nv_bfloat16>(split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht,
+                                                              dr, dw, dk, dv, da, db, s);
+    if (x_dtype == 0 && w_dtype == 0)
+        return launch_bwd_split<float, float>(split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv,
+                                              da, db, s);
+    return -1;
+}
+#endif  // WKV7_HOST_EMULATION

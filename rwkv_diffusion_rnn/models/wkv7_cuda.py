@@ -1,0 +1,161 @@
+"""Our own CUDA kernels for the WKV-7 recurrence (backend ``cuda`` of :mod:`rwkv_diffusion_rnn.models.wkv7`).
+
+Same contract as the ``triton`` backend for training: operands ``[B, T, H, 64]`` (head size 64 only), ``w`` the log
+decay, ``S[k, v]`` state, output in ``r``'s dtype and the fp32 final state (differentiable: its gradient seeds the
+backward). No initial state: one given raises :class:`DiffRwkvError` (use ``triton`` or ``reference``). Operands in
+bf16 (the model's activations, with ``w`` in fp32 or bf16) or fp32; other dtypes are computed in fp32.
+
+The kernels (``csrc/wkv7_cuda.cu``, design and gradient formulas in its header; torch glue in ``wkv7_cuda.cpp``)
+are built with :func:`torch.utils.cpp_extension.load` on first use, for the current GPU's architecture, into
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); they need nvcc (the CUDA toolkit) and ninja.
+Importing this module builds nothing.
+
+The forward saves for the backward ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the state after every
+16th step (fp32 ``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+HEAD = 64
+CHUNK = 16  # steps between checkpoints (fixed in the kernel)
+
+
+@dataclass
+class CudaWKVConfig:
+    """Threads per row (or column) of a head's 64 x 64 state: 1, 2 or 4 (the kernels' ``split``), for the forward
+    and the backward. More threads put more warps on each SM; fewer spend fewer shuffles.
+    ``bench/wkv_shootout.py`` times the alternatives."""
+
+    fwd_split: int = 2
+    bwd_split: int = 2
+
+
+CONFIG = CudaWKVConfig()
+SOURCES = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", f) for f in ("wkv7_cuda.cu", "wkv7_cuda.cpp")
+)
+
+
+def _cuda_home() -> str | None:
+    """A CUDA toolkit folder holding bin/nvcc: CUDA_HOME / torch's guess, else /usr/local/cuda, else above nvcc."""
+    from torch.utils import cpp_extension as ce
+
+    on_path = shutil.which("nvcc")
+    above = os.path.dirname(os.path.dirname(os.path.realpath(on_path))) if on_path else None
+    for cand in (os.environ.get("CUDA_HOME"), ce.CUDA_HOME, "/usr/local/cuda", above):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return None
+
+
+def build_kwargs() -> dict:
+    """The arguments of :func:`torch.utils.cpp_extension.load` for this GPU. Raises DiffRwkvError when the
+    toolchain is missing."""
+    from torch.utils import cpp_extension as ce
+
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        raise DiffRwkvError("WKV backend 'cuda' needs a CUDA build of torch and a GPU")
+    home = _cuda_home()
+    if home is None:
+        raise DiffRwkvError(
+            "WKV backend 'cuda' needs nvcc to build its kernel: install the CUDA toolkit or set CUDA_HOME"
+        )
+    if not ce.is_ninja_available():
+        raise DiffRwkvError("WKV backend 'cuda' needs ninja to build its kernel (pip install ninja)")
+    os.environ["CUDA_HOME"] = ce.CUDA_HOME = home
+    major, minor = torch.cuda.get_device_capability()
+    return {
+        "name": f"diffrwkv_wkv7_cuda_sm{major}{minor}",
+        "sources": list(SOURCES),
+        "extra_cuda_cflags": ["-O3", "--use_fast_math", f"-arch=sm_{major}{minor}"],
+        "extra_cflags": ["-O3"],
+        "is_python_module": False,  # the .cpp registers torch.ops.diffrwkv_wkv7.*
+    }
+
+
+@lru_cache(maxsize=1)
+def extension():
+    """The compiled operators, ``torch.ops.diffrwkv_wkv7`` (built on the first call, then loaded from the build
+    folder)."""
+    from torch.utils import cpp_extension as ce
+
+    ce.load(**build_kwargs(), verbose=False)
+    return torch.ops.diffrwkv_wkv7
+
+
+class _WKV7Cuda(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b):
+        o, ht, sa, ckpt = _forward(r, w, k, v, a, b, save=True)
+        ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
+        ctx.split = CONFIG.bwd_split
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
+        do = torch.zeros_like(r) if do is None else do.to(r.dtype).contiguous()
+        dht = dht.float().contiguous() if dht is not None else r.new_empty(0, dtype=torch.float32)
+        dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
+        extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, ctx.split)
+        return dr, dw, dk, dv, da, db
+
+
+def _forward(r, w, k, v, a, b, save: bool):
+    B, T, H, N = r.shape
+    nc = -(-T // CHUNK) if save else 1
+    o = torch.empty_like(r)
+    sa = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) if save else o.new_empty(0, dtype=torch.float32)
+    ckpt = torch.empty(B, H, nc, N, N, device=r.device, dtype=torch.float32)
+    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, CONFIG.fwd_split)
+    # the final state, a copy: a view would tie the caller's tensor to the saved checkpoints
+    return o, ckpt[:, :, -1].clone(memory_format=torch.contiguous_format), sa, ckpt
+
+
+def wkv7_cuda(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA WKV-7 (head size 64, no initial state); otherwise the contract of
+    :func:`~rwkv_diffusion_rnn.models.wkv7.wkv7_reference`."""
+    if state is not None:
+        raise DiffRwkvError("WKV backend 'cuda' takes no initial state; use backend 'triton' or 'reference'")
+    if not r.is_cuda:
+        raise DiffRwkvError("WKV backend 'cuda' runs on CUDA tensors only; use backend 'reference' on the CPU")
+    if r.dim() != 4 or r.shape[-1] != HEAD:
+        raise DiffRwkvError(f"WKV backend 'cuda' needs operands [B, T, H, {HEAD}], got {tuple(r.shape)}")
+    B, T, H, N = r.shape
+    for name, x in zip("wkvab", (w, k, v, a, b), strict=True):
+        if x.shape != r.shape:
+            raise DiffRwkvError(f"WKV operand {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)}")
+        if x.device != r.device:
+            raise DiffRwkvError(f"WKV operand {name} is on {x.device}, r on {r.device}")
+    if T == 0:
+        return r.new_zeros(B, 0, H, N), r.new_zeros(B, H, N, N, dtype=torch.float32)
+    dtype = r.dtype
+    kernel_dtype = torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b)) else torch.float32
+    w_dtype = (
+        w.dtype if kernel_dtype == torch.bfloat16 and w.dtype in (torch.bfloat16, torch.float32) else torch.float32
+    )
+    ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
+    operands = (ops[0], w.to(w_dtype).contiguous(), *ops[1:])
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)):
+        o, ht = _WKV7Cuda.apply(*operands)
+    else:
+        o, ht, _, _ = _forward(*operands, save=False)
+    return o.to(dtype), ht

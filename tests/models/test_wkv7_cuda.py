@@ -1,0 +1,248 @@
+"""Our CUDA WKV-7 kernels (rwkv_diffusion_rnn/models/csrc/wkv7_cuda.cu, wrapper models/wkv7_cuda.py).
+
+Without a GPU: a PyTorch emulation of the kernels' algorithm (the same chunk checkpoints, the backward's step
+undoing, its two copies of the state gradient and the same per-step formulas) against autograd of the reference
+recurrence, which catches formula mistakes; the kernels' own code compiled as host C++ (wkv7_cuda_host.cpp: threads,
+barriers and shuffles stood in for) against the same truth, which catches indexing and synchronisation mistakes;
+the wrapper's refusals; the ``.cu`` compiling with nvcc when there is one. With a GPU: the built kernels against the
+recurrence in fp64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models import wkv7_cuda as wc
+from rwkv_diffusion_rnn.models.wkv7 import BACKENDS, wkv7, wkv7_reference
+
+DECAY_FLOOR = -0.6065306597126334  # RWKV-7's log decay lies in [-exp(-0.5), 0)
+C = wc.CHUNK
+
+
+def make_inputs(B, T, H, N, seed, floor_decay=False, dtype=torch.float64):
+    """RWKV-7-like operands: decays exp(w) in (0.545, 1), kk unit-norm, a = -kk, b = kk * sigmoid(.)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(scale=1.0):
+        return torch.randn(B, T, H, N, generator=g, dtype=torch.float64) * scale
+
+    r, k, v = rnd(0.5), rnd(0.5), rnd()
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    w = torch.full((B, T, H, N), DECAY_FLOOR, dtype=torch.float64) if floor_decay else DECAY_FLOOR * rnd().sigmoid()
+    a, b = -kk, kk * rnd().sigmoid()
+    return [x.to(dtype) for x in (r, w, k, v, a, b)]
+
+
+# ---------------------------------------------------------------- the kernels' algorithm in PyTorch
+
+
+def emulate_forward(r, w, k, v, a, b):
+    """Column j of S per thread: sa_t, S_t, o_t; saves sa and the state after each chunk's last step."""
+    B, T, H, N = r.shape
+    d = torch.exp(w)
+    S = r.new_zeros(B, H, N, N)  # S[k, v]
+    o, sa, ckpt = torch.empty_like(r), torch.empty_like(r), []
+    for t0 in range(0, T, C):
+        for t in range(t0, min(T, t0 + C)):
+            sa_t = torch.einsum("bhi,bhij->bhj", a[:, t], S)
+            S = (
+                d[:, t, :, :, None] * S
+                + b[:, t, :, :, None] * sa_t[:, :, None, :]
+                + k[:, t, :, :, None] * v[:, t, :, None, :]
+            )
+            o[:, t] = torch.einsum("bhi,bhij->bhj", r[:, t], S)
+            sa[:, t] = sa_t
+        ckpt.append(S)
+    return o, sa, torch.stack(ckpt, dim=2)
+
+
+def emulate_backward(r, w, k, v, a, b, do, sa, ckpt, dht=None):
+    """Thread i holds the row S[i, :], the row G[i, :] and the column G[:, i] (``Gc[i, k] = G[k, i]``); walks the
+    chunks backwards from their checkpoints, undoing each step."""
+    B, T, H, N = r.shape
+    d = torch.exp(w)
+    G = dht.clone() if dht is not None else r.new_zeros(B, H, N, N)
+    Gc = G.transpose(-1, -2).clone()
+    grads = [torch.empty_like(r) for _ in range(6)]  # dr, dw, dk, dv, da, db
+    for c in reversed(range(ckpt.shape[2])):
+        S = ckpt[:, :, c].clone()
+        for t in reversed(range(c * C, min(T, (c + 1) * C))):
+            rt, dt, kt, vt, at, bt, dot, sat = (x[:, t] for x in (r, d, k, v, a, b, do, sa))
+            col = (lambda x: x[..., :, None]), (lambda x: x[..., None, :])  # per row i, per column j
+            G = G + col[0](rt) * col[1](dot)
+            dr = (S * col[1](dot)).sum(-1)
+            S = (S - col[0](kt) * col[1](vt) - col[0](bt) * col[1](sat)) * col[0](1.0 / dt)  # S_{t-1}
+            dk, db, dd = (G * col[1](vt)).sum(-1), (G * col[1](sat)).sum(-1), (G * S).sum(-1)
+            Gc = Gc + col[1](rt) * col[0](dot)  # Gc[i, k] += r[k] do[i]
+            dv, dsa = (Gc * col[1](kt)).sum(-1), (Gc * col[1](bt)).sum(-1)
+            da = (S * col[1](dsa)).sum(-1)
+            G = col[0](dt) * G + col[0](at) * col[1](dsa)
+            Gc = col[1](dt) * Gc + col[1](at) * col[0](dsa)
+            for g, x in zip(grads, (dr, dd * dt, dk, dv, da, db), strict=True):
+                g[:, t] = x
+    return grads, G, Gc
+
+
+def rel(x, ref):
+    """Relative norm error; absolute where the truth is zero (dw and da of a single step from a zero state)."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize(
+    ("T", "floor", "dtype", "with_dht", "bound"),
+    [
+        (37, False, torch.float64, True, 1e-10),  # partial last chunk, loss on the output and the final state
+        (16, False, torch.float64, False, 1e-10),  # one whole chunk
+        (1, False, torch.float64, True, 1e-10),  # a single step
+        (48, False, torch.float32, True, 1e-4),  # fp32, as the kernels compute
+        (40, True, torch.float32, True, 2e-3),  # every decay at the floor: the largest amplification of the undoing
+    ],
+)
+def test_emulated_algorithm_matches_autograd(T, floor, dtype, with_dht, bound):
+    B, H, N = 2, 2, 16
+    xs = make_inputs(B, T, H, N, seed=T, floor_decay=floor)
+    g = torch.Generator().manual_seed(100 + T)
+    go = torch.randn(B, T, H, N, generator=g, dtype=torch.float64)
+    gs = torch.randn(B, H, N, N, generator=g, dtype=torch.float64) if with_dht else None
+
+    leaves = [x.clone().requires_grad_() for x in xs]
+    o_ref, S_ref = wkv7_reference(*leaves, compute_dtype=torch.float64)
+    loss = (o_ref * go).sum() + ((S_ref * gs).sum() if with_dht else 0.0)
+    loss.backward()
+
+    ops = [x.to(dtype) for x in xs]
+    o, sa, ckpt = emulate_forward(*ops)
+    assert ckpt.shape[2] == -(-T // C)
+    assert rel(o, o_ref) < bound and rel(ckpt[:, :, -1], S_ref) < bound
+    grads, G0, Gc0 = emulate_backward(*ops, go.to(dtype), sa, ckpt, gs.to(dtype) if with_dht else None)
+    assert rel(Gc0.transpose(-1, -2), G0) < bound  # the two copies of the state gradient agree
+    for name, got, leaf in zip(("dr", "dw", "dk", "dv", "da", "db"), grads, leaves, strict=True):
+        assert rel(got, leaf.grad) < bound, (name, rel(got, leaf.grad))
+
+
+# ---------------------------------------------------------------- the kernels' code on the host
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ (C++20) to compile the kernels for the host")
+    out = tmp_path_factory.mktemp("wkv7_host") / "wkv7_host.so"
+    src = Path(__file__).with_name("wkv7_cuda_host.cpp")
+    cmd = [cxx, "-std=c++20", "-O0", "-fno-strict-aliasing", "-shared", "-fPIC", "-pthread"]
+    res = subprocess.run([*cmd, f"-I{Path(wc.SOURCES[0]).parent}", str(src), "-o", str(out)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ctypes.CDLL(str(out))
+
+
+def host_run(lib, xs, do, dht, split):
+    """Forward and backward through the host build, allocated as wkv7_cuda.py does; returns o, ht and grads."""
+    r, w, k, v, a, b = xs
+    B, T, H, N = r.shape
+    nc = -(-T // C)
+    codes = {torch.float32: 0, torch.bfloat16: 1}
+    o = torch.empty_like(r)
+    sa = torch.empty(B, T, H, N, dtype=torch.float32)
+    ckpt = torch.empty(B, H, nc, N, N, dtype=torch.float32)
+    ptr = ctypes.c_void_p
+
+    def p(x):
+        return ptr(x.data_ptr()) if x is not None else ptr(0)
+
+    dims = (codes[r.dtype], codes[w.dtype], split, B, T, H)
+    assert lib.host_forward(*dims, *map(p, xs), p(o), p(sa), p(ckpt), 1) == 0
+    grads = [torch.empty_like(x) for x in xs]
+    assert lib.host_backward(*dims, *map(p, xs), p(do), p(sa), p(ckpt), p(dht), *map(p, grads)) == 0
+    return o, ckpt[:, :, -1], grads
+
+
+@pytest.mark.parametrize(
+    ("T", "dtype", "w_dtype", "split", "with_dht"),
+    [
+        (37, torch.float32, torch.float32, 1, True),  # partial last chunk, a final-state gradient
+        (37, torch.float32, torch.float32, 2, False),
+        (21, torch.float32, torch.float32, 4, True),
+        (20, torch.bfloat16, torch.float32, 2, False),  # the model's mix: bf16 activations, fp32 log decay
+        (17, torch.bfloat16, torch.bfloat16, 1, True),  # the shoot-out's timing inputs: all bf16
+    ],
+)
+def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split, with_dht):
+    B, H, N = 1, 2, 64
+    xs = make_inputs(B, T, H, N, seed=50 + T)
+    xs = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate(xs)]  # the kernel's inputs, rounded
+    g = torch.Generator().manual_seed(200 + T)
+    go = torch.randn(B, T, H, N, generator=g).to(dtype)
+    gs = torch.randn(B, H, N, N, generator=g) if with_dht else None
+
+    leaves = [x.double().requires_grad_() for x in xs]
+    o_ref, S_ref = wkv7_reference(*leaves, compute_dtype=torch.float64)
+    ((o_ref * go.double()).sum() + ((S_ref * gs.double()).sum() if with_dht else 0.0)).backward()
+
+    o, ht, grads = host_run(host_lib, xs, go, gs, split)
+    bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    assert rel(o, o_ref) < bound and rel(ht, S_ref) < 1e-4
+    for name, got, x, leaf in zip(("dr", "dw", "dk", "dv", "da", "db"), grads, xs, leaves, strict=True):
+        assert got.dtype == x.dtype
+        assert rel(got, leaf.grad) < bound, (name, rel(got, leaf.grad))
+
+
+# ---------------------------------------------------------------- the wrapper, without a GPU
+
+
+def test_registered_and_importable_without_building():
+    assert "cuda" in BACKENDS
+    assert wc.extension.cache_info().currsize == 0  # importing built nothing
+    assert all(p.endswith((".cu", ".cpp")) for p in wc.SOURCES)
+
+
+def test_refusals_are_one_line():
+    xs = make_inputs(1, 4, 1, 64, seed=0, dtype=torch.float32)
+    with pytest.raises(DiffRwkvError, match="no initial state"):
+        wkv7(*xs, torch.zeros(1, 1, 64, 64), backend="cuda")
+    with pytest.raises(DiffRwkvError, match="CUDA tensors only"):
+        wkv7(*xs, backend="cuda")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_kernel_source_compiles(tmp_path):
+    cmd = ["nvcc", "-c", "-arch=sm_90", "-O3", "--use_fast_math", "-o", str(tmp_path / "wkv7.o"), wc.SOURCES[0]]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the kernels, on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("T", "dtype", "w_dtype"), [(37, torch.bfloat16, torch.float32), (48, torch.float32, torch.float32)]
+)
+def test_kernels_match_reference(T, dtype, w_dtype):
+    B, H, N = 2, 3, 64
+    xs = [x.cuda() for x in make_inputs(B, T, H, N, seed=T)]
+    g = torch.Generator().manual_seed(7)
+    go = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).cuda()
+    gs = torch.randn(B, H, N, N, generator=g, dtype=torch.float64).cuda()
+
+    ops = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate(xs)]  # the kernel's inputs
+
+    def run(fn, cast):
+        leaves = [x.detach().to(cast or x.dtype).requires_grad_() for x in ops]
+        o, S = fn(*leaves)
+        ((o.double() * go).sum() + (S.double() * gs).sum()).backward()
+        return [o, S, *(x.grad for x in leaves)]
+
+    ref = run(lambda *x: wkv7_reference(*x, compute_dtype=torch.float64), torch.float64)  # same rounded inputs
+    got = run(BACKENDS["cuda"], None)
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, x, y in zip(("o", "state", "dr", "dw", "dk", "dv", "da", "db"), got, ref, strict=True):
+        assert rel(x, y) < bound, (name, rel(x, y))
