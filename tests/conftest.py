@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,15 @@ FALLBACK_TEXT = (
     "Two young guys with shaggy hair look at their hands while hanging out in the yard. "
     "A man in a blue shirt is standing on a ladder cleaning windows, and a little girl climbs into a wooden playhouse."
 )
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """Every test starts from seeded global generators (torch, NumPy's legacy one, Python's), so a draw made without
+    a generator of its own is the same on every run and a failure can be reproduced."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tests.data_helpers import make_dataset
 
 
 def test_pack_contents(tmp_path):
-    d = make_dataset(tmp_path, n=25, seed=int(np.random.default_rng().integers(1000)))
+    d = make_dataset(tmp_path, n=25, seed=417)
     meta = pack_dataset(str(d["json"]), str(d["token_dir"]), str(tmp_path / "p"), chunk_rows=7)  # several chunks
     p = tmp_path / "p"
     assert meta["count"] == 25 and meta["token_dtype"] == "uint16"
