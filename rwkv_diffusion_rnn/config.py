@@ -41,7 +41,7 @@ class ModelConfig:
     # full: the World vocabulary; data (new backbones only): the token ids the training data uses, plus end-of-text
     # and an unknown id (rwkv_diffusion_rnn/vocab.py) -- far smaller embedding and head for small corpora
     vocab: str = "full"
-    wkv_backend: str = "auto"  # auto | reference | fla | triton (our kernels, opt-in; models/wkv7_triton.py)
+    wkv_backend: str = "auto"  # auto | reference | fla | triton | cuda (our own kernels, opt-in: models/wkv7_*.py)
     freeze_backbone: bool = True  # backbone weights never change and never reach the optimizer
     unfreeze_patterns: list[str] = field(default_factory=list)  # fnmatch on BlinkDL names, e.g. "blocks.1[01].*"
     unfreeze_after_steps: int = 0  # apply unfreeze_patterns at this step (0: from the start)
