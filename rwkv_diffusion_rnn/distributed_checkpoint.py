@@ -5,7 +5,8 @@ processes.
 the trainable tensors, the optimizer state keyed by parameter name and the EMA shadows; a resume loads them in place
 on any number of processes under either strategy (DCP reshards), and :func:`hold_global_batch` keeps the global
 batch of the run that saved (docs/multi_gpu.md). The folder layout, its meta.json and the whole-model read for
-inference are checkpoints.py's (:func:`checkpoints.save_dcp_checkpoint`, :func:`checkpoints.read_dcp_checkpoint`).
+inference are checkpoint_dcp.py's (:func:`~checkpoint_dcp.save_dcp_checkpoint`,
+:func:`~checkpoint_dcp.read_dcp_checkpoint`).
 """
 
 from __future__ import annotations

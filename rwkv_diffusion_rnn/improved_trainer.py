@@ -39,6 +39,7 @@ import torch
 from rwkv_diffusion_rnn import distributed
 from rwkv_diffusion_rnn.checkpoints import (
     capture_rng_state,
+    copy_checked,
     file_sha256,
     load_checkpoint,
     peek_checkpoint,
@@ -430,20 +431,8 @@ class Trainer:
             self.ema = EMA(self.model, self.cfg.training.ema_decay) if self.cfg.training.ema_decay > 0 else None
         verify_backbone(ck.backbone, self.backbone_ref, str(ck.path))
         want = self.trainable_tensors()
-        missing = sorted(set(want) - set(ck.model_tensors))
-        if missing:
-            raise DiffRwkvError(f"{where}: checkpoint lacks trainable tensor '{missing[0]}' (another configuration?)")
-        for name, tensor in ck.model_tensors.items():
-            if name not in want or want[name].shape != tensor.shape or want[name].dtype != tensor.dtype:
-                has = f"{want[name].dtype} {tuple(want[name].shape)}" if name in want else "no such trainable tensor"
-                raise DiffRwkvError(
-                    f"{where}: tensor '{name}' does not fit this model's configuration "
-                    f"(checkpoint: {tensor.dtype} {tuple(tensor.shape)}, this model: {has})"
-                )
-        with torch.no_grad():
-            params = dict(self.model.named_parameters())
-            for name, tensor in ck.model_tensors.items():
-                params[name].copy_(tensor)
+        with torch.no_grad():  # every tensor checked before any is copied: a mismatch leaves the model untouched
+            copy_checked(want, ck.model_tensors, where=str(where), require=want)
         load_optimizer_state(self.optimizer, ck.optimizer, f"{ck.path}/optimizer.pt")
         self.scheduler.load_state_dict(ck.scheduler)
         if self.ema is not None and ck.ema is not None:
