@@ -16,7 +16,9 @@ Backends
 ``triton``     our own sequential Triton kernels, forward and backward (:mod:`.wkv7_triton`; CUDA only, needs
                ``triton``; opt-in: ``auto`` never picks it).
 ``cuda``       our own CUDA kernels, forward and backward, head size 64, no initial state (:mod:`.wkv7_cuda`;
-               built on first use with nvcc and ninja; opt-in: ``auto`` never picks it).
+               built on first use with nvcc and ninja; opt-in: ``auto`` never picks it). Training runs it; a call
+               with an initial state (the samplers' recurrent cache) goes to ``triton`` when triton imports, else
+               ``fla`` when fla imports, else ``reference`` (:func:`wkv7`).
 ``auto``       ``fla`` for CUDA tensors when fla imports, else ``reference``.
 
 The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
@@ -194,4 +196,15 @@ def wkv7(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a backend (see module docstring). Shapes as in :func:`wkv7_reference`."""
-    return BACKENDS[resolve_backend(backend, r.device)](r, w, k, v, a, b, state)
+    name = resolve_backend(backend, r.device)
+    if name == "cuda" and state is not None:
+        name = stateful_fallback(r.device)
+    return BACKENDS[name](r, w, k, v, a, b, state)
+
+
+def stateful_fallback(device: torch.device) -> str:
+    """The backend that runs a call with an initial state when ``cuda`` (which takes none) is asked for: ``triton``
+    on CUDA when triton imports, else ``fla`` when it imports, else ``reference``."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "fla" if device.type == "cuda" and _fla_chunk() is not None else "reference"

@@ -8,7 +8,10 @@ bf16 (the model's activations, with ``w`` in fp32 or bf16) or fp32; other dtypes
 The kernels (``csrc/wkv7_cuda.cu``, design and gradient formulas in its header; torch glue in ``wkv7_cuda.cpp``)
 are built with :func:`torch.utils.cpp_extension.load` on first use, for the current GPU's architecture, into
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); they need nvcc (the CUDA toolkit) and ninja.
-Importing this module builds nothing.
+Importing this module builds nothing; it registers the operators ``torch.ops.diffrwkv.wkv7_cuda_fwd`` / ``_bwd``
+(torch.library custom operators with fake implementations and an autograd formula), so ``torch.compile`` can trace a
+call and a CUDA graph can capture one. The model reaches this backend through
+:func:`~rwkv_diffusion_rnn.models.wkv7.wkv7`, which sends a call with an initial state to another backend.
 
 The forward saves for the backward ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the state after every
 16th step (fp32 ``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head).
@@ -92,34 +95,72 @@ def extension():
     return torch.ops.diffrwkv_wkv7
 
 
-class _WKV7Cuda(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b):
-        o, ht, sa, ckpt = _forward(r, w, k, v, a, b, save=True)
-        ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
-        ctx.split = CONFIG.bwd_split
-        ctx.set_materialize_grads(False)
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
-        do = torch.zeros_like(r) if do is None else do.to(r.dtype).contiguous()
-        dht = dht.float().contiguous() if dht is not None else r.new_empty(0, dtype=torch.float32)
-        dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, ctx.split)
-        return dr, dw, dk, dv, da, db
+# The kernels as torch.library custom operators, functional (each allocates its outputs): torch.compile traces them
+# through their fake implementations (shapes and dtypes only) and CUDA-graph capture records them like any ATen op
+# (no host sync; allocations come from the capture's pool). The launches themselves go through ``extension()``.
 
 
-def _forward(r, w, k, v, a, b, save: bool):
-    B, T, H, N = r.shape
-    nc = -(-T // CHUNK) if save else 1
-    o = torch.empty_like(r)
-    sa = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) if save else o.new_empty(0, dtype=torch.float32)
-    ckpt = torch.empty(B, H, nc, N, N, device=r.device, dtype=torch.float32)
-    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, CONFIG.fwd_split)
-    # the final state, a copy: a view would tie the caller's tensor to the saved checkpoints
+@torch.library.custom_op("diffrwkv::wkv7_cuda_fwd", mutates_args=())
+def wkv7_cuda_fwd(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, save: bool,
+    split: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward launch: ``o`` (r's dtype), the fp32 final state ``[B, H, 64, 64]``, and for the backward (``save``)
+    ``sa`` (fp32 ``[B, T, H, 64]``) and the chunk checkpoints (fp32 ``[B, H, ceil(T / 16), 64, 64]``); without
+    ``save`` an empty ``sa`` and one checkpoint slot."""
+    o, sa, ckpt = _fwd_buffers(r, save)
+    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, split)
+    # the final state, a copy: an operator's outputs may not alias each other
     return o, ckpt[:, :, -1].clone(memory_format=torch.contiguous_format), sa, ckpt
+
+
+@wkv7_cuda_fwd.register_fake
+def _(r, w, k, v, a, b, save, split):
+    o, sa, ckpt = _fwd_buffers(r, save)
+    return o, ckpt[:, :, -1].clone(memory_format=torch.contiguous_format), sa, ckpt
+
+
+def _fwd_buffers(r: torch.Tensor, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, H, N = r.shape
+    nc = (T + CHUNK - 1) // CHUNK if save else 1
+    f32 = {"device": r.device, "dtype": torch.float32}
+    sa = torch.empty(B, T, H, N, **f32) if save else torch.empty(0, **f32)
+    return torch.empty_like(r, memory_format=torch.contiguous_format), sa, torch.empty(B, H, nc, N, N, **f32)
+
+
+@torch.library.custom_op("diffrwkv::wkv7_cuda_bwd", mutates_args=())
+def wkv7_cuda_bwd(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    do: torch.Tensor, sa: torch.Tensor, ckpt: torch.Tensor, dht: torch.Tensor, split: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward launch: the gradients of r, w, k, v, a, b (each in its operand's dtype). ``dht``: the fp32 gradient
+    of the final state, or an empty tensor for none."""
+    grads = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (r, w, k, v, a, b))
+    extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, *grads, split)
+    return grads
+
+
+@wkv7_cuda_bwd.register_fake
+def _(r, w, k, v, a, b, do, sa, ckpt, dht, split):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (r, w, k, v, a, b))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    r, w, k, v, a, b, _save, _split = inputs
+    _o, _ht, sa, ckpt = output
+    ctx.save_for_backward(r, w, k, v, a, b, sa, ckpt)
+    ctx.mark_non_differentiable(sa, ckpt)
+    ctx.split = CONFIG.bwd_split
+
+
+def _backward(ctx, do, dht, _dsa, _dckpt):
+    r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
+    do = torch.zeros_like(r) if do is None else do.to(r.dtype).contiguous()
+    dht = dht.float().contiguous() if dht is not None else r.new_empty(0, dtype=torch.float32)
+    return (*wkv7_cuda_bwd(r, w, k, v, a, b, do, sa, ckpt, dht, ctx.split), None, None)
+
+
+wkv7_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def wkv7_cuda(
@@ -154,8 +195,6 @@ def wkv7_cuda(
     )
     ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
     operands = (ops[0], w.to(w_dtype).contiguous(), *ops[1:])
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)):
-        o, ht = _WKV7Cuda.apply(*operands)
-    else:
-        o, ht, _, _ = _forward(*operands, save=False)
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b))
+    o, ht, _, _ = wkv7_cuda_fwd(*operands, save, CONFIG.fwd_split)
     return o.to(dtype), ht

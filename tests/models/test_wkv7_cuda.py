@@ -20,7 +20,7 @@ import torch
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.models import wkv7_cuda as wc
-from rwkv_diffusion_rnn.models.wkv7 import BACKENDS, wkv7, wkv7_reference
+from rwkv_diffusion_rnn.models.wkv7 import BACKENDS, stateful_fallback, wkv7, wkv7_reference
 
 DECAY_FLOOR = -0.6065306597126334  # RWKV-7's log decay lies in [-exp(-0.5), 0)
 C = wc.CHUNK
@@ -207,9 +207,97 @@ def test_registered_and_importable_without_building():
 def test_refusals_are_one_line():
     xs = make_inputs(1, 4, 1, 64, seed=0, dtype=torch.float32)
     with pytest.raises(DiffRwkvError, match="no initial state"):
-        wkv7(*xs, torch.zeros(1, 1, 64, 64), backend="cuda")
+        wc.wkv7_cuda(*xs, torch.zeros(1, 1, 64, 64))
     with pytest.raises(DiffRwkvError, match="CUDA tensors only"):
         wkv7(*xs, backend="cuda")
+
+
+def test_a_call_with_a_state_goes_to_another_backend():
+    """The samplers' recurrent cache hands an initial state: through the dispatch, backend ``cuda`` runs it on the
+    fallback (here on the CPU: the reference) instead of refusing."""
+    xs = make_inputs(1, 5, 2, 64, seed=3, dtype=torch.float32)
+    state = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(4))
+    assert stateful_fallback(torch.device("cpu")) == "reference"
+    o, S = wkv7(*xs, state, backend="cuda")
+    o_ref, S_ref = wkv7_reference(*xs, state)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(S, S_ref)
+
+
+# ---------------------------------------------------------------- the custom operators, kernels emulated on the CPU
+
+
+class EmulatedKernels:
+    """Stands in for ``extension()``: the compiled operators' calls, filled in by the PyTorch emulation above."""
+
+    @staticmethod
+    def forward(r, w, k, v, a, b, o, sa, ckpt, save, split):
+        o_, sa_, ckpt_ = emulate_forward(*(x.double() for x in (r, w, k, v, a, b)))
+        o.copy_(o_)
+        ckpt.copy_(ckpt_ if save else ckpt_[:, :, -1:])
+        if save:
+            sa.copy_(sa_)
+
+    @staticmethod
+    def backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, split):
+        xs = (x.double() for x in (r, w, k, v, a, b, do, sa, ckpt))
+        grads, _, _ = emulate_backward(*xs, dht.double() if dht.numel() else None)
+        for out, g in zip((dr, dw, dk, dv, da, db), grads, strict=True):
+            out.copy_(g)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(wc, "extension", lambda: EmulatedKernels)
+
+
+@pytest.mark.parametrize(("T", "save", "dtype"), [(37, True, torch.bfloat16), (16, False, torch.float32)])
+def test_fake_implementation_gives_the_kernels_shapes_and_dtypes(T, save, dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, H, N = 2, 3, 64
+    with FakeTensorMode():
+        xs = [torch.empty(B, T, H, N, dtype=torch.float32 if i == 1 else dtype) for i in range(6)]
+        o, ht, sa, ckpt = torch.ops.diffrwkv.wkv7_cuda_fwd(*xs, save, 2)
+        grads = torch.ops.diffrwkv.wkv7_cuda_bwd(*xs, o, sa, ckpt, ht, 2)
+    assert (o.shape, o.dtype) == ((B, T, H, N), dtype)
+    assert (ht.shape, ht.dtype) == ((B, H, N, N), torch.float32)
+    assert sa.shape == ((B, T, H, N) if save else (0,)) and sa.dtype == torch.float32
+    assert (ckpt.shape, ckpt.dtype) == ((B, H, -(-T // C) if save else 1, N, N), torch.float32)
+    assert [(g.shape, g.dtype) for g in grads] == [(x.shape, x.dtype) for x in xs]
+
+
+def test_operators_pass_opcheck(emulated):
+    """Schema (nothing mutated), fake against real, the autograd registration and AOT dispatch with dynamic shapes."""
+    xs = [x.requires_grad_() for x in make_inputs(1, 18, 1, 64, seed=8, dtype=torch.float32)]
+    torch.library.opcheck(torch.ops.diffrwkv.wkv7_cuda_fwd.default, (*xs, True, 2))
+    with torch.no_grad():
+        o, ht, sa, ckpt = torch.ops.diffrwkv.wkv7_cuda_fwd(*xs, True, 2)
+    args = (*(x.detach() for x in xs), torch.ones_like(o), sa, ckpt, torch.zeros_like(ht), 2)
+    torch.library.opcheck(torch.ops.diffrwkv.wkv7_cuda_bwd.default, args)
+
+
+def test_operators_compile_in_one_graph_with_the_reference_gradients(emulated):
+    """torch.compile traces a function around the forward operator without a graph break (fullgraph), and the
+    compiled forward and backward give the reference recurrence's output, final state and gradients."""
+    B, T, H, N = 1, 21, 2, 64
+    xs = make_inputs(B, T, H, N, seed=11, dtype=torch.float32)
+    g = torch.Generator().manual_seed(12)
+    go, gs = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+
+    def step(r, w, k, v, a, b):
+        o, ht, _, _ = torch.ops.diffrwkv.wkv7_cuda_fwd(r * 1.0, w, k, v, a, b, True, 2)
+        return (o * go).sum() + (ht * gs).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    compiled(*leaves).backward()
+    ref_leaves = [x.double().requires_grad_() for x in xs]
+    o_ref, S_ref = wkv7_reference(*ref_leaves, compute_dtype=torch.float64)
+    ((o_ref * go.double()).sum() + (S_ref * gs.double()).sum()).backward()
+    for name, leaf, ref in zip("rwkvab", leaves, ref_leaves, strict=True):
+        assert rel(leaf.grad, ref.grad) < 1e-4, (name, rel(leaf.grad, ref.grad))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
