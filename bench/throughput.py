@@ -22,7 +22,15 @@ Rows (``--rows``, comma-separated; default all), each at one g1 shape (``--shape
   when fla does not import).
 * ``llama-lm``: transformers' ``LlamaForCausalLM`` (sdpa attention) with D/64 heads of 64 and an MLP width of
   8/3 D rounded to 256 (2048 / 2816 / 5376 for D 768 / 1024 / 2048), so that a block has the same 12 D^2 matrix
-  parameters as an RWKV-7 block (4 D^2 time-mix + 8 D^2 FFN) and depth, width and vocabulary are equal.
+  parameters as an RWKV-7 block (4 D^2 time-mix + 8 D^2 FFN) and depth, width and vocabulary are equal; under
+  plain ``torch.autocast`` (its weight-cast cache on, as a user runs it) whatever the other flags say.
+* ``llama-lm-nocache``: the same with ``torch.autocast(..., cache_enabled=False)`` (what our rows use with
+  ``--cuda-graphs``).
+
+Host line (``host`` in results.json, a line under the results.md heading), measured at the start of every run: the
+kernel release, the CPU model, the GPU and its driver, torch and triton, and the eager launch latency: the median,
+over 5 rounds, of the wall time per launch of 2,000 back-to-back ``torch.add`` on a one-element tensor (each round
+waited for). A host-bound step scales with it, so figures from different hosts compare only alongside it.
 
 Every row: fp32 master weights, bf16 autocast (``--dtype``), AdamW (fused on CUDA), gradient clipping at 1.0, batch
 ``--batch`` x ``--length``. ``tokens/s`` counts text tokens (B x T) per second: the median over ``--steps`` timed
@@ -63,7 +71,9 @@ import datetime
 import gc
 import inspect
 import json
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +92,7 @@ from synthetic import backbone_file, synthetic_data  # noqa: E402
 SHAPES = {"tiny": (2, 64, 512), "0.1b": (12, 768, 65536), "0.4b": (24, 1024, 65536), "1.5b": (24, 2048, 65536)}
 CONTEXTS = ("causal", "twice", "bidirectional")
 DENOISER_ROWS = [f"denoiser-{c}-{f}" for c in CONTEXTS for f in ("full", "frozen")]
-LM_ROWS = ["rwkv7-lm", "fla-rwkv7-lm", "llama-lm"]
+LM_ROWS = ["rwkv7-lm", "fla-rwkv7-lm", "llama-lm", "llama-lm-nocache"]
 ALL_ROWS = DENOISER_ROWS + LM_ROWS
 T0 = time.perf_counter()
 
@@ -170,6 +180,64 @@ class Runner:
     notes: dict = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
     read: Callable[[object], object] = lambda result: result  # a step's result with numbers (may wait)
+
+
+def launch_latency_us(dev: torch.device, launches: int = 2000, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the wall time per launch (microseconds) of ``launches`` back-to-back ``torch.add``
+    on a one-element tensor, each round waited for: the host's eager launch cost (on the CPU: one tiny op)."""
+    x = torch.zeros(1, device=dev)
+    for _ in range(50):  # first launches load the kernel and warm the allocator
+        x = torch.add(x, 1)
+    per_launch = []
+    for _ in range(rounds):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(launches):
+            x = torch.add(x, 1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        per_launch.append((time.perf_counter() - t0) / launches)
+    return 1e6 * statistics.median(per_launch)
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _gpu_driver() -> str | None:
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def host_info(dev: torch.device) -> dict:
+    """The host line's fields (see the module docstring)."""
+    vers = versions()
+    return {
+        "kernel": platform.release(),
+        "cpu": _cpu_model(),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "driver": _gpu_driver() if dev.type == "cuda" else None,
+        "torch": vers["torch"],
+        "triton": vers["triton"],
+        "launch_us": launch_latency_us(dev),
+    }
+
+
+def host_line(h: dict) -> str:
+    return (f"Host: kernel {h['kernel']}; CPU {h['cpu']}; GPU {h['gpu'] or '-'} (driver {h['driver'] or '-'}); "
+            f"torch {h['torch']}, triton {h['triton']}; eager launch {h['launch_us']:.2f} us (median per launch, "
+            "2,000 back-to-back torch.add on one element)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -296,7 +364,7 @@ def fla_runner(a, shape, dev: torch.device, autocast, weights: torch.dtype = tor
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
-def llama_runner(a, shape, dev: torch.device, autocast) -> Runner:
+def llama_runner(a, shape, dev: torch.device, autocast, cache: bool = True) -> Runner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     L, D, V = shape
@@ -310,25 +378,26 @@ def llama_runner(a, shape, dev: torch.device, autocast) -> Runner:
         return model(input_ids=ids, labels=ids).loss
 
     grad, frozen = matrix_params(model)
-    notes = {"intermediate_size": config.intermediate_size, "heads": D // 64, "attn": "sdpa"}
-    step = _lm_step(model, _adamw(model, dev), _ids(a, V, dev), autocast, loss_fn)
+    notes = {"intermediate_size": config.intermediate_size, "heads": D // 64, "attn": "sdpa", "autocast_cache": cache}
+    step = _lm_step(model, _adamw(model, dev), _ids(a, V, dev), lambda: autocast(cache), loss_fn)
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
 def build_runner(row: str, a, shape, work: Path, dev: torch.device) -> Runner:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[a.dtype]
 
-    def autocast():
+    def autocast(cache: bool | None = None):
+        """``cache`` None: our rows' rule (graphs need autocast without its cast cache); True / False: as given."""
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(dev.type, dtype=dtype, cache_enabled=not a.cuda_graphs)  # graphs: no cast cache
+        return torch.autocast(dev.type, dtype=dtype, cache_enabled=not a.cuda_graphs if cache is None else cache)
 
     if row.startswith("denoiser-"):
         _, context, mode = row.split("-")
         return denoiser_runner(a, shape, context, mode == "frozen", work, dev)
-    return {"rwkv7-lm": rwkv7_runner, "fla-rwkv7-lm": fla_runner, "llama-lm": llama_runner}[row](
-        a, shape, dev, autocast
-    )
+    if row.startswith("llama-lm"):
+        return llama_runner(a, shape, dev, autocast, cache=row == "llama-lm")
+    return {"rwkv7-lm": rwkv7_runner, "fla-rwkv7-lm": fla_runner}[row](a, shape, dev, autocast)
 
 
 def _loss_of(result) -> float | None:
@@ -512,6 +581,7 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
         f"{meta['versions']['transformers']}; batch {meta['batch']} x {meta['length']} tokens, {meta['dtype']} "
         f"autocast, fp32 master weights, AdamW; median of {meta['steps']} steps after {meta['warmup']} warm-up. "
         f"Matmul ceiling: {meta['peak_tflops']:.3g} TFLOP/s ({meta['peak_what']}).",
+        *([host_line(meta["host"])] if meta.get("host") else []),
         "MFU = (6 N_grad + 4 N_frozen) x text tokens/s / ceiling; HFU = counted matmul FLOPs per step x steps/s / "
         "ceiling (bench/throughput.py docstring).",
         "",
@@ -575,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=512, help="text tokens per row")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla | triton (our RWKV-7 rows)")
+    p.add_argument("--wkv-backend", default="auto", help="auto | reference | fla | triton | cuda (our RWKV-7 rows)")
     p.add_argument(
         "--triton-config",
         default=None,
@@ -675,6 +745,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"or gpu_check_wkv.py's JSON with 'config_timed' ({e})"
             )
             return 2
+    from rwkv_diffusion_rnn.models.wkv7 import BACKENDS
+
+    if a.wkv_backend not in ("auto", *BACKENDS):
+        print(f"--wkv-backend {a.wkv_backend}: expected one of auto, {', '.join(BACKENDS)}")
+        return 2
     if a.memory_budget is not None and not 0 < a.memory_budget <= 1:  # compile_blocks applies it
         print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
         return 2
@@ -688,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (none in the hot path)
     out = Path(a.out) if a.out else None
+    host = host_info(dev)
+    log(host_line(host))
     log(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; measuring the matmul ceiling")
     peak, what = matmul_peak(dev)
     log(f"matmul ceiling {peak / 1e12:.3g} TFLOP/s ({what})")
@@ -696,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "versions": versions(),
+        "host": host,
         "peak_tflops": peak / 1e12,
         "peak_what": what,
         "triton_config": triton_config,

@@ -133,3 +133,36 @@ def test_append_writes_the_table_to_the_notebook(tmp_path, capsys):
     capsys.readouterr()
     assert throughput.main(["--device", "cpu", "--rows", "none", "--append", str(tmp_path / "no" / "R.md")]) == 2
     assert capsys.readouterr().out.strip().startswith("--append ")
+
+
+def test_host_line_and_backend_choice(tmp_path, capsys):
+    """Every run records the host (kernel, CPU, versions, the eager launch latency) in results.json and under the
+    results.md heading; --wkv-backend takes the backends' names (cuda included) and refuses others in one line."""
+    out = tmp_path / "out"
+    assert throughput.main(["--device", "cpu", "--rows", "none", "--wkv-backend", "cuda", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    host = res["host"]
+    assert res["wkv_backend"] == "cuda" and host["launch_us"] > 0 and host["kernel"] and host["torch"]
+    assert throughput.host_line(host) in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert throughput.main(["--device", "cpu", "--rows", "none", "--wkv-backend", "cuda2"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0 and out.startswith("--wkv-backend cuda2: expected one of auto,") and "cuda" in out
+
+
+def test_launch_latency_is_a_median_per_launch(monkeypatch):
+    ticks = iter(range(100))  # each perf_counter call one second later: every round spans 1 s
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: float(next(ticks)))
+    assert throughput.launch_latency_us(throughput.torch.device("cpu"), launches=4, rounds=3) == 1e6 / 4
+
+
+def test_llama_rows_with_and_without_the_autocast_cache(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "llama-lm,llama-lm-nocache", "--steps", "1", "--warmup",
+            "1", "--batch", "2", "--length", "16", "--no-count-flops", "--cuda-graphs", "--out", str(out)]  # fmt: skip
+    assert throughput.main(argv) == 0
+    rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["llama-lm"]["notes"]["autocast_cache"] is True  # as a user runs it, whatever --cuda-graphs says
+    assert rows["llama-lm-nocache"]["notes"]["autocast_cache"] is False
+    assert math.isclose(rows["llama-lm"]["first_loss"], rows["llama-lm-nocache"]["first_loss"], rel_tol=1e-4)
