@@ -151,10 +151,10 @@ def _exec_model(src: Path, name: str) -> types.ModuleType:
     return module
 
 
-def record_builds(src: Path) -> list[dict]:
-    """His module's ``load(...)`` calls, recorded by running it with ``load`` (and what needs its result: the
-    autograd registrations, TorchScript) stood in for; nothing is built. Stops at the first failure, keeping what
-    was recorded (the real import builds the rest)."""
+def exec_without_building(src: Path) -> tuple[types.ModuleType | None, list[dict]]:
+    """Run his module with ``load`` (and what needs its result: the autograd registrations, TorchScript functions)
+    stood in for, building nothing: the module (None where it failed) and its ``load(...)`` calls, up to any
+    failure."""
     from torch.utils import cpp_extension
 
     calls: list[dict] = []
@@ -168,12 +168,12 @@ def record_builds(src: Path) -> list[dict]:
         fake_load, lambda *args, **kwargs: None, lambda fn, *args, **kwargs: fn)  # fmt: skip
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            _exec_model(src, "_blinkdl_model_dry")
+            return _exec_model(src, "_blinkdl_model_unbuilt"), calls
     except Exception as exc:
-        log(f"  recording his builds stopped at {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        log(f"  running his module without builds stopped at {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        return None, calls
     finally:
         cpp_extension.load, torch.library.register_autograd, torch.jit.script = saved
-    return calls
 
 
 def _build_one(job: tuple[str, dict]) -> tuple[str, float, str | None]:
@@ -192,7 +192,7 @@ def _build_one(job: tuple[str, dict]) -> tuple[str, float, str | None]:
 def prebuild(src: Path, jobs: int) -> list[dict]:
     """Build his extensions in parallel processes (spawned: this one has initialised CUDA; they need not, as
     ``TORCH_CUDA_ARCH_LIST`` is set)."""
-    calls = record_builds(src)
+    _, calls = exec_without_building(src)
     log(f"  building {len(calls)} extensions of his, {jobs} at a time")
     if not calls:
         return []

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# One device call: BlinkDL's RWKV-7 training step (wall and GPU kernel time) against ours and Llama, same machine.
+# Run from the repository root:   bash bench/speed_call.sh
+# with these git-ignored folders carried beside the working tree:
+#   .device/wheels/ .device/wheels-wkv/   wheels installed with --no-index --no-deps into /tmp/site (fla, ninja, ...)
+#   .device/blinkdl-src/                  BlinkDL's RWKV-v7/train_temp src/model.py + the cuda/ files it builds
+#                                         (RWKV-LM, Apache-2.0; copied here into the git-ignored bench/_external/)
+#   .device/triton-cache.tgz.*            optional: the compile caches an earlier call saved (Triton, Inductor,
+#                                         torch extensions); restored into /tmp first
+# Stages, in order (STAGES to pick or reorder; each under `timeout`, within LIMIT seconds in all, RESERVE kept for
+# saving the caches); every result lands in $OUT:
+#   host      the host line (kernel, CPU, GPU/driver, versions, eager launch latency): host/results.json, host.txt
+#   blinkdl   his step at 0.1B then 0.4B (T 512, batch 16): blinkdl_0.1b.json, blinkdl_0.4b.json; retried with
+#             RWKV_JIT_ON=0 (--jit 0) where the JIT build fails
+#   cuda      ours, rwkv7-lm and denoiser-causal-full, the fast path, --wkv-backend cuda, 0.1B and 0.4B: tp_cuda/
+#   default   the same with --wkv-backend $DEFAULT_BACKEND (auto: fla where it imports): tp_default/
+#   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
+#   graphs    (not in the default list) bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda: graphs.json
+# Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts):
+# carry them as .device/triton-cache.tgz.* next time.
+set -uo pipefail
+OUT=${OUT:-/tmp/speed_call}
+LIMIT=${LIMIT:-540}
+RESERVE=${RESERVE:-25}
+STAGES=${STAGES:-host,blinkdl,cuda,default,llama}
+DEFAULT_BACKEND=${DEFAULT_BACKEND:-auto}
+WARMUP=${WARMUP:-12}
+STEPS=${STEPS:-8}
+FAST="--compile-blocks --cuda-graphs --chunked-ce --memory-budget 0.5 --compile-denoiser --device-cache --no-count-flops"
+mkdir -p "$OUT" bench/_external /tmp/tc /tmp/ti /tmp/te
+PY=$(command -v python3 || command -v python)
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+export TRITON_CACHE_DIR=/tmp/tc TORCHINDUCTOR_CACHE_DIR=/tmp/ti TORCH_EXTENSIONS_DIR=/tmp/te
+note() { echo "== [$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/stages.txt"; }
+
+wheels=(.device/wheels/*.whl .device/wheels-wkv/*.whl)
+if ls "${wheels[@]}" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" 2>&1 | tail -3
+else
+  note "no carried wheels: fla (the default backend's kernels) and ninja may be missing"
+fi
+if ls .device/triton-cache.tgz.* >/dev/null 2>&1; then
+  cat .device/triton-cache.tgz.* | tar xzf - -C /tmp 2>/dev/null && note "compile caches restored: $(du -sh /tmp/tc /tmp/ti /tmp/te | tr '\n' ' ')"
+fi
+if [ -f .device/blinkdl-src/src/model.py ]; then
+  rm -rf bench/_external/blinkdl-src && cp -r .device/blinkdl-src bench/_external/blinkdl-src
+fi
+
+# run NAME CAP CMD...: CMD under timeout (CAP seconds, or what the call has left), output in $OUT/NAME.log
+run() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((LIMIT - RESERVE - SECONDS))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 20 ]; then
+    note "$name: skipped (${left}s left)"
+    return 124
+  fi
+  note "$name: start (up to ${t}s)"
+  timeout -k 5 "$t" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  note "$name: exit $rc"
+  tail -4 "$OUT/$name.log"
+  return $rc
+}
+
+TP=("$PY" bench/throughput.py --warmup "$WARMUP" --steps "$STEPS")
+
+for stage in ${STAGES//,/ }; do
+  case $stage in
+    host)
+      { uname -r; grep -m1 "model name" /proc/cpuinfo; nvidia-smi --query-gpu=name,driver_version,memory.total \
+          --format=csv,noheader; command -v nvcc && nvcc --version | tail -1; } >"$OUT/host.txt" 2>&1
+      run host 60 "${TP[@]}" --rows none --out "$OUT/host"
+      ;;
+    blinkdl)
+      jit=1
+      for shape in 0.1b 0.4b; do
+        run "blinkdl_$shape" 200 "$PY" bench/blinkdl_step.py --src bench/_external/blinkdl-src --shape "$shape" \
+          --jit $jit --out "$OUT/blinkdl_$shape.json"
+        if [ ! -f "$OUT/blinkdl_$shape.json" ] && [ $jit = 1 ]; then
+          jit=0
+          run "blinkdl_${shape}_nojit" 150 "$PY" bench/blinkdl_step.py --src bench/_external/blinkdl-src \
+            --shape "$shape" --jit 0 --out "$OUT/blinkdl_$shape.json"
+        fi
+      done
+      ;;
+    cuda)
+      run tp_cuda 200 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm,denoiser-causal-full $FAST --wkv-backend cuda \
+        --profile 8 --out "$OUT/tp_cuda"
+      ;;
+    default)
+      run tp_default 170 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm,denoiser-causal-full $FAST \
+        --wkv-backend "$DEFAULT_BACKEND" --profile 8 --out "$OUT/tp_default"
+      ;;
+    llama)
+      run tp_llama 90 "${TP[@]}" --shapes 0.1b,0.4b --rows llama-lm --no-count-flops --profile 8 --out "$OUT/tp_llama"
+      ;;
+    graphs)
+      DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
+      ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs)" ;;
+  esac
+done
+
+"$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.md"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+def load(p):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+def f(x, spec=",.0f"):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+host = (load(out / "host" / "results.json") or {}).get("host")
+print(f"# Speed call\n\nHost: {host}\n")
+print("| shape | what | tokens/s (step alone) | back to back | kernel-bound | GPU kernel ms / step | launches / step | status |")
+print("|---|---|---:|---:|---:|---:|---:|---|")
+for shape in ("0.1b", "0.4b"):
+    b = load(out / f"blinkdl_{shape}.json")
+    if b:
+        print(f"| {shape} | BlinkDL train_temp (jit {b['env']['RWKV_JIT_ON']}) | {f(b.get('tokens_per_s'))} | "
+              f"{f(b.get('tokens_per_s_run'))} | {f(b.get('tokens_per_s_kernel_bound'))} | "
+              f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | {b.get('status')} |")
+    for tag in ("tp_cuda", "tp_default", "tp_llama"):
+        res = load(out / tag / "results.json") or {"rows": []}
+        for r in res["rows"]:
+            if r["shape"] != shape:
+                continue
+            prof = r.get("profile") or {}
+            kms = prof.get("gpu_kernel_ms_per_step")
+            kb = res["batch"] * res["length"] / (kms / 1000) if kms else None
+            what = f"{r['row']} ({(r.get('notes') or {}).get('wkv_backend', '-')})"
+            print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
+                  f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {r['status']} |")
+EOF
+
+if [ -n "${NOSAVE:-}" ]; then exit 0; fi
+tar czf - -C /tmp tc ti te 2>/dev/null | split -b 15M - "$OUT/triton-cache.tgz."
+note "caches saved: $(ls -la "$OUT"/triton-cache.tgz.* | awk '{s += $5} END {printf "%.1f MB", s / 1e6}')"

@@ -1,0 +1,51 @@
+"""bench/speed_call.sh without a GPU: it parses, a stage past the call's time budget is skipped (saying so), and the
+summary puts BlinkDL's step (wall and kernel-bound) beside our rows from the stages' result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "bench" / "speed_call.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(out, **env):
+    full = {**os.environ, "OUT": str(out), "NOSAVE": "1", **env}
+    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+def test_a_stage_without_time_left_is_skipped(tmp_path):
+    res = run(tmp_path, STAGES="host,nosuch", LIMIT="30", RESERVE="25")
+    assert res.returncode == 0, res.stderr[-2000:]
+    stages = (tmp_path / "stages.txt").read_text()
+    assert "host: skipped" in stages and "unknown stage nosuch" in stages
+
+
+def test_summary_sets_his_step_beside_ours(tmp_path):
+    his = {"env": {"RWKV_JIT_ON": "1"}, "tokens_per_s": 140000.0, "tokens_per_s_run": 141000.0,
+           "tokens_per_s_kernel_bound": 180000.0, "gpu_kernel_ms_per_step": 45.5, "kernels_per_step": 1500,
+           "status": "ok"}  # fmt: skip
+    (tmp_path / "blinkdl_0.1b.json").write_text(json.dumps(his))
+    ours = {"batch": 16, "length": 512, "rows": [
+        {"shape": "0.1b", "row": "rwkv7-lm", "status": "ok", "tokens_per_s": 150000.0, "tokens_per_s_run": 160000.0,
+         "notes": {"wkv_backend": "cuda"}, "profile": {"gpu_kernel_ms_per_step": 40.96, "kernels_per_step": 900}},
+        {"shape": "0.4b", "row": "denoiser-causal-full", "status": "OOM"}]}  # fmt: skip
+    (tmp_path / "tp_cuda").mkdir()
+    (tmp_path / "tp_cuda" / "results.json").write_text(json.dumps(ours))
+    res = run(tmp_path, STAGES="")
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 0.1b | BlinkDL train_temp (jit 1) | 140,000 | 141,000 | 180,000 | 45.5 | 1,500 | ok |" in md
+    assert "| 0.1b | rwkv7-lm (cuda) | 150,000 | 160,000 | 200,000 | 41.0 | 900 | ok |" in md  # 8192 / 40.96 ms
+    assert "| 0.4b | denoiser-causal-full (-) | - | - | - | - | - | OOM |" in md
