@@ -146,6 +146,7 @@ def in_folder(path: Path):
 def _exec_model(src: Path, name: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(name, src / "src" / "model.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # inspect (TorchScript reads his sources) finds a class's file through sys.modules
     with in_folder(src):
         spec.loader.exec_module(module)
     return module
@@ -174,6 +175,7 @@ def exec_without_building(src: Path) -> tuple[types.ModuleType | None, list[dict
         return None, calls
     finally:
         cpp_extension.load, torch.library.register_autograd, torch.jit.script = saved
+        sys.modules.pop("_blinkdl_model_unbuilt", None)
 
 
 def _build_one(job: tuple[str, dict]) -> tuple[str, float, str | None]:

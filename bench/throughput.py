@@ -306,6 +306,7 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
     from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks, compile_regions
+    from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
 
     torch.manual_seed(0)
     with torch.device(dev):
@@ -331,8 +332,8 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
 
     grad, frozen = matrix_params(model)
     step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
-    notes = {"wkv_backend": a.wkv_backend, "compile_regions": a.compile_regions, "compile_blocks": a.compile_blocks,
-             "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce}  # fmt: skip
+    notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
+             "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce}  # fmt: skip
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 

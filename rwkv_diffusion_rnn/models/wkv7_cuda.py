@@ -2,8 +2,9 @@
 
 Same contract as the ``triton`` backend for training: operands ``[B, T, H, 64]`` (head size 64 only), ``w`` the log
 decay, ``S[k, v]`` state, output in ``r``'s dtype and the fp32 final state (differentiable: its gradient seeds the
-backward). No initial state: one given raises :class:`DiffRwkvError` (use ``triton`` or ``reference``). Operands in
-bf16 (the model's activations, with ``w`` in fp32 or bf16) or fp32; other dtypes are computed in fp32.
+backward). No initial state: one given raises :class:`DiffRwkvError` (use ``triton`` or ``reference``). With ``r``
+in bf16 the kernel runs on bf16 operands (k, v, a, b rounded to bf16, ``w`` kept in fp32); otherwise in fp32
+(:func:`kernel_dtypes`).
 
 The kernels (``csrc/wkv7_cuda.cu``, design and gradient formulas in its header; torch glue in ``wkv7_cuda.cpp``)
 are built with :func:`torch.utils.cpp_extension.load` on first use, for the current GPU's architecture, into
@@ -163,6 +164,15 @@ def _backward(ctx, do, dht, _dsa, _dckpt):
 wkv7_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def kernel_dtypes(r_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """The kernel's operand dtype and its ``w`` dtype: with ``r`` in bf16 (the model under bf16 autocast, where
+    k, v, a, b come out of fp32 elementwise work) the bf16 kernel, k, v, a, b rounded to bf16 as fla rounds them,
+    ``w`` kept in fp32 (or bf16 where it is); otherwise everything in fp32."""
+    if r_dtype == torch.bfloat16:
+        return torch.bfloat16, w_dtype if w_dtype in (torch.bfloat16, torch.float32) else torch.float32
+    return torch.float32, torch.float32
+
+
 def wkv7_cuda(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -189,10 +199,7 @@ def wkv7_cuda(
     if T == 0:
         return r.new_zeros(B, 0, H, N), r.new_zeros(B, H, N, N, dtype=torch.float32)
     dtype = r.dtype
-    kernel_dtype = torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in (r, k, v, a, b)) else torch.float32
-    w_dtype = (
-        w.dtype if kernel_dtype == torch.bfloat16 and w.dtype in (torch.bfloat16, torch.float32) else torch.float32
-    )
+    kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
     ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
     operands = (ops[0], w.to(w_dtype).contiguous(), *ops[1:])
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b))

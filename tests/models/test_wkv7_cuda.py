@@ -224,6 +224,17 @@ def test_a_call_with_a_state_goes_to_another_backend():
     torch.testing.assert_close(S, S_ref)
 
 
+def test_kernel_dtypes_follow_r():
+    """Under bf16 autocast the model hands r (and sometimes v) in bf16, w/k/a/b in fp32: the bf16 kernel runs, w
+    stays fp32; an fp32 (or fp16) r runs the fp32 kernel."""
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    assert wc.kernel_dtypes(bf16, f32) == (bf16, f32)
+    assert wc.kernel_dtypes(bf16, bf16) == (bf16, bf16)
+    assert wc.kernel_dtypes(bf16, f16) == (bf16, f32)
+    assert wc.kernel_dtypes(f32, bf16) == (f32, f32)
+    assert wc.kernel_dtypes(f16, f16) == (f32, f32)
+
+
 # ---------------------------------------------------------------- the custom operators, kernels emulated on the CPU
 
 
