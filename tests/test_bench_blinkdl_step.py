@@ -115,47 +115,78 @@ def test_his_module_runs_without_building(mini_src, his_env):
 # ---------------------------------------------------------------------------------------------- his own source
 
 
+# His fused CUDA kernels stood in for by plain PyTorch with the same shapes (the plumbing, not his numbers); plain
+# module-level functions, so that TorchScript (RWKV_JIT_ON=1) compiles them into his scripted time mixing.
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, [0, 0, 1, -1]) - x
+
+
+def _mix6(
+    x: torch.Tensor, x_r: torch.Tensor, x_w: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor, x_a: torch.Tensor,
+    x_g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    xx = _shift(x)
+    return x + xx * x_r, x + xx * x_w, x + xx * x_k, x + xx * x_v, x + xx * x_a, x + xx * x_g
+
+
+def _vres(v: torch.Tensor, v_first: torch.Tensor, v0: torch.Tensor, v12: torch.Tensor) -> torch.Tensor:
+    return v + (v_first - v) * torch.sigmoid(v0 + v12)
+
+
+def _a_gate(a0: torch.Tensor, a12: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(a0 + a12)
+
+
+def _kk_pre(
+    k: torch.Tensor, k_k: torch.Tensor, a: torch.Tensor, k_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, C = k.shape
+    kk = F.normalize((k * k_k).view(B, T, C // 64, 64), dim=-1).view(B, T, C)
+    return k * (1 + (a - 1) * k_a), -kk, kk * a
+
+
+def _wkv(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    return v * torch.sigmoid(r + w + k + a + b)
+
+
+def _lnx(
+    x: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_k: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, g: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    return x * g
+
+
+class _Cmix:
+    @staticmethod
+    def apply(x, x_k, key, value):
+        return torch.relu((x + _shift(x) * x_k) @ key.t()).square() @ value.t()
+
+
 def _pytorch_stand_ins(module) -> None:
-    """His fused CUDA kernels replaced by plain PyTorch with the same shapes (the plumbing, not his numbers)."""
-
-    def shift(x):
-        return F.pad(x, (0, 0, 1, -1)) - x
-
-    def mix6(x, *mus):
-        xx = shift(x)
-        return tuple(x + xx * m for m in mus)
-
-    def kk_pre(k, k_k, a, k_a):
-        B, T, C = k.shape
-        kk = F.normalize((k * k_k).view(B, T, -1, 64), dim=-1).view(B, T, C)
-        return k * (1 + (a - 1) * k_a), -kk, kk * a
-
-    class Cmix:
-        @staticmethod
-        def apply(x, x_k, key, value):
-            return torch.relu((x + shift(x) * x_k) @ key.t()).square() @ value.t()
-
-    module.tmix_mix6_bf16_v5 = mix6
-    module.tmix_vres_gate_bf16_v3 = lambda v, v_first, v0, v12: v + (v_first - v) * torch.sigmoid(v0 + v12)
-    module.tmix_a_gate_bf16 = lambda a0, a12: torch.sigmoid(a0 + a12)
-    module.tmix_kk_pre_bf16_v5 = kk_pre
-    module.RWKV7_CLAMPW_CUDA = lambda r, w, k, v, a, b: v * torch.sigmoid(r + w + k + a + b)
-    module.tmix_lnx_rkvres_xg_bf16_v1 = lambda x, r, k, v, r_k, weight, bias, g: x * g
-    module._CmixLayerV2Fn = Cmix
+    module.tmix_mix6_bf16_v5 = _mix6
+    module.tmix_vres_gate_bf16_v3 = _vres
+    module.tmix_a_gate_bf16 = _a_gate
+    module.tmix_kk_pre_bf16_v5 = _kk_pre
+    module.RWKV7_CLAMPW_CUDA = _wkv
+    module.tmix_lnx_rkvres_xg_bf16_v1 = _lnx
+    module._CmixLayerV2Fn = _Cmix
     module.l2wrap_cross_entropy = lambda logits, targets: F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten()
     )
 
 
 @pytest.mark.skipif(not (HIS / "src" / "model.py").is_file(), reason="needs his train_temp copy in bench/_external")
-def test_his_model_builds_and_steps_with_stand_in_kernels(his_env):
+@pytest.mark.parametrize("jit", [0, 1])
+def test_his_model_builds_and_steps_with_stand_in_kernels(his_env, jit):
     """His real model.py: the constructor takes our args, every cuda/ file it builds is named, and our step (his
     training_step, backward, clipping, fused AdamW) runs and lowers the loss on one repeated batch."""
     torch.manual_seed(0)
     a = bs.build_parser().parse_args(["--src", str(HIS), "--shape", "tiny", "--batch", "2", "--length", "32",
-                                      "--jit", "0", "--init", "plain", "--lr", "1e-2"])  # fmt: skip
+                                      "--jit", str(jit), "--init", "plain", "--lr", "1e-2"])  # fmt: skip
     his_env(a)
-    assert os.environ["RWKV_JIT_ON"] == "0"
+    assert os.environ["RWKV_JIT_ON"] == str(jit)
     module, calls = bs.exec_without_building(HIS)
     assert module is not None
     assert sorted(f for c in calls for f in c["sources"]) == bs.cuda_sources((HIS / "src" / "model.py").read_text(), a)
@@ -163,5 +194,7 @@ def test_his_model_builds_and_steps_with_stand_in_kernels(his_env):
     step, n_params = bs.build_step(module, a, bs.SHAPES["tiny"], torch.device("cpu"))
     L, D, V = bs.SHAPES["tiny"]
     assert n_params > 2 * V * D + L * 12 * D * D
+    if jit:  # his time mixing compiled by TorchScript, around the stand-ins
+        assert issubclass(module.RWKV_Tmix_x070, torch.jit.ScriptModule)
     losses = [float(step()) for _ in range(4)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
