@@ -117,14 +117,16 @@ def f(x, spec=",.0f"):
     return format(x, spec) if isinstance(x, (int, float)) else "-"
 host = (load(out / "host" / "results.json") or {}).get("host")
 print(f"# Speed call\n\nHost: {host}\n")
-print("| shape | what | tokens/s (step alone) | back to back | kernel-bound | GPU kernel ms / step | launches / step | status |")
-print("|---|---|---:|---:|---:|---:|---:|---|")
+print("| shape | what | tokens/s (step alone) | back to back | kernel-bound | GPU kernel ms / step | launches / step "
+      "| loss 1st step | status |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---|")
 for shape in ("0.1b", "0.4b"):
     b = load(out / f"blinkdl_{shape}.json")
     if b:
         print(f"| {shape} | BlinkDL train_temp (jit {b['env']['RWKV_JIT_ON']}) | {f(b.get('tokens_per_s'))} | "
               f"{f(b.get('tokens_per_s_run'))} | {f(b.get('tokens_per_s_kernel_bound'))} | "
-              f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | {b.get('status')} |")
+              f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | "
+              f"{f(b.get('first_loss'), '.4f')} | {b.get('status')} |")
     for tag in ("tp_cuda", "tp_default", "tp_llama"):
         res = load(out / tag / "results.json") or {"rows": []}
         for r in res["rows"]:
@@ -135,7 +137,8 @@ for shape in ("0.1b", "0.4b"):
             kb = res["batch"] * res["length"] / (kms / 1000) if kms else None
             what = f"{r['row']} ({(r.get('notes') or {}).get('wkv_backend', '-')})"
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
-                  f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {r['status']} |")
+                  f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
+                  f"{r['status']} |")
 EOF
 
 if [ -n "${NOSAVE:-}" ]; then exit 0; fi

@@ -35,17 +35,20 @@ def test_a_stage_without_time_left_is_skipped(tmp_path):
 def test_summary_sets_his_step_beside_ours(tmp_path):
     his = {"env": {"RWKV_JIT_ON": "1"}, "tokens_per_s": 140000.0, "tokens_per_s_run": 141000.0,
            "tokens_per_s_kernel_bound": 180000.0, "gpu_kernel_ms_per_step": 45.5, "kernels_per_step": 1500,
-           "status": "ok"}  # fmt: skip
+           "first_loss": 11.1, "status": "ok"}  # fmt: skip
     (tmp_path / "blinkdl_0.1b.json").write_text(json.dumps(his))
     ours = {"batch": 16, "length": 512, "rows": [
         {"shape": "0.1b", "row": "rwkv7-lm", "status": "ok", "tokens_per_s": 150000.0, "tokens_per_s_run": 160000.0,
-         "notes": {"wkv_backend": "cuda"}, "profile": {"gpu_kernel_ms_per_step": 40.96, "kernels_per_step": 900}},
+         "first_loss": 11.05, "notes": {"wkv_backend": "cuda"},
+         "profile": {"gpu_kernel_ms_per_step": 40.96, "kernels_per_step": 900}},
         {"shape": "0.4b", "row": "denoiser-causal-full", "status": "OOM"}]}  # fmt: skip
     (tmp_path / "tp_cuda").mkdir()
     (tmp_path / "tp_cuda" / "results.json").write_text(json.dumps(ours))
     res = run(tmp_path, STAGES="")
     assert res.returncode == 0, res.stderr[-2000:]
     md = (tmp_path / "summary.md").read_text()
-    assert "| 0.1b | BlinkDL train_temp (jit 1) | 140,000 | 141,000 | 180,000 | 45.5 | 1,500 | ok |" in md
-    assert "| 0.1b | rwkv7-lm (cuda) | 150,000 | 160,000 | 200,000 | 41.0 | 900 | ok |" in md  # 8192 / 40.96 ms
-    assert "| 0.4b | denoiser-causal-full (-) | - | - | - | - | - | OOM |" in md
+    assert "| 0.1b | BlinkDL train_temp (jit 1) | 140,000 | 141,000 | 180,000 | 45.5 | 1,500 | 11.1000 | ok |" in md
+    assert (
+        "| 0.1b | rwkv7-lm (cuda) | 150,000 | 160,000 | 200,000 | 41.0 | 900 | 11.0500 | ok |" in md
+    )  # 8192 / 40.96 ms
+    assert "| 0.4b | denoiser-causal-full (-) | - | - | - | - | - | - | OOM |" in md
