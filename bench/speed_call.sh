@@ -15,14 +15,15 @@
 #   cuda      ours, rwkv7-lm and denoiser-causal-full, the fast path, --wkv-backend cuda, 0.1B and 0.4B: tp_cuda/
 #   default   the same with --wkv-backend $DEFAULT_BACKEND (auto: fla where it imports): tp_default/
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
-#   graphs    (not in the default list) bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda: graphs.json
+#   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
+#             eager, model and trainer level): graphs.json
 # Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts):
 # carry them as .device/triton-cache.tgz.* next time.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_call}
 LIMIT=${LIMIT:-540}
 RESERVE=${RESERVE:-25}
-STAGES=${STAGES:-host,blinkdl,cuda,default,llama}
+STAGES=${STAGES:-host,blinkdl,cuda,default,llama,graphs}
 DEFAULT_BACKEND=${DEFAULT_BACKEND:-auto}
 WARMUP=${WARMUP:-12}
 STEPS=${STEPS:-8}
