@@ -108,7 +108,7 @@ def make_step(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if fast:
         from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
-        from rwkv_diffusion_rnn.models.rwkv7 import compile_blocks
+        from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
 
         compile_blocks(model, 1.0)  # torch's default budget, whatever a diffusion run before it set
         enable_cuda_graphs(model)

@@ -108,7 +108,7 @@ def pretrain(
     model.train()
     if fast:
         from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs
-        from rwkv_diffusion_rnn.models.rwkv7 import compile_blocks
+        from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
 
         compile_blocks(model, 1.0)
         enable_cuda_graphs(model)

@@ -244,7 +244,7 @@ def host_line(h: dict) -> str:
 def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch.device) -> Runner:
     from rwkv_diffusion_rnn.config import TrainConfig
     from rwkv_diffusion_rnn.improved_trainer import Trainer
-    from rwkv_diffusion_rnn.models.rwkv7 import compile_blocks, compile_regions
+    from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
 
     data = synthetic_data(work / f"data_T{a.length}_V{shape[2]}", 2 * a.batch, a.length, shape[2])
@@ -305,7 +305,8 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks, compile_regions
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+    from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
 
     torch.manual_seed(0)
@@ -673,12 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile-regions",
         action="store_true",
-        help="torch.compile the blocks' elementwise regions (models/rwkv7.py compile_regions) in our rows",
+        help="torch.compile the blocks' elementwise regions (models/rwkv7_compile.py) in our rows",
     )
     p.add_argument(
         "--compile-blocks",
         action="store_true",
-        help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7.py compile_blocks)",
+        help="torch.compile each RWKV-7 block, the WKV call excluded (models/rwkv7_compile.py)",
     )
     p.add_argument(
         "--compile-denoiser",

@@ -128,7 +128,7 @@ class TrainingConfig:
     dtype: str = "bf16"  # fp32 | bf16 | fp16: autocast dtype; master weights stay fp32
     ema_decay: float = 0.0  # 0: no EMA
     compile: bool = False  # torch.compile the denoiser
-    compile_blocks: bool = False  # torch.compile each RWKV-7 block, the WKV kernel excluded (models/rwkv7.py)
+    compile_blocks: bool = False  # torch.compile each RWKV-7 block, the WKV kernel excluded (models/rwkv7_compile.py)
     # with compile_blocks: share (0, 1] of a block's saved activations kept for the backward; the rest is recomputed
     # (0.5: 0.4B peak 19.3 -> 13.6 GiB for 3 % speed on an H200). 1 = keep all (torch's default)
     memory_budget: float = 1.0

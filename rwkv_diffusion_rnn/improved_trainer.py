@@ -55,7 +55,8 @@ from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, compile_blocks
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser, compile_denoiser_regions
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
 from rwkv_diffusion_rnn.optimizer import (

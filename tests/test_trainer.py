@@ -301,9 +301,9 @@ def test_unknown_config_key_is_refused_by_name(tmp_path):
 
 def test_diffrwkv_train_verb_finds_the_config(setup, tmp_path):
     root, p = setup
-    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.cli", "train", *ORIGINAL_SMOKE, f"model.rwkv_name={root / 'bb.pth'}",
-           f"data.json_path={p['json']}", f"data.token_dir={p['token_dir']}", f"data.latent_dir={p['latent_dir']}",
-           "data.max_samples=4", f"logging.save_dir={tmp_path}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.cli", "train", *ORIGINAL_SMOKE,
+           f"model.rwkv_name={root / 'bb.pth'}", f"data.json_path={p['json']}", f"data.token_dir={p['token_dir']}",
+           f"data.latent_dir={p['latent_dir']}", "data.max_samples=4", f"logging.save_dir={tmp_path}"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(tmp_path.glob("step_*"))

@@ -3,11 +3,11 @@
 The time-mix and channel-mix are a few matmuls surrounded by many elementwise operations on [B, T, C] tensors;
 on a GPU the latter are memory-bound and, run one kernel each, cost more than the matmuls at the g1 sizes. They
 are written here as pure functions of tensors so that
-:func:`~rwkv_diffusion_rnn.models.rwkv7.compile_regions` can hand them to ``torch.compile`` (which fuses each
+:func:`~rwkv_diffusion_rnn.models.rwkv7_compile.compile_regions` can hand them to ``torch.compile`` (which fuses each
 region, forward and backward, into a few kernels) without touching the module code; the plain functions stay the
 reference (tests/models/test_rwkv7_regions.py compares the two).
 
-:data:`PLAIN` is the set the blocks use by default; ``rwkv7.compile_regions`` swaps in compiled copies.
+:data:`PLAIN` is the set the blocks use by default; ``rwkv7_compile.compile_regions`` swaps in compiled copies.
 """
 
 from __future__ import annotations

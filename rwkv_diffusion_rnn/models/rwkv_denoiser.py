@@ -383,7 +383,7 @@ def compile_denoiser_regions(model: nn.Module) -> int:
     (tests/models/test_rwkv_denoiser.py compares gradients with eager). Only the training forward (module in
     training mode, gradients on) runs them: evaluation and sampling, whose shapes vary, stay eager, so they do not
     use up dynamo's recompile limit. Idempotent; a copy of the model (deepcopy) keeps the switch."""
-    from rwkv_diffusion_rnn.models.rwkv7 import inductor_guard
+    from rwkv_diffusion_rnn.models.rwkv7_compile import inductor_guard
 
     inductor_guard()
     n = 0

@@ -8,13 +8,8 @@ import random
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.models.rwkv7 import (
-    ChannelMix,
-    TimeMix,
-    compile_blocks,
-    compile_regions,
-    compiled_regions,
-)
+from rwkv_diffusion_rnn.models.rwkv7 import ChannelMix, TimeMix
+from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions, compiled_regions
 from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN
 from tests.conftest import random_rwkv7
 
