@@ -23,13 +23,24 @@ FALLBACK_TEXT = (
 )
 
 
+def _seed_global_rngs() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def seeded_module_rngs():
+    """Module-scoped fixtures (a trained tiny run shared by a file's tests) are built from seeded global generators
+    too, whichever tests ran before the module: autouse fixtures of a scope are set up before the others of it."""
+    _seed_global_rngs()
+
+
 @pytest.fixture(autouse=True)
 def seeded_global_rngs():
     """Every test starts from seeded global generators (torch, NumPy's legacy one, Python's), so a draw made without
     a generator of its own is the same on every run and a failure can be reproduced."""
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
+    _seed_global_rngs()
 
 
 @pytest.fixture(scope="module")
