@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from rwkv_diffusion_rnn import metrics as M
-from rwkv_diffusion_rnn.data_simple import PairedTextLatentDataset, collate_batch, pad_with_eot
+from rwkv_diffusion_rnn.data_simple import PairedTextLatentDataset
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.eval_data import (
     EvalData,
@@ -47,8 +47,8 @@ from rwkv_diffusion_rnn.eval_data import (
     take_targets,
 )
 from rwkv_diffusion_rnn.pipeline import LoadedModel
-
-EVAL_SALT = 99991  # the trainer's validation noise stream (Trainer.evaluate): the same corruption per batch
+from rwkv_diffusion_rnn.train_data import collate
+from rwkv_diffusion_rnn.train_metrics import VALIDATION_SALT
 
 
 class Sampler(Protocol):
@@ -120,9 +120,7 @@ def _autocast(m: LoadedModel, device: str):
 
 def collate_rows(m: LoadedModel, samples: list[dict]) -> dict[str, torch.Tensor]:
     """Batch rows as training did (right padding, or end-of-text padding to ``data.pad_to_length``)."""
-    batch = collate_batch(samples)
-    n = m.config.data.pad_to_length
-    return pad_with_eot(batch, n) if n else batch
+    return collate(samples, m.config.data.pad_to_length)
 
 
 @torch.no_grad()
@@ -156,12 +154,12 @@ def likelihood_metrics(
         idx = range(i * batch_size, min((i + 1) * batch_size, n))
         batch = {k: v.to(device) for k, v in collate_rows(m, [rows[j] for j in idx]).items()}
         ones = torch.ones(2, device=device)
-        c = obj.corrupt(batch, "l2t", i, 0, 0, 1, salt=EVAL_SALT)
+        c = obj.corrupt(batch, "l2t", i, 0, 0, 1, salt=VALIDATION_SALT)
         with _autocast(m, device):
             _, st = obj.loss(m.denoiser, c, ones)
         sums[0] += float(st["sums"][0])
         sums[1] += float(c.counts("elbo")[0])
-        c = obj.corrupt(batch, "t2l", i, 2, 0, 1, salt=EVAL_SALT)
+        c = obj.corrupt(batch, "t2l", i, 2, 0, 1, salt=VALIDATION_SALT)
         with _autocast(m, device):
             _, st = obj.loss(m.denoiser, c, ones)
         sums[2] += float(st["sums"][3])

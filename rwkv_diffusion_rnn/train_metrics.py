@@ -37,7 +37,7 @@ import torch
 
 from rwkv_diffusion_rnn import distributed
 
-#: the validation noise stream (the corruption of each validation batch); evaluate.py's EVAL_SALT is the same
+#: the validation noise stream (the corruption of each validation batch), shared with evaluate.likelihood_metrics
 VALIDATION_SALT = 99991
 
 
