@@ -27,6 +27,7 @@ STAGES=${STAGES:-host,blinkdl,cuda,default,llama,graphs}
 DEFAULT_BACKEND=${DEFAULT_BACKEND:-auto}
 WARMUP=${WARMUP:-12}
 STEPS=${STEPS:-8}
+PROFILE=${PROFILE:-8}
 FAST="--compile-blocks --cuda-graphs --chunked-ce --memory-budget 0.5 --compile-denoiser --device-cache --no-count-flops"
 mkdir -p "$OUT" bench/_external /tmp/tc /tmp/ti /tmp/te
 PY=$(command -v python3 || command -v python)
@@ -87,15 +88,15 @@ for stage in ${STAGES//,/ }; do
       done
       ;;
     cuda)
-      run tp_cuda 200 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm,denoiser-causal-full $FAST --wkv-backend cuda \
-        --profile 8 --out "$OUT/tp_cuda"
+      run tp_cuda ${CUDA_CAP:-200} "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm,denoiser-causal-full $FAST --wkv-backend cuda \
+        --profile "$PROFILE" --out "$OUT/tp_cuda"
       ;;
     default)
       run tp_default 170 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm,denoiser-causal-full $FAST \
-        --wkv-backend "$DEFAULT_BACKEND" --profile 8 --out "$OUT/tp_default"
+        --wkv-backend "$DEFAULT_BACKEND" --profile "$PROFILE" --out "$OUT/tp_default"
       ;;
     llama)
-      run tp_llama 90 "${TP[@]}" --shapes 0.1b,0.4b --rows llama-lm --no-count-flops --profile 8 --out "$OUT/tp_llama"
+      run tp_llama 90 "${TP[@]}" --shapes 0.1b,0.4b --rows llama-lm --no-count-flops --profile "$PROFILE" --out "$OUT/tp_llama"
       ;;
     graphs)
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
@@ -142,6 +143,10 @@ for shape in ("0.1b", "0.4b"):
                   f"{r['status']} |")
 EOF
 
+# Only 8 files come back from a device call: everything but the summary and the cache parts goes into results.tgz.
+( cd "$OUT" && tar czf /tmp/results.tgz --exclude='triton-cache.tgz.*' . && \
+  find . -mindepth 1 -maxdepth 1 ! -name summary.md ! -name 'triton-cache.tgz.*' -exec rm -rf {} + && \
+  mv /tmp/results.tgz results.tgz )
 if [ -n "${NOSAVE:-}" ]; then exit 0; fi
 tar czf - -C /tmp tc ti te 2>/dev/null | split -b 15M - "$OUT/triton-cache.tgz."
 note "caches saved: $(ls -la "$OUT"/triton-cache.tgz.* | awk '{s += $5} END {printf "%.1f MB", s / 1e6}')"
