@@ -8,6 +8,11 @@ with fp32 master weights (as training runs), the loss, the argmax and the gradie
 with ``F.cross_entropy`` on autocast logits (the reference the CPU tests use), at the g1 0.1B head (8,192 rows x
 768 x 65,536) and a ragged row count. The reference itself rounds the logits and their gradient to bf16, so the
 bounds are bf16-level. Prints one line per quantity; exits non-zero if a bound is missed.
+
+``--time CHUNKS`` (e.g. ``1024,2048,4096,8192``) then times the head + cross-entropy forward and backward at 8,192
+rows and 65,536 classes for widths 768 and 1,024 (the 0.1B and 0.4B heads) with each chunk size (median of
+``triton.testing.do_bench``, fp32 master weight under bf16 autocast, as the training step runs it), with its peak
+memory above the inputs and its loss against the reference: what the chunk size costs in time and memory.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--time", default="", help="comma-separated chunk sizes to time (empty: only the checks)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -79,10 +85,53 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"shape": [n, c, v], "check": name, "err": err, "bound": bound, "ok": good,
                          "weight_grad_in_gemm": in_gemm})  # fmt: skip
             print(f"{n} x {c} x {v}  {name:22s} {err:.2e} (bound {bound:.0e}) {'ok' if good else 'MISSED'}")
+    timings = time_chunks([int(c) for c in args.time.split(",") if c], dev) if args.time else []
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows, "timings": timings}, f, indent=1)
     return 0 if ok else 1
+
+
+def time_chunks(chunks: list[int], dev: torch.device) -> list[dict]:
+    """Forward + backward time, peak memory and loss error of the chunked head per chunk size (see the docstring)."""
+    from triton.testing import do_bench
+
+    from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
+
+    out = []
+    for c in (768, 1024):
+        n, v = 8192, 65536
+        g = torch.Generator(dev).manual_seed(c)
+        h = torch.randn(n, c, device=dev, generator=g).to(torch.bfloat16).requires_grad_()
+        w = (torch.randn(v, c, device=dev, generator=g) / c**0.5).requires_grad_()
+        y = torch.randint(0, v, (n,), device=dev, generator=g)
+        with torch.autocast("cuda", torch.bfloat16):
+            ref = F.cross_entropy((h @ w.T).float(), y)
+        for chunk in chunks:
+
+            def step(chunk=chunk, h=h, w=w, y=y):
+                h.grad = w.grad = None
+                with torch.autocast("cuda", torch.bfloat16):
+                    loss = linear_cross_entropy(h, w, y, chunk=chunk)[0].mean()
+                loss.backward()
+                return loss
+
+            loss = step()
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            step()
+            torch.cuda.synchronize(dev)
+            peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+            ms = do_bench(step, warmup=50, rep=300, return_mode="median")
+            row = {"rows": n, "width": c, "classes": v, "chunk": chunk, "ms_fwd_bwd": ms, "peak_gib_above": peak,
+                   "loss_rel_err": abs(float(loss) - float(ref)) / abs(float(ref))}  # fmt: skip
+            out.append(row)
+            print(
+                f"head {n} x {c} x {v}, chunk {chunk:5d}: {ms:.3f} ms fwd+bwd, +{peak:.2f} GiB peak, "
+                f"loss rel err {row['loss_rel_err']:.1e}"
+            )
+    return out
 
 
 if __name__ == "__main__":

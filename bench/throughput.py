@@ -72,6 +72,7 @@ import gc
 import inspect
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -448,12 +449,38 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
     return out
 
 
+# Kernel-name patterns for the profile's categories, first match wins (ours, BlinkDL's, fla's, cuBLAS, inductor, aten).
+KERNEL_CATEGORIES = (
+    ("wkv", r"wkv|_kernel_preload|chunk_dplr|chunk_rwkv|fused_recurrent|chunk_fwd|chunk_bwd|chunk_scaled_dot"),
+    ("gemm", r"nvjet|gemm|cutlass|xmma|cublas|sm90_|sm80_"),
+    ("optimizer", r"multi_tensor_apply|FusedOptimizer|fused_adam|adamw"),
+    ("head loss", r"logsumexp|arange_eq_exp|l2wrap|cross_entropy|nll_loss|softmax"),
+    ("fused tmix/cmix (hand-written)", r"tmix|cmix"),
+    ("compiled elementwise (Triton)", r"^triton_"),
+    ("copies / casts", r"copy_kernel|CatArrayBatched|bfloat16_copy|direct_copy"),
+    ("fills", r"FillFunctor|fill_"),
+    ("eager elementwise / norms", r"elementwise_kernel|reduce_kernel|layer_norm|LayerNorm|GammaBeta|group_norm|norm"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The profile category of a CUDA kernel name (:data:`KERNEL_CATEGORIES`; "other" when none matches)."""
+    for cat, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return cat
+    return "other"
+
+
 def kernel_profile(step: Callable[[], object], dev: torch.device, top: int, steps: int = 3) -> dict:
-    """GPU time per step by kernel name over ``steps`` profiled steps (torch.profiler): where the time goes."""
+    """GPU time per step by kernel name over ``steps`` profiled steps (torch.profiler): where the time goes.
+
+    Also by category (:func:`kernel_category`) and by the eager operator that launched the kernels (``ops``: the
+    host-side aten operators with their input shapes, e.g. the gradient copies of autograd; kernels replayed from a
+    CUDA graph or launched by compiled code have no such parent and are left out of ``ops``)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(dev)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -468,13 +495,34 @@ def kernel_profile(step: Callable[[], object], dev: torch.device, top: int, step
             entry[1] += 1
     gpu_ms = sum(v[0] for v in per_name.values())
     kernels = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    categories: dict[str, list[float]] = {}
+    for name, (ms, calls) in per_name.items():
+        c = categories.setdefault(kernel_category(name), [0.0, 0])
+        c[0] += ms
+        c[1] += calls
+    ops = []
+    try:  # a profiler without these fields must not cost the row its figures
+        for e in prof.key_averages(group_by_input_shape=True):
+            ms = getattr(e, "self_device_time_total", 0.0) / 1000 / steps
+            if ms > 0 and e.device_type == torch.autograd.DeviceType.CPU:
+                ops.append({"op": e.key[:80], "shapes": str(e.input_shapes)[:120], "ms_per_step": round(ms, 3),
+                            "calls_per_step": e.count / steps})  # fmt: skip
+    except (AttributeError, RuntimeError) as exc:
+        ops.append({"op": f"(not available: {type(exc).__name__})", "shapes": "", "ms_per_step": 0.0,
+                    "calls_per_step": 0})  # fmt: skip
+    ops.sort(key=lambda o: -o["ms_per_step"])
     return {
         "wall_ms_per_step": 1000 * wall,
         "gpu_kernel_ms_per_step": gpu_ms,
         "kernels_per_step": sum(v[1] for v in per_name.values()) / steps,
+        "categories": {
+            k: {"ms_per_step": round(v[0], 3), "calls_per_step": v[1] / steps}
+            for k, v in sorted(categories.items(), key=lambda kv: -kv[1][0])
+        },
         "top": [
             {"name": n[:120], "ms_per_step": round(v[0], 3), "calls_per_step": v[1] / steps} for n, v in kernels[:top]
         ],
+        "ops": ops[:top],
     }
 
 
@@ -614,6 +662,14 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
             lines += [
                 f"| `{k['name'][:90]}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" for k in prof["top"]
             ]
+            if prof.get("categories"):
+                lines += ["", "| category | ms / step | kernels / step |", "|---|---:|---:|"]
+                lines += [f"| {c} | {v['ms_per_step']:.2f} | {v['calls_per_step']:.0f} |"
+                          for c, v in prof["categories"].items()]  # fmt: skip
+            if prof.get("ops"):
+                lines += ["", "| eager operator (input shapes) | ms / step | calls / step |", "|---|---|---:|"]
+                lines += [f"| `{o['op']}` {o['shapes'][:70]} | {o['ms_per_step']:.2f} | {o['calls_per_step']:.0f} |"
+                          for o in prof["ops"]]  # fmt: skip
     if sampling:
         lines += ["", "| shape | sampling run | per s | unit | total s |", "|---|---|---:|---|---:|"]
         for r in sampling:
@@ -702,6 +758,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="our rows: head + cross-entropy in row chunks, no logits kept (models/chunked_ce.py)",
     )
+    p.add_argument(
+        "--ce-chunk",
+        type=int,
+        default=None,
+        help="rows a chunk of the chunked head + cross-entropy (default: models/chunked_ce.py's DEFAULT_CHUNK)",
+    )
     p.add_argument("--no-count-flops", dest="count_flops", action="store_false", help="skip the HFU column")
     p.add_argument("--sampling", action="store_true", help="also measure sampling speed per shape")
     p.add_argument("--sampling-batch", type=int, default=256)
@@ -752,6 +814,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.wkv_backend not in ("auto", *BACKENDS):
         print(f"--wkv-backend {a.wkv_backend}: expected one of auto, {', '.join(BACKENDS)}")
         return 2
+    if a.ce_chunk is not None:
+        if a.ce_chunk <= 0:
+            print(f"--ce-chunk {a.ce_chunk}: expected a positive row count")
+            return 2
+        from rwkv_diffusion_rnn.models import chunked_ce
+
+        chunked_ce.DEFAULT_CHUNK = a.ce_chunk
     if a.memory_budget is not None and not 0 < a.memory_budget <= 1:  # compile_blocks applies it
         print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
         return 2
@@ -780,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_what": what,
         "triton_config": triton_config,
         "memory_budget": a.memory_budget,
+        "ce_chunk": a.ce_chunk,
         **{
             k: getattr(a, k)
             for k in (

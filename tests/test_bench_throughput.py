@@ -166,3 +166,27 @@ def test_llama_rows_with_and_without_the_autocast_cache(tmp_path):
     assert rows["llama-lm"]["notes"]["autocast_cache"] is True  # as a user runs it, whatever --cuda-graphs says
     assert rows["llama-lm-nocache"]["notes"]["autocast_cache"] is False
     assert math.isclose(rows["llama-lm"]["first_loss"], rows["llama-lm-nocache"]["first_loss"], rel_tol=1e-4)
+
+
+def test_kernel_categories_of_names_seen_in_profiles():
+    """The profile's categories (bench/throughput.py) on kernel names from real H100 profiles of ours and BlinkDL's."""
+    from throughput import kernel_category
+
+    seen = {
+        "void (anonymous namespace)::wkv7_bwd_kernel<__nv_bfloat16, float, 2>(int, int, __nv_bfloat": "wkv",
+        "void backward_kernel_preload<64, 16>(int, int, __nv_bfloat16*": "wkv",
+        "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": "gemm",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "FusedOptimizerTenso": "optimizer",
+        "triton_red_fused__to_copy_argmax_gather_logsumexp_squeeze_sub_unsqueeze_0": "head loss",
+        "triton_poi_fused__to_copy_arange_eq_exp_mul_sub_unsqueeze_where_0": "head loss",
+        "void (anonymous namespace)::l2wrap_ce_backward_v2_kernel<c10::BFloat16, 512>": "head loss",
+        "(anonymous namespace)::tmix_kk_pre_backward64_v5_kernel(c10::BFloat16 const*": "fused tmix/cmix (hand-written)",
+        "triton_per_fused__to_copy_native_group_norm_view_0": "compiled elementwise (Triton)",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "copies / casts",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::arr": "fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std:":
+            "eager elementwise / norms",
+        "Memset (Device)": "other",
+    }
+    assert {name: kernel_category(name) for name in seen} == seen

@@ -159,7 +159,7 @@ def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of ``h @ weight.T`` against ``targets`` and the argmax class, without the logits.
@@ -167,7 +167,8 @@ def linear_cross_entropy(
     ``h`` ``[N, C]``, ``weight`` ``[V, C]`` (an ``nn.Linear`` weight), ``targets`` ``[N]`` in ``0 .. V-1``.
     Returns ``(loss [N] fp32, pred [N] long)``; ``pred`` carries no gradient. Under autocast the matmuls run in the
     autocast dtype (the weight is cast once per call, as autocast would). ``fused``: each chunk's fp32 work as one
-    compiled kernel each way (default: on CUDA); ``False`` runs the eager reference."""
+    compiled kernel each way (default: on CUDA); ``False`` runs the eager reference. ``chunk``: rows a chunk (default
+    :data:`DEFAULT_CHUNK`, read at the call)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets "
@@ -181,4 +182,7 @@ def linear_cross_entropy(
         weight = weight.to(h.dtype)
     if fused is None:
         fused = h.is_cuda
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    if chunk <= 0:
+        raise ValueError(f"linear_cross_entropy: chunk must be positive, got {chunk}")
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, bool(fused))

@@ -16,10 +16,13 @@ Backends
 ``triton``     our own sequential Triton kernels, forward and backward (:mod:`.wkv7_triton`; CUDA only, needs
                ``triton``; opt-in: ``auto`` never picks it).
 ``cuda``       our own CUDA kernels, forward and backward, head size 64, no initial state (:mod:`.wkv7_cuda`;
-               built on first use with nvcc and ninja; opt-in: ``auto`` never picks it). Training runs it; a call
-               with an initial state (the samplers' recurrent cache) goes to ``triton`` when triton imports, else
-               ``fla`` when fla imports, else ``reference`` (:func:`wkv7`).
-``auto``       ``fla`` for CUDA tensors when fla imports, else ``reference``.
+               built on first use with nvcc and ninja, ~20 s). Training runs it; a call it cannot take (an
+               initial state, as the samplers' recurrent cache passes, or a head size other than 64) goes to
+               ``triton`` when triton imports, else ``fla`` when fla imports, else ``reference`` (:func:`wkv7`).
+``auto``       for CUDA tensors ``cuda`` where its kernel builds here (a CUDA build of torch, nvcc and ninja found,
+               the build succeeds; checked once per process, a failed build warns once), else ``fla`` when fla
+               imports, else ``reference``. ``cuda`` is the fastest in the training step (docs/RESULTS.md,
+               "WKV-7 in the training step"); fla, the earlier default, stays one setting away.
 
 The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
 ``DIFFRWKV_WKV_BACKEND``, which a call or model asking for ``auto`` (or nothing) follows; an explicit name wins.
@@ -178,7 +181,9 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     if not name or name == "auto":  # "auto" (the config's default) defers to the environment variable too
         name = os.environ.get("DIFFRWKV_WKV_BACKEND") or "auto"
     if name == "auto":
-        return "fla" if device.type == "cuda" and _fla_chunk() is not None else "reference"
+        if device.type != "cuda":
+            return "reference"
+        return "cuda" if cuda_kernel_builds() else "fla" if _fla_chunk() is not None else "reference"
     if name not in BACKENDS:
         raise DiffRwkvError(f"unknown WKV backend '{name}'; expected one of: auto, {', '.join(BACKENDS)}")
     return name
@@ -197,9 +202,30 @@ def wkv7(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a backend (see module docstring). Shapes as in :func:`wkv7_reference`."""
     name = resolve_backend(backend, r.device)
-    if name == "cuda" and state is not None:
+    if name == "cuda" and (state is not None or r.shape[-1] != 64):
         name = stateful_fallback(r.device)
     return BACKENDS[name](r, w, k, v, a, b, state)
+
+
+@lru_cache(maxsize=1)
+def cuda_kernel_builds() -> bool:
+    """Whether backend ``cuda`` can run here: a CUDA build of torch with a GPU, nvcc and ninja, and the kernel
+    builds (the first call builds it, ~20 s, or loads the build folder's copy). A failed build warns once and
+    ``auto`` takes the next backend."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return False
+    from rwkv_diffusion_rnn.models import wkv7_cuda
+
+    try:
+        wkv7_cuda.extension()
+    except Exception as exc:  # no toolkit, no ninja, a compiler error: auto falls back, with one line saying why
+        import warnings
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        warnings.warn(f"WKV backend 'auto': our CUDA kernel is unavailable here ({first}); using the next backend",
+                      stacklevel=2)  # fmt: skip
+        return False
+    return True
 
 
 def stateful_fallback(device: torch.device) -> str:

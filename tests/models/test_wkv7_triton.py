@@ -241,7 +241,7 @@ else:
         assert "triton" in wkv7_mod.BACKENDS
         monkeypatch.delenv("DIFFRWKV_WKV_BACKEND", raising=False)
         assert wkv7_mod.resolve_backend(None, torch.device("cpu")) == "reference"
-        assert wkv7_mod.resolve_backend("auto", torch.device("cuda")) in ("fla", "reference")  # never triton
+        assert wkv7_mod.resolve_backend("auto", torch.device("cuda")) in ("cuda", "fla", "reference")  # never triton
         monkeypatch.setenv("DIFFRWKV_WKV_BACKEND", "triton")
         assert wkv7_mod.resolve_backend(None, torch.device("cpu")) == "triton"
         assert wkv7_mod.resolve_backend("auto", torch.device("cpu")) == "triton"  # the config's default defers too
