@@ -223,6 +223,12 @@ class TimeMix(nn.Module):
             # casts into their consumers) instead of five copy kernels each way at the WKV graph break. The same
             # roundings as fla's own: the numbers do not change. k and v stay fp32 for the bonus term below.
             kernel_in = tuple(x.to(r.dtype) for x in kernel_in)
+        elif backend == "cuda" and r.dtype == torch.bfloat16 and wkv_state is None and self.head_size == 64:
+            # the same for our CUDA kernel, which rounds k, v, a, b to bf16 and keeps w in fp32
+            # (wkv7_cuda.kernel_dtypes): the casts fused here instead of four copy kernels each way per layer, and
+            # the two gradients of k and of v summed inside the compiled backward. Calls the kernel does not take
+            # (a state, another head size) keep their fp32 operands for the fallback backend.
+            kernel_in = (w, *(x.to(r.dtype) for x in kernel_in[1:]))
         o, wkv_state = _wkv7_channels(r, *kernel_in, wkv_state, backend, H)
         o = ops.tm_output(o, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype)
         return self.output(o), wkv_state, v_first

@@ -73,3 +73,74 @@ def test_cuda_hands_other_head_sizes_on():
     o_ref, S_ref = wkv7_mod.wkv7_reference(r, w, k, v, a, b)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(S, S_ref)
+
+
+def test_time_mix_hands_the_cuda_kernel_its_operands_in_the_kernels_dtypes(monkeypatch):
+    """Under bf16 autocast the time mix casts k, v, a, b to bf16 itself (inside a compiled block these casts fuse
+    into the kernels that make them) and keeps w in fp32: what backend ``cuda`` would do with fp32 operands, so the
+    model's output is unchanged. A stand-in for the CUDA kernel records the dtypes and runs the reference on what the
+    kernel would compute with."""
+    from rwkv_diffusion_rnn.models import wkv7_cuda as wc
+    from tests.conftest import random_rwkv7
+
+    seen = []
+
+    def stand_in(r, w, k, v, a, b, state=None):
+        seen.append(tuple(x.dtype for x in (r, w, k, v, a, b)))
+        kernel_dtype, w_dtype = wc.kernel_dtypes(r.dtype, w.dtype)
+        rk, kk, vk, ak, bk = (x.to(kernel_dtype).float() for x in (r, k, v, a, b))
+        o, s = wkv7_mod.wkv7_reference(rk, w.to(w_dtype).float(), kk, vk, ak, bk, state)
+        return o.to(r.dtype), s
+
+    monkeypatch.setitem(wkv7_mod.BACKENDS, "cuda", stand_in)
+    model = random_rwkv7(2, 64, vocab_size=120, seed=7).train()
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(8))
+    outs = {}
+    for cast_in_model in (True, False):
+        seen.clear()
+        for block in model.blocks:
+            block.att.head_size = 64 if cast_in_model else 63  # 63: the model leaves the operands to the kernel
+        model.wkv_backend = "cuda"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[cast_in_model] = model(ids).float()
+        if cast_in_model:
+            assert seen == [(torch.bfloat16, torch.float32, *(torch.bfloat16,) * 4)] * 2, seen
+        else:  # as they come out of the time mix: k, a, b in fp32 (elementwise work on fp32 parameters)
+            assert all(s[2] == s[4] == s[5] == torch.float32 for s in seen) and len(seen) == 2, seen
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+
+
+def test_cuda_backward_takes_missing_gradients_as_none(monkeypatch):
+    """The forward's outputs without a gradient (sa, the checkpoints, an unused final state) must not be filled with
+    zeros every step: materialisation is off, and the backward reads a missing final-state gradient as none."""
+    from types import SimpleNamespace
+
+    from rwkv_diffusion_rnn.models import wkv7_cuda as wc
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 4, 1, 64, generator=g) for _ in range(6)]
+    sa, ckpt = torch.randn(1, 4, 1, 64, generator=g), torch.randn(1, 1, 1, 64, 64, generator=g)
+    calls = {}
+
+    class Ctx(SimpleNamespace):
+        def save_for_backward(self, *t):
+            self.saved_tensors = t
+
+        def mark_non_differentiable(self, *t):
+            calls["non_diff"] = len(t)
+
+        def set_materialize_grads(self, value):
+            calls["materialize"] = value
+
+    ctx = Ctx()
+    wc._setup_context(ctx, (*xs, True, 2), (xs[0], ckpt[:, :, -1], sa, ckpt))
+    assert calls == {"non_diff": 2, "materialize": False}
+
+    def bwd(r, w, k, v, a, b, do, sa_, ckpt_, dht, split):
+        calls["dht"], calls["do"] = dht, do
+        return tuple(torch.zeros_like(x) for x in (r, w, k, v, a, b))
+
+    monkeypatch.setattr(wc, "wkv7_cuda_bwd", bwd)
+    do = torch.randn(1, 4, 1, 64, generator=g)
+    grads = wc._backward(ctx, do, None, None, None)
+    assert calls["dht"].numel() == 0 and torch.equal(calls["do"], do) and len(grads) == 8
