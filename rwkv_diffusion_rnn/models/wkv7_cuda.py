@@ -37,10 +37,16 @@ CHUNK = 16  # steps between checkpoints (fixed in the kernel)
 class CudaWKVConfig:
     """Threads per row (or column) of a head's 64 x 64 state: 1, 2 or 4 (the kernels' ``split``), for the forward
     and the backward. More threads put more warps on each SM; fewer spend fewer shuffles.
-    ``bench/wkv_shootout.py`` times the alternatives."""
+    ``bench/wkv_shootout.py`` times the alternatives.
+
+    ``recompute``: the forward keeps nothing for the backward beyond the operands autograd keeps anyway, and the
+    backward runs the forward again to rebuild ``sa`` and the checkpoints of its own layer (one more forward launch
+    a layer) instead of holding every layer's (fp32: 1 KiB a step per head plus ``sa``, ~3.9 GiB over 24 layers at
+    the 0.4B shape, B16 T512). Default from ``DIFFRWKV_WKV_CUDA_RECOMPUTE`` (1 = on)."""
 
     fwd_split: int = 2
     bwd_split: int = 2
+    recompute: bool = os.environ.get("DIFFRWKV_WKV_CUDA_RECOMPUTE", "0") == "1"
 
 
 CONFIG = CudaWKVConfig()
@@ -159,6 +165,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, do, dht, _dsa, _dckpt):
     r, w, k, v, a, b, sa, ckpt = ctx.saved_tensors
+    if sa.numel() == 0:  # a forward that saved nothing (CONFIG.recompute): rebuild this layer's sa and checkpoints
+        _, _, sa, ckpt = wkv7_cuda_fwd(r, w, k, v, a, b, True, CONFIG.fwd_split)
     do = torch.zeros_like(r) if do is None else do.to(r.dtype).contiguous()
     dht = dht.float().contiguous() if dht is not None else r.new_empty(0, dtype=torch.float32)
     return (*wkv7_cuda_bwd(r, w, k, v, a, b, do, sa, ckpt, dht, ctx.split), None, None)
@@ -205,6 +213,7 @@ def wkv7_cuda(
     kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
     ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
     operands = (ops[0], w.to(w_dtype).contiguous(), *ops[1:])
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b))
+    # without ``save`` (no gradient wanted, or CONFIG.recompute) the forward writes the output and final state only
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and not CONFIG.recompute
     o, ht, _, _ = wkv7_cuda_fwd(*operands, save, CONFIG.fwd_split)
     return o.to(dtype), ht

@@ -144,3 +144,30 @@ def test_cuda_backward_takes_missing_gradients_as_none(monkeypatch):
     do = torch.randn(1, 4, 1, 64, generator=g)
     grads = wc._backward(ctx, do, None, None, None)
     assert calls["dht"].numel() == 0 and torch.equal(calls["do"], do) and len(grads) == 8
+
+
+def test_cuda_recompute_rebuilds_the_saved_tensors_in_the_backward(monkeypatch):
+    """With ``recompute`` the forward saves an empty ``sa``; the backward runs the forward again with ``save`` and
+    hands the backward kernel what that returns."""
+    from types import SimpleNamespace
+
+    from rwkv_diffusion_rnn.models import wkv7_cuda as wc
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 4, 1, 64, generator=g) for _ in range(6)]
+    sa, ckpt = torch.randn(1, 4, 1, 64, generator=g), torch.randn(1, 1, 1, 64, 64, generator=g)
+    seen = {}
+
+    def fwd(r, w, k, v, a, b, save, split):
+        seen["save"] = save
+        return r, ckpt[:, :, -1], sa, ckpt
+
+    def bwd(r, w, k, v, a, b, do, sa_, ckpt_, dht, split):
+        seen["sa"], seen["ckpt"] = sa_, ckpt_
+        return tuple(torch.zeros_like(x) for x in (r, w, k, v, a, b))
+
+    monkeypatch.setattr(wc, "wkv7_cuda_fwd", fwd)
+    monkeypatch.setattr(wc, "wkv7_cuda_bwd", bwd)
+    ctx = SimpleNamespace(saved_tensors=(*xs, torch.empty(0), torch.empty(1, 1, 1, 64, 64)), split=2)
+    wc._backward(ctx, torch.randn(1, 4, 1, 64, generator=g), None, None, None)
+    assert seen["save"] is True and seen["sa"] is sa and seen["ckpt"] is ckpt
