@@ -17,6 +17,12 @@
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
 #   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
 #             eager, model and trainer level): graphs.json
+#   ce        the chunked head + cross-entropy checked, then timed per chunk size (bench/gpu_check_ce.py --time):
+#             ce.json
+#   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels), then ours again with
+#             DIFFRWKV_WKV_CUDA_RECOMPUTE=1: wkv/, wkv_recompute/
+#   recompute ours at 0.4B (rwkv7-lm) with DIFFRWKV_WKV_CUDA_RECOMPUTE=1: peak memory and speed: tp_recompute/
+# CE_CHUNK (rows a chunk of the head's cross-entropy) is passed to every throughput stage when set.
 # Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts):
 # carry them as .device/triton-cache.tgz.* next time.
 set -uo pipefail
@@ -66,7 +72,7 @@ run() {
   return $rc
 }
 
-TP=("$PY" bench/throughput.py --warmup "$WARMUP" --steps "$STEPS")
+TP=("$PY" bench/throughput.py --warmup "$WARMUP" --steps "$STEPS" ${CE_CHUNK:+--ce-chunk "$CE_CHUNK"})
 
 for stage in ${STAGES//,/ }; do
   case $stage in
@@ -101,7 +107,20 @@ for stage in ${STAGES//,/ }; do
     graphs)
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs)" ;;
+    ce)
+      run ce 90 "$PY" bench/gpu_check_ce.py --time 1024,2048,4096,8192 --out "$OUT/ce.json"
+      ;;
+    wkv)
+      run wkv 200 env OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \
+        --budget-s 150
+      run wkv_recompute 90 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 OUT="$OUT/wkv_recompute" bash bench/wkv_shootout.sh \
+        --kernels ours_cuda --budget-s 60
+      ;;
+    recompute)
+      run tp_recompute 120 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 "${TP[@]}" --shapes 0.4b --rows rwkv7-lm $FAST \
+        --wkv-backend cuda --out "$OUT/tp_recompute"
+      ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs, ce, wkv, recompute)" ;;
   esac
 done
 
@@ -129,7 +148,7 @@ for shape in ("0.1b", "0.4b"):
               f"{f(b.get('tokens_per_s_run'))} | {f(b.get('tokens_per_s_kernel_bound'))} | "
               f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | "
               f"{f(b.get('first_loss'), '.4f')} | {b.get('status')} |")
-    for tag in ("tp_cuda", "tp_default", "tp_llama"):
+    for tag in ("tp_cuda", "tp_recompute", "tp_default", "tp_llama"):
         res = load(out / tag / "results.json") or {"rows": []}
         for r in res["rows"]:
             if r["shape"] != shape:
