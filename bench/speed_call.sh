@@ -162,9 +162,9 @@ for shape in ("0.1b", "0.4b"):
                   f"{r['status']} |")
 EOF
 
-# Only 8 files come back from a device call: everything but the summary and the cache parts goes into results.tgz.
+# Only 8 files come back from a device call: all but the summary, the stage log and the cache parts go into results.tgz.
 ( cd "$OUT" && tar czf /tmp/results.tgz --exclude='triton-cache.tgz.*' . && \
-  find . -mindepth 1 -maxdepth 1 ! -name summary.md ! -name 'triton-cache.tgz.*' -exec rm -rf {} + && \
+  find . -mindepth 1 -maxdepth 1 ! -name summary.md ! -name stages.txt ! -name 'triton-cache.tgz.*' -exec rm -rf {} + && \
   mv /tmp/results.tgz results.tgz )
 if [ -n "${NOSAVE:-}" ]; then exit 0; fi
 tar czf - -C /tmp tc ti te 2>/dev/null | split -b 15M - "$OUT/triton-cache.tgz."
