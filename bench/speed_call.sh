@@ -17,6 +17,8 @@
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
 #   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
 #             eager, model and trainer level): graphs.json
+#   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
+#             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
 # Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts):
 # carry them as .device/triton-cache.tgz.* next time.
 set -uo pipefail
@@ -101,7 +103,11 @@ for stage in ${STAGES//,/ }; do
     graphs)
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs)" ;;
+    sampling)
+      run sampling 120 "$PY" bench/bench_sampling.py --rows decoders --autocast bf16 --layers 12 --width 768 \
+        --vocab 65536 --n 256 --length 32 --out "$OUT/sampling.json"
+      ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs, sampling)" ;;
   esac
 done
 
@@ -141,6 +147,19 @@ for shape in ("0.1b", "0.4b"):
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
                   f"{r['status']} |")
+s = load(out / "sampling.json")
+if s:
+    r0 = s["results"][0] if s["results"] else {}
+    print(f"\n## Sampling, latent -> text ({s['device']}, batch {r0.get('batch')}, {r0.get('length')} tokens)\n")
+    print("| run | RWKV state cache | dtype | sentences/s | tokens/s | model s / total s |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in s["results"]:
+        print(f"| {r['run']} | {r.get('state_cache', '-')} | {r.get('dtype', '-')} | "
+              f"{f(r['sentences_per_s'], ',.1f')} | {f(r['tokens_per_s'])} | "
+              f"{f(r.get('model_s'), '.2f')} / {f(r.get('total_s'), '.2f')} |")
+    print()
+    for k, v in (s.get("agreement") or {}).items():
+        print(f"- rows identical, {k}: {v:.3f}")
 EOF
 
 # Only 8 files come back from a device call: everything but the summary and the cache parts goes into results.tgz.
