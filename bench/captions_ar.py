@@ -54,9 +54,13 @@ class PrefixCaptioner(nn.Module):
         self.prefix_pos = nn.Parameter(torch.randn(prefix_len, n_embd) * 0.02)
         self.banned: tuple[int, ...] = ()
 
-    def _inputs(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _prefix(self, z: torch.Tensor) -> torch.Tensor:
+        """The ``P`` prefix embeddings ``[B, P, C]`` of standardised latents ``z`` ``[B, D]``."""
         B, C = z.shape[0], self.prefix_pos.shape[1]
-        prefix = self.prefix_proj(z).view(B, self.prefix_len, C) + self.prefix_pos
+        return self.prefix_proj(z).view(B, self.prefix_len, C) + self.prefix_pos
+
+    def _inputs(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        prefix = self._prefix(z)
         return torch.cat([prefix, self.backbone.emb(ids).to(prefix.dtype)], 1)
 
     def _hidden(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -123,6 +127,38 @@ def beam_search(
             out.append(r[: r.index(EOT)] if EOT in r else r)
         logps[lo : lo + B] = scores.max(1).values.cpu().numpy()
     return out, logps
+
+
+@torch.no_grad()
+def greedy_stateful(model: PrefixCaptioner, z: torch.Tensor, length: int, batch_size: int = 256) -> torch.Tensor:
+    """Greedy decoding carried as RWKV state: the latent prefix is read once, then each step feeds only the token
+    just chosen to the recurrent state (no re-reading of the prefix). The same choices as :func:`beam_search` with
+    ``beams=1`` (banned ids never chosen; after end-of-text a row continues with end-of-text), every row decoding
+    all ``length`` steps. Returns the ids ``[N, length]`` uncut (:func:`cut_at_eot` cuts them as beam_search does)."""
+    model.eval()
+    bb = model.backbone
+    out = []
+    for lo in range(0, z.shape[0], batch_size):
+        prefix = model._prefix(z[lo : lo + batch_size])
+        h, state = bb.forward_embeds(prefix)
+        done = torch.zeros(prefix.shape[0], dtype=torch.bool, device=z.device)
+        toks = []
+        for k in range(length):
+            logits = bb.head(bb.ln_out(h[:, -1]))
+            if model.banned:
+                logits[:, list(model.banned)] = float("-inf")
+            tok = logits.argmax(-1).masked_fill(done, EOT)
+            done |= tok == EOT
+            toks.append(tok)
+            if k + 1 < length:
+                h, state = bb.forward_embeds(bb.emb(tok[:, None]).to(prefix.dtype), state)
+        out.append(torch.stack(toks, 1))
+    return torch.cat(out) if out else torch.zeros(0, length, dtype=torch.long, device=z.device)
+
+
+def cut_at_eot(ids: torch.Tensor) -> list[list[int]]:
+    """Rows of ``ids`` ``[N, L]`` as lists cut before the first end-of-text (as :func:`beam_search` returns them)."""
+    return [r[: r.index(EOT)] if EOT in r else r for r in ids.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------- training

@@ -22,6 +22,8 @@
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels), then ours again with
 #             DIFFRWKV_WKV_CUDA_RECOMPUTE=1: wkv/, wkv_recompute/
 #   recompute ours at 0.4B (rwkv7-lm) with DIFFRWKV_WKV_CUDA_RECOMPUTE=1: peak memory and speed: tp_recompute/
+#   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
+#             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
 # CE_CHUNK (rows a chunk of the head's cross-entropy) is passed to every throughput stage when set.
 # Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts):
 # carry them as .device/triton-cache.tgz.* next time.
@@ -120,7 +122,11 @@ for stage in ${STAGES//,/ }; do
       run tp_recompute 120 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 "${TP[@]}" --shapes 0.4b --rows rwkv7-lm $FAST \
         --wkv-backend cuda --out "$OUT/tp_recompute"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs, ce, wkv, recompute)" ;;
+    sampling)
+      run sampling 120 "$PY" bench/bench_sampling.py --rows decoders --autocast bf16 --layers 12 --width 768 \
+        --vocab 65536 --n 256 --length 32 --out "$OUT/sampling.json"
+      ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs, ce, wkv, recompute, sampling)" ;;
   esac
 done
 
@@ -160,6 +166,19 @@ for shape in ("0.1b", "0.4b"):
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
                   f"{r['status']} |")
+s = load(out / "sampling.json")
+if s:
+    r0 = s["results"][0] if s["results"] else {}
+    print(f"\n## Sampling, latent -> text ({s['device']}, batch {r0.get('batch')}, {r0.get('length')} tokens)\n")
+    print("| run | RWKV state cache | dtype | sentences/s | tokens/s | model s / total s |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in s["results"]:
+        print(f"| {r['run']} | {r.get('state_cache', '-')} | {r.get('dtype', '-')} | "
+              f"{f(r['sentences_per_s'], ',.1f')} | {f(r['tokens_per_s'])} | "
+              f"{f(r.get('model_s'), '.2f')} / {f(r.get('total_s'), '.2f')} |")
+    print()
+    for k, v in (s.get("agreement") or {}).items():
+        print(f"- rows identical, {k}: {v:.3f}")
 EOF
 
 # Only 8 files come back from a device call: all but the summary, the stage log and the cache parts go into results.tgz.

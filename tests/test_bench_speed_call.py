@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 
 import pytest
 
@@ -21,6 +22,12 @@ def run(out, **env):
     return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full, capture_output=True, text=True, timeout=120)
 
 
+def stages(out) -> str:
+    """stages.txt, as the call packs it into results.tgz (only summary.md stays beside the archive)."""
+    with tarfile.open(out / "results.tgz") as tar:
+        return tar.extractfile("./stages.txt").read().decode()
+
+
 def test_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
 
@@ -28,8 +35,8 @@ def test_script_parses():
 def test_a_stage_without_time_left_is_skipped(tmp_path):
     res = run(tmp_path, STAGES="host,nosuch", LIMIT="30", RESERVE="25")
     assert res.returncode == 0, res.stderr[-2000:]
-    stages = (tmp_path / "stages.txt").read_text()
-    assert "host: skipped" in stages and "unknown stage nosuch" in stages
+    text = stages(tmp_path)
+    assert "host: skipped" in text and "unknown stage nosuch" in text
 
 
 def test_summary_sets_his_step_beside_ours(tmp_path):
@@ -52,3 +59,27 @@ def test_summary_sets_his_step_beside_ours(tmp_path):
         "| 0.1b | rwkv7-lm (cuda) | 150,000 | 160,000 | 200,000 | 41.0 | 900 | 11.0500 | ok |" in md
     )  # 8192 / 40.96 ms
     assert "| 0.4b | denoiser-causal-full (-) | - | - | - | - | - | - | OOM |" in md
+
+
+def test_summary_tables_the_sampling_rows(tmp_path):
+    res = {"device": "NVIDIA H100 80GB HBM3", "results": [
+        {"run": "faithful (default), state cache on", "state_cache": "on", "dtype": "bf16 autocast", "batch": 256,
+         "length": 32, "sentences_per_s": 63.94, "tokens_per_s": 2046.1, "model_s": 3.29, "total_s": 4.01},
+        {"run": "AR greedy, RWKV state (one token a step)", "state_cache": "on", "dtype": "bf16 autocast",
+         "batch": 256, "length": 32, "sentences_per_s": 437.5, "tokens_per_s": 14000.0, "model_s": 0.59,
+         "total_s": 0.59}],
+        "agreement": {"a == b": 0.5}}  # fmt: skip
+    (tmp_path / "sampling.json").write_text(json.dumps(res))
+    out = run(tmp_path, STAGES="")
+    assert out.returncode == 0, out.stderr[-2000:]
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Sampling, latent -> text (NVIDIA H100 80GB HBM3, batch 256, 32 tokens)" in md
+    assert "| faithful (default), state cache on | on | bf16 autocast | 63.9 | 2,046 | 3.29 / 4.01 |" in md
+    assert "| AR greedy, RWKV state (one token a step) | on | bf16 autocast | 437.5 | 14,000 | 0.59 / 0.59 |" in md
+    assert "- rows identical, a == b: 0.500" in md
+
+
+def test_sampling_stage_is_known(tmp_path):
+    res = run(tmp_path, STAGES="sampling", LIMIT="30", RESERVE="25")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sampling: skipped" in stages(tmp_path)
