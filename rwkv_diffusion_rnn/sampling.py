@@ -49,8 +49,9 @@ the texts to their latents 0.524 / 0.525 vs 0.524): MDLM's reuse saves nothing h
 
 Semi-autoregressive decoding (``block_size``): blocks left to right, each diffused with ``num_steps`` steps; the
 model reads committed text at t = 0, the block at its t and (uncached) the rest at t = 1, all ``<mask>``. With
-``use_cache`` (causal context only) the committed prefix is read once per block by ``RWKVDenoiser.prefill`` and kept
-as RWKV state, and each step runs only the block; otherwise every step re-reads the whole row. The two give the
+``use_cache`` (causal context only) the committed text is kept as RWKV state, each committed block read once
+(``RWKVDenoiser.prefill`` continuing its own state), and each step runs only the block; otherwise every step re-reads
+the whole row. The two give the
 same tokens (tests/test_sampling.py). For ``twice``/``bidirectional`` contexts no state can be carried, so
 ``use_cache`` is ignored and the uncached path runs. Throughput (bench/bench_sampling.py, H200, fp32, fla WKV,
 random L12 D768 V65536, 256 sentences of 32 tokens in one batch): 32 steps 158 sentences/s (no-change cache off:
@@ -161,9 +162,12 @@ def _denoise_text(den, sched, seq, attn, conds, scale, gens, block_size, use_cac
     if blocked and block_size < 1:
         raise DiffRwkvError(f"block_size must be >= 1, got {block_size}")
     windows = [(a, min(a + block_size, L)) for a in range(0, L, block_size)] if blocked else [(0, L)]
+    caches, read = [None] * len(conds), 0  # the state cache, and how much of the row it has read
     for a, b in windows:
         n_gen = (seq[:, a:b] == mask_id).sum(1)
-        caches = [den.prefill(c.z, seq[:, :a], c.t_latent) for c in conds] if cached else [None] * len(conds)
+        if cached:  # the text committed since the last block, read once, continuing the state
+            caches = [den.prefill(c.z, seq[:, read:a], c.t_latent, k) for c, k in zip(conds, caches, strict=True)]
+            read = a
         store, dirty = None, torch.ones(B, dtype=torch.bool, device=seq.device)
         for t in sched.timesteps:
             win = seq[:, a:b]

@@ -98,8 +98,9 @@ class OracleDenoiser:
         hidden = self.ids[self._rows(z_t), : noisy_ids.shape[1], None].float()
         return DenoiserOutput(hidden, self._latent(noisy_ids, attention_mask, z_t, t_latent))
 
-    def prefill(self, z_t, committed_ids, t_latent) -> PrefixCache:
-        return PrefixCache(_StubState(z_t, committed_ids.shape[1]), None)
+    def prefill(self, z_t, committed_ids, t_latent, cache=None) -> PrefixCache:
+        read = cache.state.k if cache is not None else 0  # continuing: the state has read `read` tokens already
+        return PrefixCache(_StubState(z_t, read + committed_ids.shape[1]), None)
 
     def forward_cached(self, cache, block_ids, z_t, t_block, t_latent) -> DenoiserOutput:
         self.calls += 1

@@ -290,24 +290,30 @@ class RWKVDenoiser(nn.Module):
         return DenoiserOutput(text_hidden, latent.float(), logits)
 
     # ------------------------------------------------------------------ cached (semi-autoregressive) decoding
-    def prefill(self, z_t: torch.Tensor, committed_ids: torch.Tensor, t_latent: torch.Tensor) -> PrefixCache:
+    def prefill(
+        self, z_t: torch.Tensor, committed_ids: torch.Tensor, t_latent: torch.Tensor, cache: PrefixCache | None = None
+    ) -> PrefixCache:
         """Run ``[latent prefix][committed text]`` once (causal context only) with the committed part clean
-        (t_text = 0) and return the recurrent state, so later blocks need not re-read it.
+        (t_text = 0) and return the recurrent state, so later blocks need not re-read it. With ``cache`` (what an
+        earlier call returned for the same rows) only ``committed_ids`` is read, continuing from that state: the
+        text committed since, so a left-to-right decoder reads each token once (the recurrence in pieces equals one
+        pass).
 
         z_t ``[B, D]``, committed_ids ``[B, K]`` (K may be 0; no padding), t_latent ``[B]``."""
         if self.cfg.context != "causal":
             raise DiffRwkvError(f"prefix caching needs model.context=causal (got '{self.cfg.context}')")
         B, K = committed_ids.shape
         P, C = self.cfg.latent_prefix_len, self.backbone.cfg.n_embd
-        z = z_t.to(self.prefix_proj.weight.dtype)
         parts = [self.backbone.emb(committed_ids)]
-        if P:
+        if P and cache is None:
+            z = z_t.to(self.prefix_proj.weight.dtype)
             parts.insert(0, (self.prefix_proj(z).view(B, P, C) + self.prefix_pos).to(parts[0].dtype))
         x = torch.cat(parts, 1)
         if x.shape[1] == 0:
-            return PrefixCache(None, None)
+            return cache if cache is not None else PrefixCache(None, None)
         times = x.new_zeros(B, x.shape[1], dtype=torch.float32)
-        h, state = self.backbone.forward_embeds(x, None, None, pre_block=self.time(times, t_latent, z_t))
+        state = cache.state if cache is not None else None
+        h, state = self.backbone.forward_embeds(x, state, None, pre_block=self.time(times, t_latent, z_t))
         return PrefixCache(state, h[:, -1:])
 
     def forward_cached(

@@ -200,6 +200,26 @@ def test_cached_block_equals_rereading_the_committed_text(lm_head, K, latent_fil
     torch.testing.assert_close(cached.latent, full.latent, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("latent_film", [False, True])
+def test_prefill_in_pieces_equals_one_prefill(latent_film):
+    """A left-to-right decoder commits text piece by piece: continuing the cache with each new piece gives the
+    state and last hidden output of reading everything at once."""
+    d = _denoiser("causal", False, prefix=2, latent_film=latent_film)
+    g = torch.Generator().manual_seed(11)
+    B = 3
+    committed = torch.randint(1, 300, (B, 7), generator=g)
+    z, t_lat = torch.randn(B, 32, generator=g), torch.rand(B, generator=g)
+    with torch.no_grad():
+        whole = d.prefill(z, committed, t_lat)
+        cache = d.prefill(z, committed[:, :0], t_lat)  # the latent prefix alone
+        for a, b in ((0, 1), (1, 4), (4, 4), (4, 7)):
+            cache = d.prefill(z, committed[:, a:b], t_lat, cache)
+    torch.testing.assert_close(cache.last_hidden, whole.last_hidden, atol=1e-5, rtol=1e-5)
+    for name in ("att_x", "wkv", "ffn_x"):
+        got, want = getattr(cache.state, name), getattr(whole.state, name)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_per_position_times_reach_the_positions():
     d = _denoiser("causal")
     ids, mask, z, t1, t2 = _inputs()
