@@ -16,6 +16,14 @@ call and a CUDA graph can capture one. The model reaches this backend through
 
 The forward saves for the backward ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the state after every
 16th step (fp32 ``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head).
+
+Kernel variants (``csrc/wkv7_cuda.cu``), chosen by the environment variable ``DIFFRWKV_WKV_CUDA_VARIANT``, read at
+every launch (default ``0``; any other value raises :class:`DiffRwkvError`): ``0`` stages the step vectors of 16
+steps at a time and waits for their loads; ``1`` stages tiles of 8 steps double-buffered, the next tile's loads in
+flight (in registers) while the current one computes, one barrier a tile; ``2`` also unrolls a full tile's steps;
+``3`` also fuses the forward's two reductions (``o`` from ``S_{t-1}`` with ``r . b`` and ``r . k`` summed at staging;
+its backward is variant 2's). Every variant saves the same ``sa`` and checkpoints, so the forward and backward of
+one call may even differ. ``bench/wkv_shootout.py`` times them (``ours_cuda_v1`` ...).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 HEAD = 64
 CHUNK = 16  # steps between checkpoints (fixed in the kernel)
+VARIANT_ENV = "DIFFRWKV_WKV_CUDA_VARIANT"
+VARIANTS = (0, 1, 2, 3)
 
 
 @dataclass
@@ -92,6 +102,16 @@ def build_kwargs() -> dict:
     }
 
 
+def kernel_variant() -> int:
+    """The kernel variant named by ``DIFFRWKV_WKV_CUDA_VARIANT`` (0 when unset or empty)."""
+    raw = os.environ.get(VARIANT_ENV, "").strip()
+    if not raw:
+        return 0
+    if raw not in {str(v) for v in VARIANTS}:
+        raise DiffRwkvError(f"{VARIANT_ENV}={raw!r}: expected one of {', '.join(map(str, VARIANTS))}")
+    return int(raw)
+
+
 @lru_cache(maxsize=1)
 def extension():
     """The compiled operators, ``torch.ops.diffrwkv_wkv7`` (built on the first call, then loaded from the build
@@ -116,7 +136,7 @@ def wkv7_cuda_fwd(
     ``sa`` (fp32 ``[B, T, H, 64]``) and the chunk checkpoints (fp32 ``[B, H, ceil(T / 16), 64, 64]``); without
     ``save`` an empty ``sa`` and one checkpoint slot."""
     o, sa, ckpt = _fwd_buffers(r, save)
-    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, split)
+    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, split, kernel_variant())
     # the final state, a copy: an operator's outputs may not alias each other
     return o, ckpt[:, :, -1].clone(memory_format=torch.contiguous_format), sa, ckpt
 
@@ -143,7 +163,7 @@ def wkv7_cuda_bwd(
     """Backward launch: the gradients of r, w, k, v, a, b (each in its operand's dtype). ``dht``: the fp32 gradient
     of the final state, or an empty tensor for none."""
     grads = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (r, w, k, v, a, b))
-    extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, *grads, split)
+    extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, *grads, split, kernel_variant())
     return grads
 
 
@@ -209,6 +229,7 @@ def wkv7_cuda(
             raise DiffRwkvError(f"WKV operand {name} is on {x.device}, r on {r.device}")
     if T == 0:
         return r.new_zeros(B, 0, H, N), r.new_zeros(B, H, N, N, dtype=torch.float32)
+    kernel_variant()  # a bad DIFFRWKV_WKV_CUDA_VARIANT fails here, in one line
     dtype = r.dtype
     kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
     ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]

@@ -144,8 +144,9 @@ def host_lib(tmp_path_factory):
     return ctypes.CDLL(str(out))
 
 
-def host_run(lib, xs, do, dht, split):
-    """Forward and backward through the host build, allocated as wkv7_cuda.py does; returns o, ht and grads."""
+def host_run(lib, xs, do, dht, split, variant=0, bwd_variant=None):
+    """Forward (kernel ``variant``) and backward (``bwd_variant``, by default the same) through the host build,
+    allocated as wkv7_cuda.py does; returns o, ht, grads and what the forward saved (sa, the checkpoints)."""
     r, w, k, v, a, b = xs
     B, T, H, N = r.shape
     nc = -(-T // C)
@@ -158,24 +159,28 @@ def host_run(lib, xs, do, dht, split):
     def p(x):
         return ptr(x.data_ptr()) if x is not None else ptr(0)
 
-    dims = (codes[r.dtype], codes[w.dtype], split, B, T, H)
-    assert lib.host_forward(*dims, *map(p, xs), p(o), p(sa), p(ckpt), 1) == 0
+    bwd_variant = variant if bwd_variant is None else bwd_variant
+    assert lib.host_forward(codes[r.dtype], codes[w.dtype], split, variant, B, T, H, *map(p, xs), p(o), p(sa),
+                            p(ckpt), 1) == 0  # fmt: skip
     grads = [torch.empty_like(x) for x in xs]
+    dims = (codes[r.dtype], codes[w.dtype], split, bwd_variant, B, T, H)
     assert lib.host_backward(*dims, *map(p, xs), p(do), p(sa), p(ckpt), p(dht), *map(p, grads)) == 0
-    return o, ckpt[:, :, -1], grads
+    return o, ckpt[:, :, -1], grads, (sa, ckpt)
 
 
+@pytest.mark.parametrize("variant", wc.VARIANTS)
 @pytest.mark.parametrize(
     ("T", "dtype", "w_dtype", "split", "with_dht"),
     [
-        (37, torch.float32, torch.float32, 1, True),  # partial last chunk, a final-state gradient
+        (37, torch.float32, torch.float32, 1, True),  # partial last chunk (and tile), a final-state gradient
         (37, torch.float32, torch.float32, 2, False),
         (21, torch.float32, torch.float32, 4, True),
         (20, torch.bfloat16, torch.float32, 2, False),  # the model's mix: bf16 activations, fp32 log decay
         (17, torch.bfloat16, torch.bfloat16, 1, True),  # the shoot-out's timing inputs: all bf16
+        (8, torch.float32, torch.float32, 2, True),  # one tile, part of a chunk
     ],
 )
-def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split, with_dht):
+def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split, with_dht, variant):
     B, H, N = 1, 2, 64
     xs = make_inputs(B, T, H, N, seed=50 + T)
     xs = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate(xs)]  # the kernel's inputs, rounded
@@ -187,12 +192,41 @@ def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split
     o_ref, S_ref = wkv7_reference(*leaves, compute_dtype=torch.float64)
     ((o_ref * go.double()).sum() + ((S_ref * gs.double()).sum() if with_dht else 0.0)).backward()
 
-    o, ht, grads = host_run(host_lib, xs, go, gs, split)
+    o, ht, grads, _ = host_run(host_lib, xs, go, gs, split, variant)
     bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
     assert rel(o, o_ref) < bound and rel(ht, S_ref) < 1e-4
     for name, got, x, leaf in zip(("dr", "dw", "dk", "dv", "da", "db"), grads, xs, leaves, strict=True):
         assert got.dtype == x.dtype
         assert rel(got, leaf.grad) < bound, (name, rel(got, leaf.grad))
+
+
+@pytest.mark.parametrize("variant", wc.VARIANTS[1:])
+def test_kernel_variants_save_what_variant_0_saves(host_lib, variant):
+    """Every variant's forward saves variant 0's sa and checkpoints (so the forward and backward variants pair
+    freely), and variant 0's backward on them gives that variant's own gradients."""
+    B, T, H, N = 1, 35, 2, 64
+    xs = make_inputs(B, T, H, N, seed=70, dtype=torch.float32)
+    g = torch.Generator().manual_seed(71)
+    go, gs = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    o0, ht0, _, (sa0, ckpt0) = host_run(host_lib, xs, go, gs, 2, 0)
+    o, ht, grads, (sa, ckpt) = host_run(host_lib, xs, go, gs, 2, variant)
+    assert rel(o, o0) < 1e-5 and rel(ht, ht0) < 1e-5 and rel(sa, sa0) < 1e-5 and rel(ckpt, ckpt0) < 1e-5
+    _, _, mixed, _ = host_run(host_lib, xs, go, gs, 2, variant, bwd_variant=0)
+    for got, ref in zip(mixed, grads, strict=True):
+        assert rel(got, ref) < 1e-5
+
+
+def test_unknown_variant_is_refused(host_lib, monkeypatch):
+    xs = make_inputs(1, 4, 1, 64, seed=0, dtype=torch.float32)
+    ptr = [ctypes.c_void_p(x.data_ptr()) for x in xs]
+    assert host_lib.host_forward(0, 0, 2, 4, 1, 4, 1, *ptr, ptr[0], ptr[0], ptr[0], 1) == -3
+    monkeypatch.setenv(wc.VARIANT_ENV, "4")
+    with pytest.raises(DiffRwkvError, match=wc.VARIANT_ENV):
+        wc.kernel_variant()
+    monkeypatch.setenv(wc.VARIANT_ENV, "3")
+    assert wc.kernel_variant() == 3
+    monkeypatch.delenv(wc.VARIANT_ENV)
+    assert wc.kernel_variant() == 0
 
 
 # ---------------------------------------------------------------- the wrapper, without a GPU
@@ -242,7 +276,7 @@ class EmulatedKernels:
     """Stands in for ``extension()``: the compiled operators' calls, filled in by the PyTorch emulation above."""
 
     @staticmethod
-    def forward(r, w, k, v, a, b, o, sa, ckpt, save, split):
+    def forward(r, w, k, v, a, b, o, sa, ckpt, save, split, variant):
         o_, sa_, ckpt_ = emulate_forward(*(x.double() for x in (r, w, k, v, a, b)))
         o.copy_(o_)
         ckpt.copy_(ckpt_ if save else ckpt_[:, :, -1:])
@@ -250,7 +284,7 @@ class EmulatedKernels:
             sa.copy_(sa_)
 
     @staticmethod
-    def backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, split):
+    def backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, split, variant):
         xs = (x.double() for x in (r, w, k, v, a, b, do, sa, ckpt))
         grads, _, _ = emulate_backward(*xs, dht.double() if dht.numel() else None)
         for out, g in zip((dr, dw, dk, dv, da, db), grads, strict=True):
