@@ -22,7 +22,9 @@ every launch (default ``0``; any other value raises :class:`DiffRwkvError`): ``0
 steps at a time and waits for their loads; ``1`` stages tiles of 8 steps double-buffered, the next tile's loads in
 flight (in registers) while the current one computes, one barrier a tile; ``2`` also unrolls a full tile's steps;
 ``3`` also fuses the forward's two reductions (``o`` from ``S_{t-1}`` with ``r . b`` and ``r . k`` summed at staging;
-its backward is variant 2's). Every variant saves the same ``sa`` and checkpoints, so the forward and backward of
+its backward is variant 2's); ``4`` and ``5`` are variant 3 with each head's 64 value columns split over 2 or 4
+blocks in the forward (the columns never meet there), which evens out the SMs' load (5 needs ``split`` 2 or 4).
+Every variant saves the same ``sa`` and checkpoints, so the forward and backward of
 one call may even differ. ``bench/wkv_shootout.py`` times them (``ours_cuda_v1`` ...).
 """
 
@@ -40,7 +42,7 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 HEAD = 64
 CHUNK = 16  # steps between checkpoints (fixed in the kernel)
 VARIANT_ENV = "DIFFRWKV_WKV_CUDA_VARIANT"
-VARIANTS = (0, 1, 2, 3)
+VARIANTS = (0, 1, 2, 3, 4, 5)
 
 
 @dataclass
@@ -96,7 +98,8 @@ def build_kwargs() -> dict:
     return {
         "name": f"diffrwkv_wkv7_cuda_sm{major}{minor}",
         "sources": list(SOURCES),
-        "extra_cuda_cflags": ["-O3", "--use_fast_math", f"-arch=sm_{major}{minor}"],
+        # --split-compile: the kernel variants' instantiations optimise in parallel (a build of seconds, not a minute)
+        "extra_cuda_cflags": ["-O3", "--use_fast_math", f"-arch=sm_{major}{minor}", "--split-compile=0"],
         "extra_cflags": ["-O3"],
         "is_python_module": False,  # the .cpp registers torch.ops.diffrwkv_wkv7.*
     }

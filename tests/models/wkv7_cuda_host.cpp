@@ -81,20 +81,28 @@ void launch(int blocks, int threads, F body) {
     }
 }
 
+template <typename T, typename TW, int P, bool UNROLL, bool FUSED, int NS>
+void fwd_tiled(int B, int Tn, int H, const T* r, const TW* w, const T* k, const T* v, const T* a, const T* b, T* o,
+               float* sa, float* ckpt, int save) {
+    if constexpr (N * P / NS >= 32)
+        launch(B * H * NS, N * P / NS, [&] {
+            wkv7_fwd_tiled_kernel<T, TW, P, UNROLL, FUSED, NS>(Tn, H, r, w, k, v, a, b, o, sa, ckpt, save);
+        });
+}
+
 template <typename T, typename TW, int P>
 void fwd(int variant, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
          const void* b, void* o, float* sa, float* ckpt, int save) {
     const T *r_ = (const T*)r, *k_ = (const T*)k, *v_ = (const T*)v, *a_ = (const T*)a, *b_ = (const T*)b;
     const TW* w_ = (const TW*)w;
-    launch(B * H, N * P, [&] {
-        if (variant == 0) wkv7_fwd_kernel<T, TW, P>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-        if (variant == 1)
-            wkv7_fwd_tiled_kernel<T, TW, P, false, false>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-        if (variant == 2)
-            wkv7_fwd_tiled_kernel<T, TW, P, true, false>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-        if (variant == 3)
-            wkv7_fwd_tiled_kernel<T, TW, P, true, true>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-    });
+    T* o_ = (T*)o;
+    if (variant == 0)
+        launch(B * H, N * P, [&] { wkv7_fwd_kernel<T, TW, P>(Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save); });
+    if (variant == 1) fwd_tiled<T, TW, P, false, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
+    if (variant == 2) fwd_tiled<T, TW, P, true, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
+    if (variant == 3) fwd_tiled<T, TW, P, true, true, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
+    if (variant == 4) fwd_tiled<T, TW, P, true, true, 2>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
+    if (variant == 5) fwd_tiled<T, TW, P, true, true, 4>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
 }
 
 template <typename T, typename TW, int P>
@@ -111,7 +119,7 @@ void bwd(int variant, int B, int Tn, int H, const void* r, const void* w, const 
         if (variant == 1)
             wkv7_bwd_tiled_kernel<T, TW, P, false>(Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw,
                                                    (T*)dk, (T*)dv, (T*)da, (T*)db);
-        if (variant == 2 || variant == 3)  // as the CUDA launcher: variant 3 changes only the forward
+        if (variant >= 2)  // as the CUDA launcher: variants 3 to 5 change only the forward
             wkv7_bwd_tiled_kernel<T, TW, P, true>(Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw,
                                                   (T*)dk, (T*)dv, (T*)da, (T*)db);
     });
@@ -119,7 +127,7 @@ void bwd(int variant, int B, int Tn, int H, const void* r, const void* w, const 
 
 // the dtype / split combinations the tests run (each instantiates every variant)
 #define WKV7_DISPATCH(fn, ...)                                                                           \
-    if (variant < 0 || variant > 3) return -3;                                                           \
+    if (variant < 0 || variant > 5 || (variant == 5 && split == 1)) return -3;                          \
     if (x_dtype == 0 && w_dtype == 0 && split == 1) return fn<float, float, 1>(variant, __VA_ARGS__), 0; \
     if (x_dtype == 0 && w_dtype == 0 && split == 2) return fn<float, float, 2>(variant, __VA_ARGS__), 0; \
     if (x_dtype == 0 && w_dtype == 0 && split == 4) return fn<float, float, 4>(variant, __VA_ARGS__), 0; \

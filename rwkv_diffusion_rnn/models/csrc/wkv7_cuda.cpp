@@ -58,7 +58,7 @@ void check_operands(const at::Tensor& r, const at::Tensor& w, const at::Tensor& 
 }  // namespace
 
 // o [B, T, H, 64] (r's dtype); sa [B, T, H, 64] fp32 (save); ckpt [B, H, ceil(T/16) or 1, 64, 64] fp32;
-// split: threads per state row or column (1, 2 or 4); variant: the kernel variant (wkv7_cuda.cu, 0 to 3).
+// split: threads per state row or column (1, 2 or 4); variant: the kernel variant (wkv7_cuda.cu, 0 to 5).
 void forward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
              const at::Tensor& o, const at::Tensor& sa, const at::Tensor& ckpt, bool save, int64_t split,
              int64_t variant) {
@@ -75,7 +75,7 @@ void forward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, cons
                                       c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
     TORCH_CHECK(err != -2, "wkv7_cuda: split must be 1, 2 or 4, got ", split);
-    TORCH_CHECK(err != -3, "wkv7_cuda: variant must be 0, 1, 2 or 3, got ", variant);
+    TORCH_CHECK(err != -3, "wkv7_cuda: variant must be 0 to 5 (5 needs split 2 or 4), got ", variant);
     TORCH_CHECK(err == 0, "wkv7_cuda: forward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
@@ -108,7 +108,7 @@ void backward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, con
                                        c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
     TORCH_CHECK(err != -2, "wkv7_cuda: split must be 1, 2 or 4, got ", split);
-    TORCH_CHECK(err != -3, "wkv7_cuda: variant must be 0, 1, 2 or 3, got ", variant);
+    TORCH_CHECK(err != -3, "wkv7_cuda: variant must be 0 to 5 (5 needs split 2 or 4), got ", variant);
     TORCH_CHECK(err == 0, "wkv7_cuda: backward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 

@@ -337,20 +337,24 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_kernel(
 // step's shared loads above this step's shuffles); variant 3 also fuses the forward's two reductions: from
 // S' = diag(d) S + b sa^T + k v^T, o = S'^T r = S^T (r d) + (r . b) sa + (r . k) v, so sa and o reduce together
 // from S_{t-1} (one reduction and one shuffle round on the step's critical path instead of two), with r . b and
-// r . k summed when the tile is staged. The checkpoints and sa they save are those of variant 0, so any forward
-// variant pairs with any backward variant.
+// r . k summed when the tile is staged. Variants 4 and 5 are variant 3 with a head's value columns split over NS = 2
+// or 4 blocks (the forward's columns never meet: column j needs only its own sa_j and the step vectors, which every
+// block stages whole): B H NS blocks of 64 P / NS threads fill the SMs more evenly than B H blocks (B H = 192 on 132
+// SMs leaves 60 of them two blocks' work) and give each scheduler more warps, for NS times the L2 reads of the step
+// vectors. Their backward is variant 2's. The checkpoints and sa every variant saves are those of variant 0, so any
+// forward variant pairs with any backward variant.
 
 constexpr int CS = 8;  // steps a tile in the prefetching variants (divides C)
 
-// One thread's share of a tile of one operand, in registers: element u is step e / N, channel e % N, e = tid + u N P
-// (coalesced loads). Steps past the sequence's end read as zeros.
-template <typename X, int P> struct TileRegs {
-    X x[CS / P];
+// One thread's share (of NT threads) of a tile of one operand, in registers: element u is step e / N, channel e % N,
+// e = tid + u NT (coalesced loads). Steps past the sequence's end read as zeros.
+template <typename X, int NT> struct TileRegs {
+    X x[CS * N / NT];
     __device__ __forceinline__ void fetch(const X* __restrict__ src, int bb, int Tn, int t0, int len, int H, int hh,
                                           int tid) {
 #pragma unroll
-        for (int u = 0; u < CS / P; ++u) {
-            const int e = tid + u * N * P, tt = e / N, n = e % N;
+        for (int u = 0; u < CS * N / NT; ++u) {
+            const int e = tid + u * NT, tt = e / N, n = e % N;
             x[u] = tt < len ? src[at(bb, Tn, t0 + tt, H, hh, n)] : from_f<X>(0.f);
         }
     }
@@ -364,13 +368,15 @@ __device__ __forceinline__ float warp_sum(float x) {
     return x;
 }
 
-template <typename T, typename TW, int P, bool UNROLL, bool FUSED>
-__global__ void __launch_bounds__(N * P) wkv7_fwd_tiled_kernel(
+template <typename T, typename TW, int P, bool UNROLL, bool FUSED, int NS>
+__global__ void __launch_bounds__(N * P / NS) wkv7_fwd_tiled_kernel(
     int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
     const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, T* __restrict__ o_,
     float* __restrict__ sa_, float* __restrict__ ckpt_, int save) {
-    constexpr int NQ = N / (4 * P), U = CS / P;
-    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, j = tid / P, p = tid % P;
+    constexpr int NQ = N / (4 * P), NT = N * P / NS, U = CS * N / NT;
+    static_assert(NT >= 32, "whole warps");
+    const int bh = blockIdx.x / NS, bb = bh / H, hh = bh % H, tid = threadIdx.x, p = tid % P;
+    const int j = (blockIdx.x % NS) * (N / NS) + tid / P;  // the block's share of the columns: N / NS of them
     const int NC = (Tn + C - 1) / C, M = (Tn + CS - 1) / CS;
     __shared__ __align__(16) float sh_r[2][CS][N];  // r, or r d with FUSED
     __shared__ __align__(16) float sh_d[2][CS][N];
@@ -380,8 +386,8 @@ __global__ void __launch_bounds__(N * P) wkv7_fwd_tiled_kernel(
     __shared__ __align__(16) float sh_b[2][CS][N];
     __shared__ float sh_rb[2][CS][2], sh_rk[2][CS][2];  // FUSED: r . b and r . k, one partial per half of the channels
 
-    TileRegs<T, P> pr, pk, pv, pa, pb;
-    TileRegs<TW, P> pw;
+    TileRegs<T, NT> pr, pk, pv, pa, pb;
+    TileRegs<TW, NT> pw;
     auto fetch = [&](int m) {
         const int t0 = m * CS, len = min(CS, Tn - t0);
         pr.fetch(r_, bb, Tn, t0, len, H, hh, tid);
@@ -394,7 +400,7 @@ __global__ void __launch_bounds__(N * P) wkv7_fwd_tiled_kernel(
     auto commit = [&](int buf) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int e = tid + u * N * P, tt = e / N, n = e % N;
+            const int e = tid + u * NT, tt = e / N, n = e % N;
             const float r = pr.get(u), d = __expf(pw.get(u)), k = pk.get(u), b = pb.get(u);
             sh_r[buf][tt][n] = FUSED ? r * d : r;
             sh_d[buf][tt][n] = d;
@@ -534,9 +540,9 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
     __shared__ __align__(16) float sh_sa[2][CS][N];
     __shared__ __align__(16) float sh_dsa[2][N];
 
-    TileRegs<T, P> pr, pk, pv, pa, pb, pdo;
-    TileRegs<TW, P> pw;
-    TileRegs<float, P> psa;
+    TileRegs<T, N * P> pr, pk, pv, pa, pb, pdo;
+    TileRegs<TW, N * P> pw;
+    TileRegs<float, N * P> psa;
     auto fetch = [&](int m) {
         const int t0 = m * CS, len = min(CS, Tn - t0);
         pr.fetch(r_, bb, Tn, t0, len, H, hh, tid);
@@ -701,27 +707,43 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
 #ifndef WKV7_HOST_EMULATION
 namespace {
 
-// variant: 0 the chunked kernels, 1 to 3 the prefetching ones (see above); -3 for another value
+// variant: 0 the chunked kernels, 1 to 5 the prefetching ones (see above); -3 for another value (or variant 5 with
+// split 1: a block of 16 threads)
+template <typename T, typename TW, int P, bool UNROLL, bool FUSED, int NS>
+int launch_fwd_tiled(int B, int Tn, int H, const T* r, const TW* w, const T* k, const T* v, const T* a, const T* b,
+                     T* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
+    if constexpr (N * P / NS < 32) {
+        return -3;
+    } else {
+        wkv7_fwd_tiled_kernel<T, TW, P, UNROLL, FUSED, NS>
+            <<<B * H * NS, N * P / NS, 0, stream>>>(Tn, H, r, w, k, v, a, b, o, sa, ckpt, save);
+        return (int)cudaGetLastError();
+    }
+}
+
 template <typename T, typename TW, int P>
 int launch_fwd(int variant, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
                const void* a, const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
     const T *r_ = (const T*)r, *k_ = (const T*)k, *v_ = (const T*)v, *a_ = (const T*)a, *b_ = (const T*)b;
     const TW* w_ = (const TW*)w;
-    const int blocks = B * H, threads = N * P;
-    if (variant == 0)
-        wkv7_fwd_kernel<T, TW, P><<<blocks, threads, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-    else if (variant == 1)
-        wkv7_fwd_tiled_kernel<T, TW, P, false, false>
-            <<<blocks, threads, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-    else if (variant == 2)
-        wkv7_fwd_tiled_kernel<T, TW, P, true, false>
-            <<<blocks, threads, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-    else if (variant == 3)
-        wkv7_fwd_tiled_kernel<T, TW, P, true, true>
-            <<<blocks, threads, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, (T*)o, sa, ckpt, save);
-    else
-        return -3;
-    return (int)cudaGetLastError();
+    T* o_ = (T*)o;
+    if (variant == 0) {
+        wkv7_fwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
+        return (int)cudaGetLastError();
+    }
+    if (variant == 1)
+        return launch_fwd_tiled<T, TW, P, false, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save,
+                                                           stream);
+    if (variant == 2)
+        return launch_fwd_tiled<T, TW, P, true, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save,
+                                                          stream);
+    if (variant == 3)
+        return launch_fwd_tiled<T, TW, P, true, true, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save, stream);
+    if (variant == 4)
+        return launch_fwd_tiled<T, TW, P, true, true, 2>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save, stream);
+    if (variant == 5)
+        return launch_fwd_tiled<T, TW, P, true, true, 4>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save, stream);
+    return -3;
 }
 
 template <typename T, typename TW>
@@ -748,7 +770,7 @@ int launch_bwd(int variant, int B, int Tn, int H, const void* r, const void* w, 
     else if (variant == 1)
         wkv7_bwd_tiled_kernel<T, TW, P, false><<<blocks, threads, 0, stream>>>(
             Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
-    else if (variant == 2 || variant == 3)  // variant 3 changes only the forward
+    else if (variant >= 2 && variant <= 5)  // variants 3 to 5 change only the forward
         wkv7_bwd_tiled_kernel<T, TW, P, true><<<blocks, threads, 0, stream>>>(
             Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
     else
@@ -778,7 +800,7 @@ int launch_bwd_split(int variant, int split, int B, int Tn, int H, const void* r
 // ---------------------------------------------------------------------------------------------- C launchers
 // dtype codes: 0 = float32, 1 = bfloat16. ``x_dtype`` for r, k, v, a, b, o (and do, dr, dk, dv, da, db);
 // ``w_dtype`` for w and dw. ``split``: threads per state row or column (1, 2 or 4). ``variant``: 0 the chunked
-// kernels, 1 to 3 the prefetching ones. Returns a cudaError_t (0 = launched), -1 for an unsupported dtype pair, -2
+// kernels, 1 to 5 the prefetching ones. Returns a cudaError_t (0 = launched), -1 for an unsupported dtype pair, -2
 // for an unsupported split, -3 for an unknown variant.
 
 int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r,
