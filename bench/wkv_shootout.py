@@ -12,7 +12,8 @@ Kernels (each optional; one that cannot load or build prints one line and the ot
                       threads per state row (its default), ``ours_cuda_x1`` / ``ours_cuda_x4``: 1 or 4.
 ``ours_cuda_v1`` ...  its kernel variants 1 to 5 (``DIFFRWKV_WKV_CUDA_VARIANT``, see wkv7_cuda.py) with 2 threads
                       per state row; ``ours_cuda_v3_x4`` (and ``_v4_x4``, ``_v5_x4``): with 4, ``ours_cuda_v3_f1``:
-                      variant 3 with 1 in the forward and 2 in the backward. ``ours_cuda`` and its split names run variant 0.
+                      variant 3 with 1 in the forward and 2 in the backward. ``ours_cuda`` and its split names
+                      run variant 0.
 ``fla``               fla's chunked ``chunk_rwkv7`` (flash-linear-attention / fla-core), when it imports.
 ``blinkdl``           BlinkDL's RWKV-7 training kernel (RWKV-LM, RWKV-v7/train_temp/cuda/rwkv7_clampw.cu, .cpp),
 ``blinkdl_v3``        ... its H100 variant (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp),
