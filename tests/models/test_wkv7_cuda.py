@@ -361,10 +361,12 @@ def test_kernel_source_compiles(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", wc.VARIANTS)
 @pytest.mark.parametrize(
     ("T", "dtype", "w_dtype"), [(37, torch.bfloat16, torch.float32), (48, torch.float32, torch.float32)]
 )
-def test_kernels_match_reference(T, dtype, w_dtype):
+def test_kernels_match_reference(T, dtype, w_dtype, variant, monkeypatch):
+    monkeypatch.setenv(wc.VARIANT_ENV, str(variant))
     B, H, N = 2, 3, 64
     xs = [x.cuda() for x in make_inputs(B, T, H, N, seed=T)]
     g = torch.Generator().manual_seed(7)

@@ -329,11 +329,12 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_kernel(
 
 // ---------------------------------------------------------------------------------------------- prefetching variants
 //
-// Variants 1 to 3 (``variant`` of the launchers) stage the step vectors in tiles of CS = 8 steps, double-buffered in
+// Variants 1 to 5 (``variant`` of the launchers) stage the step vectors in tiles of CS = 8 steps, double-buffered in
 // shared memory: while a tile computes, each thread holds its share of the NEXT tile's operands in registers
 // (global loads issued before the tile's steps, so their latency hides behind them) and writes them into the other
 // buffer after the steps, which costs one __syncthreads a tile (the current kernels: two a chunk of 16, and every
-// global load waited for). Variant 2 also unrolls the steps of a full tile (the compiler may then hoist the next
+// global load waited for); the backward also asks L2 for the next checkpoint's rows a tile before it restarts from
+// them. Variant 2 also unrolls the steps of a full tile (the compiler may then hoist the next
 // step's shared loads above this step's shuffles); variant 3 also fuses the forward's two reductions: from
 // S' = diag(d) S + b sa^T + k v^T, o = S'^T r = S^T (r d) + (r . b) sa + (r . k) v, so sa and o reduce together
 // from S_{t-1} (one reduction and one shuffle round on the step's critical path instead of two), with r . b and
@@ -360,6 +361,15 @@ template <typename X, int NT> struct TileRegs {
     }
     __device__ __forceinline__ float get(int u) const { return to_f(x[u]); }
 };
+
+// a hint: bring the 128-byte line holding p into L2 (nothing on the host)
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifndef WKV7_HOST_EMULATION
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
 
 // the sum over a warp's 32 lanes (every thread of the block calls it)
 __device__ __forceinline__ float warp_sum(float x) {
@@ -610,6 +620,11 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
             }
         }
         if (m > 0) fetch(m - 1);  // in flight while this tile computes
+        if (m > 0 && t0 % C == 0) {  // the chunk's first tile: the next one restarts from the checkpoint below
+            const float* src = ckpt_ + (int64_t(bh) * NC + t0 / C - 1) * (N * N) + i * N;
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) prefetch_l2(src + 4 * (q * P + p));
+        }
 
         auto step = [&](int tt) {  // the step of wkv7_bwd_kernel, on the buffer buf
             const float ri = sh_r[buf][tt][i], di = sh_d[buf][tt][i], ki = sh_k[buf][tt][i];
