@@ -110,7 +110,7 @@ for stage in ${STAGES//,/ }; do
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
       ;;
     ce)
-      run ce 90 "$PY" bench/gpu_check_ce.py --time 1024,2048,4096,8192 --out "$OUT/ce.json"
+      run ce 90 "$PY" bench/gpu_check_ce.py --time 1024,4096,8192 --out "$OUT/ce.json"
       ;;
     wkv)
       run wkv 200 env OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \

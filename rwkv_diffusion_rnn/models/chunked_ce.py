@@ -22,10 +22,15 @@ kernels on the GPU; a profile of the step"). The eager functions are the referen
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 1024
+# Keep each chunk's low-precision logits for the backward instead of recomputing them (one head matmul fewer, the
+# [N, V] logits held in bf16: 1 GiB at 8,192 rows x 65,536). Default from DIFFRWKV_CE_KEEP_LOGITS (1 = on).
+KEEP_LOGITS = os.environ.get("DIFFRWKV_CE_KEEP_LOGITS", "0") == "1"
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +109,7 @@ def _addmm_f32_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: bool):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: bool, keep: bool):
         n = h.shape[0]
         pad = -n % chunk
         hp = F.pad(h, (0, 0, 0, pad)) if pad else h
@@ -114,19 +119,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty(m, device=h.device, dtype=torch.float32)
         pred = torch.empty(m, device=h.device, dtype=torch.long)
         stats, _ = _kernels(fused)
+        kept = []
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, m, chunk):
-                lse[s : s + chunk], loss[s : s + chunk], pred[s : s + chunk] = stats(
-                    hp[s : s + chunk] @ weight.T, tp[s : s + chunk]
-                )
-        ctx.save_for_backward(hp, weight, tp, lse)
+                logits = hp[s : s + chunk] @ weight.T
+                lse[s : s + chunk], loss[s : s + chunk], pred[s : s + chunk] = stats(logits, tp[s : s + chunk])
+                if keep:
+                    kept.append(logits)
+        ctx.save_for_backward(hp, weight, tp, lse, *kept)
         ctx.n, ctx.chunk, ctx.fused = n, chunk, fused
         ctx.mark_non_differentiable(pred)
         return loss[:n], pred[:n]
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pred):
-        hp, weight, tp, lse = ctx.saved_tensors
+        hp, weight, tp, lse, *kept = ctx.saved_tensors
         n, chunk, m = ctx.n, ctx.chunk, hp.shape[0]
         g_all = F.pad(grad_loss.float(), (0, m - n))  # padded rows: no gradient
         grad_h = torch.empty_like(hp) if ctx.needs_input_grad[0] else None
@@ -137,9 +144,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         in_gemm = (grad_w is not None and hp.is_cuda and hp.dtype in (torch.bfloat16, torch.float16)
                    and _addmm_f32_ok(hp.device, hp.dtype))  # fmt: skip
         with torch.autocast(hp.device.type, enabled=False):
-            for s in range(0, m, chunk):
+            for i, s in enumerate(range(0, m, chunk)):
                 h_c = hp[s : s + chunk]
-                g = grad_fn(h_c @ weight.T, lse[s : s + chunk], tp[s : s + chunk], g_all[s : s + chunk])
+                logits = kept[i] if kept else h_c @ weight.T
+                g = grad_fn(logits, lse[s : s + chunk], tp[s : s + chunk], g_all[s : s + chunk])
                 if grad_h is not None:
                     grad_h[s : s + chunk] = g @ weight
                 if in_gemm:  # fp32 accumulation in the GEMM's epilogue
@@ -152,6 +160,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -161,6 +170,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk: int | None = None,
     fused: bool | None = None,
+    keep_logits: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of ``h @ weight.T`` against ``targets`` and the argmax class, without the logits.
 
@@ -168,7 +178,8 @@ def linear_cross_entropy(
     Returns ``(loss [N] fp32, pred [N] long)``; ``pred`` carries no gradient. Under autocast the matmuls run in the
     autocast dtype (the weight is cast once per call, as autocast would). ``fused``: each chunk's fp32 work as one
     compiled kernel each way (default: on CUDA); ``False`` runs the eager reference. ``chunk``: rows a chunk (default
-    :data:`DEFAULT_CHUNK`, read at the call)."""
+    :data:`DEFAULT_CHUNK`, read at the call). ``keep_logits``: keep the chunks' logits for the backward instead of
+    recomputing them (default :data:`KEEP_LOGITS`)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets "
@@ -185,4 +196,5 @@ def linear_cross_entropy(
     chunk = DEFAULT_CHUNK if chunk is None else chunk
     if chunk <= 0:
         raise ValueError(f"linear_cross_entropy: chunk must be positive, got {chunk}")
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk, bool(fused))
+    keep = KEEP_LOGITS if keep_logits is None else keep_logits
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, bool(fused), bool(keep))

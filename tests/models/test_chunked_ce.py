@@ -18,15 +18,16 @@ def _case(n, c, v, seed):
     return h, w, y, gl
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("n,chunk", [(37, 8), (64, 16), (5, 1024), (1, 1)])
-def test_matches_cross_entropy_on_logits_fp32(n, chunk):
+def test_matches_cross_entropy_on_logits_fp32(n, chunk, keep):
     seed = 101
     h, w, y, gl = _case(n, 24, 301, seed)
     ref = F.cross_entropy(h @ w.T, y, reduction="none")
     (ref * gl).sum().backward()
     ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    loss, pred = linear_cross_entropy(h, w, y, chunk=chunk)
+    loss, pred = linear_cross_entropy(h, w, y, chunk=chunk, keep_logits=keep)
     (loss * gl).sum().backward()
     assert loss.dtype == torch.float32 and pred.dtype == torch.long and not pred.requires_grad
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
@@ -75,3 +76,27 @@ def test_fused_chunks_match_the_eager_reference(autocast):
     assert torch.equal(p1, p0), f"seed {seed}"
     for got, want in ((gh1, gh0), (gw1, gw0)):
         assert float((got - want).norm() / want.norm()) < 1e-4, f"seed {seed}"
+
+
+def test_kept_logits_skip_the_backward_matmul(monkeypatch):
+    """With ``keep_logits`` the backward reuses the forward's logits: the same gradients from one head matmul
+    fewer (counted), and the kept logits are the forward's own tensors."""
+    h, w, y, gl = _case(40, 16, 97, 7)
+    grads, matmuls = {}, {}
+    real_matmul = torch.Tensor.__matmul__
+    for keep in (False, True):
+        count = [0]
+
+        def counting(a, b, count=count):
+            count[0] += 1
+            return real_matmul(a, b)
+
+        monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+        h.grad = w.grad = None
+        loss, _ = linear_cross_entropy(h, w, y, chunk=16, keep_logits=keep)
+        (loss * gl).sum().backward()
+        monkeypatch.setattr(torch.Tensor, "__matmul__", real_matmul)
+        grads[keep], matmuls[keep] = (h.grad.clone(), w.grad.clone()), count[0]
+    assert matmuls[False] - matmuls[True] == 3  # one logits matmul a chunk, 3 chunks of 16 rows for 40
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
