@@ -10,7 +10,8 @@ with ``F.cross_entropy`` on autocast logits (the reference the CPU tests use), a
 bounds are bf16-level. Prints one line per quantity; exits non-zero if a bound is missed.
 
 ``--time CHUNKS`` (e.g. ``1024,2048,4096,8192``) then times the head + cross-entropy forward and backward at 8,192
-rows and 65,536 classes for widths 768 and 1,024 (the 0.1B and 0.4B heads) with each chunk size (median of
+rows and 65,536 classes for widths 768 and 1,024 (the 0.1B and 0.4B heads) with each chunk size, its logits
+recomputed in the backward or kept (median of
 ``triton.testing.do_bench``, fp32 master weight under bf16 autocast, as the training step runs it), with its peak
 memory above the inputs and its loss against the reference: what the chunk size costs in time and memory.
 """
@@ -107,12 +108,12 @@ def time_chunks(chunks: list[int], dev: torch.device) -> list[dict]:
         y = torch.randint(0, v, (n,), device=dev, generator=g)
         with torch.autocast("cuda", torch.bfloat16):
             ref = F.cross_entropy((h @ w.T).float(), y)
-        for chunk in chunks:
+        for chunk, keep in ((c, k) for c in chunks for k in (False, True)):
 
-            def step(chunk=chunk, h=h, w=w, y=y):
+            def step(chunk=chunk, keep=keep, h=h, w=w, y=y):
                 h.grad = w.grad = None
                 with torch.autocast("cuda", torch.bfloat16):
-                    loss = linear_cross_entropy(h, w, y, chunk=chunk)[0].mean()
+                    loss = linear_cross_entropy(h, w, y, chunk=chunk, keep_logits=keep)[0].mean()
                 loss.backward()
                 return loss
 
@@ -124,11 +125,13 @@ def time_chunks(chunks: list[int], dev: torch.device) -> list[dict]:
             torch.cuda.synchronize(dev)
             peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
             ms = do_bench(step, warmup=50, rep=300, return_mode="median")
-            row = {"rows": n, "width": c, "classes": v, "chunk": chunk, "ms_fwd_bwd": ms, "peak_gib_above": peak,
+            row = {"rows": n, "width": c, "classes": v, "chunk": chunk, "keep_logits": keep, "ms_fwd_bwd": ms,
+                   "peak_gib_above": peak,
                    "loss_rel_err": abs(float(loss) - float(ref)) / abs(float(ref))}  # fmt: skip
             out.append(row)
             print(
-                f"head {n} x {c} x {v}, chunk {chunk:5d}: {ms:.3f} ms fwd+bwd, +{peak:.2f} GiB peak, "
+                f"head {n} x {c} x {v}, chunk {chunk:5d}, {'kept' if keep else 'recomputed'} logits: "
+                f"{ms:.3f} ms fwd+bwd, +{peak:.2f} GiB peak, "
                 f"loss rel err {row['loss_rel_err']:.1e}"
             )
     return out
