@@ -108,7 +108,7 @@ def time_chunks(chunks: list[int], dev: torch.device) -> list[dict]:
         y = torch.randint(0, v, (n,), device=dev, generator=g)
         with torch.autocast("cuda", torch.bfloat16):
             ref = F.cross_entropy((h @ w.T).float(), y)
-        for chunk, keep in ((c, k) for c in chunks for k in (False, True)):
+        for chunk, keep in ((size, k) for size in chunks for k in (False, True)):
 
             def step(chunk=chunk, keep=keep, h=h, w=w, y=y):
                 h.grad = w.grad = None
