@@ -1,11 +1,12 @@
-"""Head + cross-entropy over a large vocabulary in row chunks, without keeping the logits (memory).
+"""Head + cross-entropy over a large vocabulary in row chunks, without the fp32 logits (memory).
 
 ``F.cross_entropy(h @ W.T, y)`` at the g1 sizes keeps ``[N, V]`` logits alive for the backward: at 8,192 rows and
 65,536 classes that is 1 GiB in bf16 plus 2 GiB in fp32 for the log-softmax and as much again for its gradient,
 more than a 0.1B model's weights and optimizer state together. :func:`linear_cross_entropy` computes the loss a
-chunk of rows at a time, keeps only the inputs and one log-sum-exp per row, and recomputes each chunk's logits in
-the backward (one extra head matmul: BlinkDL's trainer makes the same trade). Rows are padded to a whole number of
-chunks, so every matmul has one shape (cuBLAS plans each new shape on the host).
+chunk of rows at a time and keeps the inputs, one log-sum-exp per row and (by default, :data:`KEEP_LOGITS`) the
+chunks' low-precision logits; with ``keep_logits=False`` it keeps no logits and recomputes each chunk's in the
+backward (one extra head matmul for ~1 GiB less). Rows are padded to a whole number of chunks, so every matmul has
+one shape (cuBLAS plans each new shape on the host).
 
 Numerics: the matmuls run in the autocast dtype (or the inputs' dtype without autocast), the softmax in fp32, the
 weight gradient accumulates in fp32 — as ``F.cross_entropy(logits.float(), y)`` on autocast logits does, up to the
@@ -27,10 +28,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 1024
-# Keep each chunk's low-precision logits for the backward instead of recomputing them (one head matmul fewer, the
-# [N, V] logits held in bf16: 1 GiB at 8,192 rows x 65,536). Default from DIFFRWKV_CE_KEEP_LOGITS (1 = on).
-KEEP_LOGITS = os.environ.get("DIFFRWKV_CE_KEEP_LOGITS", "0") == "1"
+# Rows a chunk, and whether each chunk's low-precision logits are kept for the backward instead of recomputed (one
+# head matmul fewer; the [N, V] logits held in bf16, 1 GiB at 8,192 rows x 65,536; DIFFRWKV_CE_KEEP_LOGITS=0 turns
+# it off). The g1 heads on an H100 (bench/gpu_check_ce.py --time, 2026-12-06), fwd + bwd at 8,192 rows: 1,024 rows
+# recomputed 8.29 / 9.99 ms (width 768 / 1,024), 4,096 kept 5.60 / 6.79 ms, for 2.1 GiB instead of 0.5 at the peak.
+DEFAULT_CHUNK = 4096
+KEEP_LOGITS = os.environ.get("DIFFRWKV_CE_KEEP_LOGITS", "1") != "0"
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

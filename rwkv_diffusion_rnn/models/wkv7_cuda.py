@@ -14,18 +14,21 @@ Importing this module builds nothing; it registers the operators ``torch.ops.dif
 call and a CUDA graph can capture one. The model reaches this backend through
 :func:`~rwkv_diffusion_rnn.models.wkv7.wkv7`, which sends a call with an initial state to another backend.
 
-The forward saves for the backward ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the state after every
-16th step (fp32 ``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head).
+The backward needs ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the state after every 16th step (fp32
+``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head). By default (``CudaWKVConfig.recompute``) the forward keeps
+neither and the backward runs the forward again to rebuild them for its own layer.
 
 Kernel variants (``csrc/wkv7_cuda.cu``), chosen by the environment variable ``DIFFRWKV_WKV_CUDA_VARIANT``, read at
-every launch (default ``0``; any other value raises :class:`DiffRwkvError`): ``0`` stages the step vectors of 16
-steps at a time and waits for their loads; ``1`` stages tiles of 8 steps double-buffered, the next tile's loads in
-flight (in registers) while the current one computes, one barrier a tile; ``2`` also unrolls a full tile's steps;
-``3`` also fuses the forward's two reductions (``o`` from ``S_{t-1}`` with ``r . b`` and ``r . k`` summed at staging;
-its backward is variant 2's); ``4`` and ``5`` are variant 3 with each head's 64 value columns split over 2 or 4
-blocks in the forward (the columns never meet there), which evens out the SMs' load (5 needs ``split`` 2 or 4).
-Every variant saves the same ``sa`` and checkpoints, so the forward and backward of
-one call may even differ. ``bench/wkv_shootout.py`` times them (``ours_cuda_v1`` ...).
+every launch (default :data:`DEFAULT_VARIANT`; an unknown value raises :class:`DiffRwkvError`): ``0`` stages the
+step vectors of 16 steps at a time and waits for their loads; ``1`` stages tiles of 8 steps double-buffered, the
+next tile's loads in flight (in registers) while the current one computes, one barrier a tile; ``2`` also unrolls a
+full tile's steps; ``3`` also fuses the forward's two reductions (``o`` from ``S_{t-1}`` with ``r.b`` and ``r.k``
+summed at staging; its backward is variant 2's); ``4`` and ``5`` are variant 3 with each head's 64 value columns
+split over 2 or 4 blocks in the forward (the columns never meet there), which evens out the SMs' load (5 needs
+``split`` 2 or 4). Every variant saves the same ``sa`` and checkpoints, so the forward and backward of one call may
+even differ. ``bench/wkv_shootout.py`` times them (``ours_cuda_v1`` ...). Variant 2 is the default: the fastest on
+fwd + bwd at 16x512x12x64 and within 0.5 % of the fastest at 16x512x16x64 (H100, 2026-12-06; 1.008 / 0.940 ms
+against variant 0's 1.087 / 1.122; docs/RESULTS.md, "WKV-7 in the training step").
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ HEAD = 64
 CHUNK = 16  # steps between checkpoints (fixed in the kernel)
 VARIANT_ENV = "DIFFRWKV_WKV_CUDA_VARIANT"
 VARIANTS = (0, 1, 2, 3, 4, 5)
+DEFAULT_VARIANT = 2
 
 
 @dataclass
@@ -54,11 +58,13 @@ class CudaWKVConfig:
     ``recompute``: the forward keeps nothing for the backward beyond the operands autograd keeps anyway, and the
     backward runs the forward again to rebuild ``sa`` and the checkpoints of its own layer (one more forward launch
     a layer) instead of holding every layer's (fp32: 1 KiB a step per head plus ``sa``, ~3.9 GiB over 24 layers at
-    the 0.4B shape, B16 T512). Default from ``DIFFRWKV_WKV_CUDA_RECOMPUTE`` (1 = on)."""
+    the 0.4B shape, B16 T512). On by default (``DIFFRWKV_WKV_CUDA_RECOMPUTE=0`` turns it off): at 0.4B on an H100
+    (2026-12-06) the step's peak fell from 17.5 to 13.7 GiB and the step ran 6 % faster, although the op alone is
+    slower by the extra forward (fwd + bwd 1.21 against 0.94 ms at 16x512x16x64)."""
 
     fwd_split: int = 2
     bwd_split: int = 2
-    recompute: bool = os.environ.get("DIFFRWKV_WKV_CUDA_RECOMPUTE", "0") == "1"
+    recompute: bool = os.environ.get("DIFFRWKV_WKV_CUDA_RECOMPUTE", "1") != "0"
 
 
 CONFIG = CudaWKVConfig()
@@ -106,10 +112,10 @@ def build_kwargs() -> dict:
 
 
 def kernel_variant() -> int:
-    """The kernel variant named by ``DIFFRWKV_WKV_CUDA_VARIANT`` (0 when unset or empty)."""
+    """The kernel variant named by ``DIFFRWKV_WKV_CUDA_VARIANT`` (:data:`DEFAULT_VARIANT` when unset or empty)."""
     raw = os.environ.get(VARIANT_ENV, "").strip()
     if not raw:
-        return 0
+        return DEFAULT_VARIANT
     if raw not in {str(v) for v in VARIANTS}:
         raise DiffRwkvError(f"{VARIANT_ENV}={raw!r}: expected one of {', '.join(map(str, VARIANTS))}")
     return int(raw)
