@@ -12,7 +12,8 @@ sentence, so tokens/s = sentences/s x length.
 
 Rows ``decoders`` (under ``--autocast``): the latent -> text decoders as a user gets them by default
 (``L2T_PRESETS``): "faithful" (the default: left to right, one token a block, one step a block, argmax, guidance
-0.5) with the RWKV state cache on (the committed prefix read once per block by ``prefill``; the default) and off
+0.5) with the RWKV state cache on (each committed block read once, ``prefill`` continuing its state; the default)
+and off
 (every step re-reads the whole row), and "varied" (the whole row, 32 steps, no state cache: none applies to a
 whole-row decoder). Beside them the AR decoder of the captions study (bench/captions_ar.py ``PrefixCaptioner``: the
 same backbone shape as a causal LM, the latent as 4 prefix embeddings, the same random backbone weights), greedy:
@@ -22,13 +23,15 @@ captions harness decodes (``beam_search`` with one beam).
 Rows ``study``: plain 32-step sampling with the no-change cache exact / off; semi-AR blocks of 8 tokens (8 steps
 each, 32 in all) with and without the RWKV state cache; confidence unmasking; bf16 autocast.
 
-Measured (2026-12-06, H100, fla WKV, L12 D768 V65536, 256 sentences of 32 tokens, ``--rows decoders``; the script
-took 67 s): sentences/s under bf16 autocast / fp32: faithful with the state cache 64 / 64, without 117 / 61; varied
-154 / 90; AR greedy carried as state 438 / 347, re-reading the row 250 / 130. In fp32 the state cache on / off (and
-the two AR decodes) give the same tokens in every row; under bf16 the two paths round differently (with random
-weights near-ties are everywhere: 21% / 50% of rows identical). The state cache's ``prefill`` reads the whole
-committed prefix again at every block, so with one-token blocks it does the uncached path's work plus a second,
-stateful call per block and gains nothing; carrying the state from block to block would make it one token a step.
+Measured (2026-12-06, H100, L12 D768 V65536, 256 sentences of 32 tokens, ``--rows decoders``, bf16 autocast;
+sentences/s): at 07:30 UTC (fla for every WKV call; the state cache then re-read the committed prefix at every
+block) faithful with the state cache 64, without 117; varied 154; AR greedy carried as state 438, re-reading the
+row 250 (fp32: 64 / 61 / 90 / 347 / 130). At 07:58 UTC on another H100 (our CUDA kernel for stateless calls, the
+triton kernel for calls with a state; the state cache now carries its state from block to block, each committed
+token read once) faithful with the cache 87.5, without 101.8; varied 155.0; AR greedy 244.2 / 254.9. At 32 tokens a
+one-token call costs about what a whole-row call does on this GPU, so the cache does not pay at this length. In fp32
+the state cache on / off (and the two AR decodes) give the same tokens in every row; under bf16 the two paths round
+differently (with random weights near-ties are everywhere: 21-56 % / 50 % of rows identical).
 """
 
 from __future__ import annotations

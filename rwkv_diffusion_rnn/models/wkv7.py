@@ -18,7 +18,7 @@ Backends
 ``cuda``       our own CUDA kernels, forward and backward, head size 64, no initial state (:mod:`.wkv7_cuda`;
                built on first use with nvcc and ninja, ~20 s). Training runs it; a call it cannot take (an
                initial state, as the samplers' recurrent cache passes, or a head size other than 64) goes to
-               ``triton`` when triton imports, else ``fla`` when fla imports, else ``reference`` (:func:`wkv7`).
+               ``fla`` when fla imports, else ``triton`` when triton imports, else ``reference`` (:func:`wkv7`).
 ``auto``       for CUDA tensors ``cuda`` where its kernel builds here (a CUDA build of torch, nvcc and ninja found,
                the build succeeds; checked once per process, a failed build warns once), else ``fla`` when fla
                imports, else ``reference``. ``cuda`` is the fastest in the training step (docs/RESULTS.md,
@@ -229,8 +229,11 @@ def cuda_kernel_builds() -> bool:
 
 
 def stateful_fallback(device: torch.device) -> str:
-    """The backend that runs a call with an initial state when ``cuda`` (which takes none) is asked for: ``triton``
-    on CUDA when triton imports, else ``fla`` when it imports, else ``reference``."""
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return "triton"
-    return "fla" if device.type == "cuda" and _fla_chunk() is not None else "reference"
+    """The backend that runs a call ``cuda`` does not take (an initial state, as the samplers pass; another head
+    size): on CUDA ``fla`` when it imports (what ``auto`` ran such calls on before it picked ``cuda``), else
+    ``triton`` when triton imports, else ``reference``."""
+    if device.type != "cuda":
+        return "reference"
+    if _fla_chunk() is not None:
+        return "fla"
+    return "triton" if importlib.util.find_spec("triton") is not None else "reference"
