@@ -11,9 +11,8 @@ the sampler (scheduler, per-row float64 RNG, Gumbel-max). Every row decodes all 
 sentence, so tokens/s = sentences/s x length.
 
 Rows ``decoders`` (under ``--autocast``): the latent -> text decoders as a user gets them by default
-(``L2T_PRESETS``): "faithful" (the default: left to right, one token a block, one step a block, argmax, guidance
-0.5) with the RWKV state cache on (each committed block read once, ``prefill`` continuing its state; the default)
-and off
+(``L2T_PRESETS``): "faithful" (the default: left to right, one token a block, one step a block, argmax, guidance 0.5)
+with the RWKV state cache on (each committed block read once, ``prefill`` continuing its state; the default) and off
 (every step re-reads the whole row), and "varied" (the whole row, 32 steps, no state cache: none applies to a
 whole-row decoder). Beside them the AR decoder of the captions study (bench/captions_ar.py ``PrefixCaptioner``: the
 same backbone shape as a causal LM, the latent as 4 prefix embeddings, the same random backbone weights), greedy:
