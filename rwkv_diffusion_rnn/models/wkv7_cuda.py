@@ -125,9 +125,21 @@ def kernel_variant() -> int:
 def extension():
     """The compiled operators, ``torch.ops.diffrwkv_wkv7`` (built on the first call, then loaded from the build
     folder)."""
+    import sys
+    import threading
+
     from torch.utils import cpp_extension as ce
 
-    ce.load(**build_kwargs(), verbose=False)
+    kwargs = build_kwargs()
+    # a load that takes more than a moment is a build (first use, or new sources): say so instead of going quiet
+    msg = f"WKV-7 CUDA kernel: building {kwargs['name']} (first use, under a minute; kept in TORCH_EXTENSIONS_DIR)"
+    note = threading.Timer(3.0, lambda: print(msg, file=sys.stderr, flush=True))
+    note.daemon = True
+    note.start()
+    try:
+        ce.load(**kwargs, verbose=False)
+    finally:
+        note.cancel()
     return torch.ops.diffrwkv_wkv7
 
 

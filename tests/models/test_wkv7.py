@@ -171,3 +171,23 @@ def test_cuda_recompute_rebuilds_the_saved_tensors_in_the_backward(monkeypatch):
     ctx = SimpleNamespace(saved_tensors=(*xs, torch.empty(0), torch.empty(1, 1, 1, 64, 64)), split=2)
     wc._backward(ctx, torch.randn(1, 4, 1, 64, generator=g), None, None, None)
     assert seen["save"] is True and seen["sa"] is sa and seen["ckpt"] is ckpt
+
+
+def test_a_slow_kernel_load_says_it_is_building(monkeypatch, capsys):
+    """A load that takes more than a moment is a build: one line on stderr instead of silence (the load itself is
+    stood in for here: no GPU, no nvcc)."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    from rwkv_diffusion_rnn.models import wkv7_cuda as wc
+
+    monkeypatch.setattr(wc, "build_kwargs", lambda: {"name": "diffrwkv_wkv7_cuda_sm90"})
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: time.sleep(3.3))
+    monkeypatch.setattr(torch.ops, "diffrwkv_wkv7", object(), raising=False)
+    wc.extension.cache_clear()
+    try:
+        wc.extension()
+    finally:
+        wc.extension.cache_clear()
+    assert "WKV-7 CUDA kernel: building diffrwkv_wkv7_cuda_sm90" in capsys.readouterr().err
