@@ -13,15 +13,21 @@
 #   blinkdl   his step at 0.1B then 0.4B (T 512, batch 16): blinkdl_0.1b.json, blinkdl_0.4b.json; retried with
 #             RWKV_JIT_ON=0 (--jit 0) where the JIT build fails
 #   cuda      ours, rwkv7-lm and denoiser-causal-full, the fast path, --wkv-backend cuda, 0.1B and 0.4B: tp_cuda/
-#   default   the same with --wkv-backend $DEFAULT_BACKEND (auto: fla where it imports): tp_default/
+#   default   the same with --wkv-backend $DEFAULT_BACKEND (auto: cuda where it builds): tp_default/
+#   fla       ours, rwkv7-lm at both shapes with --wkv-backend fla (fla autotunes for minutes on a fresh machine):
+#             tp_fla/
+#   keep      ours, rwkv7-lm at both shapes with DIFFRWKV_WKV_CUDA_RECOMPUTE=0 (the WKV backward keeps its saved
+#             states instead of recomputing them): tp_keep/
+#   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
+#             tp_budget/
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
 #   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
 #             eager, model and trainer level): graphs.json
 #   ce        the chunked head + cross-entropy checked, then timed per chunk size (bench/gpu_check_ce.py --time):
 #             ce.json
-#   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels), then ours again with
-#             DIFFRWKV_WKV_CUDA_RECOMPUTE=1: wkv/, wkv_recompute/
-#   recompute ours at 0.4B (rwkv7-lm) with DIFFRWKV_WKV_CUDA_RECOMPUTE=1: peak memory and speed: tp_recompute/
+#   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
+#             keeping its states, then ours again recomputing them (the default): wkv/, wkv_recompute/; the later
+#             stages run the fastest of our kernel variants that passed the check
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
 #             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
 # CE_CHUNK (rows a chunk of the head's cross-entropy) is passed to every throughput stage when set.
@@ -31,7 +37,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/speed_call}
 LIMIT=${LIMIT:-540}
 RESERVE=${RESERVE:-25}
-STAGES=${STAGES:-host,blinkdl,cuda,default,llama,graphs}
+STAGES=${STAGES:-blinkdl,cuda,llama,sampling,keep,fla}
 DEFAULT_BACKEND=${DEFAULT_BACKEND:-auto}
 WARMUP=${WARMUP:-12}
 STEPS=${STEPS:-8}
@@ -113,7 +119,7 @@ for stage in ${STAGES//,/ }; do
       run ce 90 "$PY" bench/gpu_check_ce.py --time 1024,4096,8192 --out "$OUT/ce.json"
       ;;
     wkv)
-      run wkv 200 env OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \
+      run wkv 200 env DIFFRWKV_WKV_CUDA_RECOMPUTE=0 OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \
         --budget-s 150
       # the later stages run the fastest of our kernel variants that passed the check (unless one is set already)
       if [ -z "${DIFFRWKV_WKV_CUDA_VARIANT:-}" ]; then
@@ -126,7 +132,7 @@ for name, k in kernels.items():
     times = [t["fwd_bwd_ms"] for t in k.get("timings", [])]
     if m and (k.get("check") or {}).get("verdict") == "ok" and len(times) == 2:
         best[int(m.group(1) or 0)] = sum(times)
-if best and min(best, key=best.get):
+if best:
     print(min(best, key=best.get))
 PICK
 )
@@ -135,15 +141,23 @@ PICK
       run wkv_recompute 90 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 OUT="$OUT/wkv_recompute" bash bench/wkv_shootout.sh \
         --kernels "ours_cuda${DIFFRWKV_WKV_CUDA_VARIANT:+_v$DIFFRWKV_WKV_CUDA_VARIANT}" --budget-s 60
       ;;
-    recompute)
-      run tp_recompute 120 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 "${TP[@]}" --shapes 0.4b --rows rwkv7-lm $FAST \
-        --wkv-backend cuda --out "$OUT/tp_recompute"
+    keep)
+      run tp_keep 150 env DIFFRWKV_WKV_CUDA_RECOMPUTE=0 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm $FAST \
+        --wkv-backend cuda --profile "$PROFILE" --out "$OUT/tp_keep"
+      ;;
+    budget)
+      run tp_budget 150 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm ${FAST/--memory-budget 0.5/--memory-budget 1.0} \
+        --wkv-backend cuda --profile "$PROFILE" --out "$OUT/tp_budget"
+      ;;
+    fla)
+      run tp_fla 300 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm $FAST --wkv-backend fla --profile "$PROFILE" \
+        --out "$OUT/tp_fla"
       ;;
     sampling)
       run sampling 120 "$PY" bench/bench_sampling.py --rows decoders --autocast bf16 --layers 12 --width 768 \
         --vocab 65536 --n 256 --length 32 --out "$OUT/sampling.json"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, llama, graphs, ce, wkv, recompute, sampling)" ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, keep, budget, llama, graphs, ce, wkv, sampling)" ;;
   esac
 done
 
@@ -171,7 +185,7 @@ for shape in ("0.1b", "0.4b"):
               f"{f(b.get('tokens_per_s_run'))} | {f(b.get('tokens_per_s_kernel_bound'))} | "
               f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | "
               f"{f(b.get('first_loss'), '.4f')} | {b.get('status')} |")
-    for tag in ("tp_cuda", "tp_recompute", "tp_default", "tp_llama"):
+    for tag in ("tp_cuda", "tp_keep", "tp_budget", "tp_fla", "tp_default", "tp_llama"):
         res = load(out / tag / "results.json") or {"rows": []}
         for r in res["rows"]:
             if r["shape"] != shape:
@@ -180,6 +194,8 @@ for shape in ("0.1b", "0.4b"):
             kms = prof.get("gpu_kernel_ms_per_step")
             kb = res["batch"] * res["length"] / (kms / 1000) if kms else None
             what = f"{r['row']} ({(r.get('notes') or {}).get('wkv_backend', '-')})"
+            if tag in ("tp_keep", "tp_budget"):  # the A/B stages: say which
+                what += {"tp_keep": ", WKV states kept", "tp_budget": ", memory budget 1.0"}[tag]
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
                   f"{r['status']} |")
