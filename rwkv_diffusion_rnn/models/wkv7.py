@@ -19,8 +19,9 @@ Backends
                built on first use with nvcc and ninja, ~20 s). Training runs it; a call it cannot take (an
                initial state, as the samplers' recurrent cache passes, or a head size other than 64) goes to
                ``fla`` when fla imports, else ``triton`` when triton imports, else ``reference`` (:func:`wkv7`).
-``auto``       for CUDA tensors ``cuda`` where its kernel builds here (a CUDA build of torch, nvcc and ninja found,
-               the build succeeds; checked once per process, a failed build warns once), else ``fla`` when fla
+``auto``       for CUDA tensors ``cuda`` where its kernel builds here (a CUDA build of torch, a GPU of compute
+               capability 8.0 or newer, nvcc and ninja found, the build succeeds; checked once per process, a failed
+               build warns once), else ``fla`` when fla
                imports, else ``reference``. ``cuda`` is the fastest in the training step (docs/RESULTS.md,
                "WKV-7 in the training step"); fla, the earlier default, stays one setting away.
 
@@ -213,6 +214,8 @@ def cuda_kernel_builds() -> bool:
     builds (the first call builds it, ~20 s, or loads the build folder's copy). A failed build warns once and
     ``auto`` takes the next backend."""
     if not torch.cuda.is_available() or torch.version.cuda is None:
+        return False
+    if torch.cuda.get_device_capability() < (8, 0):  # older GPUs keep fla: native bf16 arithmetic starts at Ampere
         return False
     from rwkv_diffusion_rnn.models import wkv7_cuda
 

@@ -51,6 +51,7 @@ def test_a_failed_build_warns_once_and_auto_falls_back(monkeypatch):
         raise DiffRwkvError("WKV backend 'cuda' needs nvcc to build its kernel: install the CUDA toolkit\nmore")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(wkv7_cuda, "extension", no_nvcc)
     monkeypatch.setattr(wkv7_mod, "_fla_chunk", lambda: None)
@@ -191,3 +192,12 @@ def test_a_slow_kernel_load_says_it_is_building(monkeypatch, capsys):
     finally:
         wc.extension.cache_clear()
     assert "WKV-7 CUDA kernel: building diffrwkv_wkv7_cuda_sm90" in capsys.readouterr().err
+
+
+def test_auto_leaves_gpus_before_ampere_to_fla(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(wkv7_cuda, "extension", lambda: pytest.fail("no build below compute capability 8.0"))
+    monkeypatch.setattr(wkv7_mod, "_fla_chunk", lambda: object())
+    assert wkv7_mod.resolve_backend("auto", torch.device("cuda")) == "fla"
