@@ -16,14 +16,14 @@ Backends
 ``triton``     our own sequential Triton kernels, forward and backward (:mod:`.wkv7_triton`; CUDA only, needs
                ``triton``; opt-in: ``auto`` never picks it).
 ``cuda``       our own CUDA kernels, forward and backward, head size 64, no initial state (:mod:`.wkv7_cuda`;
-               built on first use with nvcc and ninja, ~20 s). Training runs it; a call it cannot take (an
+               built on first use with nvcc and ninja, under a minute). Training runs it; a call it cannot take (an
                initial state, as the samplers' recurrent cache passes, or a head size other than 64) goes to
                ``fla`` when fla imports, else ``triton`` when triton imports, else ``reference`` (:func:`wkv7`).
 ``auto``       for CUDA tensors ``cuda`` where its kernel builds here (a CUDA build of torch, a GPU of compute
                capability 8.0 or newer, nvcc and ninja found, the build succeeds; checked once per process, a failed
-               build warns once), else ``fla`` when fla
-               imports, else ``reference``. ``cuda`` is the fastest in the training step (docs/RESULTS.md,
-               "WKV-7 in the training step"); fla, the earlier default, stays one setting away.
+               build warns once), else ``fla`` when fla imports, else ``reference``. ``cuda`` is the fastest in
+               the training step (docs/RESULTS.md, "WKV-7 in the training step"); fla, the earlier default, stays
+               one setting away.
 
 The backend can be forced per call, per model (``RWKV7.wkv_backend``) or globally with the environment variable
 ``DIFFRWKV_WKV_BACKEND``, which a call or model asking for ``auto`` (or nothing) follows; an explicit name wins.
@@ -211,7 +211,7 @@ def wkv7(
 @lru_cache(maxsize=1)
 def cuda_kernel_builds() -> bool:
     """Whether backend ``cuda`` can run here: a CUDA build of torch with a GPU, nvcc and ninja, and the kernel
-    builds (the first call builds it, ~20 s, or loads the build folder's copy). A failed build warns once and
+    builds (the first call builds it, under a minute, or loads the build folder's copy). A failed build warns once and
     ``auto`` takes the next backend."""
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return False
