@@ -199,6 +199,20 @@ for shape in ("0.1b", "0.4b"):
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
                   f"{r['status']} |")
+# where the GPU time goes: his step's kernel categories beside our LM step's (bench/throughput.py KERNEL_CATEGORIES)
+for shape in ("0.1b", "0.4b"):
+    his = ((load(out / f"blinkdl_{shape}.json") or {}).get("profile") or {}).get("categories") or {}
+    ours = next((r.get("profile", {}).get("categories") for r in (load(out / "tp_cuda" / "results.json") or
+                 {"rows": []})["rows"] if r["shape"] == shape and r["row"] == "rwkv7-lm"), None) or {}  # fmt: skip
+    if his and ours:
+        print(f"\n## GPU kernel ms a step by category, {shape}: BlinkDL vs ours (LM step)\n")
+        print("| category | BlinkDL | ours | ours - his |")
+        print("|---|---:|---:|---:|")
+        for cat in sorted(set(his) | set(ours), key=lambda c: -max(his.get(c, {}).get("ms_per_step", 0),
+                                                                    ours.get(c, {}).get("ms_per_step", 0))):
+            a_ms = his.get(cat, {}).get("ms_per_step", 0.0)
+            b_ms = ours.get(cat, {}).get("ms_per_step", 0.0)
+            print(f"| {cat} | {a_ms:.2f} | {b_ms:.2f} | {b_ms - a_ms:+.2f} |")
 s = load(out / "sampling.json")
 if s:
     r0 = s["results"][0] if s["results"] else {}

@@ -83,3 +83,23 @@ def test_sampling_stage_is_known(tmp_path):
     res = run(tmp_path, STAGES="sampling", LIMIT="30", RESERVE="25")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "sampling: skipped" in stages(tmp_path)
+
+
+def test_summary_sets_his_kernel_categories_beside_ours(tmp_path):
+    cats = {"wkv": {"ms_per_step": 11.2, "calls_per_step": 24}, "gemm": {"ms_per_step": 11.9, "calls_per_step": 595}}
+    (tmp_path / "blinkdl_0.4b.json").write_text(json.dumps({"env": {"RWKV_JIT_ON": "1"}, "status": "ok",
+                                                             "profile": {"categories": cats}}))  # fmt: skip
+    ours = {"batch": 16, "length": 512, "rows": [
+        {"shape": "0.4b", "row": "rwkv7-lm", "status": "ok", "profile": {"categories": {
+            "wkv": {"ms_per_step": 12.07, "calls_per_step": 24},
+            "compiled elementwise (Triton)": {"ms_per_step": 14.78, "calls_per_step": 1203}}}}]}  # fmt: skip
+    (tmp_path / "tp_cuda").mkdir()
+    (tmp_path / "tp_cuda" / "results.json").write_text(json.dumps(ours))
+    res = run(tmp_path, STAGES="")
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (tmp_path / "summary.md").read_text()
+    assert "## GPU kernel ms a step by category, 0.4b: BlinkDL vs ours (LM step)" in md
+    assert "| compiled elementwise (Triton) | 0.00 | 14.78 | +14.78 |" in md
+    assert "| gemm | 11.90 | 0.00 | -11.90 |" in md
+    assert "| wkv | 11.20 | 12.07 | +0.87 |" in md
+    assert md.index("compiled elementwise") < md.index("| wkv") < md.index("| gemm")  # the larger side first
