@@ -20,6 +20,8 @@
 #             states instead of recomputing them): tp_keep/
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
+#   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F), AB_ROWS at AB_SHAPES:
+#             tp_ab_LABEL/ (an A/B of settings inside one call)
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
 #   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
 #             eager, model and trainer level): graphs.json
@@ -157,7 +159,26 @@ PICK
       run sampling 120 "$PY" bench/bench_sampling.py --rows decoders --autocast bf16 --layers 12 --width 768 \
         --vocab 65536 --n 256 --length 32 --out "$OUT/sampling.json"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, keep, budget, llama, graphs, ce, wkv, sampling)" ;;
+    ab:*)
+      # ab:LABEL runs AB_ROWS (default rwkv7-lm) at AB_SHAPES (default 0.4b) with the fast path, --wkv-backend cuda
+      # and the settings in AB_<LABEL>: NAME=VALUE environment assignments, budget=X (the compiled blocks' memory
+      # budget), keep=F (--wkv-keep-states F); up to AB_CAP seconds (150)
+      label=${stage#ab:}
+      spec_var="AB_${label}"
+      envs=() budget=0.5 keep=()
+      for item in ${!spec_var:-}; do
+        case $item in
+          budget=*) budget=${item#budget=} ;;
+          keep=*) keep=(--wkv-keep-states "${item#keep=}") ;;
+          *=*) envs+=("$item") ;;
+        esac
+      done
+      run "tp_ab_$label" "${AB_CAP:-150}" env "${envs[@]}" "${TP[@]}" --shapes "${AB_SHAPES:-0.4b}" --rows "${AB_ROWS:-rwkv7-lm}" \
+        ${FAST/--memory-budget 0.5/--memory-budget $budget} "${keep[@]}" --wkv-backend cuda --profile "$PROFILE" \
+        --out "$OUT/tp_ab_$label"
+      mkdir -p "$OUT/tp_ab_$label" && echo "${!spec_var:-} (budget $budget)" >"$OUT/tp_ab_$label/spec.txt"
+      ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, keep, budget, llama, graphs, ce, wkv, sampling, ab:LABEL)" ;;
   esac
 done
 
@@ -176,16 +197,17 @@ def f(x, spec=",.0f"):
 host = (load(out / "host" / "results.json") or {}).get("host")
 print(f"# Speed call\n\nHost: {host}\n")
 print("| shape | what | tokens/s (step alone) | back to back | kernel-bound | GPU kernel ms / step | launches / step "
-      "| loss 1st step | status |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+      "| loss 1st step | peak GiB | status |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for shape in ("0.1b", "0.4b"):
     b = load(out / f"blinkdl_{shape}.json")
     if b:
         print(f"| {shape} | BlinkDL train_temp (jit {b['env']['RWKV_JIT_ON']}) | {f(b.get('tokens_per_s'))} | "
               f"{f(b.get('tokens_per_s_run'))} | {f(b.get('tokens_per_s_kernel_bound'))} | "
               f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | "
-              f"{f(b.get('first_loss'), '.4f')} | {b.get('status')} |")
-    for tag in ("tp_cuda", "tp_keep", "tp_budget", "tp_fla", "tp_default", "tp_llama"):
+              f"{f(b.get('first_loss'), '.4f')} | {f(b.get('peak_mem_gib'), '.1f')} | {b.get('status')} |")
+    ab = sorted(p.name for p in out.glob("tp_ab_*"))
+    for tag in ("tp_cuda", "tp_keep", "tp_budget", *ab, "tp_fla", "tp_default", "tp_llama"):
         res = load(out / tag / "results.json") or {"rows": []}
         for r in res["rows"]:
             if r["shape"] != shape:
@@ -196,9 +218,12 @@ for shape in ("0.1b", "0.4b"):
             what = f"{r['row']} ({(r.get('notes') or {}).get('wkv_backend', '-')})"
             if tag in ("tp_keep", "tp_budget"):  # the A/B stages: say which
                 what += {"tp_keep": ", WKV states kept", "tp_budget": ", memory budget 1.0"}[tag]
+            elif tag.startswith("tp_ab_"):
+                spec = (out / tag / "spec.txt").read_text().strip() if (out / tag / "spec.txt").exists() else ""
+                what += f", {tag[6:]}: {spec}"
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
-                  f"{r['status']} |")
+                  f"{f(r.get('peak_mem_gib'), '.1f')} | {r['status']} |")
 # where the GPU time goes: his step's kernel categories beside our LM step's (bench/throughput.py KERNEL_CATEGORIES)
 for shape in ("0.1b", "0.4b"):
     his = ((load(out / f"blinkdl_{shape}.json") or {}).get("profile") or {}).get("categories") or {}

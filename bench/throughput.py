@@ -260,6 +260,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
     t.cuda_graphs, t.chunked_ce, t.compile_denoiser = a.cuda_graphs, a.chunked_ce, a.compile_denoiser
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
+    t.wkv_keep_states = a.wkv_keep_states
     lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
     trainer = Trainer(cfg)
     if a.compile_regions:
@@ -283,14 +284,18 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
 
 
 def _lm_step(model, opt, ids, autocast, loss_fn) -> Callable[[], torch.Tensor]:
+    from rwkv_diffusion_rnn.optimizer import clip_grads_on_device
+
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> torch.Tensor:
         with autocast():
             loss = loss_fn(model, ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # the trainer's clipping (optimizer.py): on the device, its factor folded into the fused AdamW's step
+        clip_grads_on_device(params, 1.0, optimizer=opt)
         opt.step()
+        opt.__dict__.pop("grad_scale", None)
         opt.zero_grad(set_to_none=True)
         return loss.detach()  # read only when asked (warm-up): as in the trainer's loop, a step does not wait
 
@@ -306,7 +311,7 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_wkv_keep_states
     from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
 
@@ -314,6 +319,7 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
     with torch.device(dev):
         model = RWKV7(RWKV7Config.for_shape(*shape), wkv_backend=a.wkv_backend)
     model.train()
+    set_wkv_keep_states(model, a.wkv_keep_states)
     if a.compile_regions:
         compile_regions(model)
     if a.compile_blocks:
@@ -523,6 +529,12 @@ def kernel_profile(step: Callable[[], object], dev: torch.device, top: int, step
             {"name": n[:120], "ms_per_step": round(v[0], 3), "calls_per_step": v[1] / steps} for n, v in kernels[:top]
         ],
         "ops": ops[:top],
+        # every kernel above 5 us a step, for attributing the time offline (the table shows the top ones)
+        "kernels": [
+            {"name": n[:160], "ms_per_step": round(v[0], 4), "calls_per_step": v[1] / steps}
+            for n, v in kernels
+            if v[0] >= 0.005
+        ],
     }
 
 
@@ -726,6 +738,14 @@ def build_parser() -> argparse.ArgumentParser:
         "saved activations the compiled blocks may keep (the partitioner recomputes the cheapest rest); 1 = torch's "
         "default",
     )
+    p.add_argument(
+        "--wkv-keep-states",
+        type=float,
+        default=None,
+        metavar="F",
+        help="share [0, 1] of the layers (the first ones) whose WKV kernel (backend cuda) keeps its states for the "
+        "backward instead of rebuilding them there (training.wkv_keep_states); default: the kernel's default",
+    )
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
     p.add_argument(
         "--compile-regions",
@@ -824,6 +844,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_budget is not None and not 0 < a.memory_budget <= 1:  # compile_blocks applies it
         print(f"--memory-budget {a.memory_budget}: expected a share in (0, 1]")
         return 2
+    if a.wkv_keep_states is not None and not 0 <= a.wkv_keep_states <= 1:
+        print(f"--wkv-keep-states {a.wkv_keep_states}: expected a share in [0, 1]")
+        return 2
     if a.memory_budget is not None and not a.compile_blocks:
         print("--memory-budget acts on compiled blocks: add --compile-blocks")
         return 2
@@ -849,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_what": what,
         "triton_config": triton_config,
         "memory_budget": a.memory_budget,
+        "wkv_keep_states": a.wkv_keep_states,
         "ce_chunk": a.ce_chunk,
         **{
             k: getattr(a, k)

@@ -132,6 +132,10 @@ class TrainingConfig:
     # with compile_blocks: share (0, 1] of a block's saved activations kept for the backward; the rest is recomputed
     # (0.5: 0.4B peak 19.3 -> 13.6 GiB for 3 % speed on an H200). 1 = keep all (torch's default)
     memory_budget: float = 1.0
+    # WKV backend cuda: share [0, 1] of the layers (the first ones) whose WKV forward keeps its states for the
+    # backward (~160 MiB a layer at 0.4B, B16 T512) instead of the backward running the forward again; null: the
+    # kernel's default (rebuild; DIFFRWKV_WKV_CUDA_RECOMPUTE=0 keeps them in every layer)
+    wkv_keep_states: float | None = None
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)
     # torch.compile the denoiser's own work around the blocks in its training forward: embeddings + layout, the
@@ -226,6 +230,8 @@ def validate(cfg: TrainConfig) -> None:
         (t.strategy != "fsdp" or m.unfreeze_after_steps == 0,
          "training.strategy=fsdp needs model.unfreeze_after_steps=0 (the trainable set is fixed when sharding)"),
         (0 < t.memory_budget <= 1, f"training.memory_budget must be in (0, 1]; got {t.memory_budget}"),
+        (t.wkv_keep_states is None or 0 <= t.wkv_keep_states <= 1,
+         f"training.wkv_keep_states must be null or in [0, 1]; got {t.wkv_keep_states}"),
         (t.memory_budget == 1 or t.compile_blocks,
          "training.memory_budget < 1 acts on compiled blocks: set training.compile_blocks=true"),
         (not (t.compile and t.compile_denoiser),

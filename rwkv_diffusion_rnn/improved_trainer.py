@@ -55,7 +55,7 @@ from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_wkv_keep_states
 from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser, compile_denoiser_regions
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
@@ -152,6 +152,7 @@ class Trainer:
         self.checkpoint_format = "dcp" if fmt == "dcp" or (fmt == "auto" and t.strategy == "fsdp") else "file"
         if t.activation_checkpointing:
             self._checkpoint_blocks()
+        set_wkv_keep_states(self.model, t.wkv_keep_states)
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model, t.memory_budget)  # 1 included: never inherit an earlier model's budget
         if t.compile_denoiser:
@@ -316,14 +317,17 @@ class Trainer:
         self.data.prefetch(self.step + 1)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # the clipping factor rides on the fused AdamW's step (its grad_scale) where no loss scaler sets one
+        fold = None if self.scaler.is_enabled() else self.optimizer
         if self._steps_on_device():
-            grad_norm, finite = clip_grads_on_device(params, t.max_grad_norm, also_finite=sums)
+            grad_norm, finite = clip_grads_on_device(params, t.max_grad_norm, also_finite=sums, optimizer=fold)
             finite = distributed.all_true_on_device(finite)
             self.optimizer.found_inf = (~finite).float()  # the fused AdamW leaves weights and moments as they are
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
+                self.optimizer.__dict__.pop("grad_scale", None)
             if self.ema is not None:
                 self.ema.update(self.model, apply=finite)
             bad = (~finite).long()
@@ -331,7 +335,9 @@ class Trainer:
             skipped_total = self._skipped.tensor(bad.device)  # this step's total, read later or now
         else:  # one sync; under fsdp the norm is of the whole gradient, summed over the ranks' shards
             sum_over_ranks = distributed.all_reduce_sum if self.sharded else None
-            grad_norm, finite = clip_and_check_grads(params, t.max_grad_norm, sums, sum_over_ranks)
+            grad_norm, finite = clip_and_check_grads(
+                params, t.max_grad_norm, sums, sum_over_ranks, optimizer=None if self.sharded else fold
+            )
             finite = distributed.all_true(finite, self.device)
             if finite:
                 self.scaler.step(self.optimizer)
@@ -339,6 +345,7 @@ class Trainer:
                     self.ema.update(self.model)
             else:
                 self._skipped.add(1)
+            self.optimizer.__dict__.pop("grad_scale", None)
             skipped_total = self.skipped
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

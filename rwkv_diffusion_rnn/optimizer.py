@@ -370,6 +370,7 @@ def clip_grads_on_device(
     max_norm: float,
     also_finite: torch.Tensor | None = None,
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`clip_and_check_grads` without reading anything back: the norm and the finiteness flag stay 0-dim
     tensors on the first gradient's device, and the clipping factor is applied there (1 where the norm is within
@@ -379,7 +380,13 @@ def clip_grads_on_device(
     ``sum_over_ranks`` (e.g. :func:`distributed.all_reduce_sum`; every rank must call then) is for gradients
     sharded over processes (FSDP2's DTensors): the norm is the root of the ranks' summed local squared norms, the
     same on every rank, so every rank clips by the same factor; ``also_finite`` is still this rank's, so the caller
-    combines the flags over the ranks (:func:`distributed.all_true`) before stepping."""
+    combines the flags over the ranks (:func:`distributed.all_true`) before stepping.
+
+    ``optimizer``: where it is a fused optimizer (torch's fused AdamW), the clipping is left to its step instead of
+    a pass over every gradient here: its ``grad_scale`` is set to the inverse factor, which the fused kernel divides
+    each gradient by as it reads it (one read of the gradients saved; the caller deletes ``grad_scale`` after the
+    step, see :func:`fold_clip_into`). Not for a loss scaler's step (it sets ``grad_scale`` itself) nor for
+    sharded gradients (``sum_over_ranks``)."""
     grads = [p.grad for p in params if p.grad is not None]
     if sum_over_ranks is not None:
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
@@ -405,10 +412,20 @@ def clip_grads_on_device(
         finite = finite & torch.isfinite(also_finite).all().to(first)
     if max_norm > 0:
         clip = finite & (total > max_norm)
-        coef = torch.where(clip, max_norm / (total + 1e-6), torch.ones((), device=first))
-        for dev, gs in by_device.items():
-            torch._foreach_mul_(gs, coef.to(dev))
+        one = torch.ones((), device=first)
+        if optimizer is not None and sum_over_ranks is None and fold_clip_into(optimizer):
+            optimizer.grad_scale = torch.where(clip, (total + 1e-6) / max_norm, one)  # the step divides by it
+        else:
+            coef = torch.where(clip, max_norm / (total + 1e-6), one)
+            for dev, gs in by_device.items():
+                torch._foreach_mul_(gs, coef.to(dev))
     return total, finite
+
+
+def fold_clip_into(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the gradient clipping can ride on ``optimizer``'s step (:func:`clip_grads_on_device`): every group
+    fused (torch's fused Adam/AdamW divide each gradient by ``optimizer.grad_scale`` as they read it)."""
+    return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 @torch.no_grad()
@@ -417,6 +434,7 @@ def clip_and_check_grads(
     max_norm: float,
     also_finite: torch.Tensor | None = None,
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[float, bool]:
     """Global L2 norm of the gradients, and whether it is finite; clip to ``max_norm`` only when it is.
 
@@ -429,6 +447,6 @@ def clip_and_check_grads(
     Returns:
         ``(total_norm, finite)``; the norm is a Python float (one device sync).
     """
-    total, finite = clip_grads_on_device(params, max_norm, also_finite, sum_over_ranks)
+    total, finite = clip_grads_on_device(params, max_norm, also_finite, sum_over_ranks, optimizer)
     total_f, ok = torch.stack([total.float(), finite.to(total.device, torch.float32)]).tolist()
     return total_f, ok == 1.0

@@ -42,11 +42,11 @@ def test_a_stage_without_time_left_is_skipped(tmp_path):
 def test_summary_sets_his_step_beside_ours(tmp_path):
     his = {"env": {"RWKV_JIT_ON": "1"}, "tokens_per_s": 140000.0, "tokens_per_s_run": 141000.0,
            "tokens_per_s_kernel_bound": 180000.0, "gpu_kernel_ms_per_step": 45.5, "kernels_per_step": 1500,
-           "first_loss": 11.1, "status": "ok"}  # fmt: skip
+           "first_loss": 11.1, "peak_mem_gib": 8.71, "status": "ok"}  # fmt: skip
     (tmp_path / "blinkdl_0.1b.json").write_text(json.dumps(his))
     ours = {"batch": 16, "length": 512, "rows": [
         {"shape": "0.1b", "row": "rwkv7-lm", "status": "ok", "tokens_per_s": 150000.0, "tokens_per_s_run": 160000.0,
-         "first_loss": 11.05, "notes": {"wkv_backend": "cuda"},
+         "first_loss": 11.05, "notes": {"wkv_backend": "cuda"}, "peak_mem_gib": 6.93,
          "profile": {"gpu_kernel_ms_per_step": 40.96, "kernels_per_step": 900}},
         {"shape": "0.4b", "row": "denoiser-causal-full", "status": "OOM"}]}  # fmt: skip
     (tmp_path / "tp_cuda").mkdir()
@@ -54,11 +54,27 @@ def test_summary_sets_his_step_beside_ours(tmp_path):
     res = run(tmp_path, STAGES="")
     assert res.returncode == 0, res.stderr[-2000:]
     md = (tmp_path / "summary.md").read_text()
-    assert "| 0.1b | BlinkDL train_temp (jit 1) | 140,000 | 141,000 | 180,000 | 45.5 | 1,500 | 11.1000 | ok |" in md
+    his_row = "| 0.1b | BlinkDL train_temp (jit 1) | 140,000 | 141,000 | 180,000 | 45.5 | 1,500 | 11.1000 | 8.7 | ok |"
+    assert his_row in md
     assert (
-        "| 0.1b | rwkv7-lm (cuda) | 150,000 | 160,000 | 200,000 | 41.0 | 900 | 11.0500 | ok |" in md
+        "| 0.1b | rwkv7-lm (cuda) | 150,000 | 160,000 | 200,000 | 41.0 | 900 | 11.0500 | 6.9 | ok |" in md
     )  # 8192 / 40.96 ms
-    assert "| 0.4b | denoiser-causal-full (-) | - | - | - | - | - | - | OOM |" in md
+    assert "| 0.4b | denoiser-causal-full (-) | - | - | - | - | - | - | - | OOM |" in md
+
+
+def test_an_ab_stage_is_labelled_with_its_settings(tmp_path):
+    """``ab:LABEL`` rows (settings from AB_LABEL) come out in the summary under their label and settings."""
+    (tmp_path / "tp_ab_big").mkdir()
+    row = {"shape": "0.4b", "row": "rwkv7-lm", "status": "ok", "tokens_per_s": 70000.0,
+           "notes": {"wkv_backend": "cuda"}}  # fmt: skip
+    (tmp_path / "tp_ab_big" / "results.json").write_text(json.dumps({"batch": 16, "length": 512, "rows": [row]}))
+    (tmp_path / "tp_ab_big" / "spec.txt").write_text("X=1 budget=1.0 (budget 1.0)\n")
+    res = run(tmp_path, STAGES="")
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 0.4b | rwkv7-lm (cuda), big: X=1 budget=1.0 (budget 1.0) | 70,000 |" in md
+    skipped = run(tmp_path / "s", STAGES="ab:big", AB_big="X=1", LIMIT="30", RESERVE="25")
+    assert skipped.returncode == 0 and "tp_ab_big: skipped" in stages(tmp_path / "s")
 
 
 def test_summary_tables_the_sampling_rows(tmp_path):

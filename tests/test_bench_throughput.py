@@ -101,6 +101,12 @@ def test_memory_budget_refuses_out_of_range(capsys):
     assert capsys.readouterr().out.strip() == "--memory-budget acts on compiled blocks: add --compile-blocks"
 
 
+def test_wkv_keep_states_refuses_out_of_range(capsys):
+    for bad in ("-0.1", "1.5"):
+        assert throughput.main(["--device", "cpu", "--rows", "none", "--wkv-keep-states", bad]) == 2
+        assert capsys.readouterr().out.strip() == f"--wkv-keep-states {float(bad)}: expected a share in [0, 1]"
+
+
 def test_compile_denoiser_keeps_the_first_step_loss(tmp_path):
     """--compile-denoiser (the denoiser's regions compiled around the blocks) and --device-cache (batches indexed
     on the device): the same first-step loss as without."""

@@ -19,6 +19,8 @@ from rwkv_diffusion_rnn.optimizer import (
     build_optimizer,
     build_scheduler,
     clip_and_check_grads,
+    clip_grads_on_device,
+    fold_clip_into,
     group_sizes,
     load_optimizer_state,
     warmup_cosine_lambda,
@@ -299,6 +301,35 @@ def test_clip_and_check_grads_matches_torch_reference() -> None:
     assert finite and all(torch.equal(p.grad, c) for p, c in zip(untouched, copies, strict=False))
     clip_and_check_grads(untouched, max_norm=0.0)  # 0: measure only
     assert all(torch.equal(p.grad, c) for p, c in zip(untouched, copies, strict=False))
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])
+def test_clipping_folded_into_a_fused_adamw_step_equals_clipping_the_gradients(max_norm: float) -> None:
+    """With a fused AdamW the clipping factor goes to its grad_scale (one pass over the gradients fewer): the step
+    equals clipping the gradients first and stepping, to the rounding of dividing instead of multiplying."""
+    steps = {}
+    for fold in (True, False, None):  # None: no clipping at all, the control
+        params = [p for p in _grads(4) if p.grad is not None]
+        opt = torch.optim.AdamW(params, lr=0.1, eps=1.0, fused=True)  # eps 1: the step's size follows the gradient's
+        if fold is None:
+            opt.step()
+            steps[fold] = [p.detach().clone() for p in params]
+            continue
+        grads = [p.grad.clone() for p in params]
+        norm, finite = clip_grads_on_device(params, max_norm, optimizer=opt if fold else None)
+        assert bool(finite) and float(norm) > 1.0
+        if fold:  # the gradients are left as they are; the factor waits on the optimizer
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+            assert float(opt.grad_scale) == pytest.approx(max(float(norm) / max_norm, 1.0), rel=1e-5)
+        opt.step()
+        opt.__dict__.pop("grad_scale", None)
+        steps[fold] = [p.detach().clone() for p in params]
+    for a, b in zip(steps[True], steps[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    clipped = max_norm < 1e3
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(steps[True], steps[None])) == clipped
+    unfused = [p for p in _grads(4) if p.grad is not None]
+    assert not fold_clip_into(torch.optim.AdamW(unfused, lr=0.1, foreach=True))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

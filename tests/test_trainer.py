@@ -369,6 +369,20 @@ def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
         assert functorch_config.activation_memory_budget == 1.0  # the config's 1 applies: nothing inherited
 
 
+def test_wkv_keep_states_reaches_the_denoisers_layers(setup, tmp_path):
+    """training.wkv_keep_states sets which of the backbone's time-mix layers keep their WKV states (the first ones);
+    out of range it is refused by name."""
+    from rwkv_diffusion_rnn.config import validate
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    trainer = Trainer(make_cfg(setup, tmp_path / "a", training__wkv_keep_states=0.5))
+    layers = [b.att.keep_wkv_states for b in trainer.model.backbone.blocks]
+    assert layers == [True] * (len(layers) // 2) + [False] * (len(layers) - len(layers) // 2) and len(layers) >= 2
+    assert all(b.att.keep_wkv_states is None for b in Trainer(make_cfg(setup, tmp_path / "b")).model.backbone.blocks)
+    with pytest.raises(DiffRwkvError, match=r"training.wkv_keep_states must be null or in \[0, 1\]; got 2"):
+        validate(make_cfg(setup, tmp_path / "c", training__wkv_keep_states=2))
+
+
 def test_compile_denoiser_trains_like_eager(setup, tmp_path):
     """training.compile_denoiser: the denoiser's regions around the blocks are compiled (training forward only) and
     training follows eager's losses; with training.compile it is refused by name."""

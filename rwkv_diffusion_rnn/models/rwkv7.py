@@ -140,14 +140,14 @@ def _last_valid(x: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor | Non
 
 
 @torch.compiler.disable
-def _wkv7_channels(r, w, k, v, a, b, state, backend: str | None, n_head: int):
+def _wkv7_channels(r, w, k, v, a, b, state, backend: str | None, n_head: int, keep_states: bool | None = None):
     """:func:`wkv7` on ``[B, T, C]`` operands (split into heads here), returning ``o`` ``[B, T, C]`` and the state.
 
     The split happens outside any compiled graph on purpose: with :func:`compile_blocks` the WKV call is a graph
     break, and handing views across a break makes AOTAutograd regenerate them, which torch 2.13 got wrong
     (garbage shapes at random)."""
     B, T, C = r.shape
-    o, state = wkv7(*(x.view(B, T, n_head, C // n_head) for x in (r, w, k, v, a, b)), state, backend)
+    o, state = wkv7(*(x.view(B, T, n_head, C // n_head) for x in (r, w, k, v, a, b)), state, backend, keep_states)
     return o.reshape(B, T, C), state
 
 
@@ -161,6 +161,9 @@ class TimeMix(nn.Module):
         # int guard on layer_id recompiled every block and, past Dynamo's recompile limit of 8, left the rest eager)
         self.first = layer_id == 0
         self.regions = PLAIN
+        # whether the WKV kernel keeps its states for the backward (memory) or rebuilds them (time); None: the
+        # backend's default. Set for a model's layers with set_wkv_keep_states.
+        self.keep_wkv_states: bool | None = None
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.n_head, self.head_size = H, N
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
@@ -229,9 +232,25 @@ class TimeMix(nn.Module):
             # the two gradients of k and of v summed inside the compiled backward. Calls the kernel does not take
             # (a state, another head size) keep their fp32 operands for the fallback backend.
             kernel_in = (w, *(x.to(r.dtype) for x in kernel_in[1:]))
-        o, wkv_state = _wkv7_channels(r, *kernel_in, wkv_state, backend, H)
+        o, wkv_state = _wkv7_channels(r, *kernel_in, wkv_state, backend, H, self.keep_wkv_states)
         o = ops.tm_output(o, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype)
         return self.output(o), wkv_state, v_first
+
+
+def set_wkv_keep_states(model: nn.Module, fraction: float | None) -> int:
+    """Which RWKV-7 layers inside ``model`` keep their WKV states for the backward: the first ``round(fraction *
+    L)`` of its ``L`` time-mix layers keep them, the rest rebuild them in the backward with a second forward (WKV
+    backend ``cuda``; the others always keep what they need). Keeping costs memory (the state after every 16th step
+    and one vector a step: ~160 MiB a layer at 0.4B, B16 T512) and saves one WKV forward a layer in the backward, so
+    a fraction trades memory for time. None: every layer follows the backend's default
+    (``DIFFRWKV_WKV_CUDA_RECOMPUTE``). Returns the number of layers set to keep them (0 for None)."""
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise DiffRwkvError(f"wkv_keep_states must be in [0, 1]; got {fraction}")
+    layers = [m for m in model.modules() if isinstance(m, TimeMix)]
+    n = len(layers) if fraction is None else round(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        layer.keep_wkv_states = None if fraction is None else i < n
+    return 0 if fraction is None else n
 
 
 class ChannelMix(nn.Module):

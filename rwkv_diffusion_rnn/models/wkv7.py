@@ -169,12 +169,13 @@ def wkv7_cuda(
     a: torch.Tensor,
     b: torch.Tensor,
     state: torch.Tensor | None = None,
+    keep_states: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Our CUDA kernels (:mod:`.wkv7_cuda`, imported on first use; head size 64, no initial state); otherwise the
-    contract of :func:`wkv7_reference`."""
+    contract of :func:`wkv7_reference` (``keep_states``: :func:`wkv7`)."""
     from rwkv_diffusion_rnn.models.wkv7_cuda import wkv7_cuda as run
 
-    return run(r, w, k, v, a, b, state)
+    return run(r, w, k, v, a, b, state, keep_states=keep_states)
 
 
 @torch.compiler.disable  # under training.compile (the whole model traced): a graph break, never a traced import
@@ -200,11 +201,19 @@ def wkv7(
     b: torch.Tensor,
     state: torch.Tensor | None = None,
     backend: str | None = None,
+    keep_states: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to a backend (see module docstring). Shapes as in :func:`wkv7_reference`."""
+    """Dispatch to a backend (see module docstring). Shapes as in :func:`wkv7_reference`.
+
+    ``keep_states`` (backend ``cuda`` only; the others keep what their backward needs): True keeps the forward's
+    states for the backward (~160 MiB a layer at 0.4B, B16 T512), False rebuilds them in the backward with a second
+    forward, None follows ``DIFFRWKV_WKV_CUDA_RECOMPUTE`` (rebuild unless it is 0). See :func:`set_wkv_keep_states`
+    for a model's layers."""
     name = resolve_backend(backend, r.device)
     if name == "cuda" and (state is not None or r.shape[-1] != 64):
         name = stateful_fallback(r.device)
+    if name == "cuda" and keep_states is not None:
+        return BACKENDS[name](r, w, k, v, a, b, state, keep_states=keep_states)
     return BACKENDS[name](r, w, k, v, a, b, state)
 
 

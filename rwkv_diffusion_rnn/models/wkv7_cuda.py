@@ -216,6 +216,12 @@ def _backward(ctx, do, dht, _dsa, _dckpt):
 wkv7_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def keeps_states(keep_states: bool | None) -> bool:
+    """Whether a forward saves ``sa`` and the checkpoints for its backward: ``keep_states`` where given (the layer's
+    setting, :func:`~rwkv_diffusion_rnn.models.rwkv7.set_wkv_keep_states`), else not ``CONFIG.recompute``."""
+    return not CONFIG.recompute if keep_states is None else bool(keep_states)
+
+
 def kernel_dtypes(r_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     """The kernel's operand dtype and its ``w`` dtype: with ``r`` in bf16 (the model under bf16 autocast, where
     k, v, a, b come out of fp32 elementwise work) the bf16 kernel, k, v, a, b rounded to bf16 as fla rounds them,
@@ -233,9 +239,11 @@ def wkv7_cuda(
     a: torch.Tensor,
     b: torch.Tensor,
     state: torch.Tensor | None = None,
+    keep_states: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA WKV-7 (head size 64, no initial state); otherwise the contract of
-    :func:`~rwkv_diffusion_rnn.models.wkv7.wkv7_reference`."""
+    :func:`~rwkv_diffusion_rnn.models.wkv7.wkv7_reference`. ``keep_states``: True saves ``sa`` and the checkpoints
+    for the backward, False rebuilds them there, None follows ``CONFIG.recompute``."""
     if state is not None:
         raise DiffRwkvError("WKV backend 'cuda' takes no initial state; use backend 'triton' or 'reference'")
     if not r.is_cuda:
@@ -255,7 +263,8 @@ def wkv7_cuda(
     kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
     ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
     operands = (ops[0], w.to(w_dtype).contiguous(), *ops[1:])
-    # without ``save`` (no gradient wanted, or CONFIG.recompute) the forward writes the output and final state only
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and not CONFIG.recompute
+    # without ``save`` (no gradient wanted, or the backward rebuilds them) the forward writes the output and final
+    # state only
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and keeps_states(keep_states)
     o, ht, _, _ = wkv7_cuda_fwd(*operands, save, CONFIG.fwd_split)
     return o.to(dtype), ht

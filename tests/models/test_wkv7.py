@@ -201,3 +201,40 @@ def test_auto_leaves_gpus_before_ampere_to_fla(monkeypatch):
     monkeypatch.setattr(wkv7_cuda, "extension", lambda: pytest.fail("no build below compute capability 8.0"))
     monkeypatch.setattr(wkv7_mod, "_fla_chunk", lambda: object())
     assert wkv7_mod.resolve_backend("auto", torch.device("cuda")) == "fla"
+
+
+def test_wkv_keep_states_reaches_the_cuda_backend_layer_by_layer(monkeypatch):
+    """set_wkv_keep_states: the first round(f * L) layers keep their WKV states, the rest rebuild them; the setting
+    reaches backend ``cuda`` with every call (None: no setting passed, the kernel's default decides)."""
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+    from rwkv_diffusion_rnn.models.rwkv7 import set_wkv_keep_states
+    from tests.conftest import random_rwkv7
+
+    seen = []
+
+    def stand_in(r, w, k, v, a, b, state=None, **kw):
+        seen.append(kw.get("keep_states", "unset"))
+        return wkv7_mod.wkv7_reference(r, w, k, v, a, b, state)
+
+    monkeypatch.setitem(wkv7_mod.BACKENDS, "cuda", stand_in)
+    model = random_rwkv7(4, 64, vocab_size=50, seed=2).train()
+    model.wkv_backend = "cuda"
+    ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
+    for fraction, want in ((0.5, [True, True, False, False]), (1.0, [True] * 4), (0.0, [False] * 4),
+                           (0.3, [True, False, False, False]), (None, ["unset"] * 4)):  # fmt: skip
+        seen.clear()
+        n = set_wkv_keep_states(model, fraction)
+        model(ids)
+        assert seen == want, (fraction, seen)
+        assert n == (0 if fraction is None else sum(want))
+    with pytest.raises(DiffRwkvError, match=r"wkv_keep_states must be in \[0, 1\]; got 1.5"):
+        set_wkv_keep_states(model, 1.5)
+
+
+def test_cuda_forward_saves_states_as_the_layer_or_the_default_says(monkeypatch):
+    from rwkv_diffusion_rnn.models import wkv7_cuda as wc
+
+    for recompute in (True, False):
+        monkeypatch.setattr(wc.CONFIG, "recompute", recompute)
+        assert wc.keeps_states(None) is (not recompute)
+        assert wc.keeps_states(True) is True and wc.keeps_states(False) is False
