@@ -2,7 +2,7 @@
 # One device call: BlinkDL's RWKV-7 training step (wall and GPU kernel time) against ours and Llama, same machine.
 # Run from the repository root:   bash bench/speed_call.sh
 # with these git-ignored folders carried beside the working tree:
-#   .device/wheels/ .device/wheels-wkv/   wheels installed with --no-index --no-deps into /tmp/site (fla, ninja, ...)
+#   .device/wheels*/                      wheels installed with --no-index --no-deps into /tmp/site (fla, ninja, ...)
 #   .device/blinkdl-src/                  BlinkDL's RWKV-v7/train_temp src/model.py + the cuda/ files it builds
 #                                         (RWKV-LM, Apache-2.0; copied here into the git-ignored bench/_external/)
 #   .device/triton-cache.tgz.*            optional: the compile caches an earlier call saved (Triton, Inductor,
@@ -16,8 +16,8 @@
 #   default   the same with --wkv-backend $DEFAULT_BACKEND (auto: cuda where it builds): tp_default/
 #   fla       ours, rwkv7-lm at both shapes with --wkv-backend fla (fla autotunes for minutes on a fresh machine):
 #             tp_fla/
-#   keep      ours, rwkv7-lm at both shapes with DIFFRWKV_WKV_CUDA_RECOMPUTE=0 (the WKV backward keeps its saved
-#             states instead of recomputing them): tp_keep/
+#   rebuild   ours, rwkv7-lm at both shapes with DIFFRWKV_WKV_CUDA_RECOMPUTE=1 (the WKV backward rebuilds its
+#             states with a second forward instead of the forward keeping them): tp_rebuild/
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
 #   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F), AB_ROWS at AB_SHAPES:
@@ -28,7 +28,7 @@
 #   ce        the chunked head + cross-entropy checked, then timed per chunk size (bench/gpu_check_ce.py --time):
 #             ce.json
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
-#             keeping its states, then ours again recomputing them (the default): wkv/, wkv_recompute/; the later
+#             keeping its states (the default), then ours again rebuilding them: wkv/, wkv_recompute/; the later
 #             stages run the fastest of our kernel variants that passed the check
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
 #             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
@@ -39,7 +39,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/speed_call}
 LIMIT=${LIMIT:-540}
 RESERVE=${RESERVE:-25}
-STAGES=${STAGES:-blinkdl,cuda,llama,sampling,keep,fla}
+STAGES=${STAGES:-blinkdl,cuda,llama,sampling,rebuild,fla}
 DEFAULT_BACKEND=${DEFAULT_BACKEND:-auto}
 WARMUP=${WARMUP:-12}
 STEPS=${STEPS:-8}
@@ -51,8 +51,10 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 P
 export TRITON_CACHE_DIR=/tmp/tc TORCHINDUCTOR_CACHE_DIR=/tmp/ti TORCH_EXTENSIONS_DIR=/tmp/te
 note() { echo "== [$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/stages.txt"; }
 
-wheels=(.device/wheels/*.whl .device/wheels-wkv/*.whl)
-if ls "${wheels[@]}" >/dev/null 2>&1; then
+shopt -s nullglob
+wheels=(.device/wheels*/*.whl)  # .device/wheels/, .device/wheels-wkv/, or any other .device/wheels-*/ carried
+shopt -u nullglob
+if [ ${#wheels[@]} -gt 0 ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" 2>&1 | tail -3
 else
   note "no carried wheels: fla (the default backend's kernels) and ninja may be missing"
@@ -143,9 +145,9 @@ PICK
       run wkv_recompute 90 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 OUT="$OUT/wkv_recompute" bash bench/wkv_shootout.sh \
         --kernels "ours_cuda${DIFFRWKV_WKV_CUDA_VARIANT:+_v$DIFFRWKV_WKV_CUDA_VARIANT}" --budget-s 60
       ;;
-    keep)
-      run tp_keep 150 env DIFFRWKV_WKV_CUDA_RECOMPUTE=0 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm $FAST \
-        --wkv-backend cuda --profile "$PROFILE" --out "$OUT/tp_keep"
+    rebuild)
+      run tp_rebuild 150 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm $FAST \
+        --wkv-backend cuda --profile "$PROFILE" --out "$OUT/tp_rebuild"
       ;;
     budget)
       run tp_budget 150 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm ${FAST/--memory-budget 0.5/--memory-budget 1.0} \
@@ -178,7 +180,7 @@ PICK
         --out "$OUT/tp_ab_$label"
       mkdir -p "$OUT/tp_ab_$label" && echo "${!spec_var:-} (budget $budget)" >"$OUT/tp_ab_$label/spec.txt"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, keep, budget, llama, graphs, ce, wkv, sampling, ab:LABEL)" ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, wkv, sampling, ab:LABEL)" ;;
   esac
 done
 
@@ -207,7 +209,7 @@ for shape in ("0.1b", "0.4b"):
               f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | "
               f"{f(b.get('first_loss'), '.4f')} | {f(b.get('peak_mem_gib'), '.1f')} | {b.get('status')} |")
     ab = sorted(p.name for p in out.glob("tp_ab_*"))
-    for tag in ("tp_cuda", "tp_keep", "tp_budget", *ab, "tp_fla", "tp_default", "tp_llama"):
+    for tag in ("tp_cuda", "tp_rebuild", "tp_budget", *ab, "tp_fla", "tp_default", "tp_llama"):
         res = load(out / tag / "results.json") or {"rows": []}
         for r in res["rows"]:
             if r["shape"] != shape:
@@ -216,8 +218,8 @@ for shape in ("0.1b", "0.4b"):
             kms = prof.get("gpu_kernel_ms_per_step")
             kb = res["batch"] * res["length"] / (kms / 1000) if kms else None
             what = f"{r['row']} ({(r.get('notes') or {}).get('wkv_backend', '-')})"
-            if tag in ("tp_keep", "tp_budget"):  # the A/B stages: say which
-                what += {"tp_keep": ", WKV states kept", "tp_budget": ", memory budget 1.0"}[tag]
+            if tag in ("tp_rebuild", "tp_budget"):  # the A/B stages: say which
+                what += {"tp_rebuild": ", WKV states rebuilt", "tp_budget": ", memory budget 1.0"}[tag]
             elif tag.startswith("tp_ab_"):
                 spec = (out / tag / "spec.txt").read_text().strip() if (out / tag / "spec.txt").exists() else ""
                 what += f", {tag[6:]}: {spec}"

@@ -133,8 +133,8 @@ class TrainingConfig:
     # (0.5: 0.4B peak 19.3 -> 13.6 GiB for 3 % speed on an H200). 1 = keep all (torch's default)
     memory_budget: float = 1.0
     # WKV backend cuda: share [0, 1] of the layers (the first ones) whose WKV forward keeps its states for the
-    # backward (~160 MiB a layer at 0.4B, B16 T512) instead of the backward running the forward again; null: the
-    # kernel's default (rebuild; DIFFRWKV_WKV_CUDA_RECOMPUTE=0 keeps them in every layer)
+    # backward (~150 MiB a layer at 0.4B, B16 T512) instead of the backward running the forward again (one WKV
+    # forward a layer more); null: the kernel's default (keep; DIFFRWKV_WKV_CUDA_RECOMPUTE=1 rebuilds in every layer)
     wkv_keep_states: float | None = None
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)

@@ -85,6 +85,10 @@ def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
     for module in model.modules():
         if isinstance(module, Block):
             if getattr(module, "_compiled_call_impl", None) is None:
-                module.compile()
+                # static shapes: a new length or width compiles a graph of its own. Left to torch's automatic
+                # dynamic shapes, the second shape a block saw (an evaluation at another length, the next row of a
+                # benchmark) recompiled it with symbolic sizes for good, and those kernels ran the 0.4B step 12 %
+                # slower on an H100 (docs/RESULTS.md, 2026-12-06, "one process, one shape")
+                module.compile(dynamic=False)
             n += 1
     return n

@@ -206,8 +206,8 @@ def wkv7(
     """Dispatch to a backend (see module docstring). Shapes as in :func:`wkv7_reference`.
 
     ``keep_states`` (backend ``cuda`` only; the others keep what their backward needs): True keeps the forward's
-    states for the backward (~160 MiB a layer at 0.4B, B16 T512), False rebuilds them in the backward with a second
-    forward, None follows ``DIFFRWKV_WKV_CUDA_RECOMPUTE`` (rebuild unless it is 0). See :func:`set_wkv_keep_states`
+    states for the backward (~150 MiB a layer at 0.4B, B16 T512), False rebuilds them in the backward with a second
+    forward, None follows ``DIFFRWKV_WKV_CUDA_RECOMPUTE`` (keep unless it is 1). See :func:`set_wkv_keep_states`
     for a model's layers."""
     name = resolve_backend(backend, r.device)
     if name == "cuda" and (state is not None or r.shape[-1] != 64):

@@ -15,8 +15,9 @@ call and a CUDA graph can capture one. The model reaches this backend through
 :func:`~rwkv_diffusion_rnn.models.wkv7.wkv7`, which sends a call with an initial state to another backend.
 
 The backward needs ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the state after every 16th step (fp32
-``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head). By default (``CudaWKVConfig.recompute``) the forward keeps
-neither and the backward runs the forward again to rebuild them for its own layer.
+``[B, H, ceil(T / 16), 64, 64]``, 1 KiB a step per head). By default the forward keeps them; with
+``CudaWKVConfig.recompute`` (or a layer's ``keep_states=False``) it keeps neither and the backward runs the forward
+again to rebuild them for its own layer.
 
 Kernel variants (``csrc/wkv7_cuda.cu``), chosen by the environment variable ``DIFFRWKV_WKV_CUDA_VARIANT``, read at
 every launch (default :data:`DEFAULT_VARIANT`; an unknown value raises :class:`DiffRwkvError`): ``0`` stages the
@@ -57,14 +58,15 @@ class CudaWKVConfig:
 
     ``recompute``: the forward keeps nothing for the backward beyond the operands autograd keeps anyway, and the
     backward runs the forward again to rebuild ``sa`` and the checkpoints of its own layer (one more forward launch
-    a layer) instead of holding every layer's (fp32: 1 KiB a step per head plus ``sa``, ~3.9 GiB over 24 layers at
-    the 0.4B shape, B16 T512). On by default (``DIFFRWKV_WKV_CUDA_RECOMPUTE=0`` turns it off): at 0.4B on an H100
-    (2026-12-06) the step's peak fell from 17.5 to 13.7 GiB and the step ran 6 % faster, although the op alone is
-    slower by the extra forward (fwd + bwd 1.21 against 0.94 ms at 16x512x16x64)."""
+    a layer) instead of holding every layer's (fp32: 1 KiB a step per head plus ``sa``, ~3.5 GiB over 24 layers at
+    the 0.4B shape, B16 T512). Off by default (``DIFFRWKV_WKV_CUDA_RECOMPUTE=1`` turns it on; per layer:
+    :func:`~rwkv_diffusion_rnn.models.rwkv7.set_wkv_keep_states`): in one process on an H100 (2026-12-06) keeping
+    them ran the 0.1B / 0.4B step in 44.9 / 99.1 ms of kernels against 48.2 / 105.7 rebuilding, for a peak of
+    6.9 / 17.5 GiB against 5.6 / 14.0."""
 
     fwd_split: int = 2
     bwd_split: int = 2
-    recompute: bool = os.environ.get("DIFFRWKV_WKV_CUDA_RECOMPUTE", "1") != "0"
+    recompute: bool = os.environ.get("DIFFRWKV_WKV_CUDA_RECOMPUTE", "0") == "1"
 
 
 CONFIG = CudaWKVConfig()

@@ -162,6 +162,25 @@ def test_compiled_blocks_share_graphs_across_layers():
     assert graphs[2] > 0 and graphs[5] == graphs[2], graphs
 
 
+def test_compiled_blocks_keep_static_shapes_across_lengths():
+    """A block compiled by compile_blocks never turns symbolic: each new length is a static graph of its own
+    (torch's automatic dynamic shapes would recompile the second length with a symbolic time axis and serve every
+    later length from it, with slower kernels). Three lengths: three graphs, each with concrete sizes only."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = random_rwkv7(1, 64, vocab_size=50, seed=3).eval()
+    compile_blocks(model)
+    graphs = []
+    with torch.no_grad():
+        for T in (6, 7, 9):
+            model(torch.randint(0, 50, (1, T), generator=torch.Generator().manual_seed(T)))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == 2 * graphs[0] and graphs[2] == 3 * graphs[0], graphs
+    torch._dynamo.reset()
+
+
 def test_compile_blocks_sets_the_partitioners_memory_budget_or_refuses_it():
     """``compile_blocks(model, memory_budget)`` hands the share to the partitioner (read when a block first compiles,
     so nothing compiles here) and refuses a share outside (0, 1] before touching the model; the config refuses a
