@@ -243,8 +243,9 @@ def set_wkv_keep_states(model: nn.Module, fraction: float | None) -> int:
     backend ``cuda``; the others always keep what they need). Keeping costs memory (the state after every 16th step
     and one vector a step: ~150 MiB a layer at 0.4B, B16 T512) and saves one WKV forward a layer in the backward, so
     a fraction trades memory for time (0.4B on an H100: 17.5 GiB and 99.1 ms of kernels keeping them all, 15.7 and
-    102.4 keeping half, 14.0 and 105.7 keeping none; docs/RESULTS.md, 2026-12-06). None: every layer follows the backend's default
-    (``DIFFRWKV_WKV_CUDA_RECOMPUTE``). Returns the number of layers set to keep them (0 for None)."""
+    102.4 keeping half, 14.0 and 105.7 keeping none; docs/RESULTS.md, 2026-12-06). None: every layer follows the
+    backend's default (``DIFFRWKV_WKV_CUDA_RECOMPUTE``). Returns the number of layers set to keep them (0 for
+    None)."""
     if fraction is not None and not 0 <= fraction <= 1:
         raise DiffRwkvError(f"wkv_keep_states must be in [0, 1]; got {fraction}")
     layers = [m for m in model.modules() if isinstance(m, TimeMix)]
