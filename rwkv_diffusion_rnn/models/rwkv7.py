@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models import wkv7_cuda
 from rwkv_diffusion_rnn.models.rwkv7_init import init_like_blinkdl
 from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN, matmul_dtype
 from rwkv_diffusion_rnn.models.wkv7 import resolve_backend, wkv7
@@ -232,7 +233,14 @@ class TimeMix(nn.Module):
             # the two gradients of k and of v summed inside the compiled backward. Calls the kernel does not take
             # (a state, another head size) keep their fp32 operands for the fallback backend.
             kernel_in = (w, *(x.to(r.dtype) for x in kernel_in[1:]))
-        o, wkv_state = _wkv7_channels(r, *kernel_in, wkv_state, backend, H, self.keep_wkv_states)
+        if backend == "cuda" and wkv_state is None and self.head_size == 64 and r.shape[1] > 0 and wkv7_cuda.IN_GRAPH:
+            # the kernel traced into the compiled block (no graph break), where the call is one it takes
+            B, T, C = r.shape
+            heads = (x.view(B, T, H, self.head_size) for x in (r, *kernel_in))
+            o, wkv_state = wkv7_cuda.wkv7_cuda_in_graph(*heads, keep_states=self.keep_wkv_states)
+            o = o.reshape(B, T, C)
+        else:
+            o, wkv_state = _wkv7_channels(r, *kernel_in, wkv_state, backend, H, self.keep_wkv_states)
         o = ops.tm_output(o, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, r, k, v, self.r_k, g, H, mm_dtype)
         return self.output(o), wkv_state, v_first
 

@@ -233,6 +233,32 @@ def kernel_dtypes(r_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.dty
     return torch.float32, torch.float32
 
 
+#: Run the kernel inside a compiled block, traced like any operator, instead of behind a graph break: the casts
+#: before it and the sums of its operands' two gradients (each of k, v, r also feeds the bonus term) then fuse into
+#: the block's own kernels, and a block is one graph each way. Opt-in (``DIFFRWKV_WKV_IN_GRAPH=1``) until timed on a
+#: GPU; tested on the CPU with the kernels emulated (tests/models/test_wkv7_cuda.py).
+IN_GRAPH = os.environ.get("DIFFRWKV_WKV_IN_GRAPH", "0") == "1"
+
+
+def wkv7_cuda_in_graph(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    keep_states: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wkv7_cuda` for a call the caller has checked (operands ``[B, T, H, 64]`` on one CUDA device, no
+    initial state, T > 0), written so that ``torch.compile`` traces it into the surrounding graph (:data:`IN_GRAPH`).
+    The same operator, the same casts and the same saved states as :func:`wkv7_cuda`."""
+    kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
+    ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and keeps_states(keep_states)
+    o, ht, _, _ = wkv7_cuda_fwd(ops[0], w.to(w_dtype).contiguous(), *ops[1:], save, CONFIG.fwd_split)
+    return o.to(r.dtype), ht
+
+
 def wkv7_cuda(
     r: torch.Tensor,
     w: torch.Tensor,

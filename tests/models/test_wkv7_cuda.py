@@ -386,3 +386,40 @@ def test_kernels_match_reference(T, dtype, w_dtype, variant, monkeypatch):
     bound = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for name, x, y in zip(("o", "state", "dr", "dw", "dk", "dv", "da", "db"), got, ref, strict=True):
         assert rel(x, y) < bound, (name, rel(x, y))
+
+
+def test_the_kernel_traced_into_a_compiled_block_trains_like_the_graph_break(emulated, monkeypatch):
+    """With IN_GRAPH the time mix calls the kernel (emulated) inside its compiled block (one graph where the graph
+    break made two), and the model's loss and gradients, eager or compiled, equal those of the uncompiled model with
+    the reference recurrence behind the break."""
+    from torch._dynamo.utils import counters
+
+    from rwkv_diffusion_rnn.models import wkv7 as wkv7_mod
+    from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
+    from tests.conftest import random_rwkv7
+
+    # behind the break (whose entry checks for CUDA tensors) the reference recurrence runs: the ground truth
+    monkeypatch.setitem(wkv7_mod.BACKENDS, "cuda", lambda r, w, k, v, a, b, state=None, **kw: wkv7_reference(
+        r, w, k, v, a, b, state))  # fmt: skip
+    ids = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(4))
+    results, graphs = {}, {}
+    for in_graph, compiled in ((False, False), (True, False), (True, True), (False, True)):
+        monkeypatch.setattr(wc, "IN_GRAPH", in_graph)
+        model = random_rwkv7(2, 128, vocab_size=40, seed=9).train()
+        model.wkv_backend = "cuda"
+        torch._dynamo.reset()
+        counters.clear()
+        if compiled:
+            compile_blocks(model)
+        loss = model(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        graphs[in_graph, compiled] = counters["stats"]["unique_graphs"]
+        results[in_graph, compiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch._dynamo.reset()
+    ref_loss, ref_grads = results[False, False]
+    for key in ((True, False), (True, True), (False, True)):
+        loss, grads = results[key]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"{key} {n}")
+    assert graphs[True, True] < graphs[False, True], graphs  # the break's second graph per block is gone
