@@ -33,8 +33,8 @@
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
 #             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
 # CE_CHUNK (rows a chunk of the head's cross-entropy) is passed to every throughput stage when set.
-# Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts):
-# carry them as .device/triton-cache.tgz.* next time.
+# Then summary.md (the figures side by side) and the caches as $OUT/triton-cache.tgz.aa, .ab, ... (15 MB parts;
+# CACHE_DIRS picks them among tc ti te, default "tc te"): carry them as .device/triton-cache.tgz.* next time.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_call}
 LIMIT=${LIMIT:-540}
@@ -260,5 +260,7 @@ EOF
   find . -mindepth 1 -maxdepth 1 ! -name summary.md ! -name stages.txt ! -name 'triton-cache.tgz.*' -exec rm -rf {} + && \
   mv /tmp/results.tgz results.tgz )
 if [ -n "${NOSAVE:-}" ]; then exit 0; fi
-tar czf - -C /tmp tc ti te 2>/dev/null | split -b 15M - "$OUT/triton-cache.tgz."
+# Triton's kernels and the torch extensions (our WKV kernel, his) by default: with Inductor's cache as well the parts
+# outgrew what a call brings back (5 x 15 MB beside the results) and what the next one can carry (64 MiB in all)
+tar czf - -C /tmp ${CACHE_DIRS:-tc te} 2>/dev/null | split -b 15M - "$OUT/triton-cache.tgz."
 note "caches saved: $(ls -la "$OUT"/triton-cache.tgz.* | awk '{s += $5} END {printf "%.1f MB", s / 1e6}')"
