@@ -86,9 +86,10 @@ def compile_blocks(model: nn.Module, memory_budget: float | None = None) -> int:
         if isinstance(module, Block):
             if getattr(module, "_compiled_call_impl", None) is None:
                 # static shapes: a new length or width compiles a graph of its own. Left to torch's automatic
-                # dynamic shapes, the second shape a block saw (an evaluation at another length, the next row of a
-                # benchmark) recompiled it with symbolic sizes for good, and those kernels ran the 0.4B step 12 %
-                # slower on an H100 (docs/RESULTS.md, 2026-12-06, "one process, one shape")
+                # dynamic shapes, the second training shape a block saw (a batch of another length, the next row of
+                # a benchmark) recompiled it with symbolic sizes, that graph was looked up first from then on, and
+                # its kernels ran the 0.4B step 12 % slower on an H100 (docs/RESULTS.md, 2026-12-06, "one process,
+                # one shape"). The price: sampling in the same process compiles each new length it meets
                 module.compile(dynamic=False)
             n += 1
     return n
