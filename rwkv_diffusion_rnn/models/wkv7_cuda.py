@@ -254,6 +254,8 @@ def wkv7_cuda_in_graph(
     The same operator, the same casts and the same saved states as :func:`wkv7_cuda`."""
     kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
     ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
+    # without ``save`` (no gradient wanted, or the backward rebuilds them) the forward writes the output and final
+    # state only
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and keeps_states(keep_states)
     o, ht, _, _ = wkv7_cuda_fwd(ops[0], w.to(w_dtype).contiguous(), *ops[1:], save, CONFIG.fwd_split)
     return o.to(r.dtype), ht
@@ -287,12 +289,4 @@ def wkv7_cuda(
     if T == 0:
         return r.new_zeros(B, 0, H, N), r.new_zeros(B, H, N, N, dtype=torch.float32)
     kernel_variant()  # a bad DIFFRWKV_WKV_CUDA_VARIANT fails here, in one line
-    dtype = r.dtype
-    kernel_dtype, w_dtype = kernel_dtypes(r.dtype, w.dtype)
-    ops = [x.to(kernel_dtype).contiguous() for x in (r, k, v, a, b)]
-    operands = (ops[0], w.to(w_dtype).contiguous(), *ops[1:])
-    # without ``save`` (no gradient wanted, or the backward rebuilds them) the forward writes the output and final
-    # state only
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and keeps_states(keep_states)
-    o, ht, _, _ = wkv7_cuda_fwd(*operands, save, CONFIG.fwd_split)
-    return o.to(dtype), ht
+    return wkv7_cuda_in_graph(r, w, k, v, a, b, keep_states)
