@@ -20,7 +20,8 @@
 #             states with a second forward instead of the forward keeping them): tp_rebuild/
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
-#   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F), AB_ROWS at AB_SHAPES:
+#   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F, inductor:NAME=VALUE),
+#             AB_ROWS at AB_SHAPES:
 #             tp_ab_LABEL/ (an A/B of settings inside one call)
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
 #   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
@@ -164,19 +165,21 @@ PICK
     ab:*)
       # ab:LABEL runs AB_ROWS (default rwkv7-lm) at AB_SHAPES (default 0.4b) with the fast path, --wkv-backend cuda
       # and the settings in AB_<LABEL>: NAME=VALUE environment assignments, budget=X (the compiled blocks' memory
-      # budget), keep=F (--wkv-keep-states F); up to AB_CAP seconds (150)
+      # budget), keep=F (--wkv-keep-states F), inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option);
+      # up to AB_CAP seconds (150)
       label=${stage#ab:}
       spec_var="AB_${label}"
-      envs=() budget=0.5 keep=()
+      envs=() budget=0.5 keep=() ind=()
       for item in ${!spec_var:-}; do
         case $item in
           budget=*) budget=${item#budget=} ;;
           keep=*) keep=(--wkv-keep-states "${item#keep=}") ;;
+          inductor:*) ind+=(--inductor "${item#inductor:}") ;;
           *=*) envs+=("$item") ;;
         esac
       done
       run "tp_ab_$label" "${AB_CAP:-150}" env "${envs[@]}" "${TP[@]}" --shapes "${AB_SHAPES:-0.4b}" --rows "${AB_ROWS:-rwkv7-lm}" \
-        ${FAST/--memory-budget 0.5/--memory-budget $budget} "${keep[@]}" --wkv-backend cuda --profile "$PROFILE" \
+        ${FAST/--memory-budget 0.5/--memory-budget $budget} "${keep[@]}" "${ind[@]}" --wkv-backend cuda --profile "$PROFILE" \
         --out "$OUT/tp_ab_$label"
       mkdir -p "$OUT/tp_ab_$label" && echo "${!spec_var:-} (budget $budget)" >"$OUT/tp_ab_$label/spec.txt"
       ;;

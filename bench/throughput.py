@@ -235,6 +235,39 @@ def host_info(dev: torch.device) -> dict:
     }
 
 
+def set_inductor_options(items: list[str]) -> dict:
+    """``NAME=VALUE`` items -> set on ``torch._inductor.config`` (``NAME`` dotted for a sub-config); returns what was
+    set. ValueError naming the item for a malformed one, an unknown option, or a value of another type."""
+    import ast
+
+    import torch._inductor.config as config
+
+    done = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{item!r}: expected NAME=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string option
+        *path, leaf = name.split(".")
+        owner = config
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, leaf):
+            raise ValueError(f"{name!r} is not an option of torch._inductor.config")
+        old = getattr(owner, leaf)
+        if old is not None and type(old) is not type(value) and not (isinstance(old, float) and isinstance(value, int)):
+            if isinstance(old, bool) and value in (0, 1):
+                value = bool(value)
+            else:
+                raise ValueError(f"{name}={text}: expected a {type(old).__name__} (now {old!r})")
+        setattr(owner, leaf, value)
+        done[name] = value
+    return done
+
+
 def host_line(h: dict) -> str:
     return (f"Host: kernel {h['kernel']}; CPU {h['cpu']}; GPU {h['gpu'] or '-'} (driver {h['driver'] or '-'}); "
             f"torch {h['torch']}, triton {h['triton']}; eager launch {h['launch_us']:.2f} us (median per launch, "
@@ -746,6 +779,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share [0, 1] of the layers (the first ones) whose WKV kernel (backend cuda) keeps its states for the "
         "backward instead of rebuilding them there (training.wkv_keep_states); default: the kernel's default",
     )
+    p.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set torch._inductor.config.NAME (dotted for sub-configs, e.g. triton.cudagraphs) before anything is "
+        "compiled; VALUE is read as a Python literal (True, 1, 0.5, 'x'); repeatable. For A/Bs of Inductor's options",
+    )
     p.add_argument("--compile", action="store_true", help="training.compile=true for the denoiser rows")
     p.add_argument(
         "--compile-regions",
@@ -850,6 +891,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_budget is not None and not a.compile_blocks:
         print("--memory-budget acts on compiled blocks: add --compile-blocks")
         return 2
+    try:
+        inductor_options = set_inductor_options(a.inductor)
+    except ValueError as e:
+        print(f"--inductor: {e}")
+        return 2
     dev = torch.device(a.device)
     if dev.type == "cuda":
         if dev.index is None:  # "cuda" alone: the current device, named by index from here on
@@ -874,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_budget": a.memory_budget,
         "wkv_keep_states": a.wkv_keep_states,
         "ce_chunk": a.ce_chunk,
+        "inductor": inductor_options,
         **{
             k: getattr(a, k)
             for k in (
