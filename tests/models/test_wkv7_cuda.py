@@ -423,3 +423,17 @@ def test_the_kernel_traced_into_a_compiled_block_trains_like_the_graph_break(emu
         for n, g in grads.items():
             torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"{key} {n}")
     assert graphs[True, True] < graphs[False, True], graphs  # the break's second graph per block is gone
+
+
+def test_the_flop_counter_sees_the_kernels(emulated):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, T, H, N = 2, 5, 3, wc.HEAD
+    ops = [torch.randn(B, T, H, N, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with FlopCounterMode(display=False) as fwd:
+        _, _, sa, ckpt = wc.wkv7_cuda_fwd(*ops, True, 1)
+    with FlopCounterMode(display=False) as bwd:
+        wc.wkv7_cuda_bwd(*ops, torch.randn(B, T, H, N), sa, ckpt, torch.empty(0), 1)
+    assert fwd.get_total_flops() == 9 * B * T * H * N * N
+    assert bwd.get_total_flops() == 18 * B * T * H * N * N
+
