@@ -436,4 +436,3 @@ def test_the_flop_counter_sees_the_kernels(emulated):
         wc.wkv7_cuda_bwd(*ops, torch.randn(B, T, H, N), sa, ckpt, torch.empty(0), 1)
     assert fwd.get_total_flops() == 9 * B * T * H * N * N
     assert bwd.get_total_flops() == 18 * B * T * H * N * N
-
