@@ -34,12 +34,14 @@ against variant 0's 1.087 / 1.122; docs/RESULTS.md, "WKV-7 in the training step"
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import register_flop_formula
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
@@ -280,8 +282,43 @@ def wkv7_cuda_in_graph(
     # without ``save`` (no gradient wanted, or the backward rebuilds them) the forward writes the output and final
     # state only
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and keeps_states(keep_states)
-    o, ht, _, _ = wkv7_cuda_fwd(ops[0], w.to(w_dtype).contiguous(), *ops[1:], save, CONFIG.fwd_split)
+    w = w.to(w_dtype).contiguous()
+    if save and torch.compiler.is_compiling():
+        # traced into a compiled block: the partitioner must keep what the launch returns (see _kept_by_partitioner)
+        o, ht = checkpoint(_launch, ops[0], w, *ops[1:], use_reentrant=False, context_fn=_kept_by_partitioner)
+    else:
+        o, ht = _launch(ops[0], w, *ops[1:], save)
     return o.to(r.dtype), ht
+
+
+def _launch(r, w, k, v, a, b, save: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    o, ht, _, _ = wkv7_cuda_fwd(r, w, k, v, a, b, save, CONFIG.fwd_split)
+    return o, ht
+
+
+class _SelectiveCheckpointNote(logging.Filter):
+    """Drops torch's once-a-process note that a checkpointed region under torch.compile must hold no in-place op
+    (ours holds the launch alone): the selective checkpoint is ours, not the user's, and the note is not for them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(_SelectiveCheckpointNote())
+
+
+def _kept_by_partitioner():
+    """Selective-checkpoint contexts that mark the forward kernel MUST_SAVE and leave everything else to the
+    partitioner (PREFER_SAVE: an ordinary node). Under a memory budget below 1 the partitioner may recompute any
+    node that is not marked, the operators of a custom kernel included, and it weighs them by FLOPs: a block with the
+    kernel traced in re-ran the forward kernel in its backward to drop the states it keeps (H100, 2026-12-06: 0.4B
+    WKV time 22.2 -> 32.0 ms a step), which undoes ``keep_states``."""
+    fwd = torch.ops.diffrwkv.wkv7_cuda_fwd.default
+
+    def policy(_ctx, op, *_args, **_kwargs):
+        return CheckpointPolicy.MUST_SAVE if op is fwd else CheckpointPolicy.PREFER_SAVE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def wkv7_cuda(

@@ -436,3 +436,32 @@ def test_the_flop_counter_sees_the_kernels(emulated):
         wc.wkv7_cuda_bwd(*ops, torch.randn(B, T, H, N), sa, ckpt, torch.empty(0), 1)
     assert fwd.get_total_flops() == 9 * B * T * H * N * N
     assert bwd.get_total_flops() == 18 * B * T * H * N * N
+
+
+def test_a_memory_budget_keeps_the_traced_kernel_out_of_the_recomputation(emulated, monkeypatch):
+    """Under a memory budget below 1 the partitioner may recompute any unmarked node in the backward; with the kernel
+    traced into the block it re-ran the forward kernel of every layer there to drop the states the layer keeps. The
+    launch is marked MUST_SAVE: one forward launch per layer, none in the backward, at any budget."""
+    import torch._functorch.config as functorch_config
+
+    from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
+    from tests.conftest import random_rwkv7
+
+    monkeypatch.setattr(wc, "IN_GRAPH", True)
+    launches = []
+    forward = EmulatedKernels.forward
+    monkeypatch.setattr(EmulatedKernels, "forward", staticmethod(lambda *a: (launches.append(a[9]), forward(*a))))
+    ids = torch.randint(0, 40, (2, 64), generator=torch.Generator().manual_seed(4))
+    budget = functorch_config.activation_memory_budget
+    try:
+        for b in (0.5, 0.3):
+            launches.clear()
+            model = random_rwkv7(2, 128, vocab_size=40, seed=9).train()
+            model.wkv_backend = "cuda"
+            torch._dynamo.reset()
+            compile_blocks(model, memory_budget=b)
+            model(ids).float().logsumexp(-1).mean().backward()
+            assert launches == [True, True], (b, launches)  # saving the states, once per layer
+    finally:
+        functorch_config.activation_memory_budget = budget
+        torch._dynamo.reset()
