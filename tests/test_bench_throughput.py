@@ -107,21 +107,26 @@ def test_wkv_keep_states_refuses_out_of_range(capsys):
         assert capsys.readouterr().out.strip() == f"--wkv-keep-states {float(bad)}: expected a share in [0, 1]"
 
 
-def test_inductor_options_are_set_and_bad_ones_are_one_line(capsys, monkeypatch):
+def test_inductor_options_are_set_and_bad_ones_are_one_line(capsys):
     import torch._inductor.config as config
 
-    monkeypatch.setattr(config, "combo_kernels", False)
-    monkeypatch.setattr(config.triton, "cudagraphs", False)
-    done = throughput.set_inductor_options(["combo_kernels=1", "triton.cudagraphs=True"])
-    assert done == {"combo_kernels": True, "triton.cudagraphs": True}
-    assert config.combo_kernels is True and config.triton.cudagraphs is True
-    for bad, said in (
-        ("combo_kernels", "'combo_kernels': expected NAME=VALUE"),
-        ("no_such_option=1", "'no_such_option' is not an option of torch._inductor.config"),
-        ("combo_kernels=maybe", "combo_kernels=maybe: expected a bool (now True)"),
-    ):
-        assert throughput.main(["--device", "cpu", "--rows", "none", "--inductor", bad]) == 2
-        assert capsys.readouterr().out.strip() == f"--inductor: {said}"
+    # saved and restored by hand: pytest's monkeypatch undo breaks Inductor's config proxy (the option "does not
+    # exist" for every later compile in the process)
+    before = config.combo_kernels, config.triton.cudagraphs
+    try:
+        config.combo_kernels, config.triton.cudagraphs = False, False
+        done = throughput.set_inductor_options(["combo_kernels=1", "triton.cudagraphs=True"])
+        assert done == {"combo_kernels": True, "triton.cudagraphs": True}
+        assert config.combo_kernels is True and config.triton.cudagraphs is True
+        for bad, said in (
+            ("combo_kernels", "'combo_kernels': expected NAME=VALUE"),
+            ("no_such_option=1", "'no_such_option' is not an option of torch._inductor.config"),
+            ("combo_kernels=maybe", "combo_kernels=maybe: expected a bool (now True)"),
+        ):
+            assert throughput.main(["--device", "cpu", "--rows", "none", "--inductor", bad]) == 2
+            assert capsys.readouterr().out.strip() == f"--inductor: {said}"
+    finally:
+        config.combo_kernels, config.triton.cudagraphs = before
 
 
 def test_compile_denoiser_keeps_the_first_step_loss(tmp_path):
