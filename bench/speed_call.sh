@@ -201,16 +201,23 @@ def f(x, spec=",.0f"):
     return format(x, spec) if isinstance(x, (int, float)) else "-"
 host = (load(out / "host" / "results.json") or {}).get("host")
 print(f"# Speed call\n\nHost: {host}\n")
+# the last column is the host-independent bar: his step's GPU kernel time over our step's wall time (alone; steps back
+# to back), >= 1 where ours would beat his on a host that launches his kernels instantly
 print("| shape | what | tokens/s (step alone) | back to back | kernel-bound | GPU kernel ms / step | launches / step "
-      "| loss 1st step | peak GiB | status |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+      "| loss 1st step | peak GiB | status | his GPU ms / our step ms (alone; back to back) |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+def bar(his_kms, tokens, *rates):
+    if not his_kms or not tokens:
+        return "-"
+    return "; ".join(f"{his_kms / (1000 * tokens / t):.2f}x" if t else "-" for t in rates)
 for shape in ("0.1b", "0.4b"):
     b = load(out / f"blinkdl_{shape}.json")
+    his_kms = (b or {}).get("gpu_kernel_ms_per_step")
     if b:
         print(f"| {shape} | BlinkDL train_temp (jit {b['env']['RWKV_JIT_ON']}) | {f(b.get('tokens_per_s'))} | "
               f"{f(b.get('tokens_per_s_run'))} | {f(b.get('tokens_per_s_kernel_bound'))} | "
-              f"{f(b.get('gpu_kernel_ms_per_step'), '.1f')} | {f(b.get('kernels_per_step'))} | "
-              f"{f(b.get('first_loss'), '.4f')} | {f(b.get('peak_mem_gib'), '.1f')} | {b.get('status')} |")
+              f"{f(his_kms, '.1f')} | {f(b.get('kernels_per_step'))} | "
+              f"{f(b.get('first_loss'), '.4f')} | {f(b.get('peak_mem_gib'), '.1f')} | {b.get('status')} | - |")
     ab = sorted(p.name for p in out.glob("tp_ab_*"))
     for tag in ("tp_cuda", "tp_rebuild", "tp_budget", *ab, "tp_fla", "tp_default", "tp_llama"):
         res = load(out / tag / "results.json") or {"rows": []}
@@ -226,14 +233,18 @@ for shape in ("0.1b", "0.4b"):
             elif tag.startswith("tp_ab_"):
                 spec = (out / tag / "spec.txt").read_text().strip() if (out / tag / "spec.txt").exists() else ""
                 what += f", {tag[6:]}: {spec}"
+            tokens = res["batch"] * res["length"]
             print(f"| {shape} | {what} | {f(r.get('tokens_per_s'))} | {f(r.get('tokens_per_s_run'))} | {f(kb)} | "
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
-                  f"{f(r.get('peak_mem_gib'), '.1f')} | {r['status']} |")
+                  f"{f(r.get('peak_mem_gib'), '.1f')} | {r['status']} | "
+                  f"{bar(his_kms, tokens, r.get('tokens_per_s'), r.get('tokens_per_s_run'))} |")
 # where the GPU time goes: his step's kernel categories beside our LM step's (bench/throughput.py KERNEL_CATEGORIES)
 for shape in ("0.1b", "0.4b"):
     his = ((load(out / f"blinkdl_{shape}.json") or {}).get("profile") or {}).get("categories") or {}
-    ours = next((r.get("profile", {}).get("categories") for r in (load(out / "tp_cuda" / "results.json") or
-                 {"rows": []})["rows"] if r["shape"] == shape and r["row"] == "rwkv7-lm"), None) or {}  # fmt: skip
+    # our LM step from the cuda stage, else from the first A/B stage
+    ours = next((r.get("profile", {}).get("categories") for tag in ("tp_cuda", *sorted(p.name for p in
+                 out.glob("tp_ab_*"))) for r in (load(out / tag / "results.json") or {"rows": []})["rows"]
+                 if r["shape"] == shape and r["row"] == "rwkv7-lm"), None) or {}  # fmt: skip
     if his and ours:
         print(f"\n## GPU kernel ms a step by category, {shape}: BlinkDL vs ours (LM step)\n")
         print("| category | BlinkDL | ours | ours - his |")
