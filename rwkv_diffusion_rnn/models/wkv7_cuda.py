@@ -221,12 +221,11 @@ def _backward(ctx, do, dht, _dsa, _dckpt):
 wkv7_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# FLOPs a launch does (multiply-adds counted as two), for torch's FLOP counter. It matters beyond reporting: with a
-# memory budget below 1, the partitioner of a compiled block picks what to recompute in the backward by FLOPs, and an
-# operator without a formula counts as free. A block with the kernel traced in (IN_GRAPH) then re-ran it in the
-# backward to drop its states: on an H100 (2026-12-06) 0.4B WKV time 22.2 -> 32.0 ms a step. Per step and head of
-# size N the forward does sa = S a (2 N^2), S' = S diag(w) + sa b^T + v k^T (5 N^2) and o = S' r (2 N^2); the backward
-# runs the transposed products of each and the state's own gradient, about twice that.
+# FLOPs a launch does (multiply-adds counted as two), for torch's FLOP counter; the partitioner of a compiled block
+# also weighs what to recompute by them (an operator without a formula counts as free). The formula alone does not
+# keep a traced kernel out of the recomputation under a memory budget (_kept_by_partitioner does). Per step and head
+# of size N the forward does sa = S a (2 N^2), S' = S diag(w) + sa b^T + v k^T (5 N^2) and o = S' r (2 N^2); the
+# backward runs the transposed products of each and the state's own gradient, about twice that.
 FWD_FLOPS_PER_STATE_ENTRY = 9
 BWD_FLOPS_PER_STATE_ENTRY = 18
 
@@ -260,8 +259,9 @@ def kernel_dtypes(r_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.dty
 
 #: Run the kernel inside a compiled block, traced like any operator, instead of behind a graph break: the casts
 #: before it and the sums of its operands' two gradients (each of k, v, r also feeds the bonus term) then fuse into
-#: the block's own kernels, and a block is one graph each way. Opt-in (``DIFFRWKV_WKV_IN_GRAPH=1``) until timed on a
-#: GPU; tested on the CPU with the kernels emulated (tests/models/test_wkv7_cuda.py).
+#: the block's own kernels, and a block is one graph each way (on an H100, 2026-12-06: 3.7 ms less elementwise work
+#: in the 0.4B step). Opt-in (``DIFFRWKV_WKV_IN_GRAPH=1``): that run also re-ran the kernel in the backward (fixed
+#: since, see :func:`_kept_by_partitioner`; tested on the CPU with the kernels emulated, not yet timed on a GPU).
 IN_GRAPH = os.environ.get("DIFFRWKV_WKV_IN_GRAPH", "0") == "1"
 
 
