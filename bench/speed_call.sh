@@ -29,8 +29,7 @@
 #   ce        the chunked head + cross-entropy checked, then timed per chunk size (bench/gpu_check_ce.py --time):
 #             ce.json
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
-#             keeping its states (the default), then ours again rebuilding them: wkv/, wkv_recompute/; the later
-#             stages run the fastest of our kernel variants that passed the check
+#             keeping its states (the default), then ours again rebuilding them: wkv/, wkv_recompute/
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
 #             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
 # CE_CHUNK (rows a chunk of the head's cross-entropy) is passed to every throughput stage when set.
@@ -126,25 +125,8 @@ for stage in ${STAGES//,/ }; do
     wkv)
       run wkv 200 env DIFFRWKV_WKV_CUDA_RECOMPUTE=0 OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \
         --budget-s 150
-      # the later stages run the fastest of our kernel variants that passed the check (unless one is set already)
-      if [ -z "${DIFFRWKV_WKV_CUDA_VARIANT:-}" ]; then
-        v=$("$PY" - "$OUT/wkv/wkv_shootout.json" 2>>"$OUT/stages.txt" <<'PICK'
-import json, re, sys
-kernels = json.load(open(sys.argv[1]))["kernels"]
-best = {}
-for name, k in kernels.items():
-    m = re.fullmatch(r"ours_cuda(?:_v(\d+))?", name)
-    times = [t["fwd_bwd_ms"] for t in k.get("timings", [])]
-    if m and (k.get("check") or {}).get("verdict") == "ok" and len(times) == 2:
-        best[int(m.group(1) or 0)] = sum(times)
-if best:
-    print(min(best, key=best.get))
-PICK
-)
-        [ -n "$v" ] && export DIFFRWKV_WKV_CUDA_VARIANT=$v && note "kernel variant $v for the stages after this one"
-      fi
       run wkv_recompute 90 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 OUT="$OUT/wkv_recompute" bash bench/wkv_shootout.sh \
-        --kernels "ours_cuda${DIFFRWKV_WKV_CUDA_VARIANT:+_v$DIFFRWKV_WKV_CUDA_VARIANT}" --budget-s 60
+        --kernels ours_cuda --budget-s 60
       ;;
     rebuild)
       run tp_rebuild 150 env DIFFRWKV_WKV_CUDA_RECOMPUTE=1 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm $FAST \

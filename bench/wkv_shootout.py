@@ -10,10 +10,6 @@ Kernels (each optional; one that cannot load or build prints one line and the ot
 ``ours_cuda``         ours in CUDA (rwkv_diffusion_rnn/models/wkv7_cuda.py, backend ``cuda``: head size 64, no initial
                       state), built in this process on first use (nvcc and ninja) while the other builds run; 2
                       threads per state row (its default), ``ours_cuda_x1`` / ``ours_cuda_x4``: 1 or 4.
-``ours_cuda_v1`` ...  its kernel variants 1 to 5 (``DIFFRWKV_WKV_CUDA_VARIANT``, see wkv7_cuda.py) with 2 threads
-                      per state row; ``ours_cuda_v3_x4`` (and ``_v4_x4``, ``_v5_x4``): with 4, ``ours_cuda_v3_f1``:
-                      variant 3 with 1 in the forward and 2 in the backward. ``ours_cuda`` and its split names
-                      run variant 0.
 ``fla``               fla's chunked ``chunk_rwkv7`` (flash-linear-attention / fla-core), when it imports.
 ``blinkdl``           BlinkDL's RWKV-7 training kernel (RWKV-LM, RWKV-v7/train_temp/cuda/rwkv7_clampw.cu, .cpp),
 ``blinkdl_v3``        ... its H100 variant (rwkv7_clampw_v3_for_h100.cu + rwkv7_clampw_v3.cpp),
@@ -166,9 +162,9 @@ def load_triton():
     return BACKENDS["triton"]
 
 
-def ours_cuda_loader(split: int, variant: int = 0, bwd_split: int | None = None):
-    """Our CUDA kernel ``variant`` with ``split`` threads per state row in the forward and ``bwd_split`` (by default
-    the same) in the backward."""
+def ours_cuda_loader(split: int, bwd_split: int | None = None):
+    """Our CUDA kernel with ``split`` threads per state row in the forward and ``bwd_split`` (by default the same) in
+    the backward."""
 
     def load():
         from rwkv_diffusion_rnn.models import wkv7_cuda
@@ -178,8 +174,6 @@ def ours_cuda_loader(split: int, variant: int = 0, bwd_split: int | None = None)
         def run(*args):
             saved = wkv7_cuda.CONFIG
             wkv7_cuda.CONFIG = wkv7_cuda.CudaWKVConfig(split, bwd_split or split)  # the backward reads it here
-            # read at each launch, the backward's included (after this returns): left set until the next kernel's
-            os.environ[wkv7_cuda.VARIANT_ENV] = str(variant)
             try:
                 return BACKENDS["cuda"](*args)
             finally:
@@ -421,11 +415,6 @@ KERNELS = [
     Kernel("ours_cuda", "ours", adapt_ours, identity, False, True, ours_cuda_loader(2), wkv7_reference),
     Kernel("ours_cuda_x1", "ours", adapt_ours, identity, False, True, ours_cuda_loader(1), wkv7_reference),
     Kernel("ours_cuda_x4", "ours", adapt_ours, identity, False, True, ours_cuda_loader(4), wkv7_reference),
-    *(Kernel(f"ours_cuda_v{v}", "ours", adapt_ours, identity, False, True, ours_cuda_loader(2, v), wkv7_reference)
-      for v in (1, 2, 3, 4, 5)),
-    *(Kernel(f"ours_cuda_v{v}_x4", "ours", adapt_ours, identity, False, True, ours_cuda_loader(4, v),
-             wkv7_reference) for v in (3, 4, 5)),
-    Kernel("ours_cuda_v3_f1", "ours", adapt_ours, identity, False, True, ours_cuda_loader(1, 3, 2), wkv7_reference),
     Kernel("fla", "fla-core 0.6.0", adapt_ours, identity, True, True, load_fla, wkv7_reference),
     Kernel("blinkdl", "RWKV-LM train_temp", adapt_blinkdl, w_logit, False, False, None, emulate_blinkdl, blinkdl_fn),
     Kernel("blinkdl_v3", "RWKV-LM train_temp", adapt_blinkdl, w_logit, False, False, None, emulate_blinkdl,

@@ -209,7 +209,7 @@ def test_kernel_categories_of_names_seen_in_profiles():
         "triton_red_fused__to_copy_argmax_gather_logsumexp_squeeze_sub_unsqueeze_0": "head loss",
         "triton_poi_fused__to_copy_arange_eq_exp_mul_sub_unsqueeze_where_0": "head loss",
         "void (anonymous namespace)::l2wrap_ce_backward_v2_kernel<c10::BFloat16, 512>": "head loss",
-        "(anonymous namespace)::tmix_kk_pre_backward64_v5_kernel(c10::BFloat16 const*": "fused tmix/cmix (hand-written)",
+        "(anonymous namespace)::tmix_kk_pre_backward64_v5_kernel(c10::BFloat16 const*": "fused tmix/cmix (hand-written)",  # noqa: E501
         "triton_per_fused__to_copy_native_group_norm_view_0": "compiled elementwise (Triton)",
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "copies / casts",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::arr": "fills",

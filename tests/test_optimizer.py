@@ -327,7 +327,8 @@ def test_clipping_folded_into_a_fused_adamw_step_equals_clipping_the_gradients(m
     for a, b in zip(steps[True], steps[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     clipped = max_norm < 1e3
-    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(steps[True], steps[None])) == clipped
+    pairs = zip(steps[True], steps[None], strict=True)
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in pairs) == clipped
     unfused = [p for p in _grads(4) if p.grad is not None]
     assert not fold_clip_into(torch.optim.AdamW(unfused, lr=0.1, foreach=True))
 

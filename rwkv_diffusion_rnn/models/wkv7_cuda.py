@@ -19,17 +19,10 @@ The backward needs ``sa_t = S_{t-1}^T a_t`` (fp32 ``[B, T, H, 64]``) and the sta
 ``CudaWKVConfig.recompute`` (or a layer's ``keep_states=False``) it keeps neither and the backward runs the forward
 again to rebuild them for its own layer.
 
-Kernel variants (``csrc/wkv7_cuda.cu``), chosen by the environment variable ``DIFFRWKV_WKV_CUDA_VARIANT``, read at
-every launch (default :data:`DEFAULT_VARIANT`; an unknown value raises :class:`DiffRwkvError`): ``0`` stages the
-step vectors of 16 steps at a time and waits for their loads; ``1`` stages tiles of 8 steps double-buffered, the
-next tile's loads in flight (in registers) while the current one computes, one barrier a tile; ``2`` also unrolls a
-full tile's steps; ``3`` also fuses the forward's two reductions (``o`` from ``S_{t-1}`` with ``r.b`` and ``r.k``
-summed at staging; its backward is variant 2's); ``4`` and ``5`` are variant 3 with each head's 64 value columns
-split over 2 or 4 blocks in the forward (the columns never meet there), which evens out the SMs' load (5 needs
-``split`` 2 or 4). Every variant saves the same ``sa`` and checkpoints, so the forward and backward of one call may
-even differ. ``bench/wkv_shootout.py`` times them (``ours_cuda_v1`` ...). Variant 2 is the default: the fastest on
-fwd + bwd at 16x512x12x64 and within 0.5 % of the fastest at 16x512x16x64 (H100, 2026-12-06; 1.008 / 0.940 ms
-against variant 0's 1.087 / 1.122; docs/RESULTS.md, "WKV-7 in the training step").
+The kernels stage the step vectors of 8 steps at a time, double-buffered, the next tile's loads in flight while the
+current one computes (design in ``csrc/wkv7_cuda.cu``); measured against the designs they replaced, 1.008 / 0.940 ms
+fwd + bwd at 16x512x12x64 / 16x512x16x64 against 1.087 / 1.122 for staging 16 steps and waiting for the loads
+(H100, 2026-12-06; docs/RESULTS.md, "WKV-7 in the training step"). ``bench/wkv_shootout.py`` times them.
 """
 
 from __future__ import annotations
@@ -48,9 +41,6 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 
 HEAD = 64
 CHUNK = 16  # steps between checkpoints (fixed in the kernel)
-VARIANT_ENV = "DIFFRWKV_WKV_CUDA_VARIANT"
-VARIANTS = (0, 1, 2, 3, 4, 5)
-DEFAULT_VARIANT = 2
 
 
 @dataclass
@@ -109,21 +99,11 @@ def build_kwargs() -> dict:
     return {
         "name": f"diffrwkv_wkv7_cuda_sm{major}{minor}",
         "sources": list(SOURCES),
-        # --split-compile: the kernel variants' instantiations optimise in parallel (a build of seconds, not a minute)
+        # --split-compile: the kernels' instantiations optimise in parallel (a build of seconds, not a minute)
         "extra_cuda_cflags": ["-O3", "--use_fast_math", f"-arch=sm_{major}{minor}", "--split-compile=0"],
         "extra_cflags": ["-O3"],
         "is_python_module": False,  # the .cpp registers torch.ops.diffrwkv_wkv7.*
     }
-
-
-def kernel_variant() -> int:
-    """The kernel variant named by ``DIFFRWKV_WKV_CUDA_VARIANT`` (:data:`DEFAULT_VARIANT` when unset or empty)."""
-    raw = os.environ.get(VARIANT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_VARIANT
-    if raw not in {str(v) for v in VARIANTS}:
-        raise DiffRwkvError(f"{VARIANT_ENV}={raw!r}: expected one of {', '.join(map(str, VARIANTS))}")
-    return int(raw)
 
 
 @lru_cache(maxsize=1)
@@ -162,7 +142,7 @@ def wkv7_cuda_fwd(
     ``sa`` (fp32 ``[B, T, H, 64]``) and the chunk checkpoints (fp32 ``[B, H, ceil(T / 16), 64, 64]``); without
     ``save`` an empty ``sa`` and one checkpoint slot."""
     o, sa, ckpt = _fwd_buffers(r, save)
-    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, split, kernel_variant())
+    extension().forward(r, w, k, v, a, b, o, sa, ckpt, save, split)
     # the final state, a copy: an operator's outputs may not alias each other
     return o, ckpt[:, :, -1].clone(memory_format=torch.contiguous_format), sa, ckpt
 
@@ -189,7 +169,7 @@ def wkv7_cuda_bwd(
     """Backward launch: the gradients of r, w, k, v, a, b (each in its operand's dtype). ``dht``: the fp32 gradient
     of the final state, or an empty tensor for none."""
     grads = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (r, w, k, v, a, b))
-    extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, *grads, split, kernel_variant())
+    extension().backward(r, w, k, v, a, b, do, sa, ckpt, dht, *grads, split)
     return grads
 
 
@@ -348,5 +328,4 @@ def wkv7_cuda(
             raise DiffRwkvError(f"WKV operand {name} is on {x.device}, r on {r.device}")
     if T == 0:
         return r.new_zeros(B, 0, H, N), r.new_zeros(B, H, N, N, dtype=torch.float32)
-    kernel_variant()  # a bad DIFFRWKV_WKV_CUDA_VARIANT fails here, in one line
     return wkv7_cuda_in_graph(r, w, k, v, a, b, keep_states)

@@ -144,31 +144,31 @@ def host_lib(tmp_path_factory):
     return ctypes.CDLL(str(out))
 
 
-def host_run(lib, xs, do, dht, split, variant=0, bwd_variant=None):
-    """Forward (kernel ``variant``) and backward (``bwd_variant``, by default the same) through the host build,
-    allocated as wkv7_cuda.py does; returns o, ht, grads and what the forward saved (sa, the checkpoints)."""
+def host_run(lib, xs, do, dht, split, save=True):
+    """Forward and backward through the host build, allocated as wkv7_cuda.py does; returns o, ht, grads and what
+    the forward saved (sa, the checkpoints). Without ``save`` the forward keeps only the final state (slot 0); without
+    ``save`` or ``do`` no backward runs (grads None)."""
     r, w, k, v, a, b = xs
     B, T, H, N = r.shape
-    nc = -(-T // C)
+    nc = -(-T // C) if save else 1
     codes = {torch.float32: 0, torch.bfloat16: 1}
     o = torch.empty_like(r)
-    sa = torch.empty(B, T, H, N, dtype=torch.float32)
+    sa = torch.full((B, T, H, N), float("nan"), dtype=torch.float32)
     ckpt = torch.empty(B, H, nc, N, N, dtype=torch.float32)
     ptr = ctypes.c_void_p
 
     def p(x):
         return ptr(x.data_ptr()) if x is not None else ptr(0)
 
-    bwd_variant = variant if bwd_variant is None else bwd_variant
-    assert lib.host_forward(codes[r.dtype], codes[w.dtype], split, variant, B, T, H, *map(p, xs), p(o), p(sa),
-                            p(ckpt), 1) == 0  # fmt: skip
+    dims = (codes[r.dtype], codes[w.dtype], split, B, T, H)
+    assert lib.host_forward(*dims, *map(p, xs), p(o), p(sa) if save else p(None), p(ckpt), int(save)) == 0
+    if not save or do is None:
+        return o, ckpt[:, :, -1], None, (sa, ckpt)
     grads = [torch.empty_like(x) for x in xs]
-    dims = (codes[r.dtype], codes[w.dtype], split, bwd_variant, B, T, H)
     assert lib.host_backward(*dims, *map(p, xs), p(do), p(sa), p(ckpt), p(dht), *map(p, grads)) == 0
     return o, ckpt[:, :, -1], grads, (sa, ckpt)
 
 
-@pytest.mark.parametrize("variant", wc.VARIANTS)
 @pytest.mark.parametrize(
     ("T", "dtype", "w_dtype", "split", "with_dht"),
     [
@@ -180,7 +180,7 @@ def host_run(lib, xs, do, dht, split, variant=0, bwd_variant=None):
         (8, torch.float32, torch.float32, 2, True),  # one tile, part of a chunk
     ],
 )
-def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split, with_dht, variant):
+def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split, with_dht):
     B, H, N = 1, 2, 64
     xs = make_inputs(B, T, H, N, seed=50 + T)
     xs = [x.to(w_dtype if i == 1 else dtype) for i, x in enumerate(xs)]  # the kernel's inputs, rounded
@@ -192,11 +192,7 @@ def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split
     o_ref, S_ref = wkv7_reference(*leaves, compute_dtype=torch.float64)
     ((o_ref * go.double()).sum() + ((S_ref * gs.double()).sum() if with_dht else 0.0)).backward()
 
-    if variant == 5 and split == 1:  # a block of 16 threads: refused
-        with pytest.raises(AssertionError):
-            host_run(host_lib, xs, go, gs, split, variant)
-        return
-    o, ht, grads, _ = host_run(host_lib, xs, go, gs, split, variant)
+    o, ht, grads, _ = host_run(host_lib, xs, go, gs, split)
     bound = 1e-2 if dtype == torch.bfloat16 else 1e-4
     assert rel(o, o_ref) < bound and rel(ht, S_ref) < 1e-4
     for name, got, x, leaf in zip(("dr", "dw", "dk", "dv", "da", "db"), grads, xs, leaves, strict=True):
@@ -204,34 +200,19 @@ def test_kernel_code_on_host_matches_autograd(host_lib, T, dtype, w_dtype, split
         assert rel(got, leaf.grad) < bound, (name, rel(got, leaf.grad))
 
 
-@pytest.mark.parametrize("variant", wc.VARIANTS[1:])
-def test_kernel_variants_save_what_variant_0_saves(host_lib, variant):
-    """Every variant's forward saves variant 0's sa and checkpoints (so the forward and backward variants pair
-    freely), and variant 0's backward on them gives that variant's own gradients."""
-    B, T, H, N = 1, 35, 2, 64
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_kernel_saves_what_the_algorithm_saves(host_lib, split):
+    """The forward's saved sa_t and chunk-end states are the emulation's (which the backward's formulas assume), over
+    a partial last tile and chunk; without ``save`` it writes the same output, nothing into sa, and only the final
+    state."""
+    B, T, H, N = 2, 35, 2, 64
     xs = make_inputs(B, T, H, N, seed=70, dtype=torch.float32)
-    g = torch.Generator().manual_seed(71)
-    go, gs = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
-    o0, ht0, _, (sa0, ckpt0) = host_run(host_lib, xs, go, gs, 2, 0)
-    o, ht, grads, (sa, ckpt) = host_run(host_lib, xs, go, gs, 2, variant)
-    assert rel(o, o0) < 1e-5 and rel(ht, ht0) < 1e-5 and rel(sa, sa0) < 1e-5 and rel(ckpt, ckpt0) < 1e-5
-    _, _, mixed, _ = host_run(host_lib, xs, go, gs, 2, variant, bwd_variant=0)
-    for got, ref in zip(mixed, grads, strict=True):
-        assert rel(got, ref) < 1e-5
-
-
-def test_unknown_variant_is_refused(host_lib, monkeypatch):
-    xs = make_inputs(1, 4, 1, 64, seed=0, dtype=torch.float32)
-    ptr = [ctypes.c_void_p(x.data_ptr()) for x in xs]
-    assert host_lib.host_forward(0, 0, 2, 6, 1, 4, 1, *ptr, ptr[0], ptr[0], ptr[0], 1) == -3
-    assert host_lib.host_forward(0, 0, 1, 5, 1, 4, 1, *ptr, ptr[0], ptr[0], ptr[0], 1) == -3
-    monkeypatch.setenv(wc.VARIANT_ENV, "6")
-    with pytest.raises(DiffRwkvError, match=wc.VARIANT_ENV):
-        wc.kernel_variant()
-    monkeypatch.setenv(wc.VARIANT_ENV, "3")
-    assert wc.kernel_variant() == 3
-    monkeypatch.delenv(wc.VARIANT_ENV)
-    assert wc.kernel_variant() == wc.DEFAULT_VARIANT == 2
+    o_em, sa_em, ckpt_em = emulate_forward(*(x.double() for x in xs))
+    o, ht, _, (sa, ckpt) = host_run(host_lib, xs, None, None, split)
+    assert ckpt.shape == ckpt_em.shape
+    assert rel(o, o_em) < 1e-5 and rel(sa, sa_em) < 1e-5 and rel(ckpt, ckpt_em) < 1e-5
+    o2, ht2, _, (sa2, ckpt2) = host_run(host_lib, xs, None, None, split, save=False)
+    assert ckpt2.shape[2] == 1 and torch.equal(o2, o) and torch.equal(ht2, ht) and sa2.isnan().all()
 
 
 # ---------------------------------------------------------------- the wrapper, without a GPU
@@ -281,7 +262,7 @@ class EmulatedKernels:
     """Stands in for ``extension()``: the compiled operators' calls, filled in by the PyTorch emulation above."""
 
     @staticmethod
-    def forward(r, w, k, v, a, b, o, sa, ckpt, save, split, variant):
+    def forward(r, w, k, v, a, b, o, sa, ckpt, save, split):
         o_, sa_, ckpt_ = emulate_forward(*(x.double() for x in (r, w, k, v, a, b)))
         o.copy_(o_)
         ckpt.copy_(ckpt_ if save else ckpt_[:, :, -1:])
@@ -289,7 +270,7 @@ class EmulatedKernels:
             sa.copy_(sa_)
 
     @staticmethod
-    def backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, split, variant):
+    def backward(r, w, k, v, a, b, do, sa, ckpt, dht, dr, dw, dk, dv, da, db, split):
         xs = (x.double() for x in (r, w, k, v, a, b, do, sa, ckpt))
         grads, _, _ = emulate_backward(*xs, dht.double() if dht.numel() else None)
         for out, g in zip((dr, dw, dk, dv, da, db), grads, strict=True):
@@ -361,12 +342,10 @@ def test_kernel_source_compiles(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", wc.VARIANTS)
 @pytest.mark.parametrize(
     ("T", "dtype", "w_dtype"), [(37, torch.bfloat16, torch.float32), (48, torch.float32, torch.float32)]
 )
-def test_kernels_match_reference(T, dtype, w_dtype, variant, monkeypatch):
-    monkeypatch.setenv(wc.VARIANT_ENV, str(variant))
+def test_kernels_match_reference(T, dtype, w_dtype):
     B, H, N = 2, 3, 64
     xs = [x.cuda() for x in make_inputs(B, T, H, N, seed=T)]
     g = torch.Generator().manual_seed(7)

@@ -81,69 +81,42 @@ void launch(int blocks, int threads, F body) {
     }
 }
 
-template <typename T, typename TW, int P, bool UNROLL, bool FUSED, int NS>
-void fwd_tiled(int B, int Tn, int H, const T* r, const TW* w, const T* k, const T* v, const T* a, const T* b, T* o,
-               float* sa, float* ckpt, int save) {
-    if constexpr (N * P / NS >= 32)
-        launch(B * H * NS, N * P / NS, [&] {
-            wkv7_fwd_tiled_kernel<T, TW, P, UNROLL, FUSED, NS>(Tn, H, r, w, k, v, a, b, o, sa, ckpt, save);
-        });
-}
-
 template <typename T, typename TW, int P>
-void fwd(int variant, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+void fwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
          const void* b, void* o, float* sa, float* ckpt, int save) {
-    const T *r_ = (const T*)r, *k_ = (const T*)k, *v_ = (const T*)v, *a_ = (const T*)a, *b_ = (const T*)b;
-    const TW* w_ = (const TW*)w;
-    T* o_ = (T*)o;
-    if (variant == 0)
-        launch(B * H, N * P, [&] { wkv7_fwd_kernel<T, TW, P>(Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save); });
-    if (variant == 1) fwd_tiled<T, TW, P, false, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
-    if (variant == 2) fwd_tiled<T, TW, P, true, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
-    if (variant == 3) fwd_tiled<T, TW, P, true, true, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
-    if (variant == 4) fwd_tiled<T, TW, P, true, true, 2>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
-    if (variant == 5) fwd_tiled<T, TW, P, true, true, 4>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
-}
-
-template <typename T, typename TW, int P>
-void bwd(int variant, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
-         const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr, void* dw,
-         void* dk, void* dv, void* da, void* db) {
-    const T *r_ = (const T*)r, *k_ = (const T*)k, *v_ = (const T*)v, *a_ = (const T*)a, *b_ = (const T*)b;
-    const T* do_ = (const T*)dout;
-    const TW* w_ = (const TW*)w;
     launch(B * H, N * P, [&] {
-        if (variant == 0)
-            wkv7_bwd_kernel<T, TW, P>(Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk,
-                                      (T*)dv, (T*)da, (T*)db);
-        if (variant == 1)
-            wkv7_bwd_tiled_kernel<T, TW, P, false>(Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw,
-                                                   (T*)dk, (T*)dv, (T*)da, (T*)db);
-        if (variant >= 2)  // as the CUDA launcher: variants 3 to 5 change only the forward
-            wkv7_bwd_tiled_kernel<T, TW, P, true>(Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw,
-                                                  (T*)dk, (T*)dv, (T*)da, (T*)db);
+        wkv7_fwd_kernel<T, TW, P>(Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a,
+                                  (const T*)b, (T*)o, sa, ckpt, save);
     });
 }
 
-// the dtype / split combinations the tests run (each instantiates every variant)
-#define WKV7_DISPATCH(fn, ...)                                                                           \
-    if (variant < 0 || variant > 5 || (variant == 5 && split == 1)) return -3;                          \
-    if (x_dtype == 0 && w_dtype == 0 && split == 1) return fn<float, float, 1>(variant, __VA_ARGS__), 0; \
-    if (x_dtype == 0 && w_dtype == 0 && split == 2) return fn<float, float, 2>(variant, __VA_ARGS__), 0; \
-    if (x_dtype == 0 && w_dtype == 0 && split == 4) return fn<float, float, 4>(variant, __VA_ARGS__), 0; \
-    if (x_dtype == 1 && w_dtype == 0 && split == 2)                                                      \
-        return fn<__nv_bfloat16, float, 2>(variant, __VA_ARGS__), 0;                                     \
-    if (x_dtype == 1 && w_dtype == 1 && split == 1)                                                      \
-        return fn<__nv_bfloat16, __nv_bfloat16, 1>(variant, __VA_ARGS__), 0;                             \
+template <typename T, typename TW, int P>
+void bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+         const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr, void* dw,
+         void* dk, void* dv, void* da, void* db) {
+    launch(B * H, N * P, [&] {
+        wkv7_bwd_kernel<T, TW, P>(Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a,
+                                  (const T*)b, (const T*)dout, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv,
+                                  (T*)da, (T*)db);
+    });
+}
+
+// the dtype / split combinations the tests run
+#define WKV7_DISPATCH(fn, ...)                                                                  \
+    if (x_dtype == 0 && w_dtype == 0 && split == 1) return fn<float, float, 1>(__VA_ARGS__), 0; \
+    if (x_dtype == 0 && w_dtype == 0 && split == 2) return fn<float, float, 2>(__VA_ARGS__), 0; \
+    if (x_dtype == 0 && w_dtype == 0 && split == 4) return fn<float, float, 4>(__VA_ARGS__), 0; \
+    if (x_dtype == 1 && w_dtype == 0 && split == 2) return fn<__nv_bfloat16, float, 2>(__VA_ARGS__), 0; \
+    if (x_dtype == 1 && w_dtype == 1 && split == 1) return fn<__nv_bfloat16, __nv_bfloat16, 1>(__VA_ARGS__), 0; \
     return -1;
 
-extern "C" int host_forward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r,
+extern "C" int host_forward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r,
                             const void* w, const void* k, const void* v, const void* a, const void* b, void* o,
                             float* sa, float* ckpt, int save) {
     WKV7_DISPATCH(fwd, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save)
 }
 
-extern "C" int host_backward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r,
+extern "C" int host_backward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r,
                              const void* w, const void* k, const void* v, const void* a, const void* b,
                              const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr,
                              void* dw, void* dk, void* dv, void* da, void* db) {

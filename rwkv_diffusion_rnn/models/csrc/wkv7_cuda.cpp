@@ -9,10 +9,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r, const void* w, const void* k,
+int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
                       const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt, int save,
                       void* stream);
-int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r, const void* w, const void* k,
+int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
                        const void* v, const void* a, const void* b, const void* dout, const float* sa,
                        const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da,
                        void* db, void* stream);
@@ -58,10 +58,9 @@ void check_operands(const at::Tensor& r, const at::Tensor& w, const at::Tensor& 
 }  // namespace
 
 // o [B, T, H, 64] (r's dtype); sa [B, T, H, 64] fp32 (save); ckpt [B, H, ceil(T/16) or 1, 64, 64] fp32;
-// split: threads per state row or column (1, 2 or 4); variant: the kernel variant (wkv7_cuda.cu, 0 to 5).
+// split: threads per state row or column (1, 2 or 4).
 void forward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
-             const at::Tensor& o, const at::Tensor& sa, const at::Tensor& ckpt, bool save, int64_t split,
-             int64_t variant) {
+             const at::Tensor& o, const at::Tensor& sa, const at::Tensor& ckpt, bool save, int64_t split) {
     check_operands(r, w, k, v, a, b);
     check_same(o, r, "o");
     const int B = r.size(0), T = r.size(1), H = r.size(2);
@@ -69,22 +68,21 @@ void forward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, cons
     if (save) check_f32(sa, r, r.numel(), "sa");
     check_f32(ckpt, r, int64_t(B) * H * (save ? NC : 1) * 64 * 64, "ckpt");
     const c10::cuda::CUDAGuard guard(r.device());
-    const int err = wkv7_cuda_forward(code(r), code(w), int(split), int(variant), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
+    const int err = wkv7_cuda_forward(code(r), code(w), int(split), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
                                       v.data_ptr(), a.data_ptr(), b.data_ptr(), o.data_ptr(),
                                       save ? sa.data_ptr<float>() : nullptr, ckpt.data_ptr<float>(), save ? 1 : 0,
                                       c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
     TORCH_CHECK(err != -2, "wkv7_cuda: split must be 1, 2 or 4, got ", split);
-    TORCH_CHECK(err != -3, "wkv7_cuda: variant must be 0 to 5 (5 needs split 2 or 4), got ", variant);
     TORCH_CHECK(err == 0, "wkv7_cuda: forward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
 // dht: [B, H, 64, 64] fp32 gradient of the final state, or an empty tensor for none. Gradients: dw in w's dtype,
-// the others in r's dtype; split and variant as in the forward.
+// the others in r's dtype; split as in the forward.
 void backward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& dout, const at::Tensor& sa, const at::Tensor& ckpt, const at::Tensor& dht, const at::Tensor& dr,
               const at::Tensor& dw, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& da, const at::Tensor& db,
-              int64_t split, int64_t variant) {
+              int64_t split) {
     check_operands(r, w, k, v, a, b);
     check_same(dout, r, "do");
     const int B = r.size(0), T = r.size(1), H = r.size(2);
@@ -100,7 +98,7 @@ void backward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, con
     check_same(db, r, "db");
     check_same(dw, w, "dw");
     const c10::cuda::CUDAGuard guard(r.device());
-    const int err = wkv7_cuda_backward(code(r), code(w), int(split), int(variant), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
+    const int err = wkv7_cuda_backward(code(r), code(w), int(split), B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(),
                                        v.data_ptr(), a.data_ptr(), b.data_ptr(), dout.data_ptr(),
                                        sa.data_ptr<float>(), ckpt.data_ptr<float>(),
                                        has_dht ? dht.data_ptr<float>() : nullptr, dr.data_ptr(), dw.data_ptr(),
@@ -108,7 +106,6 @@ void backward(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, con
                                        c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err != -1, "wkv7_cuda: unsupported dtypes (r ", r.scalar_type(), ", w ", w.scalar_type(), ")");
     TORCH_CHECK(err != -2, "wkv7_cuda: split must be 1, 2 or 4, got ", split);
-    TORCH_CHECK(err != -3, "wkv7_cuda: variant must be 0 to 5 (5 needs split 2 or 4), got ", variant);
     TORCH_CHECK(err == 0, "wkv7_cuda: backward launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 

@@ -28,11 +28,19 @@
 // its partial reductions with P - 1 shuffles. P = 1 keeps the whole row in one thread; a larger P puts more warps
 // on each SM (B H blocks barely fill 132 SMs at one warp per scheduler) at the cost of the shuffles.
 //
-// Forward: the group j owns the value column S[:, j], so both reductions over keys (sa, o) stay in the group. The
-// step vectors r, d, k, v, a, b of a chunk of C = 16 steps are staged in shared memory (fp32) and read back as
-// float4 broadcasts; the reductions keep four partial sums (one per float4 lane) to shorten their dependency
-// chains. With ``save`` it writes, for the backward, sa_t (fp32 [B, T, H, N]) and the state after the last step of
-// every chunk (fp32 [B, H, ceil(T / C), N, N], stored S[k, v]); without, only the final state (into slot 0).
+// Staging: both kernels read the step vectors in tiles of CS = 8 steps, converted to fp32 and double-buffered in
+// shared memory. While a tile computes, each thread holds its share of the NEXT tile's operands in registers (global
+// loads issued before the tile's steps, so their latency hides behind them) and writes them into the other buffer
+// after the steps: one __syncthreads a tile. A full tile's steps are unrolled (the compiler may hoist the next step's
+// shared loads above this step's shuffles). The staged vectors are read back as float4 broadcasts. (The designs this
+// replaced, each measured against it: a chunk of 16 steps staged and waited for, tiles without unrolling, the
+// forward's two reductions fused, a head's value columns split over 2 or 4 blocks; docs/RESULTS.md, "WKV-7 in the
+// training step" and the kernel shoot-outs before it.)
+//
+// Forward: the group j owns the value column S[:, j], so both reductions over keys (sa, o) stay in the group; they
+// keep four partial sums (one per float4 lane) to shorten their dependency chains. With ``save`` it writes, for the
+// backward, sa_t (fp32 [B, T, H, N]) and the state after the last step of every chunk of C = 16 steps (fp32
+// [B, H, ceil(T / C), N, N], stored S[k, v]); without, only the final state (into slot 0).
 //
 // Backward: the group i owns the key row S[i, :] and the row G[i, :], so dr, dk, db, dw, da reduce inside the
 // group, and also the column G[:, i] (a second copy of G, updated with the same formulas), so dv and dsa reduce
@@ -55,7 +63,7 @@
 namespace {
 
 constexpr int N = 64;  // head size
-constexpr int C = 16;  // steps a chunk: staging granularity and checkpoint stride
+constexpr int C = 16;  // steps a chunk: the checkpoint stride
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -76,276 +84,9 @@ __device__ __forceinline__ int64_t at(int bb, int Tn, int t, int H, int hh, int 
     return ((int64_t(bb) * Tn + t) * H + hh) * N + n;
 }
 
-// ---------------------------------------------------------------------------------------------- forward
+// ---------------------------------------------------------------------------------------------- staging
 
-template <typename T, typename TW, int P>
-__global__ void __launch_bounds__(N * P) wkv7_fwd_kernel(
-    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
-    const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, T* __restrict__ o_,
-    float* __restrict__ sa_, float* __restrict__ ckpt_, int save) {
-    constexpr int NQ = N / (4 * P);  // float4 chunks a thread holds
-    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, j = tid / P, p = tid % P;
-    const int NC = (Tn + C - 1) / C;
-    __shared__ __align__(16) float sh_r[C][N];
-    __shared__ __align__(16) float sh_d[C][N];
-    __shared__ __align__(16) float sh_k[C][N];
-    __shared__ __align__(16) float sh_v[C][N];
-    __shared__ __align__(16) float sh_a[C][N];
-    __shared__ __align__(16) float sh_b[C][N];
-
-    float S[4 * NQ];  // S[i, j] for the rows i = 4 (q P + p) + e of this thread: its share of the value column j
-#pragma unroll
-    for (int x = 0; x < 4 * NQ; ++x) S[x] = 0.f;
-
-    for (int c = 0; c < NC; ++c) {
-        const int t0 = c * C, len = min(C, Tn - t0);
-        __syncthreads();  // the previous chunk's readers are done with the staging buffers
-#pragma unroll
-        for (int u = 0; u < C / P; ++u) {
-            const int e = tid + u * N * P, tt = e / N, n = e % N;
-            if (tt < len) {
-                const int64_t idx = at(bb, Tn, t0 + tt, H, hh, n);
-                sh_r[tt][n] = to_f(r_[idx]);
-                sh_d[tt][n] = __expf(to_f(w_[idx]));
-                sh_k[tt][n] = to_f(k_[idx]);
-                sh_v[tt][n] = to_f(v_[idx]);
-                sh_a[tt][n] = to_f(a_[idx]);
-                sh_b[tt][n] = to_f(b_[idx]);
-            }
-        }
-        __syncthreads();
-
-        for (int tt = 0; tt < len; ++tt) {
-            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const float4 A = q4(sh_a[tt], q * P + p);
-                acc.x = fmaf(A.x, S[4 * q + 0], acc.x);
-                acc.y = fmaf(A.y, S[4 * q + 1], acc.y);
-                acc.z = fmaf(A.z, S[4 * q + 2], acc.z);
-                acc.w = fmaf(A.w, S[4 * q + 3], acc.w);
-            }
-            const float saj = group_sum<P>((acc.x + acc.y) + (acc.z + acc.w));
-            const float vj = sh_v[tt][j];
-            float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const int qq = q * P + p;
-                const float4 D = q4(sh_d[tt], qq), K = q4(sh_k[tt], qq), B = q4(sh_b[tt], qq), R = q4(sh_r[tt], qq);
-                S[4 * q + 0] = fmaf(D.x, S[4 * q + 0], fmaf(B.x, saj, K.x * vj));
-                S[4 * q + 1] = fmaf(D.y, S[4 * q + 1], fmaf(B.y, saj, K.y * vj));
-                S[4 * q + 2] = fmaf(D.z, S[4 * q + 2], fmaf(B.z, saj, K.z * vj));
-                S[4 * q + 3] = fmaf(D.w, S[4 * q + 3], fmaf(B.w, saj, K.w * vj));
-                y.x = fmaf(R.x, S[4 * q + 0], y.x);
-                y.y = fmaf(R.y, S[4 * q + 1], y.y);
-                y.z = fmaf(R.z, S[4 * q + 2], y.z);
-                y.w = fmaf(R.w, S[4 * q + 3], y.w);
-            }
-            const float oj = group_sum<P>((y.x + y.y) + (y.z + y.w));
-            if (p == 0) {
-                const int64_t idx = at(bb, Tn, t0 + tt, H, hh, j);
-                o_[idx] = from_f<T>(oj);
-                if (save) sa_[idx] = saj;
-            }
-        }
-
-        if (save || c == NC - 1) {  // the state after the chunk's last step, S[k, v]: coalesced over j
-            float* dst = ckpt_ + (int64_t(bh) * (save ? NC : 1) + (save ? c : 0)) * (N * N) + j;
-#pragma unroll
-            for (int q = 0; q < NQ; ++q)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) dst[(4 * (q * P + p) + e) * N] = S[4 * q + e];
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------- backward
-
-template <typename T, typename TW, int P>
-__global__ void __launch_bounds__(N * P) wkv7_bwd_kernel(
-    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
-    const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, const T* __restrict__ do_,
-    const float* __restrict__ sa_, const float* __restrict__ ckpt_, const float* __restrict__ dht_,
-    T* __restrict__ dr_, TW* __restrict__ dw_, T* __restrict__ dk_, T* __restrict__ dv_, T* __restrict__ da_,
-    T* __restrict__ db_) {
-    constexpr int NQ = N / (4 * P);
-    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, i = tid / P, p = tid % P;
-    const int NC = (Tn + C - 1) / C;
-    __shared__ __align__(16) float sh_r[C][N];
-    __shared__ __align__(16) float sh_d[C][N];
-    __shared__ __align__(16) float sh_k[C][N];
-    __shared__ __align__(16) float sh_v[C][N];
-    __shared__ __align__(16) float sh_a[C][N];
-    __shared__ __align__(16) float sh_b[C][N];
-    __shared__ __align__(16) float sh_do[C][N];
-    __shared__ __align__(16) float sh_sa[C][N];
-    __shared__ __align__(16) float sh_dsa[2][N];
-
-    // this thread's share: the columns (of S and G's row i) and rows (of G's column i) 4 (q P + p) + e
-    float S[4 * NQ];   // S[i, j]: the key row i of the state
-    float G[4 * NQ];   // G[i, j]: the same row of the state's gradient
-    float Gc[4 * NQ];  // G[k, i]: the column i of the state's gradient (a second copy)
-    if (dht_ != nullptr) {
-        const float* src = dht_ + int64_t(bh) * (N * N);
-#pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-            const float4 g = q4(src + i * N, q * P + p);
-            G[4 * q + 0] = g.x;
-            G[4 * q + 1] = g.y;
-            G[4 * q + 2] = g.z;
-            G[4 * q + 3] = g.w;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) Gc[4 * q + e] = src[(4 * (q * P + p) + e) * N + i];
-        }
-    } else {
-#pragma unroll
-        for (int x = 0; x < 4 * NQ; ++x) {
-            G[x] = 0.f;
-            Gc[x] = 0.f;
-        }
-    }
-    int par = 0;
-
-    for (int c = NC - 1; c >= 0; --c) {
-        const int t0 = c * C, len = min(C, Tn - t0);
-        {  // S_t after the chunk's last step: this thread's share of the row i
-            const float* src = ckpt_ + (int64_t(bh) * NC + c) * (N * N) + i * N;
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const float4 s = q4(src, q * P + p);
-                S[4 * q + 0] = s.x;
-                S[4 * q + 1] = s.y;
-                S[4 * q + 2] = s.z;
-                S[4 * q + 3] = s.w;
-            }
-        }
-        __syncthreads();  // the previous chunk's readers are done with the staging buffers
-#pragma unroll
-        for (int u = 0; u < C / P; ++u) {
-            const int e = tid + u * N * P, tt = e / N, n = e % N;
-            if (tt < len) {
-                const int64_t idx = at(bb, Tn, t0 + tt, H, hh, n);
-                sh_r[tt][n] = to_f(r_[idx]);
-                sh_d[tt][n] = __expf(to_f(w_[idx]));
-                sh_k[tt][n] = to_f(k_[idx]);
-                sh_v[tt][n] = to_f(v_[idx]);
-                sh_a[tt][n] = to_f(a_[idx]);
-                sh_b[tt][n] = to_f(b_[idx]);
-                sh_do[tt][n] = to_f(do_[idx]);
-                sh_sa[tt][n] = sa_[idx];
-            }
-        }
-        __syncthreads();
-
-        for (int tt = len - 1; tt >= 0; --tt) {
-            const float ri = sh_r[tt][i], di = sh_d[tt][i], ki = sh_k[tt][i], ai = sh_a[tt][i], bi = sh_b[tt][i];
-            const float doi = sh_do[tt][i], inv_di = 1.f / di;
-
-            // row pass: G += r do^T; dr from S_t; undo the step; dk, db, dw from G_t and S_{t-1}
-            float dr = 0.f, dk = 0.f, db = 0.f, dd = 0.f;
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const int qq = q * P + p;
-                const float4 DO = q4(sh_do[tt], qq), V = q4(sh_v[tt], qq), SA = q4(sh_sa[tt], qq);
-#define WKV7_ROW(e, m)                                            \
-    G[4 * q + e] = fmaf(ri, DO.m, G[4 * q + e]);                   \
-    dr = fmaf(S[4 * q + e], DO.m, dr);                             \
-    S[4 * q + e] = (S[4 * q + e] - ki * V.m - bi * SA.m) * inv_di; \
-    dk = fmaf(G[4 * q + e], V.m, dk);                              \
-    db = fmaf(G[4 * q + e], SA.m, db);                             \
-    dd = fmaf(G[4 * q + e], S[4 * q + e], dd);
-                WKV7_ROW(0, x)
-                WKV7_ROW(1, y)
-                WKV7_ROW(2, z)
-                WKV7_ROW(3, w)
-#undef WKV7_ROW
-            }
-
-            // column pass: G[:, i] += r do_i; dv, dsa from G_t
-            float dv0 = 0.f, dv1 = 0.f, ds0 = 0.f, ds1 = 0.f;
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const int qq = q * P + p;
-                const float4 R = q4(sh_r[tt], qq), K = q4(sh_k[tt], qq), B = q4(sh_b[tt], qq);
-                Gc[4 * q + 0] = fmaf(R.x, doi, Gc[4 * q + 0]);
-                Gc[4 * q + 1] = fmaf(R.y, doi, Gc[4 * q + 1]);
-                Gc[4 * q + 2] = fmaf(R.z, doi, Gc[4 * q + 2]);
-                Gc[4 * q + 3] = fmaf(R.w, doi, Gc[4 * q + 3]);
-                dv0 = fmaf(Gc[4 * q + 0], K.x, dv0);
-                dv1 = fmaf(Gc[4 * q + 1], K.y, dv1);
-                dv0 = fmaf(Gc[4 * q + 2], K.z, dv0);
-                dv1 = fmaf(Gc[4 * q + 3], K.w, dv1);
-                ds0 = fmaf(Gc[4 * q + 0], B.x, ds0);
-                ds1 = fmaf(Gc[4 * q + 1], B.y, ds1);
-                ds0 = fmaf(Gc[4 * q + 2], B.z, ds0);
-                ds1 = fmaf(Gc[4 * q + 3], B.w, ds1);
-            }
-            dr = group_sum<P>(dr);
-            dk = group_sum<P>(dk);
-            db = group_sum<P>(db);
-            dd = group_sum<P>(dd);
-            const float dv = group_sum<P>(dv0 + dv1), dsai = group_sum<P>(ds0 + ds1);
-            const int64_t idx = at(bb, Tn, t0 + tt, H, hh, i);
-            if (p == 0) {
-                sh_dsa[par][i] = dsai;
-                dr_[idx] = from_f<T>(dr);
-                dk_[idx] = from_f<T>(dk);
-                db_[idx] = from_f<T>(db);
-                dw_[idx] = from_f<TW>(dd * di);
-                dv_[idx] = from_f<T>(dv);
-            }
-            __syncthreads();  // dsa complete; sh_dsa[par ^ 1] was last read before every thread's previous sync
-
-            // da from S_{t-1}; G_{t-1} = diag(d) G + a dsa^T, in both copies
-            float da0 = 0.f, da1 = 0.f;
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const float4 DS = q4(sh_dsa[par], q * P + p);
-                da0 = fmaf(S[4 * q + 0], DS.x, da0);
-                da1 = fmaf(S[4 * q + 1], DS.y, da1);
-                da0 = fmaf(S[4 * q + 2], DS.z, da0);
-                da1 = fmaf(S[4 * q + 3], DS.w, da1);
-                G[4 * q + 0] = fmaf(di, G[4 * q + 0], ai * DS.x);
-                G[4 * q + 1] = fmaf(di, G[4 * q + 1], ai * DS.y);
-                G[4 * q + 2] = fmaf(di, G[4 * q + 2], ai * DS.z);
-                G[4 * q + 3] = fmaf(di, G[4 * q + 3], ai * DS.w);
-            }
-#pragma unroll
-            for (int q = 0; q < NQ; ++q) {
-                const int qq = q * P + p;
-                const float4 D = q4(sh_d[tt], qq), A = q4(sh_a[tt], qq);
-                Gc[4 * q + 0] = fmaf(D.x, Gc[4 * q + 0], A.x * dsai);
-                Gc[4 * q + 1] = fmaf(D.y, Gc[4 * q + 1], A.y * dsai);
-                Gc[4 * q + 2] = fmaf(D.z, Gc[4 * q + 2], A.z * dsai);
-                Gc[4 * q + 3] = fmaf(D.w, Gc[4 * q + 3], A.w * dsai);
-            }
-            const float da = group_sum<P>(da0 + da1);
-            if (p == 0) da_[idx] = from_f<T>(da);
-            par ^= 1;
-        }
-    }
-}
-
-
-// ---------------------------------------------------------------------------------------------- prefetching variants
-//
-// Variants 1 to 5 (``variant`` of the launchers) stage the step vectors in tiles of CS = 8 steps, double-buffered in
-// shared memory: while a tile computes, each thread holds its share of the NEXT tile's operands in registers
-// (global loads issued before the tile's steps, so their latency hides behind them) and writes them into the other
-// buffer after the steps, which costs one __syncthreads a tile (the current kernels: two a chunk of 16, and every
-// global load waited for); the backward also asks L2 for the next checkpoint's rows a tile before it restarts from
-// them. Variant 2 also unrolls the steps of a full tile (the compiler may then hoist the next
-// step's shared loads above this step's shuffles); variant 3 also fuses the forward's two reductions: from
-// S' = diag(d) S + b sa^T + k v^T, o = S'^T r = S^T (r d) + (r . b) sa + (r . k) v, so sa and o reduce together
-// from S_{t-1} (one reduction and one shuffle round on the step's critical path instead of two), with r . b and
-// r . k summed when the tile is staged. Variants 4 and 5 are variant 3 with a head's value columns split over NS = 2
-// or 4 blocks (the forward's columns never meet: column j needs only its own sa_j and the step vectors, which every
-// block stages whole): B H NS blocks of 64 P / NS threads fill the SMs more evenly than B H blocks (B H = 192 on 132
-// SMs leaves 60 of them two blocks' work) and give each scheduler more warps, for NS times the L2 reads of the step
-// vectors. Their backward is variant 2's. The checkpoints and sa every variant saves are those of variant 0, so any
-// forward variant pairs with any backward variant.
-
-constexpr int CS = 8;  // steps a tile in the prefetching variants (divides C)
+constexpr int CS = 8;  // steps a tile (divides C)
 
 // One thread's share (of NT threads) of a tile of one operand, in registers: element u is step e / N, channel e % N,
 // e = tid + u NT (coalesced loads). Steps past the sequence's end read as zeros.
@@ -371,30 +112,23 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
-// the sum over a warp's 32 lanes (every thread of the block calls it)
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-    return x;
-}
+// ---------------------------------------------------------------------------------------------- forward
 
-template <typename T, typename TW, int P, bool UNROLL, bool FUSED, int NS>
-__global__ void __launch_bounds__(N * P / NS) wkv7_fwd_tiled_kernel(
+template <typename T, typename TW, int P>
+__global__ void __launch_bounds__(N * P) wkv7_fwd_kernel(
     int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
     const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, T* __restrict__ o_,
     float* __restrict__ sa_, float* __restrict__ ckpt_, int save) {
-    constexpr int NQ = N / (4 * P), NT = N * P / NS, U = CS * N / NT;
+    constexpr int NQ = N / (4 * P), NT = N * P, U = CS * N / NT;  // NQ: float4 chunks a thread holds
     static_assert(NT >= 32, "whole warps");
-    const int bh = blockIdx.x / NS, bb = bh / H, hh = bh % H, tid = threadIdx.x, p = tid % P;
-    const int j = (blockIdx.x % NS) * (N / NS) + tid / P;  // the block's share of the columns: N / NS of them
+    const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, j = tid / P, p = tid % P;
     const int NC = (Tn + C - 1) / C, M = (Tn + CS - 1) / CS;
-    __shared__ __align__(16) float sh_r[2][CS][N];  // r, or r d with FUSED
+    __shared__ __align__(16) float sh_r[2][CS][N];
     __shared__ __align__(16) float sh_d[2][CS][N];
     __shared__ __align__(16) float sh_k[2][CS][N];
     __shared__ __align__(16) float sh_v[2][CS][N];
     __shared__ __align__(16) float sh_a[2][CS][N];
     __shared__ __align__(16) float sh_b[2][CS][N];
-    __shared__ float sh_rb[2][CS][2], sh_rk[2][CS][2];  // FUSED: r . b and r . k, one partial per half of the channels
 
     TileRegs<T, NT> pr, pk, pv, pa, pb;
     TileRegs<TW, NT> pw;
@@ -411,24 +145,16 @@ __global__ void __launch_bounds__(N * P / NS) wkv7_fwd_tiled_kernel(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int e = tid + u * NT, tt = e / N, n = e % N;
-            const float r = pr.get(u), d = __expf(pw.get(u)), k = pk.get(u), b = pb.get(u);
-            sh_r[buf][tt][n] = FUSED ? r * d : r;
-            sh_d[buf][tt][n] = d;
-            sh_k[buf][tt][n] = k;
+            sh_r[buf][tt][n] = pr.get(u);
+            sh_d[buf][tt][n] = __expf(pw.get(u));
+            sh_k[buf][tt][n] = pk.get(u);
             sh_v[buf][tt][n] = pv.get(u);
             sh_a[buf][tt][n] = pa.get(u);
-            sh_b[buf][tt][n] = b;
-            if (FUSED) {
-                const float rb = warp_sum(r * b), rk = warp_sum(r * k);
-                if (tid % 32 == 0) {
-                    sh_rb[buf][tt][n / 32] = rb;
-                    sh_rk[buf][tt][n / 32] = rk;
-                }
-            }
+            sh_b[buf][tt][n] = pb.get(u);
         }
     };
 
-    float S[4 * NQ];  // as in wkv7_fwd_kernel
+    float S[4 * NQ];  // S[i, j] for the rows i = 4 (q P + p) + e of this thread: its share of the value column j
 #pragma unroll
     for (int x = 0; x < 4 * NQ; ++x) S[x] = 0.f;
 
@@ -441,75 +167,39 @@ __global__ void __launch_bounds__(N * P / NS) wkv7_fwd_tiled_kernel(
 
         auto step = [&](int tt) {
             const float vj = sh_v[buf][tt][j];
-            float saj, oj;
-            if (FUSED) {
-                float4 acc = make_float4(0.f, 0.f, 0.f, 0.f), y = make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const int qq = q * P + p;
-                    const float4 A = q4(sh_a[buf][tt], qq), RD = q4(sh_r[buf][tt], qq);
-                    acc.x = fmaf(A.x, S[4 * q + 0], acc.x);
-                    acc.y = fmaf(A.y, S[4 * q + 1], acc.y);
-                    acc.z = fmaf(A.z, S[4 * q + 2], acc.z);
-                    acc.w = fmaf(A.w, S[4 * q + 3], acc.w);
-                    y.x = fmaf(RD.x, S[4 * q + 0], y.x);
-                    y.y = fmaf(RD.y, S[4 * q + 1], y.y);
-                    y.z = fmaf(RD.z, S[4 * q + 2], y.z);
-                    y.w = fmaf(RD.w, S[4 * q + 3], y.w);
-                }
-                float sa_part = (acc.x + acc.y) + (acc.z + acc.w), o_part = (y.x + y.y) + (y.z + y.w);
-#pragma unroll
-                for (int off = 1; off < P; off <<= 1) {  // the two sums' shuffles interleaved
-                    sa_part += __shfl_xor_sync(0xffffffffu, sa_part, off);
-                    o_part += __shfl_xor_sync(0xffffffffu, o_part, off);
-                }
-                saj = sa_part;
-                const float rb = sh_rb[buf][tt][0] + sh_rb[buf][tt][1], rk = sh_rk[buf][tt][0] + sh_rk[buf][tt][1];
-                oj = fmaf(rb, saj, fmaf(rk, vj, o_part));
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const int qq = q * P + p;
-                    const float4 D = q4(sh_d[buf][tt], qq), K = q4(sh_k[buf][tt], qq), B = q4(sh_b[buf][tt], qq);
-                    S[4 * q + 0] = fmaf(D.x, S[4 * q + 0], fmaf(B.x, saj, K.x * vj));
-                    S[4 * q + 1] = fmaf(D.y, S[4 * q + 1], fmaf(B.y, saj, K.y * vj));
-                    S[4 * q + 2] = fmaf(D.z, S[4 * q + 2], fmaf(B.z, saj, K.z * vj));
-                    S[4 * q + 3] = fmaf(D.w, S[4 * q + 3], fmaf(B.w, saj, K.w * vj));
-                }
-            } else {
-                float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const float4 A = q4(sh_a[buf][tt], q * P + p);
-                    acc.x = fmaf(A.x, S[4 * q + 0], acc.x);
-                    acc.y = fmaf(A.y, S[4 * q + 1], acc.y);
-                    acc.z = fmaf(A.z, S[4 * q + 2], acc.z);
-                    acc.w = fmaf(A.w, S[4 * q + 3], acc.w);
-                }
-                saj = group_sum<P>((acc.x + acc.y) + (acc.z + acc.w));
-                float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const int qq = q * P + p;
-                    const float4 D = q4(sh_d[buf][tt], qq), K = q4(sh_k[buf][tt], qq), B = q4(sh_b[buf][tt], qq),
-                                 R = q4(sh_r[buf][tt], qq);
-                    S[4 * q + 0] = fmaf(D.x, S[4 * q + 0], fmaf(B.x, saj, K.x * vj));
-                    S[4 * q + 1] = fmaf(D.y, S[4 * q + 1], fmaf(B.y, saj, K.y * vj));
-                    S[4 * q + 2] = fmaf(D.z, S[4 * q + 2], fmaf(B.z, saj, K.z * vj));
-                    S[4 * q + 3] = fmaf(D.w, S[4 * q + 3], fmaf(B.w, saj, K.w * vj));
-                    y.x = fmaf(R.x, S[4 * q + 0], y.x);
-                    y.y = fmaf(R.y, S[4 * q + 1], y.y);
-                    y.z = fmaf(R.z, S[4 * q + 2], y.z);
-                    y.w = fmaf(R.w, S[4 * q + 3], y.w);
-                }
-                oj = group_sum<P>((y.x + y.y) + (y.z + y.w));
+            for (int q = 0; q < NQ; ++q) {
+                const float4 A = q4(sh_a[buf][tt], q * P + p);
+                acc.x = fmaf(A.x, S[4 * q + 0], acc.x);
+                acc.y = fmaf(A.y, S[4 * q + 1], acc.y);
+                acc.z = fmaf(A.z, S[4 * q + 2], acc.z);
+                acc.w = fmaf(A.w, S[4 * q + 3], acc.w);
             }
+            const float saj = group_sum<P>((acc.x + acc.y) + (acc.z + acc.w));
+            float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < NQ; ++q) {
+                const int qq = q * P + p;
+                const float4 D = q4(sh_d[buf][tt], qq), K = q4(sh_k[buf][tt], qq), B = q4(sh_b[buf][tt], qq),
+                             R = q4(sh_r[buf][tt], qq);
+                S[4 * q + 0] = fmaf(D.x, S[4 * q + 0], fmaf(B.x, saj, K.x * vj));
+                S[4 * q + 1] = fmaf(D.y, S[4 * q + 1], fmaf(B.y, saj, K.y * vj));
+                S[4 * q + 2] = fmaf(D.z, S[4 * q + 2], fmaf(B.z, saj, K.z * vj));
+                S[4 * q + 3] = fmaf(D.w, S[4 * q + 3], fmaf(B.w, saj, K.w * vj));
+                y.x = fmaf(R.x, S[4 * q + 0], y.x);
+                y.y = fmaf(R.y, S[4 * q + 1], y.y);
+                y.z = fmaf(R.z, S[4 * q + 2], y.z);
+                y.w = fmaf(R.w, S[4 * q + 3], y.w);
+            }
+            const float oj = group_sum<P>((y.x + y.y) + (y.z + y.w));
             if (p == 0) {
                 const int64_t idx = at(bb, Tn, t0 + tt, H, hh, j);
                 o_[idx] = from_f<T>(oj);
                 if (save) sa_[idx] = saj;
             }
         };
-        if (UNROLL && len == CS) {
+        if (len == CS) {
 #pragma unroll
             for (int tt = 0; tt < CS; ++tt) step(tt);
         } else {
@@ -517,7 +207,7 @@ __global__ void __launch_bounds__(N * P / NS) wkv7_fwd_tiled_kernel(
         }
 
         const bool chunk_end = (t0 + len) % C == 0 || m == M - 1;
-        if (chunk_end && (save || m == M - 1)) {  // the state after the chunk's last step, as wkv7_fwd_kernel
+        if (chunk_end && (save || m == M - 1)) {  // the state after the chunk's last step, S[k, v]: coalesced over j
             const int c = t0 / C;
             float* dst = ckpt_ + (int64_t(bh) * (save ? NC : 1) + (save ? c : 0)) * (N * N) + j;
 #pragma unroll
@@ -530,8 +220,10 @@ __global__ void __launch_bounds__(N * P / NS) wkv7_fwd_tiled_kernel(
     }
 }
 
-template <typename T, typename TW, int P, bool UNROLL>
-__global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
+// ---------------------------------------------------------------------------------------------- backward
+
+template <typename T, typename TW, int P>
+__global__ void __launch_bounds__(N * P) wkv7_bwd_kernel(
     int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
     const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, const T* __restrict__ do_,
     const float* __restrict__ sa_, const float* __restrict__ ckpt_, const float* __restrict__ dht_,
@@ -579,7 +271,10 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
         }
     };
 
-    float S[4 * NQ], G[4 * NQ], Gc[4 * NQ];  // as in wkv7_bwd_kernel
+    // this thread's share: the columns (of S and G's row i) and rows (of G's column i) 4 (q P + p) + e
+    float S[4 * NQ];   // S[i, j]: the key row i of the state
+    float G[4 * NQ];   // G[i, j]: the same row of the state's gradient
+    float Gc[4 * NQ];  // G[k, i]: the column i of the state's gradient (a second copy)
     if (dht_ != nullptr) {
         const float* src = dht_ + int64_t(bh) * (N * N);
 #pragma unroll
@@ -626,7 +321,7 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
             for (int q = 0; q < NQ; ++q) prefetch_l2(src + 4 * (q * P + p));
         }
 
-        auto step = [&](int tt) {  // the step of wkv7_bwd_kernel, on the buffer buf
+        auto step = [&](int tt) {  // step t0 + tt, from the buffer buf
             const float ri = sh_r[buf][tt][i], di = sh_d[buf][tt][i], ki = sh_k[buf][tt][i];
             const float ai = sh_a[buf][tt][i], bi = sh_b[buf][tt][i], doi = sh_do[buf][tt][i], inv_di = 1.f / di;
             float dr = 0.f, dk = 0.f, db = 0.f, dd = 0.f;
@@ -706,7 +401,7 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
             if (p == 0) da_[idx] = from_f<T>(da);
             par ^= 1;
         };
-        if (UNROLL && len == CS) {
+        if (len == CS) {
 #pragma unroll
             for (int tt = CS - 1; tt >= 0; --tt) step(tt);
         } else {
@@ -722,91 +417,43 @@ __global__ void __launch_bounds__(N * P) wkv7_bwd_tiled_kernel(
 #ifndef WKV7_HOST_EMULATION
 namespace {
 
-// variant: 0 the chunked kernels, 1 to 5 the prefetching ones (see above); -3 for another value (or variant 5 with
-// split 1: a block of 16 threads)
-template <typename T, typename TW, int P, bool UNROLL, bool FUSED, int NS>
-int launch_fwd_tiled(int B, int Tn, int H, const T* r, const TW* w, const T* k, const T* v, const T* a, const T* b,
-                     T* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
-    if constexpr (N * P / NS < 32) {
-        return -3;
-    } else {
-        wkv7_fwd_tiled_kernel<T, TW, P, UNROLL, FUSED, NS>
-            <<<B * H * NS, N * P / NS, 0, stream>>>(Tn, H, r, w, k, v, a, b, o, sa, ckpt, save);
-        return (int)cudaGetLastError();
-    }
-}
-
 template <typename T, typename TW, int P>
-int launch_fwd(int variant, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
-               const void* a, const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
-    const T *r_ = (const T*)r, *k_ = (const T*)k, *v_ = (const T*)v, *a_ = (const T*)a, *b_ = (const T*)b;
-    const TW* w_ = (const TW*)w;
-    T* o_ = (T*)o;
-    if (variant == 0) {
-        wkv7_fwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save);
-        return (int)cudaGetLastError();
-    }
-    if (variant == 1)
-        return launch_fwd_tiled<T, TW, P, false, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save,
-                                                           stream);
-    if (variant == 2)
-        return launch_fwd_tiled<T, TW, P, true, false, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save,
-                                                          stream);
-    if (variant == 3)
-        return launch_fwd_tiled<T, TW, P, true, true, 1>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save, stream);
-    if (variant == 4)
-        return launch_fwd_tiled<T, TW, P, true, true, 2>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save, stream);
-    if (variant == 5)
-        return launch_fwd_tiled<T, TW, P, true, true, 4>(B, Tn, H, r_, w_, k_, v_, a_, b_, o_, sa, ckpt, save, stream);
-    return -3;
-}
-
-template <typename T, typename TW>
-int launch_fwd_split(int variant, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
-                     const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt, int save,
-                     cudaStream_t s) {
-    if (split == 1) return launch_fwd<T, TW, 1>(variant, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
-    if (split == 2) return launch_fwd<T, TW, 2>(variant, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
-    if (split == 4) return launch_fwd<T, TW, 4>(variant, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
-    return -2;
-}
-
-template <typename T, typename TW, int P>
-int launch_bwd(int variant, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
-               const void* a, const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht,
-               void* dr, void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t stream) {
-    const T *r_ = (const T*)r, *k_ = (const T*)k, *v_ = (const T*)v, *a_ = (const T*)a, *b_ = (const T*)b;
-    const T* do_ = (const T*)dout;
-    const TW* w_ = (const TW*)w;
-    const int blocks = B * H, threads = N * P;
-    if (variant == 0)
-        wkv7_bwd_kernel<T, TW, P><<<blocks, threads, 0, stream>>>(Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht,
-                                                                   (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
-    else if (variant == 1)
-        wkv7_bwd_tiled_kernel<T, TW, P, false><<<blocks, threads, 0, stream>>>(
-            Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
-    else if (variant >= 2 && variant <= 5)  // variants 3 to 5 change only the forward
-        wkv7_bwd_tiled_kernel<T, TW, P, true><<<blocks, threads, 0, stream>>>(
-            Tn, H, r_, w_, k_, v_, a_, b_, do_, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
-    else
-        return -3;
+int launch_fwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+               const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t stream) {
+    wkv7_fwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v,
+                                                           (const T*)a, (const T*)b, (T*)o, sa, ckpt, save);
     return (int)cudaGetLastError();
 }
 
 template <typename T, typename TW>
-int launch_bwd_split(int variant, int split, int B, int Tn, int H, const void* r, const void* w, const void* k,
-                     const void* v, const void* a, const void* b, const void* dout, const float* sa,
-                     const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da, void* db,
-                     cudaStream_t s) {
+int launch_fwd_split(int split, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
+                     const void* a, const void* b, void* o, float* sa, float* ckpt, int save, cudaStream_t s) {
+    if (split == 1) return launch_fwd<T, TW, 1>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (split == 2) return launch_fwd<T, TW, 2>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    if (split == 4) return launch_fwd<T, TW, 4>(B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+    return -2;
+}
+
+template <typename T, typename TW, int P>
+int launch_bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+               const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr,
+               void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t stream) {
+    wkv7_bwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(
+        Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (const T*)dout, sa, ckpt,
+        dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
+    return (int)cudaGetLastError();
+}
+
+template <typename T, typename TW>
+int launch_bwd_split(int split, int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v,
+                     const void* a, const void* b, const void* dout, const float* sa, const float* ckpt,
+                     const float* dht, void* dr, void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t s) {
     if (split == 1)
-        return launch_bwd<T, TW, 1>(variant, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da,
-                                    db, s);
+        return launch_bwd<T, TW, 1>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db, s);
     if (split == 2)
-        return launch_bwd<T, TW, 2>(variant, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da,
-                                    db, s);
+        return launch_bwd<T, TW, 2>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db, s);
     if (split == 4)
-        return launch_bwd<T, TW, 4>(variant, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da,
-                                    db, s);
+        return launch_bwd<T, TW, 4>(B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db, s);
     return -2;
 }
 
@@ -814,39 +461,36 @@ int launch_bwd_split(int variant, int split, int B, int Tn, int H, const void* r
 
 // ---------------------------------------------------------------------------------------------- C launchers
 // dtype codes: 0 = float32, 1 = bfloat16. ``x_dtype`` for r, k, v, a, b, o (and do, dr, dk, dv, da, db);
-// ``w_dtype`` for w and dw. ``split``: threads per state row or column (1, 2 or 4). ``variant``: 0 the chunked
-// kernels, 1 to 5 the prefetching ones. Returns a cudaError_t (0 = launched), -1 for an unsupported dtype pair, -2
-// for an unsupported split, -3 for an unknown variant.
+// ``w_dtype`` for w and dw. ``split``: threads per state row or column (1, 2 or 4). Returns a cudaError_t
+// (0 = launched), -1 for an unsupported dtype pair, -2 for an unsupported split.
 
-int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r,
-                      const void* w, const void* k, const void* v, const void* a, const void* b, void* o, float* sa,
-                      float* ckpt, int save, void* stream) {
+int wkv7_cuda_forward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w,
+                      const void* k, const void* v, const void* a, const void* b, void* o, float* sa, float* ckpt,
+                      int save, void* stream) {
     cudaStream_t s = (cudaStream_t)stream;
     if (x_dtype == 1 && w_dtype == 0)
-        return launch_fwd_split<__nv_bfloat16, float>(variant, split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save,
-                                                      s);
+        return launch_fwd_split<__nv_bfloat16, float>(split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
     if (x_dtype == 1 && w_dtype == 1)
-        return launch_fwd_split<__nv_bfloat16, __nv_bfloat16>(variant, split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt,
-                                                              save, s);
+        return launch_fwd_split<__nv_bfloat16, __nv_bfloat16>(split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
     if (x_dtype == 0 && w_dtype == 0)
-        return launch_fwd_split<float, float>(variant, split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
+        return launch_fwd_split<float, float>(split, B, Tn, H, r, w, k, v, a, b, o, sa, ckpt, save, s);
     return -1;
 }
 
-int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int variant, int B, int Tn, int H, const void* r,
-                       const void* w, const void* k, const void* v, const void* a, const void* b, const void* dout,
-                       const float* sa, const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv,
-                       void* da, void* db, void* stream) {
+int wkv7_cuda_backward(int x_dtype, int w_dtype, int split, int B, int Tn, int H, const void* r, const void* w,
+                       const void* k, const void* v, const void* a, const void* b, const void* dout, const float* sa,
+                       const float* ckpt, const float* dht, void* dr, void* dw, void* dk, void* dv, void* da,
+                       void* db, void* stream) {
     cudaStream_t s = (cudaStream_t)stream;
     if (x_dtype == 1 && w_dtype == 0)
-        return launch_bwd_split<__nv_bfloat16, float>(variant, split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht,
-                                                      dr, dw, dk, dv, da, db, s);
+        return launch_bwd_split<__nv_bfloat16, float>(split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw,
+                                                      dk, dv, da, db, s);
     if (x_dtype == 1 && w_dtype == 1)
-        return launch_bwd_split<__nv_bfloat16, __nv_bfloat16>(variant, split, B, Tn, H, r, w, k, v, a, b, dout, sa,
-                                                              ckpt, dht, dr, dw, dk, dv, da, db, s);
+        return launch_bwd_split<__nv_bfloat16, __nv_bfloat16>(split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht,
+                                                              dr, dw, dk, dv, da, db, s);
     if (x_dtype == 0 && w_dtype == 0)
-        return launch_bwd_split<float, float>(variant, split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw,
-                                              dk, dv, da, db, s);
+        return launch_bwd_split<float, float>(split, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv,
+                                              da, db, s);
     return -1;
 }
 #endif  // WKV7_HOST_EMULATION
