@@ -293,7 +293,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
     t.cuda_graphs, t.chunked_ce, t.compile_denoiser = a.cuda_graphs, a.chunked_ce, a.compile_denoiser
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
-    t.wkv_keep_states = a.wkv_keep_states
+    t.wkv_keep_states, t.bf16_residual = a.wkv_keep_states, a.bf16_residual
     lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
     trainer = Trainer(cfg)
     if a.compile_regions:
@@ -344,7 +344,7 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
-    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_wkv_keep_states
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
     from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
 
@@ -353,6 +353,7 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         model = RWKV7(RWKV7Config.for_shape(*shape), wkv_backend=a.wkv_backend)
     model.train()
     set_wkv_keep_states(model, a.wkv_keep_states)
+    set_bf16_residual(model, a.bf16_residual)
     if a.compile_regions:
         compile_regions(model)
     if a.compile_blocks:
@@ -780,6 +781,12 @@ def build_parser() -> argparse.ArgumentParser:
         "backward instead of rebuilding them there (training.wkv_keep_states); default: the kernel's default",
     )
     p.add_argument(
+        "--bf16-residual",
+        action="store_true",
+        help="the RWKV-7 blocks' residual stream in bf16 under bf16 autocast (training.bf16_residual); weights and "
+        "optimizer stay fp32",
+    )
+    p.add_argument(
         "--inductor",
         action="append",
         default=[],
@@ -888,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.wkv_keep_states is not None and not 0 <= a.wkv_keep_states <= 1:
         print(f"--wkv-keep-states {a.wkv_keep_states}: expected a share in [0, 1]")
         return 2
+    if a.bf16_residual and a.dtype != "bf16":
+        print(f"--bf16-residual needs --dtype bf16 (the stream in autocast's dtype); got {a.dtype}")
+        return 2
     if a.memory_budget is not None and not a.compile_blocks:
         print("--memory-budget acts on compiled blocks: add --compile-blocks")
         return 2
@@ -919,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_config": triton_config,
         "memory_budget": a.memory_budget,
         "wkv_keep_states": a.wkv_keep_states,
+        "bf16_residual": a.bf16_residual,
         "ce_chunk": a.ce_chunk,
         "inductor": inductor_options,
         **{

@@ -55,7 +55,7 @@ from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
-from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_wkv_keep_states
+from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
 from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, RWKVDenoiser, compile_denoiser_regions
 from rwkv_diffusion_rnn.objectives import DiffusionObjective
@@ -153,6 +153,7 @@ class Trainer:
         if t.activation_checkpointing:
             self._checkpoint_blocks()
         set_wkv_keep_states(self.model, t.wkv_keep_states)
+        set_bf16_residual(self.model, t.bf16_residual)
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model, t.memory_budget)  # 1 included: never inherit an earlier model's budget
         if t.compile_denoiser:

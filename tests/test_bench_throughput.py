@@ -107,6 +107,13 @@ def test_wkv_keep_states_refuses_out_of_range(capsys):
         assert capsys.readouterr().out.strip() == f"--wkv-keep-states {float(bad)}: expected a share in [0, 1]"
 
 
+def test_bf16_residual_needs_bf16_autocast(capsys):
+    assert throughput.main(["--device", "cpu", "--rows", "none", "--bf16-residual", "--dtype", "fp16"]) == 2
+    assert capsys.readouterr().out.strip() == (
+        "--bf16-residual needs --dtype bf16 (the stream in autocast's dtype); got fp16"
+    )
+
+
 def test_inductor_options_are_set_and_bad_ones_are_one_line(capsys):
     import torch._inductor.config as config
 

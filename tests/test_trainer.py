@@ -383,6 +383,21 @@ def test_wkv_keep_states_reaches_the_denoisers_layers(setup, tmp_path):
         validate(make_cfg(setup, tmp_path / "c", training__wkv_keep_states=2))
 
 
+def test_bf16_residual_reaches_the_denoisers_blocks(setup, tmp_path):
+    """training.bf16_residual sets every backbone block's stream to bf16; with another autocast dtype it is refused by
+    name."""
+    from rwkv_diffusion_rnn.config import validate
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+
+    blocks = Trainer(
+        make_cfg(setup, tmp_path / "a", training__bf16_residual=True, training__dtype="bf16")
+    ).model.backbone.blocks
+    assert len(blocks) >= 2 and all(b.bf16_residual for b in blocks)
+    assert not any(b.bf16_residual for b in Trainer(make_cfg(setup, tmp_path / "b")).model.backbone.blocks)
+    with pytest.raises(DiffRwkvError, match=r"training.bf16_residual needs training.dtype bf16 .*; got dtype fp16"):
+        validate(make_cfg(setup, tmp_path / "c", training__bf16_residual=True, training__dtype="fp16"))
+
+
 def test_compile_denoiser_trains_like_eager(setup, tmp_path):
     """training.compile_denoiser: the denoiser's regions around the blocks are compiled (training forward only) and
     training follows eager's losses; with training.compile it is refused by name."""

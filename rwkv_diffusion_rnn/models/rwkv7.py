@@ -263,6 +263,24 @@ def set_wkv_keep_states(model: nn.Module, fraction: float | None) -> int:
     return 0 if fraction is None else n
 
 
+def set_bf16_residual(model: nn.Module, on: bool) -> int:
+    """Run the residual stream of every RWKV-7 block inside ``model`` in bf16 where bf16 autocast is on, as
+    BlinkDL's trainer runs it (his module weights are bf16): each block's input, its LayerNorm outputs and the sums
+    it adds to the stream are bf16, and so are their gradients. The weights, their gradients and the optimizer stay
+    fp32, and so does every norm's and the decay's arithmetic inside its kernel; only what is written to memory
+    between operations is rounded. Off (the default), the stream keeps the weights' dtype (fp32) and autocast rounds
+    only the matmuls' inputs. Without autocast, or under fp16 autocast, it changes nothing. Why: the blocks' elementwise
+    work is memory-bound and most of its bytes are the stream's activations and their gradients (Inductor's count for
+    a compiled 0.4B-width block, CPU: 13.6 % fewer bytes a token; docs/RESULTS.md, 2026-12-06). Returns the number
+    of blocks set."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.bf16_residual = bool(on)
+            n += 1
+    return n
+
+
 class ChannelMix(nn.Module):
     """RWKV-7 channel mixing (squared-ReLU FFN with token shift)."""
 
@@ -288,6 +306,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
+        # the residual stream in bf16 under bf16 autocast (set_bf16_residual); off: it stays in the weights' dtype
+        self.bf16_residual = False
 
     def forward(self, x, att_x, wkv, ffn_x, v_first, pad, lengths, backend, rev=None):
         """One layer. ``v_first`` is a (forward, reversed) pair; ``rev`` (optional) reverses each row's real tokens,
@@ -297,7 +317,9 @@ class Block(nn.Module):
 
         Returns ``x``, the layer's new (att_x, wkv, ffn_x) and the ``v_first`` pair.
         """
-        h = self.ln1(x)
+        if self.bf16_residual and matmul_dtype(x) == torch.bfloat16:
+            x = x.to(torch.bfloat16)  # a no-op after the first block
+        h = self.ln1(x).to(x.dtype)  # autocast computes the norms in fp32; the result joins the stream's dtype
         dx, new_wkv, v_fwd = self.att(h, att_x, wkv, v_first[0], pad, backend)
         v_bwd = None
         if rev is not None:
@@ -305,9 +327,9 @@ class Block(nn.Module):
             dx_rev, _, v_bwd = self.att(h_rev, torch.zeros_like(att_x), None, v_first[1], pad, backend)
             dx = 0.5 * (dx + _reverse_time(dx_rev, rev))
         new_att_x = _last_valid(h, att_x, lengths)
-        x = x + dx
-        h = self.ln2(x)
-        x = x + self.ffn(h, ffn_x)
+        x = x + dx.to(x.dtype)
+        h = self.ln2(x).to(x.dtype)
+        x = x + self.ffn(h, ffn_x).to(x.dtype)
         return x, (new_att_x, new_wkv, _last_valid(h, ffn_x, lengths)), (v_fwd, v_bwd)
 
 

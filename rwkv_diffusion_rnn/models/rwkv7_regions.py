@@ -25,7 +25,7 @@ DECAY_SCALE = math.exp(-0.5)
 
 def _token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """``[B, T, C]`` -> the previous token's vector at every position (``prev`` ``[B, C]`` before position 0)."""
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
+    return torch.cat([prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
 
 
 def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):

@@ -173,3 +173,78 @@ def test_random_checkpoint_is_a_function_of_its_seed():
     a, b, c = make(cfg, seed=3).state_dict(), make(cfg, seed=3).state_dict(), make(cfg, seed=4).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["blocks.1.att.receptance.weight"], c["blocks.1.att.receptance.weight"])
+
+
+def _bf16_residual_run(model, ids, targets, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    dtypes = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: dtypes.append(out[0].dtype)) for b in model.blocks]
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        logits = model(ids).float()
+    for h in hooks:
+        h.remove()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, dtypes
+
+
+def test_bf16_residual_rounds_only_the_stream_under_bf16_autocast():
+    """set_bf16_residual: under bf16 autocast every block hands a bf16 stream on (off: fp32), the logits and every
+    gradient stay close to the fp32 stream's, and the weights' gradients stay fp32; without autocast it changes
+    nothing at all."""
+    from rwkv_diffusion_rnn.models.rwkv7 import set_bf16_residual
+
+    model = random_rwkv7(3, 128, vocab_size=200, seed=21).train()
+    g = torch.Generator().manual_seed(21)
+    ids, targets = torch.randint(0, 200, (2, 24), generator=g), torch.randint(0, 200, (2, 24), generator=g)
+    plain = {}
+    for on in (False, True):
+        set_bf16_residual(model, on)
+        plain[on] = _bf16_residual_run(model, ids, targets, autocast=False)
+    assert torch.equal(plain[False][0], plain[True][0])  # no autocast: bit-identical
+    assert all(torch.equal(plain[False][1][n], plain[True][1][n]) for n in plain[False][1])
+    set_bf16_residual(model, False)
+    logits32, grads32, dtypes32 = _bf16_residual_run(model, ids, targets, autocast=True)
+    assert set_bf16_residual(model, True) == 3
+    logits16, grads16, dtypes16 = _bf16_residual_run(model, ids, targets, autocast=True)
+    assert dtypes32 == [torch.float32] * 3 and dtypes16 == [torch.bfloat16] * 3
+    assert logits32.abs().max() > 1.0
+    assert _rel(logits16, logits32) < 2e-2
+    assert all(g.dtype == torch.float32 for g in grads16.values())
+    worst = max(grads32, key=lambda n: _rel(grads16[n], grads32[n]))
+    print(f"logits {_rel(logits16, logits32):.2e}, worst gradient {worst} {_rel(grads16[worst], grads32[worst]):.2e}")
+    assert _rel(grads16[worst], grads32[worst]) < 0.1, worst  # bf16 rounding of the stream's gradients
+    assert not all(torch.equal(grads16[n], grads32[n]) for n in grads32)  # the setting did act
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_bf16_residual_trains_like_the_fp32_stream():
+    """Forty AdamW steps of a small model on a fixed batch (bf16 autocast, fp32 weights): the loss curve with the
+    bf16 stream follows the fp32 stream's (BlinkDL trains in bf16 throughout)."""
+    from rwkv_diffusion_rnn.models.rwkv7 import set_bf16_residual
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 120, (4, 33), generator=g)
+    curves = {}
+    for on in (False, True):
+        torch.manual_seed(5)
+        model = random_rwkv7(2, 64, vocab_size=120, seed=5).train()
+        set_bf16_residual(model, on)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(40):
+            with torch.autocast("cpu", torch.bfloat16):
+                logits = model(ids[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[on] = losses
+    first, last32, last16 = curves[False][0], curves[False][-1], curves[True][-1]
+    print(f"loss {first:.3f} -> fp32 stream {curves[False][::8]}, bf16 stream {curves[True][::8]}")
+    assert last32 < 0.5 * first  # the batch is being learned
+    assert abs(last16 - last32) < 0.05 * first, (curves[False][::8], curves[True][::8])
+    assert curves[True] != curves[False]  # the setting did act
