@@ -225,3 +225,25 @@ def test_kernel_categories_of_names_seen_in_profiles():
         "Memset (Device)": "other",
     }
     assert {name: kernel_category(name) for name in seen} == seen
+
+
+@pytest.mark.slow  # four compiled steps of a small model on 2 cores: ~40 s
+def test_block_bytes_counts_fewer_bytes_with_the_bf16_stream(capsys):
+    """bench/block_bytes.py takes Inductor's byte count of the compiled blocks; the bf16 stream moves fewer bytes a
+    token than the fp32 one (the reason for training.bf16_residual)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("block_bytes", REPO / "bench" / "block_bytes.py")
+    block_bytes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(block_bytes)
+    per_block = {}
+    try:
+        for flags in ((), ("--bf16-residual",)):
+            assert block_bytes.main(["--width", "128", "--layers", "2", *flags]) == 0
+            last = capsys.readouterr().out.strip().splitlines()[-1]
+            per_block[flags] = float(last.split(": ")[1].split(" KB")[0])
+    finally:
+        sys.modules.pop("block_bytes", None)
+    assert 0 < per_block[("--bf16-residual",)] < 0.95 * per_block[()], per_block
+    assert block_bytes.main(["--width", "100"]) == 2
+    assert capsys.readouterr().out.strip() == "--width 100: expected a positive multiple of the head size 64"
