@@ -8,7 +8,8 @@ compiled graph. The difference of the two lengths gives the bytes a token; what 
 (weights' casts, per-channel gradients) is reported apart. Matmuls and the WKV operator are extern kernels and are
 left out. The WKV kernel itself is a stub that writes zeros (the CPU cannot run it; Inductor sees only its
 operands). CPU and GPU fuse differently, so the figures rank settings against each other; they do not predict a
-GPU's milliseconds.
+GPU's milliseconds. The memory budget did not move the CPU count (0.5, 0.7 and 1.0 gave the same bytes, 2026-12-06),
+though on a GPU it decides what the backward recomputes: what it costs is for a GPU to say.
 
     python bench/block_bytes.py                                  # 0.4B width (1024), the default settings
     python bench/block_bytes.py --bf16-residual --in-graph       # the stream in bf16, the WKV operator traced in
