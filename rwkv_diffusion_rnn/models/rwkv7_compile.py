@@ -4,6 +4,7 @@ elementwise regions (:func:`compile_regions`), and the Inductor setting both nee
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from functools import cache
 
@@ -20,9 +21,14 @@ def inductor_guard() -> None:
     2.10 it mishandles the gradient of a per-channel parameter applied after a normalisation: on an H200 with torch
     2.11 our compiled blocks failed in backward ("got [768] but expected shape compatible with [1, 1, 768]" for a
     ``[1, 1, C]`` mix vector), the shape of pytorch/pytorch#178080, and #193061 reports silently wrong gradients from
-    the same pass. A process-wide Inductor setting; a no-op where the option does not exist."""
+    the same pass. A process-wide Inductor setting; a no-op where the option does not exist.
+    ``DIFFRWKV_MIX_ORDER_REDUCTION=1`` leaves Inductor's own setting in place, to check on a GPU whether the torch
+    in use still fails (the pass fuses the per-channel gradient sums with the row-wise work, which a block's
+    backward has many of)."""
     import torch._inductor.config as inductor_config
 
+    if os.environ.get("DIFFRWKV_MIX_ORDER_REDUCTION", "0") == "1":
+        return
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
 

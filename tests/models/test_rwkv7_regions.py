@@ -140,6 +140,11 @@ def test_compiling_switches_off_inductors_mix_order_reduction():
             inductor_config.triton.mix_order_reduction = True
             switch(random_rwkv7(1, 64, vocab_size=256, seed=110))
             assert inductor_config.triton.mix_order_reduction is False
+        with pytest.MonkeyPatch.context() as mp:  # the measuring switch leaves Inductor's setting alone
+            mp.setenv("DIFFRWKV_MIX_ORDER_REDUCTION", "1")
+            inductor_config.triton.mix_order_reduction = True
+            compile_blocks(random_rwkv7(1, 64, vocab_size=256, seed=110))
+            assert inductor_config.triton.mix_order_reduction is True
     finally:
         inductor_config.triton.mix_order_reduction = before
 
