@@ -10,7 +10,7 @@
 # Stages, in order (STAGES to pick or reorder; each under `timeout`, within LIMIT seconds in all, RESERVE kept for
 # saving the caches); every result lands in $OUT:
 #   host      the host line (kernel, CPU, GPU/driver, versions, eager launch latency): host/results.json, host.txt
-#   blinkdl   his step at 0.1B then 0.4B (T 512, batch 16): blinkdl_0.1b.json, blinkdl_0.4b.json; retried with
+#   blinkdl   his step at 0.1B then 0.4B (BL_SHAPES, T 512, batch 16): blinkdl_0.1b.json, blinkdl_0.4b.json; retried with
 #             RWKV_JIT_ON=0 (--jit 0) where the JIT build fails
 #   cuda      ours, rwkv7-lm and denoiser-causal-full, the fast path, --wkv-backend cuda, 0.1B and 0.4B: tp_cuda/
 #   default   the same with --wkv-backend $DEFAULT_BACKEND (auto: cuda where it builds): tp_default/
@@ -96,7 +96,7 @@ for stage in ${STAGES//,/ }; do
       ;;
     blinkdl)
       jit=1
-      for shape in 0.1b 0.4b; do
+      for shape in ${BL_SHAPES:-0.1b 0.4b}; do
         run "blinkdl_$shape" 200 "$PY" bench/blinkdl_step.py --src bench/_external/blinkdl-src --shape "$shape" \
           --jit $jit --out "$OUT/blinkdl_$shape.json"
         if [ ! -f "$OUT/blinkdl_$shape.json" ] && [ $jit = 1 ]; then
