@@ -74,9 +74,9 @@ def _collect(records: list):
     GraphLowering.count_bytes = count_bytes
 
 
-def _step(width: int, layers: int, length: int, a) -> None:
+def _step(length: int, a) -> None:
     torch._dynamo.reset()
-    model = random_rwkv7(RWKV7Config.for_shape(layers, width, vocab_size=64), seed=0, wkv_backend="cuda").train()
+    model = random_rwkv7(RWKV7Config.for_shape(a.layers, a.width, vocab_size=64), seed=0, wkv_backend="cuda").train()
     set_bf16_residual(model, a.bf16_residual)
     compile_blocks(model, memory_budget=a.memory_budget)
     ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0))
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for length in (32, 64):
             records.clear()
-            _step(a.width, a.layers, length, a)
+            _step(length, a)
             runs.append(dict(records))
     finally:
         (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache, wc.extension, wc.IN_GRAPH,
@@ -163,15 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {graph} | {len(g)} | {kb:.1f} | {mb:.1f} |")
     # a block after the first runs, of each frame (forward and backward), its newest compilation: frames the first
     # block compiles differently (layer_id 0) were compiled again for it, the others are shared
-    later: dict[tuple[str, bool], str] = {}
+    later: dict[tuple[str, bool], tuple[int, str]] = {}  # (frame, backward) -> (compilation, graph)
     for graph in short:
         cid, _, kind = graph.partition(" ")
         frame, _, n = cid.partition("/")
-        key = (frame, bool(kind))
-        if key not in later or int(n.split("_")[0]) >= int(later[key].split(" ")[0].partition("/")[2].split("_")[0]):
-            later[key] = graph
-    per_block = sum(r["bytes_per_token"] for r in fused if r["graph"] in later.values())
-    print(f"a block after the first: {per_block / 1e3:.1f} KB a token ({', '.join(sorted(later.values()))})")
+        key, entry = (frame, bool(kind)), (int(n.split("_")[0]), graph)
+        later[key] = max(later.get(key, entry), entry)
+    chosen = {graph for _, graph in later.values()}
+    per_block = sum(r["bytes_per_token"] for r in fused if r["graph"] in chosen)
+    print(f"a block after the first: {per_block / 1e3:.1f} KB a token ({', '.join(sorted(chosen))})")
     if a.top:
         for r in sorted(fused, key=lambda r: -r["bytes_per_token"])[: a.top]:
             print(f"{r['graph']:>14} {r['bytes_per_token'] / 1e3:7.2f} KB  {','.join(r['ops'])[:140]}")

@@ -327,9 +327,9 @@ class Block(nn.Module):
             dx_rev, _, v_bwd = self.att(h_rev, torch.zeros_like(att_x), None, v_first[1], pad, backend)
             dx = 0.5 * (dx + _reverse_time(dx_rev, rev))
         new_att_x = _last_valid(h, att_x, lengths)
-        x = x + dx.to(x.dtype)
+        x = x + dx  # the projections' outputs are in autocast's dtype: a bf16 stream stays bf16, an fp32 one promotes
         h = self.ln2(x).to(x.dtype)
-        x = x + self.ffn(h, ffn_x).to(x.dtype)
+        x = x + self.ffn(h, ffn_x)
         return x, (new_att_x, new_wkv, _last_valid(h, ffn_x, lengths)), (v_fwd, v_bwd)
 
 
