@@ -20,7 +20,7 @@
 #             states with a second forward instead of the forward keeping them): tp_rebuild/
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
-#   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F, residual=bf16,
+#   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F, residual=bf16|fp32,
 #             inductor:NAME=VALUE),
 #             AB_ROWS at AB_SHAPES:
 #             tp_ab_LABEL/ (an A/B of settings inside one call)
@@ -148,7 +148,8 @@ for stage in ${STAGES//,/ }; do
     ab:*)
       # ab:LABEL runs AB_ROWS (default rwkv7-lm) at AB_SHAPES (default 0.4b) with the fast path, --wkv-backend cuda
       # and the settings in AB_<LABEL>: NAME=VALUE environment assignments, budget=X (the compiled blocks' memory
-      # budget), keep=F (--wkv-keep-states F), residual=bf16 (--bf16-residual), inductor:NAME=VALUE (--inductor
+      # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
+      # default is bf16), inductor:NAME=VALUE (--inductor
       # NAME=VALUE, an Inductor option);
       # up to AB_CAP seconds (150)
       label=${stage#ab:}
@@ -159,6 +160,7 @@ for stage in ${STAGES//,/ }; do
           budget=*) budget=${item#budget=} ;;
           keep=*) keep=(--wkv-keep-states "${item#keep=}") ;;
           residual=bf16) ind+=(--bf16-residual) ;;
+          residual=fp32) ind+=(--no-bf16-residual) ;;
           inductor:*) ind+=(--inductor "${item#inductor:}") ;;
           *=*) envs+=("$item") ;;
         esac

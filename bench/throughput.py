@@ -782,9 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--bf16-residual",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="the RWKV-7 blocks' residual stream in bf16 under bf16 autocast (training.bf16_residual); weights and "
-        "optimizer stay fp32",
+        "optimizer stay fp32. Default: on with --dtype bf16, as the trainer's default",
     )
     p.add_argument(
         "--inductor",
@@ -895,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.wkv_keep_states is not None and not 0 <= a.wkv_keep_states <= 1:
         print(f"--wkv-keep-states {a.wkv_keep_states}: expected a share in [0, 1]")
         return 2
-    if a.bf16_residual and a.dtype != "bf16":
+    if a.bf16_residual is None:
+        a.bf16_residual = a.dtype == "bf16"
+    elif a.bf16_residual and a.dtype != "bf16":
         print(f"--bf16-residual needs --dtype bf16 (the stream in autocast's dtype); got {a.dtype}")
         return 2
     if a.memory_budget is not None and not a.compile_blocks:

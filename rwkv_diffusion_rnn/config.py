@@ -138,8 +138,8 @@ class TrainingConfig:
     wkv_keep_states: float | None = None
     # the blocks' residual stream (their input, norm outputs and the sums added to it, and the gradients of these)
     # in bf16 under dtype bf16, as BlinkDL's trainer runs it; weights, gradients and optimizer stay fp32
-    # (models/rwkv7.py set_bf16_residual)
-    bf16_residual: bool = False
+    # (models/rwkv7.py set_bf16_residual). null: on with dtype bf16, off with the others
+    bf16_residual: bool | None = None
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)
     # torch.compile the denoiser's own work around the blocks in its training forward: embeddings + layout, the
@@ -236,7 +236,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < t.memory_budget <= 1, f"training.memory_budget must be in (0, 1]; got {t.memory_budget}"),
         (t.wkv_keep_states is None or 0 <= t.wkv_keep_states <= 1,
          f"training.wkv_keep_states must be null or in [0, 1]; got {t.wkv_keep_states}"),
-        (not t.bf16_residual or t.dtype == "bf16",
+        (t.bf16_residual is not True or t.dtype == "bf16",
          f"training.bf16_residual needs training.dtype bf16 (the stream in autocast's dtype); got dtype {t.dtype}"),
         (t.memory_budget == 1 or t.compile_blocks,
          "training.memory_budget < 1 acts on compiled blocks: set training.compile_blocks=true"),

@@ -153,7 +153,8 @@ class Trainer:
         if t.activation_checkpointing:
             self._checkpoint_blocks()
         set_wkv_keep_states(self.model, t.wkv_keep_states)
-        set_bf16_residual(self.model, t.bf16_residual)
+        # null: the stream follows the autocast dtype (bf16 with bf16, the weights' dtype with the others)
+        set_bf16_residual(self.model, t.dtype == "bf16" if t.bf16_residual is None else t.bf16_residual)
         if t.compile_blocks:  # after activation checkpointing, before fully_shard (the torchtitan order)
             compile_blocks(self.model, t.memory_budget)  # 1 included: never inherit an earlier model's budget
         if t.compile_denoiser:

@@ -384,16 +384,20 @@ def test_wkv_keep_states_reaches_the_denoisers_layers(setup, tmp_path):
 
 
 def test_bf16_residual_reaches_the_denoisers_blocks(setup, tmp_path):
-    """training.bf16_residual sets every backbone block's stream to bf16; with another autocast dtype it is refused by
-    name."""
+    """training.bf16_residual sets every backbone block's stream to bf16; left null it follows training.dtype (on
+    with bf16 only); set true with another autocast dtype it is refused by name."""
     from rwkv_diffusion_rnn.config import validate
     from rwkv_diffusion_rnn.errors import DiffRwkvError
 
-    blocks = Trainer(
-        make_cfg(setup, tmp_path / "a", training__bf16_residual=True, training__dtype="bf16")
-    ).model.backbone.blocks
-    assert len(blocks) >= 2 and all(b.bf16_residual for b in blocks)
-    assert not any(b.bf16_residual for b in Trainer(make_cfg(setup, tmp_path / "b")).model.backbone.blocks)
+    def streams(name, **over):
+        blocks = Trainer(make_cfg(setup, tmp_path / name, **over)).model.backbone.blocks
+        assert len(blocks) >= 2
+        return {b.bf16_residual for b in blocks}
+
+    assert streams("a", training__bf16_residual=True, training__dtype="bf16") == {True}
+    assert streams("auto", training__dtype="bf16") == {True}
+    assert streams("off", training__bf16_residual=False, training__dtype="bf16") == {False}
+    assert streams("fp32", training__dtype="fp32") == {False}
     with pytest.raises(DiffRwkvError, match=r"training.bf16_residual needs training.dtype bf16 .*; got dtype fp16"):
         validate(make_cfg(setup, tmp_path / "c", training__bf16_residual=True, training__dtype="fp16"))
 
