@@ -9,9 +9,10 @@ random model on one batch (WKV backend ``cuda``, the training shape B 4 T 512):
 - fp32 weights, no autocast: compiled against eager, bound 1e-4 relative (the same operations fused; only the order of
   the per-channel sums differs);
 - fp32 weights under bf16 autocast, with and without ``set_bf16_residual``: compiled against the eager fp32 run (the
-  ground truth), bound 1.5x the eager bf16 run's own error against it (or 2e-2, whichever is larger). bf16 rounding
-  alone moves a small tensor's gradient by a few percent; a wrong gradient (Inductor's mix-order reduction has been
-  reported to produce them) moves it by far more.
+  ground truth), bound 2x the eager bf16 run's own error against it (or 5e-2, whichever is larger). bf16 rounding
+  alone moves a small tensor's gradient by a few percent, and the compiled kernels round in other places than eager
+  (they keep bf16 intermediates in fp32); a wrong gradient (Inductor's mix-order reduction has been reported to
+  produce them: unwritten or stale memory) moves it by far more.
 
 Prints one line a check and the worst parameter; exits non-zero if a bound is missed or a run raised.
 """
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 (lg, gr), (lg0, gr0) = ref[i], truth[i]
                 own = {"logits": rel(lg, lg0)} | {n: rel(gr[n], gr0[n]) for n in gr0}
                 compare(f"bf16 autocast, {tag}: compiled vs fp32 eager, batch {i}", run(model, ids, autocast=True),
-                        truth[i], lambda k, own=own: max(2e-2, 1.5 * own[k]))  # fmt: skip
+                        truth[i], lambda k, own=own: max(5e-2, 2 * own[k]))  # fmt: skip
             torch._dynamo.reset()
     except Exception:  # noqa: BLE001 - a raised run is a failed check, reported with the others
         traceback.print_exc()
