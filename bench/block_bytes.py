@@ -1,4 +1,4 @@
-"""Bytes a token that the compiled RWKV-7 blocks' fused kernels move, by graph and by kernel, on the CPU.
+"""Bytes a token that the compiled RWKV-7 blocks' fused kernels move, by graph and by kernel, on the CPU (or a GPU).
 
 The blocks' elementwise work is memory-bound on a GPU, so the bytes Inductor's kernels read and write are a proxy
 for their time that can be had without a GPU. This script compiles a small model of the width asked for
@@ -8,7 +8,8 @@ compiled graph. The difference of the two lengths gives the bytes a token; what 
 (weights' casts, per-channel gradients) is reported apart. Matmuls and the WKV operator are extern kernels and are
 left out. The WKV kernel itself is a stub that writes zeros (the CPU cannot run it; Inductor sees only its
 operands). CPU and GPU fuse differently, so the figures rank settings against each other; they do not predict a
-GPU's milliseconds. The memory budget did not move the CPU count (0.5, 0.7 and 1.0 gave the same bytes, 2026-12-06),
+GPU's milliseconds; ``--device cuda`` counts Triton's own fusion (with the real kernel) where a GPU is at hand.
+The memory budget did not move the CPU count (0.5, 0.7 and 1.0 gave the same bytes, 2026-12-06),
 though on a GPU it decides what the backward recomputes: what it costs is for a GPU to say.
 
     python bench/block_bytes.py                                  # 0.4B width (1024), the default settings
@@ -76,11 +77,12 @@ def _collect(records: list):
 
 def _step(length: int, a) -> None:
     torch._dynamo.reset()
-    model = random_rwkv7(RWKV7Config.for_shape(a.layers, a.width, vocab_size=64), seed=0, wkv_backend="cuda").train()
+    model = random_rwkv7(RWKV7Config.for_shape(a.layers, a.width, vocab_size=64), seed=0, wkv_backend="cuda")
+    model = model.to(a.device).train()
     set_bf16_residual(model, a.bf16_residual)
     compile_blocks(model, memory_budget=a.memory_budget)
-    ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+    ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0)).to(a.device)
+    with torch.autocast(a.device, dtype=torch.bfloat16, cache_enabled=False):
         out = model(ids)
     out.float().logsumexp(-1).mean().backward()
 
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-graph", action="store_true", help="the WKV operator traced into the block (IN_GRAPH)")
     p.add_argument("--top", type=int, default=0, help="also list the N fused kernels moving the most a token")
     p.add_argument("--out", help="write every kernel's row as JSON here")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu (WKV kernel stubbed) or cuda (Triton's fusion)"
+    )
     a = p.parse_args(argv)
     if a.width % 64 or a.width <= 0:
         print(f"--width {a.width}: expected a positive multiple of the head size 64")
@@ -121,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         torch._logging.set_logs(inductor_metrics=True)  # what makes Inductor count
         for handler, _ in handlers:  # counted, not printed
             handler.setLevel(logging.WARNING)
-        wc.extension = lambda: _ZeroKernels
         wc.IN_GRAPH = a.in_graph
-        # behind the graph break the same operator, without the wrapper's CUDA-only checks
-        wkv7_mod.BACKENDS["cuda"] = lambda r, w, k, v, a_, b, state=None, keep_states=None: wc.wkv7_cuda_in_graph(
-            r, w, k, v, a_, b, keep_states
-        )
+        if a.device == "cpu":
+            wc.extension = lambda: _ZeroKernels
+            # behind the graph break the same operator, without the wrapper's CUDA-only checks
+            wkv7_mod.BACKENDS["cuda"] = lambda r, w, k, v, a_, b, state=None, keep_states=None: wc.wkv7_cuda_in_graph(
+                r, w, k, v, a_, b, keep_states
+            )
         records: list = []
         _collect(records)
         runs = []
