@@ -13,7 +13,7 @@ The memory budget did not move the CPU count (0.5, 0.7 and 1.0 gave the same byt
 though on a GPU it decides what the backward recomputes: what it costs is for a GPU to say.
 
     python bench/block_bytes.py                                  # 0.4B width (1024), the default settings
-    python bench/block_bytes.py --bf16-residual --in-graph       # the stream in bf16, the WKV operator traced in
+    python bench/block_bytes.py --no-bf16-residual --no-in-graph # an fp32 stream, the WKV operator behind a break
     python bench/block_bytes.py --width 768 --top 30             # 0.1B width; the 30 largest kernels
 """
 
@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1024, help="model width (768: 0.1B, 1024: 0.4B); default 1024")
     p.add_argument("--layers", type=int, default=3, help="blocks (the first differs from the rest); default 3")
     p.add_argument("--memory-budget", type=float, default=0.5, help="compile_blocks' budget; default 0.5")
-    p.add_argument("--bf16-residual", action="store_true", help="set_bf16_residual (training.bf16_residual)")
-    p.add_argument("--in-graph", action="store_true", help="the WKV operator traced into the block (IN_GRAPH)")
+    p.add_argument("--bf16-residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="the residual stream in bf16 (training.bf16_residual; the default under bf16)")  # fmt: skip
+    p.add_argument("--in-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="the WKV operator traced into the block (IN_GRAPH; the default)")  # fmt: skip
     p.add_argument("--top", type=int, default=0, help="also list the N fused kernels moving the most a token")
     p.add_argument("--out", help="write every kernel's row as JSON here")
     p.add_argument(

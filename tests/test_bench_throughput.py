@@ -238,12 +238,13 @@ def test_block_bytes_counts_fewer_bytes_with_the_bf16_stream(capsys):
     spec.loader.exec_module(block_bytes)
     per_block = {}
     try:
-        for flags in ((), ("--bf16-residual",)):
-            assert block_bytes.main(["--width", "128", "--layers", "2", *flags]) == 0
+        for flags in (("--no-bf16-residual",), ()):
+            # behind the graph break: at this width the in-graph operator's graphs fuse differently at the two lengths
+            assert block_bytes.main(["--width", "128", "--layers", "2", "--no-in-graph", *flags]) == 0
             last = capsys.readouterr().out.strip().splitlines()[-1]
             per_block[flags] = float(last.split(": ")[1].split(" KB")[0])
     finally:
         sys.modules.pop("block_bytes", None)
-    assert 0 < per_block[("--bf16-residual",)] < 0.95 * per_block[()], per_block
+    assert 0 < per_block[()] < 0.95 * per_block[("--no-bf16-residual",)], per_block
     assert block_bytes.main(["--width", "100"]) == 2
     assert capsys.readouterr().out.strip() == "--width 100: expected a positive multiple of the head size 64"

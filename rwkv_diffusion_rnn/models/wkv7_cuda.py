@@ -239,10 +239,12 @@ def kernel_dtypes(r_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.dty
 
 #: Run the kernel inside a compiled block, traced like any operator, instead of behind a graph break: the casts
 #: before it and the sums of its operands' two gradients (each of k, v, r also feeds the bonus term) then fuse into
-#: the block's own kernels, and a block is one graph each way (on an H100, 2026-12-06: 3.7 ms less elementwise work
-#: in the 0.4B step). Opt-in (``DIFFRWKV_WKV_IN_GRAPH=1``): that run also re-ran the kernel in the backward (fixed
-#: since, see :func:`_kept_by_partitioner`; tested on the CPU with the kernels emulated, not yet timed on a GPU).
-IN_GRAPH = os.environ.get("DIFFRWKV_WKV_IN_GRAPH", "0") == "1"
+#: the block's own kernels, and a block is one graph each way. On by default; ``DIFFRWKV_WKV_IN_GRAPH=0`` puts the
+#: graph break back. On an H100 (2026-12-06): 3.7 ms less compiled elementwise work and 1.1 ms fewer eager sums in
+#: the 0.4B step (fp32 stream), and, with the bf16 stream and Inductor's mix-order reduction, 95.1 -> 93.7 ms of
+#: kernels and a peak of 17.0 -> 12.7 GiB, the forward kernel running once a layer (:func:`_kept_by_partitioner`;
+#: docs/RESULTS.md, 12:08 and 17:24 UTC).
+IN_GRAPH = os.environ.get("DIFFRWKV_WKV_IN_GRAPH", "1") == "1"
 
 
 def wkv7_cuda_in_graph(
