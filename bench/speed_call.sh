@@ -29,6 +29,10 @@
 #             eager, model and trainer level): graphs.json
 #   ce        the chunked head + cross-entropy checked, then timed per chunk size (bench/gpu_check_ce.py --time):
 #             ce.json
+#   check     (named in STAGES only) the compiled blocks' gradients against eager (bench/gpu_check_compiled.py) with
+#             the settings in CHECK_ENV (default DIFFRWKV_MIX_ORDER_REDUCTION=1): check.json, check.log
+#   bytes     (named in STAGES only) Inductor's byte count of the compiled blocks on the GPU (bench/block_bytes.py
+#             --device cuda), CHECK_ENV as above: bytes.json, bytes.log
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
 #             keeping its states (the default), then ours again rebuilding them: wkv/, wkv_recompute/
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
@@ -122,6 +126,17 @@ for stage in ${STAGES//,/ }; do
       ;;
     ce)
       run ce 90 "$PY" bench/gpu_check_ce.py --time 1024,4096,8192 --out "$OUT/ce.json"
+      ;;
+    check)
+      # the compiled blocks' gradients against eager, with the Inductor settings of CHECK_ENV (NAME=VALUE ...; default
+      # the mix-order reduction left on, the setting still opt-in)
+      run check 170 env ${CHECK_ENV:-DIFFRWKV_MIX_ORDER_REDUCTION=1} "$PY" bench/gpu_check_compiled.py \
+        --out "$OUT/check.json"
+      ;;
+    bytes)
+      # Inductor's byte count of the compiled blocks with Triton's own fusion (0.4B width; CHECK_ENV as above)
+      run bytes 90 env ${CHECK_ENV:-DIFFRWKV_MIX_ORDER_REDUCTION=1} "$PY" bench/block_bytes.py --device cuda --top 40 \
+        --out "$OUT/bytes.json"
       ;;
     wkv)
       run wkv 200 env DIFFRWKV_WKV_CUDA_RECOMPUTE=0 OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \
