@@ -112,6 +112,8 @@ def test_bf16_residual_needs_bf16_autocast(capsys):
     assert capsys.readouterr().out.strip() == (
         "--bf16-residual needs --dtype bf16 (the stream in autocast's dtype); got fp16"
     )
+    # left unset, it follows the dtype (the trainer's default) and is not refused
+    assert throughput.main(["--device", "cpu", "--rows", "none", "--dtype", "fp16"]) == 0
 
 
 def test_inductor_options_are_set_and_bad_ones_are_one_line(capsys):
