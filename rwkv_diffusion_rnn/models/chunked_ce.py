@@ -113,6 +113,11 @@ def _addmm_f32_ok(device: torch.device, dtype: torch.dtype) -> bool:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: bool, keep: bool):
+        # the weight arrives in its own dtype (the fp32 parameter) and is cast to h's here, once: its gradient, summed
+        # in fp32, then goes back to the parameter as it is, where a cast outside this function would have rounded it
+        # to h's dtype and cast it back (two [V, C] copies a step, and a bf16 rounding of the head's gradient)
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(h.dtype)
         n = h.shape[0]
         pad = -n % chunk
         hp = F.pad(h, (0, 0, 0, pad)) if pad else h
@@ -159,7 +164,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.add_(g.T @ h_c)
         return (
             grad_h[:n] if grad_h is not None else None,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_w.to(ctx.weight_dtype) if grad_w is not None else None,
             None,
             None,
             None,
@@ -179,10 +184,11 @@ def linear_cross_entropy(
 
     ``h`` ``[N, C]``, ``weight`` ``[V, C]`` (an ``nn.Linear`` weight), ``targets`` ``[N]`` in ``0 .. V-1``.
     Returns ``(loss [N] fp32, pred [N] long)``; ``pred`` carries no gradient. Under autocast the matmuls run in the
-    autocast dtype (the weight is cast once per call, as autocast would). ``fused``: each chunk's fp32 work as one
-    compiled kernel each way (default: on CUDA); ``False`` runs the eager reference. ``chunk``: rows a chunk (default
-    :data:`DEFAULT_CHUNK`, read at the call). ``keep_logits``: keep the chunks' logits for the backward instead of
-    recomputing them (default :data:`KEEP_LOGITS`)."""
+    autocast dtype (the weight is cast once per call, as autocast would, and its gradient reaches the parameter in
+    the parameter's dtype, summed in fp32, without a round trip through the autocast dtype). ``fused``: each chunk's
+    fp32 work as one compiled kernel each way (default: on CUDA); ``False`` runs the eager reference. ``chunk``: rows
+    a chunk (default :data:`DEFAULT_CHUNK`, read at the call). ``keep_logits``: keep the chunks' logits for the
+    backward instead of recomputing them (default :data:`KEEP_LOGITS`)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets "
@@ -190,10 +196,7 @@ def linear_cross_entropy(
         )
     dev = h.device.type
     if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        h, weight = h.to(dt), weight.to(dt)
-    elif weight.dtype != h.dtype:
-        weight = weight.to(h.dtype)
+        h = h.to(torch.get_autocast_dtype(dev))  # the weight is cast to h's dtype inside (_LinearCrossEntropy)
     if fused is None:
         fused = h.is_cuda
     chunk = DEFAULT_CHUNK if chunk is None else chunk

@@ -54,6 +54,18 @@ def test_under_bf16_autocast_matches_autocast_logits():
         assert float((got - want).norm() / want.norm()) < 2e-2, f"seed {seed}"
 
 
+def test_under_autocast_the_weight_gradient_is_not_rounded_to_bf16():
+    """The fp32 head's gradient reaches the parameter as summed (in fp32), not rounded to the autocast dtype and cast
+    back: summed over 4 chunks, most of its entries are not bf16 numbers."""
+    h, w, y, gl = _case(50, 32, 500, 104)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, _ = linear_cross_entropy(h, w, y, chunk=16)
+    (loss * gl).sum().backward()
+    assert w.grad.dtype == torch.float32
+    off_grid = (w.grad != w.grad.bfloat16().float()).float().mean().item()
+    assert off_grid > 0.5, off_grid
+
+
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
