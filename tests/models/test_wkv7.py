@@ -94,6 +94,7 @@ def test_time_mix_hands_the_cuda_kernel_its_operands_in_the_kernels_dtypes(monke
         return o.to(r.dtype), s
 
     monkeypatch.setitem(wkv7_mod.BACKENDS, "cuda", stand_in)
+    monkeypatch.setattr(wc, "IN_GRAPH", False)  # the call behind the graph break, where the stand-in sits
     model = random_rwkv7(2, 64, vocab_size=120, seed=7).train()
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(8))
     outs = {}
@@ -207,6 +208,7 @@ def test_wkv_keep_states_reaches_the_cuda_backend_layer_by_layer(monkeypatch):
     """set_wkv_keep_states: the first round(f * L) layers keep their WKV states, the rest rebuild them; the setting
     reaches backend ``cuda`` with every call (None: no setting passed, the kernel's default decides)."""
     from rwkv_diffusion_rnn.errors import DiffRwkvError
+    from rwkv_diffusion_rnn.models import wkv7_cuda as wc
     from rwkv_diffusion_rnn.models.rwkv7 import set_wkv_keep_states
     from tests.conftest import random_rwkv7
 
@@ -217,6 +219,7 @@ def test_wkv_keep_states_reaches_the_cuda_backend_layer_by_layer(monkeypatch):
         return wkv7_mod.wkv7_reference(r, w, k, v, a, b, state)
 
     monkeypatch.setitem(wkv7_mod.BACKENDS, "cuda", stand_in)
+    monkeypatch.setattr(wc, "IN_GRAPH", False)  # the call behind the graph break, where the stand-in sits
     model = random_rwkv7(4, 64, vocab_size=50, seed=2).train()
     model.wkv_backend = "cuda"
     ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
