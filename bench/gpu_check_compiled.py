@@ -3,8 +3,9 @@
     PYTHONPATH=$PWD python bench/gpu_check_compiled.py [--width 768] [--layers 4] [--out results.json]
 
 Inductor's settings are whatever the process has (``DIFFRWKV_MIX_ORDER_REDUCTION``, ``DIFFRWKV_WKV_IN_GRAPH``), so one
-script checks each combination a speed call times. For every parameter's gradient and the logits, three runs of one
-random model on one batch (WKV backend ``cuda``, the training shape B 4 T 512):
+script checks each combination a speed call times. For every parameter's gradient and the logits, one random model
+(WKV backend ``cuda``) on two batches of the training shape (B 4, T 512) run one after the other, so a gradient the
+compiled backward leaves unwritten (it would keep the previous batch's values) fails the second:
 
 - fp32 weights, no autocast: compiled against eager, bound 1e-4 relative (the same operations fused; only the order of
   the per-channel sums differs);
