@@ -21,7 +21,7 @@
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
 #   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F, residual=bf16|fp32,
-#             inductor:NAME=VALUE),
+#             master=1, inductor:NAME=VALUE),
 #             AB_ROWS at AB_SHAPES:
 #             tp_ab_LABEL/ (an A/B of settings inside one call)
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
@@ -31,6 +31,8 @@
 #             ce.json
 #   check     (named in STAGES only) the compiled blocks' gradients against eager (bench/gpu_check_compiled.py) with
 #             the settings in CHECK_ENV (default DIFFRWKV_MIX_ORDER_REDUCTION=1): check.json, check.log
+#   master    (named in STAGES only) the master-weight AdamW checked and timed (bench/gpu_check_master.py):
+#             master.json, master.log
 #   bytes     (named in STAGES only) Inductor's byte count of the compiled blocks on the GPU (bench/block_bytes.py
 #             --device cuda), CHECK_ENV as above: bytes.json, bytes.log
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
@@ -133,6 +135,10 @@ for stage in ${STAGES//,/ }; do
       run check 170 env ${CHECK_ENV:-DIFFRWKV_MIX_ORDER_REDUCTION=1} "$PY" bench/gpu_check_compiled.py \
         --out "$OUT/check.json"
       ;;
+    master)
+      # the master-weight AdamW's Triton update against its torch path, then timed against torch's fused AdamW
+      run master 120 "$PY" bench/gpu_check_master.py --out "$OUT/master.json"
+      ;;
     bytes)
       # Inductor's byte count of the compiled blocks with Triton's own fusion (0.4B width; CHECK_ENV as above)
       run bytes 90 env ${CHECK_ENV:-DIFFRWKV_MIX_ORDER_REDUCTION=1} "$PY" bench/block_bytes.py --device cuda --top 40 \
@@ -164,7 +170,7 @@ for stage in ${STAGES//,/ }; do
       # ab:LABEL runs AB_ROWS (default rwkv7-lm) at AB_SHAPES (default 0.4b) with the fast path, --wkv-backend cuda
       # and the settings in AB_<LABEL>: NAME=VALUE environment assignments, budget=X (the compiled blocks' memory
       # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
-      # default is bf16), inductor:NAME=VALUE (--inductor
+      # default is bf16), master=1 (--master-weights), inductor:NAME=VALUE (--inductor
       # NAME=VALUE, an Inductor option);
       # up to AB_CAP seconds (150)
       label=${stage#ab:}
@@ -176,6 +182,7 @@ for stage in ${STAGES//,/ }; do
           keep=*) keep=(--wkv-keep-states "${item#keep=}") ;;
           residual=bf16) ind+=(--bf16-residual) ;;
           residual=fp32) ind+=(--no-bf16-residual) ;;
+          master=1) ind+=(--master-weights) ;;
           inductor:*) ind+=(--inductor "${item#inductor:}") ;;
           *=*) envs+=("$item") ;;
         esac

@@ -335,7 +335,11 @@ def _lm_step(model, opt, ids, autocast, loss_fn) -> Callable[[], torch.Tensor]:
     return step
 
 
-def _adamw(model: torch.nn.Module, dev: torch.device) -> torch.optim.AdamW:
+def _adamw(model: torch.nn.Module, dev: torch.device, master_weights: bool = False) -> torch.optim.AdamW:
+    if master_weights:  # fp32 masters in the optimizer, bf16 matmul weights in the model (master_weights.py)
+        from rwkv_diffusion_rnn.optimizer import build_optimizer
+
+        return build_optimizer(model, lr=1e-4, weight_decay=0.01, master_weights=True)
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=dev.type == "cuda" or None)
 
 
@@ -373,9 +377,11 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
     grad, frozen = matrix_params(model)
-    step = _lm_step(model, _adamw(model, dev), _ids(a, shape[2], dev), autocast, loss_fn)
+    master = a.dtype == "bf16" and bool(a.master_weights)
+    step = _lm_step(model, _adamw(model, dev, master), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
-             "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce}  # fmt: skip
+             "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
+             "master_weights": master}  # fmt: skip
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
@@ -786,6 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the RWKV-7 blocks' residual stream in bf16 under bf16 autocast (training.bf16_residual); weights and "
         "optimizer stay fp32. Default: on with --dtype bf16, as the trainer's default",
+    )
+    p.add_argument(
+        "--master-weights",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="our LM row: fp32 master weights in the optimizer and bf16 matmul weights in the model, one update kernel "
+        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights); with --dtype bf16 only",
     )
     p.add_argument(
         "--inductor",

@@ -140,6 +140,10 @@ class TrainingConfig:
     # in bf16 under dtype bf16, as BlinkDL's trainer runs it; weights, gradients and optimizer stay fp32
     # (models/rwkv7.py set_bf16_residual). null: on with dtype bf16, off with the others
     bf16_residual: bool | None = None
+    # fp32 master weights in the optimizer, bf16 matmul weights in the model, one update kernel that writes both
+    # (master_weights.py): under dtype bf16 autocast has no weight to cast and the gradients stay bf16. null: on with
+    # dtype bf16 on a CUDA device in one process without model.unfreeze_after_steps; true asks for it anywhere bf16
+    master_weights: bool | None = None
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)
     # torch.compile the denoiser's own work around the blocks in its training forward: embeddings + layout, the
@@ -238,6 +242,12 @@ def validate(cfg: TrainConfig) -> None:
          f"training.wkv_keep_states must be null or in [0, 1]; got {t.wkv_keep_states}"),
         (t.bf16_residual is not True or t.dtype == "bf16",
          f"training.bf16_residual needs training.dtype bf16 (the stream in autocast's dtype); got dtype {t.dtype}"),
+        (t.master_weights is not True or t.dtype == "bf16",
+         f"training.master_weights needs training.dtype bf16 (the model's copies are bf16); got dtype {t.dtype}"),
+        (t.master_weights is not True or t.strategy != "fsdp",
+         "training.master_weights and training.strategy=fsdp: FSDP2 keeps its own bf16 copies; set one of them"),
+        (t.master_weights is not True or m.unfreeze_after_steps == 0,
+         "training.master_weights needs model.unfreeze_after_steps=0 (its buffers hold a fixed set of tensors)"),
         (t.memory_budget == 1 or t.compile_blocks,
          "training.memory_budget < 1 acts on compiled blocks: set training.compile_blocks=true"),
         (not (t.compile and t.compile_denoiser),

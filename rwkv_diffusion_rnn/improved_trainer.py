@@ -54,6 +54,7 @@ from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_sch
 from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_dcp, save_dcp
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
+from rwkv_diffusion_rnn.master_weights import MasterAdamW, master_optimizer_tensors
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
 from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
@@ -193,9 +194,11 @@ class Trainer:
             )
         self.total_steps = t.max_steps or t.num_epochs * len(self.train_set) // self.global_batch
         self.warmup_steps = min(t.warmup_steps, self.total_steps)  # a 10-step smoke run with the default warmup
-        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, tuple(t.betas))
+        self.master_weights = self._use_master_weights()
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, tuple(t.betas),
+                                         master_weights=self.master_weights)  # fmt: skip
         self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, t.min_lr_ratio)
-        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.weights(), t.ema_decay) if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "fp16")
         self.step, self.skipped = 0, 0  # skipped: a count kept on the device between reads (see the property)
         self.data = StepBatches(self.train_set, seed=t.seed, global_batch=self.global_batch,
@@ -209,6 +212,27 @@ class Trainer:
         self.metrics_log = MetricsLog(self.save_dir, cfg.logging, to_dict(cfg), enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ model wrapping / trainable set
+    def _use_master_weights(self) -> bool:
+        """training.master_weights resolved: null is on with dtype bf16 on a CUDA device in one process without a
+        later unfreeze (validate refuses an explicit true with another dtype, fsdp or a later unfreeze)."""
+        t, m = self.cfg.training, self.cfg.model
+        if t.master_weights is None:
+            return (t.dtype == "bf16" and self.device.type == "cuda" and not self.dist.enabled
+                    and m.unfreeze_after_steps == 0)  # fmt: skip
+        if t.master_weights and self.dist.enabled:
+            raise DiffRwkvError(
+                f"training.master_weights runs in one process (here {self.dist.world_size}); set it to false or null"
+            )
+        return bool(t.master_weights)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name as the optimizer updates them: the fp32 masters under
+        training.master_weights (the model then holds bf16 copies of its matmul weights), else the parameters."""
+        masters = master_optimizer_tensors(self.optimizer) if hasattr(self, "optimizer") else None
+        if masters is not None:
+            return masters
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
     def _wrap(self) -> None:
         model = self.model
         if self.cfg.training.compile:
@@ -233,8 +257,9 @@ class Trainer:
             block._diffrwkv_checkpointed = True
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by name (under fsdp: this rank's DTensor shards)."""
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        """The trainable parameters by name, fp32 (the masters under training.master_weights; under fsdp: this
+        rank's DTensor shards)."""
+        return {n: p.detach() for n, p in self.weights().items()}
 
     def full_trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Whole trainable tensors on the CPU on every rank (under fsdp a collective: call it on every rank)."""
@@ -318,7 +343,7 @@ class Trainer:
             n_masked += st["n_masked"]
         self.data.prefetch(self.step + 1)
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = [p for p in self.model.parameters() if p.requires_grad]  # where the gradients are
         # the clipping factor rides on the fused AdamW's step (its grad_scale) where no loss scaler sets one
         fold = None if self.scaler.is_enabled() else self.optimizer
         if self._steps_on_device():
@@ -331,7 +356,7 @@ class Trainer:
                 del self.optimizer.found_inf
                 self.optimizer.__dict__.pop("grad_scale", None)
             if self.ema is not None:
-                self.ema.update(self.model, apply=finite)
+                self.ema.update(self.weights(), apply=finite)
             bad = (~finite).long()
             self._skipped.add(bad)
             skipped_total = self._skipped.tensor(bad.device)  # this step's total, read later or now
@@ -344,7 +369,7 @@ class Trainer:
             if finite:
                 self.scaler.step(self.optimizer)
                 if self.ema is not None:
-                    self.ema.update(self.model)
+                    self.ema.update(self.weights())
             else:
                 self._skipped.add(1)
             self.optimizer.__dict__.pop("grad_scale", None)
@@ -435,14 +460,17 @@ class Trainer:
         if m.unfreeze_patterns and 0 < m.unfreeze_after_steps <= step:
             self.model.set_backbone_trainable(tuple(m.unfreeze_patterns), True)
             self.optimizer = build_optimizer(self.model, self.cfg.training.lr, self.cfg.training.weight_decay,
-                                             tuple(self.cfg.training.betas))  # fmt: skip
+                                             tuple(self.cfg.training.betas),
+                                             master_weights=self.master_weights)  # fmt: skip
             self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps,
                                              self.cfg.training.min_lr_ratio)  # fmt: skip
-            self.ema = EMA(self.model, self.cfg.training.ema_decay) if self.cfg.training.ema_decay > 0 else None
+            self.ema = EMA(self.weights(), self.cfg.training.ema_decay) if self.cfg.training.ema_decay > 0 else None
         verify_backbone(ck.backbone, self.backbone_ref, str(ck.path))
         want = self.trainable_tensors()
         with torch.no_grad():  # every tensor checked before any is copied: a mismatch leaves the model untouched
             copy_checked(want, ck.model_tensors, where=str(where), require=want)
+            if isinstance(self.optimizer, MasterAdamW):  # the model's bf16 copies of the masters just loaded
+                self.optimizer.sync_module()
         load_optimizer_state(self.optimizer, ck.optimizer, f"{ck.path}/optimizer.pt")
         self.scheduler.load_state_dict(ck.scheduler)
         if self.ema is not None and ck.ema is not None:
@@ -458,7 +486,11 @@ class Trainer:
         self.metrics_log.write(record)
 
     def close(self) -> None:
+        """End of training: the log closed; under training.master_weights the model gets its fp32 weights back
+        (the values of the masters) for whatever runs it next."""
         self.metrics_log.close()
+        if isinstance(self.optimizer, MasterAdamW):
+            self.optimizer.release()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

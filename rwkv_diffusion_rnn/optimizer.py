@@ -64,6 +64,7 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.99),
     eps: float = 1e-8,
     no_decay_patterns: Sequence[str] = (),
+    master_weights: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over the parameters of ``model`` with ``requires_grad=True``; frozen ones never enter it.
 
@@ -73,6 +74,9 @@ def build_optimizer(
         weight_decay: decoupled AdamW decay (Loshchilov & Hutter 2019) of the ``"decay"`` group.
         betas, eps: AdamW's moment coefficients and denominator guard.
         no_decay_patterns: ``fnmatch`` patterns of parameter names that never get decay (e.g. ``"*.mask_emb"``).
+        master_weights: keep the fp32 weights of the matmul weights in the optimizer and bf16 copies in the model
+            (:class:`~rwkv_diffusion_rnn.master_weights.MasterAdamW`; for bf16 autocast). The model changes in
+            place: its matmul weights become bf16 and every trainable tensor a view of the optimizer's buffers.
 
     Returns:
         ``torch.optim.AdamW`` with groups ``[decay, no_decay]`` (both always present), each sorted by name and
@@ -100,6 +104,12 @@ def build_optimizer(
     ]
     # The fused kernel is one launch for all tensors (CUDA), and it can skip a step decided on the device
     # (``found_inf``; the trainer's step without host waits): used wherever every parameter is on CUDA or on the CPU.
+    if master_weights:
+        from rwkv_diffusion_rnn.master_weights import MasterAdamW, matmul_weight_names
+
+        opt = MasterAdamW(groups, matmul_weight_names(model), lr=lr, betas=tuple(betas), eps=eps)
+        opt.no_decay_patterns = patterns  # type: ignore[attr-defined]
+        return opt
     kinds = {p.device.type for _, p in named}
     fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"}
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
@@ -235,9 +245,15 @@ class EMA:
     ``shadow = d * shadow + (1 - d) * param`` after each optimizer step, with ``d = decay``, or with decay warmup
     ``d = min(decay, (1 + n) / (10 + n))`` where ``n`` is the number of earlier updates (so early weights, far
     from the final ones, are forgotten fast). Frozen parameters are not tracked: they equal the model's.
+
+    Where it reads weights (construction, :meth:`add_params`, :meth:`update`), ``model`` may also be a mapping
+    name -> tensor of the trainable weights (a master-weight optimizer's fp32 masters, master_weights.py);
+    :meth:`copy_to` and :meth:`swapped` write into the module's parameters.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module | Mapping[str, torch.Tensor], decay: float = 0.999, warmup: bool = True
+    ) -> None:
         if not 0.0 <= decay < 1.0:
             raise DiffRwkvError(f"EMA: decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
@@ -249,10 +265,16 @@ class EMA:
             raise DiffRwkvError("EMA: the model has no trainable parameter to average")
 
     @torch.no_grad()
-    def add_params(self, model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    def add_params(
+        self, model: nn.Module | Mapping[str, torch.Tensor], names: Iterable[str] | None = None
+    ) -> list[str]:
         """Start averaging newly trainable parameters (default: all trainable, untracked ones) from their value now."""
-        by_name = dict(model.named_parameters())
-        wanted = [n for n, p in by_name.items() if p.requires_grad] if names is None else list(names)
+        if isinstance(model, Mapping):  # the trainable weights themselves
+            by_name = dict(model)
+            wanted = list(by_name) if names is None else list(names)
+        else:
+            by_name = dict(model.named_parameters())
+            wanted = [n for n, p in by_name.items() if p.requires_grad] if names is None else list(names)
         new = sorted(n for n in wanted if n not in self.shadow)
         for n in new:
             if n not in by_name:
@@ -260,8 +282,8 @@ class EMA:
             self.shadow[n] = by_name[n].detach().to(torch.float32, copy=True)
         return new
 
-    def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        by_name = dict(model.named_parameters())
+    def _params(self, model: nn.Module | Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        by_name = dict(model) if isinstance(model, Mapping) else dict(model.named_parameters())
         missing = [n for n in self.shadow if n not in by_name]
         if missing:
             raise DiffRwkvError(f"EMA: the model has no parameter named {missing[0]!r} (tracked by the EMA)")
@@ -283,7 +305,7 @@ class EMA:
         self._count = DeviceCount(value)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, apply: torch.Tensor | None = None) -> None:
+    def update(self, model: nn.Module | Mapping[str, torch.Tensor], apply: torch.Tensor | None = None) -> None:
         """Fold the model's current trainable weights into the average (call after each optimizer step).
 
         ``apply``: a 0-dim bool tensor on the parameters' device; where it is False nothing changes (a skipped

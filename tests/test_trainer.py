@@ -12,7 +12,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.config import TrainConfig
+from rwkv_diffusion_rnn.config import TrainConfig, validate
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.improved_trainer import Trainer
 from tests.conftest import REPO
@@ -350,6 +350,46 @@ def test_bf16_autocast_trains_with_fp32_master_weights(setup, tmp_path):
     recs = run(trainer, 3)
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in recs)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_master_weights_train_like_the_fp32_weights_and_resume_exactly(setup, tmp_path):
+    """training.master_weights: the model trains on bf16 copies of its matmul weights while the checkpoints, the EMA
+    and the resume see the fp32 masters; the losses follow the plain bf16 run's (same gradients; the update differs
+    from the fused AdamW's by rounding); a resume is bit-exact; the model is fp32 again once training ends."""
+    over = dict(training__dtype="bf16", training__max_steps=6, training__ema_decay=0.9, training__loss_type="mixed",
+                logging__save_freq=1000)  # fmt: skip
+    plain = Trainer(make_cfg(setup, tmp_path / "plain", training__master_weights=False, **over))
+    full = Trainer(make_cfg(setup, tmp_path / "full", training__master_weights=True, **over))
+    key = "backbone.blocks.0.att.key.weight"
+    assert dict(full.model.named_parameters())[key].dtype == torch.bfloat16
+    assert {t.dtype for t in full.trainable_tensors().values()} == {torch.float32}
+    ref, recs = run(plain, 6), run(full, 6)
+    assert recs[0]["loss"] == ref[0]["loss"]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]) for a, b in zip(recs, ref, strict=True))
+
+    first = Trainer(make_cfg(setup, tmp_path / "part", training__master_weights=True, **over))
+    run(first, 3)
+    ckpt = first.save()
+    second = Trainer(make_cfg(setup, tmp_path / "part", training__master_weights=True, training__resume=str(ckpt),
+                              **over))  # fmt: skip
+    assert [r["loss"] for r in run(second, 3)] == [r["loss"] for r in recs[3:]]
+    a, b = full.trainable_tensors(), second.trainable_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea, eb = full.ema.state_dict()["shadow"], second.ema.state_dict()["shadow"]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+    full.close()
+    params = dict(full.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    assert all(torch.equal(params[n], t) for n, t in a.items())
+    with pytest.raises(DiffRwkvError, match=r"training.master_weights needs training.dtype bf16 .*; got dtype fp16"):
+        validate(make_cfg(setup, tmp_path / "c", training__master_weights=True, training__dtype="fp16"))
+    with pytest.raises(DiffRwkvError, match=r"training.master_weights and training.strategy=fsdp"):
+        validate(
+            make_cfg(
+                setup, tmp_path / "c", training__master_weights=True, training__strategy="fsdp", training__dtype="bf16"
+            )
+        )
 
 
 def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):

@@ -1,0 +1,232 @@
+"""The master-weight AdamW (rwkv_diffusion_rnn/master_weights.py) on the CPU: its torch path is torch.optim.AdamW's
+update bit for bit, its state dict is the plain optimizer's, a skipped step and a missing gradient change nothing,
+and its Triton kernel (run in Triton's CPU interpreter, in a subprocess: see tests/models/test_wkv7_triton.py for
+why) agrees with the torch path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model():
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+
+    torch.manual_seed(0)
+    return RWKV7(RWKV7Config.for_shape(2, 64, 97))
+
+
+def lm_loss(model, ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def kernel_cases() -> dict:
+    """Subprocess body (TRITON_INTERPRET=1): the kernel and the torch path on the same gradients, three steps (the
+    second without a gradient for one tensor, the third skipped by found_inf), over two groups with both kinds."""
+    import numpy as np
+
+    try:  # triton 3.6's interpreter calls int() on 1-element arrays, refused by numpy >= 2.4 (triton-lang/triton#9171)
+        int(np.array([1]))
+    except TypeError:
+        import triton.runtime.interpreter as interp
+
+        original = interp._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interp._patch_lang_tensor = patched
+    from rwkv_diffusion_rnn.master_weights import BLOCK, MasterAdamW
+
+    torch.set_num_threads(1)
+    shapes = {"a.weight": (64, 33), "b": (5,), "c.weight": (BLOCK + 3,), "d": (7, 300)}
+    w0 = {n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(shapes.items())}
+    out = {}
+    for kernel in (False, True):
+        ps = {n: torch.nn.Parameter(w.clone()) for n, w in w0.items()}
+        groups = [
+            {"params": [ps["a.weight"], ps["b"]], "param_names": ["a.weight", "b"], "weight_decay": 0.1},
+            {"params": [ps["c.weight"], ps["d"]], "param_names": ["c.weight", "d"], "weight_decay": 0.0},
+        ]
+        opt = MasterAdamW(groups, ["a.weight", "c.weight"], lr=1e-2, kernel=kernel)
+        gen = torch.Generator().manual_seed(7)
+        for it in range(3):
+            for n, p in ps.items():
+                g = torch.randn(p.shape, generator=gen) * 0.1
+                p.grad = None if (it == 1 and n == "d") else g.to(p.dtype)
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(1.0 if it == 2 else 0.0)
+            opt.step()
+        out[str(kernel)] = {
+            "masters": {n: w.tolist() for n, w in opt.master_tensors().items()},
+            "moments": {n: opt.state[w]["exp_avg_sq"].tolist() for n, w in opt.master_tensors().items()},
+            "steps": {n: float(opt.state[w]["step"]) for n, w in opt.master_tensors().items()},
+            "copies": {n: p.detach().float().tolist() for n, p in ps.items()},
+            "dtypes": {n: str(p.dtype) for n, p in ps.items()},
+        }
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(kernel_cases()))
+else:
+    import pytest
+
+    from rwkv_diffusion_rnn.errors import DiffRwkvError
+    from rwkv_diffusion_rnn.master_weights import matmul_weight_names
+    from rwkv_diffusion_rnn.optimizer import EMA, build_optimizer, clip_grads_on_device, load_optimizer_state
+
+    def train(model, opt, steps: int, max_norm: float = 0.0) -> list[float]:
+        ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(3))
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses = []
+        for _ in range(steps):
+            loss = lm_loss(model, ids)
+            loss.backward()
+            if max_norm:
+                clip_grads_on_device(params, max_norm, optimizer=opt)
+            opt.step()
+            opt.__dict__.pop("grad_scale", None)
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        return losses
+
+    def test_the_matmul_weights_become_bf16_views_and_the_rest_stays_fp32():
+        model = tiny_model()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        low = set(matmul_weight_names(model))
+        assert "blocks.0.att.key.weight" in low and "blocks.1.att.w1" in low and "head.weight" in low
+        assert not {"emb.weight", "blocks.0.att.x_r", "blocks.0.att.r_k", "blocks.0.ln1.weight"} & low
+        opt = build_optimizer(model, 1e-3, 0.1, master_weights=True)
+        masters = opt.master_tensors()
+        for n, p in model.named_parameters():
+            assert p.dtype == (torch.bfloat16 if n in low else torch.float32), n
+            assert torch.equal(masters[n], before[n]), n  # the masters are the fp32 weights as they were
+            want = before[n].bfloat16().float() if n in low else before[n]  # the copies autocast would have made
+            assert torch.equal(p.float(), want), n
+        assert {g["group"] for g in opt.param_groups} == {"decay", "no_decay"}
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
+
+    def test_the_update_is_torch_adamw_bit_for_bit():
+        """Same gradients (bf16 autocast: the matmul weights' gradients are bf16 values either way), same update:
+        torch.optim.AdamW's single-tensor path over the fp32 parameters gives the same weights and losses exactly."""
+        ref_model, model = tiny_model(), tiny_model()
+        ref = build_optimizer(ref_model, 1e-2, 0.1)
+        for g in ref.param_groups:
+            g["fused"], g["foreach"] = None, False
+        opt = build_optimizer(model, 1e-2, 0.1, master_weights=True)
+        assert train(model, opt, 5) == train(ref_model, ref, 5)
+        masters = opt.master_tensors()
+        for n, p in ref_model.named_parameters():
+            assert torch.equal(masters[n], p.detach()), n
+            assert torch.equal(opt.state[masters[n]]["exp_avg_sq"], ref.state[p]["exp_avg_sq"]), n
+
+    def test_clipping_rides_on_the_step_as_with_the_fused_adamw():
+        """clip_grads_on_device folds its factor into the step (grad_scale); the result stays within rounding of
+        the plain fused AdamW's."""
+        ref_model, model = tiny_model(), tiny_model()
+        ref = build_optimizer(ref_model, 1e-2, 0.1)
+        opt = build_optimizer(model, 1e-2, 0.1, master_weights=True)
+        a, b = train(model, opt, 4, max_norm=0.05), train(ref_model, ref, 4, max_norm=0.05)
+        assert a[0] == b[0] and all(abs(x - y) < 1e-4 * abs(y) for x, y in zip(a, b, strict=True))
+
+    def test_state_dicts_resume_across_the_two_optimizers():
+        """A plain checkpoint resumes under master weights and back, continuing exactly as the run that saved it."""
+        model, twin = tiny_model(), tiny_model()
+        plain = build_optimizer(model, 1e-2, 0.1)
+        for g in plain.param_groups:
+            g["fused"], g["foreach"] = None, False
+        train(model, plain, 3)
+        twin.load_state_dict(model.state_dict())
+        master = build_optimizer(twin, 1e-2, 0.1, master_weights=True)
+        load_optimizer_state(master, plain.state_dict())
+        assert train(twin, master, 2) == train(model, plain, 2)
+        back = build_optimizer(tiny_model(), 1e-2, 0.1)
+        load_optimizer_state(back, master.state_dict())
+        plain_by_name = {n: p for g in back.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
+        for n, w in master.master_tensors().items():
+            mine, theirs = master.state[w], back.state[plain_by_name[n]]
+            assert torch.equal(mine["exp_avg"], theirs["exp_avg"]) and float(theirs["step"]) == 5.0, n
+
+    def test_a_skipped_step_and_a_missing_gradient_change_nothing():
+        model = tiny_model()
+        opt = build_optimizer(model, 1e-2, 0.1, master_weights=True)
+        train(model, opt, 1)
+        snap = copy.deepcopy(opt.state_dict())
+        masters = {n: w.clone() for n, w in opt.master_tensors().items()}
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.found_inf = torch.tensor(1.0)
+        opt.step()
+        del opt.found_inf
+        assert all(torch.equal(w, masters[n]) for n, w in opt.master_tensors().items())
+        assert all(float(s["step"]) == 1.0 for s in opt.state_dict()["state"].values())
+        opt.zero_grad()
+        model.emb.weight.grad = torch.ones_like(model.emb.weight)  # only one tensor has a gradient
+        opt.step()
+        changed = [n for n, w in opt.master_tensors().items() if not torch.equal(w, masters[n])]
+        assert changed == ["emb.weight"]
+        steps = {n: float(opt.state[w]["step"]) for n, w in opt.master_tensors().items()}
+        assert steps["emb.weight"] == 2.0 and {v for n, v in steps.items() if n != "emb.weight"} == {1.0}
+        assert snap["param_groups"][0]["param_names"] == opt.state_dict()["param_groups"][0]["param_names"]
+
+    def test_ema_reads_the_masters_and_release_gives_fp32_weights_back():
+        model = tiny_model()
+        opt = build_optimizer(model, 1e-2, 0.1, master_weights=True)
+        ema = EMA(opt.master_tensors(), decay=0.5, warmup=False)
+        train(model, opt, 2)
+        ema.update(opt.master_tensors())
+        masters = opt.master_tensors()
+        assert all(s.dtype == torch.float32 for s in ema.shadow.values())
+        w = "blocks.0.att.key.weight"
+        assert not torch.equal(ema.shadow[w], ema.shadow[w].bfloat16().float())  # averaged from fp32, not bf16
+        with ema.swapped(model):
+            assert model.blocks[0].att.key.weight.dtype == torch.bfloat16
+        opt.release()
+        for n, p in model.named_parameters():
+            assert p.dtype == torch.float32 and torch.equal(p.detach(), masters[n]), n
+        lm_loss(model, torch.zeros(1, 4, dtype=torch.long))  # runs as a plain fp32 model
+
+    def test_bad_input_is_one_line():
+        model = tiny_model().bfloat16()
+        with pytest.raises(DiffRwkvError, match=r"master weights: parameter '.*' is torch.bfloat16, not fp32"):
+            build_optimizer(model, 1e-2, master_weights=True)
+        model = tiny_model()
+        opt = build_optimizer(model, 1e-2, master_weights=True)
+        with pytest.raises(DiffRwkvError, match=r"master weights: parameters cannot join after the optimizer is built"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+        with pytest.raises(DiffRwkvError, match=r"master weights: step\(closure\) is not supported"):
+            opt.step(lambda: 0.0)
+
+    def test_the_kernel_matches_the_torch_path_in_the_interpreter():
+        pytest.importorskip("triton")
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=REPO
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        ref, ker = res["False"], res["True"]
+        assert ker["steps"] == ref["steps"] == {"a.weight": 2.0, "b": 2.0, "c.weight": 2.0, "d": 1.0}
+        assert ker["dtypes"] == {"a.weight": "torch.bfloat16", "b": "torch.float32", "c.weight": "torch.bfloat16",
+                                 "d": "torch.float32"}  # fmt: skip
+        for n in ref["masters"]:
+            for key in ("masters", "moments"):
+                a, b = torch.tensor(ker[key][n]), torch.tensor(ref[key][n])
+                assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max()), (n, key)
+            # the interpreter's fp32 -> bf16 cast truncates: within one bf16 step of the rounded copy
+            a, b = torch.tensor(ker["copies"][n]), torch.tensor(ref["copies"][n])
+            assert float(((a - b).abs() / b.abs().clamp_min(1e-30)).max()) <= 2.0**-7, n
