@@ -293,7 +293,7 @@ def denoiser_runner(a, shape, context: str, frozen: bool, work: Path, dev: torch
     t.dtype, t.train_batch_size, t.device, t.compile = a.dtype, a.batch, str(dev), a.compile
     t.cuda_graphs, t.chunked_ce, t.compile_denoiser = a.cuda_graphs, a.chunked_ce, a.compile_denoiser
     t.max_steps, t.warmup_steps, t.lr = 10_000, 10, 1e-4
-    t.wkv_keep_states, t.bf16_residual = a.wkv_keep_states, a.bf16_residual
+    t.wkv_keep_states, t.bf16_residual, t.master_weights = a.wkv_keep_states, a.bf16_residual, a.master_weights
     lg.save_dir, lg.progress, lg.tensorboard = str(work / "run"), False, False
     trainer = Trainer(cfg)
     if a.compile_regions:
@@ -377,7 +377,8 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
     grad, frozen = matrix_params(model)
-    master = a.dtype == "bf16" and bool(a.master_weights)
+    # the trainer's rule for null: on with bf16 on a CUDA device
+    master = a.dtype == "bf16" and (dev.type == "cuda" if a.master_weights is None else a.master_weights)
     step = _lm_step(model, _adamw(model, dev, master), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
              "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
@@ -796,9 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--master-weights",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="our LM row: fp32 master weights in the optimizer and bf16 matmul weights in the model, one update kernel "
-        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights); with --dtype bf16 only",
+        default=None,
+        help="our rows: fp32 master weights in the optimizer and bf16 matmul weights in the model, one update kernel "
+        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights). Default: the trainer's, on with --dtype "
+        "bf16 on CUDA",
     )
     p.add_argument(
         "--inductor",

@@ -215,6 +215,7 @@ def test_kernel_categories_of_names_seen_in_profiles():
         "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": "gemm",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
         "FusedOptimizerTenso": "optimizer",
+        "_adamw_kernel": "optimizer",  # master_weights.py's update
         "triton_red_fused__to_copy_argmax_gather_logsumexp_squeeze_sub_unsqueeze_0": "head loss",
         "triton_poi_fused__to_copy_arange_eq_exp_mul_sub_unsqueeze_where_0": "head loss",
         "void (anonymous namespace)::l2wrap_ce_backward_v2_kernel<c10::BFloat16, 512>": "head loss",
