@@ -32,6 +32,7 @@ from rwkv_diffusion_rnn.models import wkv7 as wkv7_mod  # noqa: E402
 from rwkv_diffusion_rnn.models import wkv7_cuda as wc  # noqa: E402
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7, set_bf16_residual  # noqa: E402
 from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks  # noqa: E402
+from rwkv_diffusion_rnn.optimizer import build_optimizer  # noqa: E402
 
 
 class _ZeroKernels:
@@ -80,6 +81,8 @@ def _step(length: int, a) -> None:
     model = random_rwkv7(RWKV7Config.for_shape(a.layers, a.width, vocab_size=64), seed=0, wkv_backend="cuda")
     model = model.to(a.device).train()
     set_bf16_residual(model, a.bf16_residual)
+    if a.master_weights:  # bf16 matmul weights in the model, as training.master_weights leaves them
+        build_optimizer(model, 1e-3, master_weights=True)
     compile_blocks(model, memory_budget=a.memory_budget)
     ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0)).to(a.device)
     with torch.autocast(a.device, dtype=torch.bfloat16, cache_enabled=False):
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the residual stream in bf16 (training.bf16_residual; the default under bf16)")  # fmt: skip
     p.add_argument("--in-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="the WKV operator traced into the block (IN_GRAPH; the default)")  # fmt: skip
+    p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 matmul weights in the model (training.master_weights, the default on CUDA): no weight "
+                   "casts in the blocks ('fixed MB')")  # fmt: skip
     p.add_argument("--top", type=int, default=0, help="also list the N fused kernels moving the most a token")
     p.add_argument("--out", help="write every kernel's row as JSON here")
     p.add_argument(
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"graph": graph, "node": name, "extern": extern, "bytes_per_token": per_token,
                          "bytes_fixed": b32 - 32 * per_token, "ops": ops})  # fmt: skip
     fused = [r for r in rows if not r["extern"]]
-    print(f"width {a.width}, budget {a.memory_budget}, bf16 residual {a.bf16_residual}, in graph {a.in_graph}")
+    print(f"width {a.width}, budget {a.memory_budget}, bf16 residual {a.bf16_residual}, in graph {a.in_graph}, "
+          f"master weights {a.master_weights}")  # fmt: skip
     print("| graph | fused kernels | KB a token | fixed MB |")
     print("|---|---:|---:|---:|")
     for graph in short:
