@@ -416,12 +416,16 @@ def clip_grads_on_device(
         ok = torch.ones((), dtype=torch.bool) if also_finite is None else torch.isfinite(also_finite).all()
         return torch.zeros((), device=ok.device), ok
     by_device: dict[torch.device, list[torch.Tensor]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
+        # one dtype a list: a list of bf16 and fp32 gradients (master weights) leaves the multi-tensor kernel for a
+        # reduction per tensor (2.4 ms instead of 0.3 at 0.1B on an H100)
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
     first = grads[0].device if grads else also_finite.device if also_finite is not None else torch.device("cpu")
     norms = [
         n.to(first, torch.float32)
-        for gs in by_device.values()
+        for gs in by_kind.values()
         for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)
     ]
     if sum_over_ranks is None:

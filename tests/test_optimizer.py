@@ -303,6 +303,28 @@ def test_clip_and_check_grads_matches_torch_reference() -> None:
     assert all(torch.equal(p.grad, c) for p, c in zip(untouched, copies, strict=False))
 
 
+def test_the_norm_of_mixed_dtype_gradients_runs_one_dtype_a_list(monkeypatch) -> None:
+    """bf16 and fp32 gradients (master weights) are measured in one multi-tensor call per dtype (a mixed list leaves
+    torch's fast kernel for a reduction per tensor), and the norm is the fp64 one of the values."""
+    gen = torch.Generator().manual_seed(0)
+    kinds = ((5, torch.bfloat16), (7, torch.float32), (3, torch.bfloat16), (4, torch.float32))
+    params = [nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in kinds]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    calls = []
+    original = torch._foreach_norm
+
+    def spy(tensors, *args, **kwargs):
+        calls.append({t.dtype for t in tensors})
+        return original(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", spy)
+    norm, finite = clip_and_check_grads(params, max_norm=0.0)
+    assert sorted(map(sorted, calls), key=str) == sorted([[torch.bfloat16], [torch.float32]], key=str)
+    want = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+    assert finite and norm == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize("max_norm", [1.0, 1e6])
 def test_clipping_folded_into_a_fused_adamw_step_equals_clipping_the_gradients(max_norm: float) -> None:
     """With a fused AdamW the clipping factor goes to its grad_scale (one pass over the gradients fewer): the step
