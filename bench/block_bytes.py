@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the residual stream in bf16 (training.bf16_residual; the default under bf16)")  # fmt: skip
     p.add_argument("--in-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="the WKV operator traced into the block (IN_GRAPH; the default)")  # fmt: skip
-    p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 matmul weights in the model (training.master_weights, the default on CUDA): no weight "
-                   "casts in the blocks ('fixed MB')")  # fmt: skip
+    p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 matmul weights in the model (training.master_weights, opt-in): no weight casts in the "
+                   "blocks ('fixed MB')")  # fmt: skip
     p.add_argument("--top", type=int, default=0, help="also list the N fused kernels moving the most a token")
     p.add_argument("--out", help="write every kernel's row as JSON here")
     p.add_argument(

@@ -170,7 +170,7 @@ for stage in ${STAGES//,/ }; do
       # ab:LABEL runs AB_ROWS (default rwkv7-lm) at AB_SHAPES (default 0.4b) with the fast path, --wkv-backend cuda
       # and the settings in AB_<LABEL>: NAME=VALUE environment assignments, budget=X (the compiled blocks' memory
       # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
-      # default is bf16), master=1|0 (--master-weights / --no-master-weights; on by default), inductor:NAME=VALUE (--inductor
+      # default is bf16), master=1|0 (--master-weights / --no-master-weights; off by default), inductor:NAME=VALUE (--inductor
       # NAME=VALUE, an Inductor option);
       # up to AB_CAP seconds (150)
       label=${stage#ab:}

@@ -377,8 +377,7 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
     grad, frozen = matrix_params(model)
-    # the trainer's rule for null: on with bf16 on a CUDA device
-    master = a.dtype == "bf16" and (dev.type == "cuda" if a.master_weights is None else a.master_weights)
+    master = a.dtype == "bf16" and bool(a.master_weights)  # null: off, as the trainer's
     step = _lm_step(model, _adamw(model, dev, master), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
              "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
@@ -799,8 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="our rows: fp32 master weights in the optimizer and bf16 matmul weights in the model, one update kernel "
-        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights). Default: the trainer's, on with --dtype "
-        "bf16 on CUDA",
+        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights). Default: off, as the trainer's",
     )
     p.add_argument(
         "--inductor",

@@ -213,12 +213,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ model wrapping / trainable set
     def _use_master_weights(self) -> bool:
-        """training.master_weights resolved: null is on with dtype bf16 on a CUDA device in one process without a
-        later unfreeze (validate refuses an explicit true with another dtype, fsdp or a later unfreeze)."""
-        t, m = self.cfg.training, self.cfg.model
-        if t.master_weights is None:
-            return (t.dtype == "bf16" and self.device.type == "cuda" and not self.dist.enabled
-                    and m.unfreeze_after_steps == 0)  # fmt: skip
+        """training.master_weights resolved: null is off (opt-in); validate refuses true with another dtype than
+        bf16, fsdp or a later unfreeze, and this refuses it with several processes."""
+        t = self.cfg.training
         if t.master_weights and self.dist.enabled:
             raise DiffRwkvError(
                 f"training.master_weights runs in one process (here {self.dist.world_size}); set it to false or null"
