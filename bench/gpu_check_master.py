@@ -131,12 +131,51 @@ def timing(shape: str, dev: torch.device) -> dict:
     }
 
 
+SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
+
+
+def sweep(shape: str, dev: torch.device) -> list[dict]:
+    """The update kernel's launch shape (elements a program, warps) timed over one parameter set: with bf16 copies of
+    the matmul weights (master weights) and with every tensor fp32 in place (a flat AdamW for the default path),
+    beside torch's fused AdamW."""
+    from rwkv_diffusion_rnn.master_weights import MasterAdamW, matmul_weight_names
+
+    def fresh():
+        model = model_on(shape, dev)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 0.01
+        return model
+
+    rows = []
+    model = fresh()
+    n = sum(p.numel() for p in model.parameters())
+    ms = timed(build_optimizer(model, 1e-3, 0.1).step, dev)
+    rows.append({"shape": shape, "what": "torch fused AdamW", "ms": ms, "TBps": 28 * n / ms / 1e9})
+    for kind in ("master", "flat fp32"):
+        for block, warps in SWEEP:
+            model = fresh()
+            groups = [dict(g) for g in build_optimizer(model, 1e-3, 0.1).param_groups]
+            low = matmul_weight_names(model) if kind == "master" else []
+            opt = MasterAdamW(groups, low, lr=1e-3, block=block, num_warps=warps)
+            for p in model.parameters():  # the bf16 copies need bf16 gradients
+                p.grad = torch.randn_like(p) * 0.01
+            ms = timed(opt.step, dev)
+            rows.append({"shape": shape, "what": kind, "block": block, "warps": warps, "ms": ms,
+                         "TBps": 28 * n / ms / 1e9})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            del opt, model
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="0.1b", choices=tuple(SHAPES))
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--time", default="0.1b,0.4b", help="shapes to time ('' for none)")
+    p.add_argument("--sweep", action="store_true", help="also time the kernel's launch shapes (SWEEP) per shape")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (the torch path against itself: a dry run)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -153,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out["timing"][-1]), flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if a.sweep:
+        out["sweep"] = [row for shape in filter(None, a.time.split(",")) for row in sweep(shape, dev)]
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(out, indent=1))

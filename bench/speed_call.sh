@@ -31,8 +31,8 @@
 #             ce.json
 #   check     (named in STAGES only) the compiled blocks' gradients against eager (bench/gpu_check_compiled.py) with
 #             the settings in CHECK_ENV (default DIFFRWKV_MIX_ORDER_REDUCTION=1): check.json, check.log
-#   master    (named in STAGES only) the master-weight AdamW checked and timed (bench/gpu_check_master.py):
-#             master.json, master.log
+#   master    (named in STAGES only) the master-weight AdamW checked and timed (bench/gpu_check_master.py, with
+#             MASTER_ARGS, e.g. --sweep): master.json, master.log
 #   bytes     (named in STAGES only) Inductor's byte count of the compiled blocks on the GPU (bench/block_bytes.py
 #             --device cuda), CHECK_ENV as above: bytes.json, bytes.log
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
@@ -137,7 +137,7 @@ for stage in ${STAGES//,/ }; do
       ;;
     master)
       # the master-weight AdamW's Triton update against its torch path, then timed against torch's fused AdamW
-      run master 120 "$PY" bench/gpu_check_master.py --out "$OUT/master.json"
+      run master 120 "$PY" bench/gpu_check_master.py ${MASTER_ARGS:-} --out "$OUT/master.json"
       ;;
     bytes)
       # Inductor's byte count of the compiled blocks with Triton's own fusion (0.4B width; CHECK_ENV as above)

@@ -18,7 +18,8 @@ ever meet a matmul (:func:`matmul_weight_names`). Every other trainable tensor (
 vectors, biases, adapters) stays an fp32 parameter, updated in place by the same kernel.
 
 Layout: the fp32 weights (the masters, and the other parameters themselves), both moments and the bf16 copies are
-views into flat buffers, each tensor starting at a multiple of :data:`BLOCK` elements, so one launch per parameter
+views into flat buffers, each tensor starting at a multiple of the block (:data:`BLOCK` elements by default), so one
+launch per parameter
 group and kind (with or without a bf16 copy) updates every tensor; gradients stay where autograd put them, and the
 kernel finds them through a table of addresses (copied to the device only when an address changes). On the CPU, or
 without Triton, the same update runs tensor by tensor in torch (:meth:`MasterAdamW.step`, the reference the GPU check
@@ -52,6 +53,7 @@ except ImportError:  # pragma: no cover - the CPU install on other platforms
     triton = None
 
 BLOCK = 2048  # elements a program updates; every tensor starts at a multiple of it in the flat buffers
+NUM_WARPS = 8
 LOW_RANK_FACTORS = ("*.att.[wavg][12]",)  # RWKV-7's decay / in-context-LR / value-residual / gate factors
 
 
@@ -138,8 +140,8 @@ class _Segment:
     grad_ptrs: tuple[int, ...] = ()
 
 
-def _padded(n: int) -> int:
-    return -(-n // BLOCK) * BLOCK
+def _padded(n: int, block: int) -> int:
+    return -(-n // block) * block
 
 
 class MasterAdamW(torch.optim.AdamW):
@@ -157,7 +159,12 @@ class MasterAdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         low_dtype: torch.dtype = torch.bfloat16,
         kernel: bool | None = None,
+        block: int = BLOCK,
+        num_warps: int = NUM_WARPS,
     ) -> None:
+        if block < 128 or block & (block - 1):
+            raise DiffRwkvError(f"master weights: block must be a power of two >= 128, got {block}")
+        self.block, self.num_warps = block, num_warps
         if low_dtype != torch.bfloat16:
             raise DiffRwkvError(f"master weights: the module's copies must be bf16, got {low_dtype}")
         params = [p for g in groups for p in g["params"]]
@@ -186,10 +193,10 @@ class MasterAdamW(torch.optim.AdamW):
                 s.names.append(name)
                 s.params.append(p)
                 s.offsets.append(n_flat)
-                n_flat += _padded(p.numel())
+                n_flat += _padded(p.numel(), block)
                 if s.low:
                     s.low_offsets.append(n_low)
-                    n_low += _padded(p.numel())
+                    n_low += _padded(p.numel(), block)
             segments.append(segs)
         dev = self.device
         self.flat = torch.zeros(n_flat, device=dev)
@@ -224,7 +231,7 @@ class MasterAdamW(torch.optim.AdamW):
     # ------------------------------------------------------------------ layout
     def _tables(self, s: _Segment) -> dict[str, torch.Tensor]:
         chunks = [(i, o + j) for i, (p, o) in enumerate(zip(s.params, s.offsets, strict=True))
-                  for j in range(0, _padded(p.numel()), BLOCK)]  # fmt: skip
+                  for j in range(0, _padded(p.numel(), self.block), self.block)]  # fmt: skip
         dev = self.device
         return {  # per chunk: its tensor and where it starts in the flat buffers; then per tensor
             "chunk": torch.tensor([i for i, _ in chunks], dtype=torch.int32, device=dev),
@@ -327,7 +334,7 @@ class MasterAdamW(torch.optim.AdamW):
                         s.tables["grads"], s.tables["chunk"], s.tables["start"], s.tables["off"], s.tables["numel"],
                         s.tables["low_off"], s.steps, scale, found,
                         lr, b1, b2, eps, decay, math.log2(b1) if b1 > 0 else -1e30, math.log2(b2) if b2 > 0 else -1e30,
-                        BLOCK=BLOCK, LOW=s.low, num_warps=8,
+                        BLOCK=self.block, LOW=s.low, num_warps=self.num_warps,
                     )  # fmt: skip
                 else:
                     self._reference(s, grads, scale, found, lr, b1, b2, eps, decay)
