@@ -34,20 +34,9 @@ def lm_loss(model, ids):
 def kernel_cases() -> dict:
     """Subprocess body (TRITON_INTERPRET=1): the kernel and the torch path on the same gradients, three steps (the
     second without a gradient for one tensor, the third skipped by found_inf), over two groups with both kinds."""
-    import numpy as np
+    from tests.triton_interpreter import fit_interpreter_to_numpy
 
-    try:  # triton 3.6's interpreter calls int() on 1-element arrays, refused by numpy >= 2.4 (triton-lang/triton#9171)
-        int(np.array([1]))
-    except TypeError:
-        import triton.runtime.interpreter as interp
-
-        original = interp._patch_lang_tensor
-
-        def patched(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interp._patch_lang_tensor = patched
+    fit_interpreter_to_numpy()
     from rwkv_diffusion_rnn.master_weights import BLOCK, MasterAdamW
 
     torch.set_num_threads(1)

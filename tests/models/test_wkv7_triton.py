@@ -165,20 +165,9 @@ def wkv7_reference_fp32(*args):
 def _worker() -> None:
     """Subprocess entry: run every case under the interpreter (TRITON_INTERPRET=1 set by the caller)."""
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
-    import numpy as np
+    from tests.triton_interpreter import fit_interpreter_to_numpy
 
-    try:  # triton 3.6's interpreter calls int() on 1-element arrays, refused by numpy >= 2.4 (triton-lang/triton#9171)
-        int(np.array([1]))
-    except TypeError:
-        import triton.runtime.interpreter as interp
-
-        original = interp._patch_lang_tensor
-
-        def patched(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interp._patch_lang_tensor = patched
+    fit_interpreter_to_numpy()
 
     from rwkv_diffusion_rnn.models import wkv7_triton as wt
 

@@ -1,0 +1,23 @@
+"""Triton's CPU interpreter as the tests run it (in a subprocess started with ``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+
+def fit_interpreter_to_numpy() -> None:
+    """triton 3.6's interpreter calls ``int()`` on 1-element arrays, which numpy >= 2.4 refuses
+    (triton-lang/triton#9171): give its tensors an ``__index__`` that reads the one element. A no-op where numpy
+    still allows it. Call before the first kernel runs."""
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        import triton.runtime.interpreter as interp
+
+        original = interp._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interp._patch_lang_tensor = patched
