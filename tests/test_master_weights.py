@@ -55,6 +55,10 @@ def kernel_cases() -> dict:
             for n, p in ps.items():
                 g = torch.randn(p.shape, generator=gen) * 0.1
                 p.grad = None if (it == 1 and n == "d") else g.to(p.dtype)
+                if it == 0 and n == "d":  # an address off the 16-byte grid: the kernel's unaligned variant
+                    p.grad = torch.cat([torch.zeros(1), g.flatten()])[1:].view(p.shape)
+                    assert p.grad.data_ptr() % 16
+
             opt.grad_scale = torch.tensor(2.0)
             opt.found_inf = torch.tensor(1.0 if it == 2 else 0.0)
             opt.step()
