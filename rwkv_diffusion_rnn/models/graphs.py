@@ -134,7 +134,7 @@ class BlockGraphs:
             inputs.extend(tensors)
         # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
         # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
-        params = tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in model.blocks.parameters())
+        params = parameter_signature(model.blocks)
         key = (
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in inputs),
             rev_kind,
@@ -167,6 +167,19 @@ class BlockGraphs:
 
     def _clear_pending(self, *_) -> None:
         self.pending = False
+
+
+def parameter_signature(module: nn.Module) -> tuple:
+    """(address, dtype, requires_grad) of every parameter of ``module``, module by module: what a captured graph
+    depends on. Read from each submodule's ``_parameters`` (a replaced parameter shows, and a tensor shared by two
+    modules counts twice) instead of ``module.parameters()``, whose traversal is most of the cost: this runs at the
+    start of every graphed forward, while the GPU waits (0.71 -> ~0.35 ms of host time at 0.4B on a 2-core CPU)."""
+    return tuple(
+        (p.data_ptr(), p.dtype, p.requires_grad)
+        for m in module.modules()
+        for p in m._parameters.values()
+        if p is not None
+    )
 
 
 def own_gradients(model: nn.Module) -> int:

@@ -121,3 +121,30 @@ def test_own_gradients_gives_block_parameters_zero_gradients_of_their_own():
     assert all(p.grad is not None and not p.grad.any() for p in trainable)
     assert all(p.grad is None for p in model.blocks[1].parameters())
     assert model.head.weight.grad is None and own_gradients(model) == 0  # outside the blocks; idempotent
+
+
+def test_the_graph_key_sees_every_change_a_captured_graph_cannot_follow():
+    """parameter_signature (part of a capture's key) stays the same through in-place updates and changes when a
+    block tensor moves (p.data = ...), changes dtype, is replaced by another Parameter, or flips requires_grad; it
+    lists the same tensors as ``blocks.parameters()``."""
+    from rwkv_diffusion_rnn.models.graphs import parameter_signature
+
+    model = random_rwkv7(2, 64, vocab_size=100, seed=15)
+    blocks = model.blocks
+    sig = parameter_signature(blocks)
+    assert sorted(sig, key=lambda s: s[0]) == sorted(
+        ((p.data_ptr(), p.dtype, p.requires_grad) for p in blocks.parameters()), key=lambda s: s[0]
+    )
+    with torch.no_grad():
+        blocks[0].att.key.weight.add_(1.0)  # an optimizer step, an EMA swap, a checkpoint load
+    assert parameter_signature(blocks) == sig
+    w = blocks[0].att.key.weight
+    w.data = w.data.clone()
+    moved = parameter_signature(blocks)
+    assert moved != sig
+    w.data = w.data.bfloat16()
+    assert parameter_signature(blocks) not in (sig, moved)
+    blocks[1].ffn.value.weight = torch.nn.Parameter(blocks[1].ffn.value.weight.detach().clone())
+    replaced = parameter_signature(blocks)
+    blocks[1].att.x_r.requires_grad_(False)
+    assert parameter_signature(blocks) != replaced
