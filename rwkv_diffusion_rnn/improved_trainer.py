@@ -340,7 +340,10 @@ class Trainer:
             n_masked += st["n_masked"]
         self.data.prefetch(self.step + 1)
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]  # where the gradients are
+        if isinstance(self.optimizer, MasterAdamW):  # the gradients are on the model's (bf16) copies
+            params = self.optimizer.module_params()
+        else:  # the optimizer's list: no walk over the model's modules on every step
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # the clipping factor rides on the fused AdamW's step (its grad_scale) where no loss scaler sets one
         fold = None if self.scaler.is_enabled() else self.optimizer
         if self._steps_on_device():
