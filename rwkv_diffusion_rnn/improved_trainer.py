@@ -54,7 +54,7 @@ from rwkv_diffusion_rnn.diffusion_process import MaskedDiffusion, build_text_sch
 from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_dcp, save_dcp
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
-from rwkv_diffusion_rnn.master_weights import MasterAdamW, master_optimizer_tensors
+from rwkv_diffusion_rnn.master_weights import MasterAdamW
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
 from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
@@ -225,9 +225,8 @@ class Trainer:
     def weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name as the optimizer updates them: the fp32 masters under
         training.master_weights (the model then holds bf16 copies of its matmul weights), else the parameters."""
-        masters = master_optimizer_tensors(self.optimizer) if hasattr(self, "optimizer") else None
-        if masters is not None:
-            return masters
+        if isinstance(getattr(self, "optimizer", None), MasterAdamW):
+            return self.optimizer.master_tensors()
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _wrap(self) -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -164,7 +164,6 @@ class MasterAdamW(torch.optim.AdamW):
         lr: float,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
-        low_dtype: torch.dtype = torch.bfloat16,
         kernel: bool | None = None,
         block: int = BLOCK,
         num_warps: int = NUM_WARPS,
@@ -172,8 +171,6 @@ class MasterAdamW(torch.optim.AdamW):
         if block < 128 or block & (block - 1):
             raise DiffRwkvError(f"master weights: block must be a power of two >= 128, got {block}")
         self.block, self.num_warps = block, num_warps
-        if low_dtype != torch.bfloat16:
-            raise DiffRwkvError(f"master weights: the module's copies must be bf16, got {low_dtype}")
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise DiffRwkvError("master weights: no trainable parameter")
@@ -209,7 +206,7 @@ class MasterAdamW(torch.optim.AdamW):
         self.flat = torch.zeros(n_flat, device=dev)
         self.flat_m = torch.zeros(n_flat, device=dev)
         self.flat_v = torch.zeros(n_flat, device=dev)
-        self.flat_low = torch.zeros(max(n_low, 1), device=dev, dtype=low_dtype)
+        self.flat_low = torch.zeros(max(n_low, 1), device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             for segs in segments:
                 for s in segs:
@@ -382,8 +379,3 @@ class MasterAdamW(torch.optim.AdamW):
             w.addcdiv_(m, v.sqrt().div_(math.sqrt(bc2)).add_(eps), value=-lr / bc1)
             if s.low:
                 s.params[i].copy_(w)
-
-
-def master_optimizer_tensors(optimizer: torch.optim.Optimizer) -> Mapping[str, torch.Tensor] | None:
-    """The fp32 weights by name where ``optimizer`` is a :class:`MasterAdamW`, else None."""
-    return optimizer.master_tensors() if isinstance(optimizer, MasterAdamW) else None
