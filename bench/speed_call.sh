@@ -37,6 +37,8 @@
 #             --device cuda), CHECK_ENV as above: bytes.json, bytes.log
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
 #             keeping its states (the default), then ours again rebuilding them: wkv/, wkv_recompute/
+#   code      (named in STAGES only; last) the modules Inductor generated in this call, each a compiled graph's Triton
+#             kernels under the names the profiles show (triton_red_fused_20, ...): inductor_code.tgz
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
 #             decoders with the RWKV state cache on / off beside the AR decoder's greedy decode: sampling.json
 # CE_CHUNK (rows a chunk of the head's cross-entropy) is passed to every throughput stage when set.
@@ -193,7 +195,12 @@ for stage in ${STAGES//,/ }; do
         --out "$OUT/tp_ab_$label"
       mkdir -p "$OUT/tp_ab_$label" && echo "${!spec_var:-} (budget $budget)" >"$OUT/tp_ab_$label/spec.txt"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, wkv, sampling, ab:LABEL)" ;;
+    code)
+      # Inductor's cache is not restored from earlier calls, so every module under it was written by this one
+      find /tmp/ti -name '*.py' -exec grep -l 'async_compile.triton(' {} + 2>/dev/null | tar czf "$OUT/inductor_code.tgz" -T -
+      note "code: $(tar tzf "$OUT/inductor_code.tgz" 2>/dev/null | wc -l) modules"
+      ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, check, master, bytes, code, wkv, sampling, ab:LABEL)" ;;
   esac
 done
 

@@ -119,3 +119,11 @@ def test_summary_sets_his_kernel_categories_beside_ours(tmp_path):
     assert "| gemm | 11.90 | 0.00 | -11.90 |" in md
     assert "| wkv | 11.20 | 12.07 | +0.87 |" in md
     assert md.index("compiled elementwise") < md.index("| wkv") < md.index("| gemm")  # the larger side first
+
+
+def test_code_stage_packs_inductors_modules(tmp_path):
+    res = run(tmp_path, STAGES="code")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "code: " in stages(tmp_path) and " modules" in stages(tmp_path)
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        assert "./inductor_code.tgz" in tar.getnames()
