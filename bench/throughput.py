@@ -492,6 +492,10 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         if a.profile:
             out["profile"] = kernel_profile(runner.step, dev, a.profile)
+            try:  # where a step timed alone waits on the host; a profiler without these fields keeps the rest
+                out["profile"]["alone"] = step_timeline(runner.step, dev)
+            except (AttributeError, RuntimeError) as exc:
+                out["profile"]["alone"] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
     return out
 
 
@@ -515,6 +519,70 @@ def kernel_category(name: str) -> str:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return cat
     return "other"
+
+
+def gpu_timeline(kernels: list[tuple[float, float, str]], windows: list[tuple[float, float]], top: int = 8) -> dict:
+    """Where a step timed alone leaves the GPU idle, from kernel intervals ``(start, end, name)`` and the steps' host
+    windows ``(start, end)`` (from the call to the return of the synchronisation), all in microseconds on one clock.
+    Per step (the mean over the windows, in ms): ``lead`` (the step's start to its first kernel: host work before
+    the GPU has any), ``idle`` (gaps between its kernels, overlapping kernels merged), ``tail`` (its last kernel's
+    end to the wait's return) and ``busy`` (kernels running). ``gaps``: the ``top`` largest gaps between kernels by
+    the kernels on either side, mean ms a step, each gap of at least 20 us."""
+    lead = idle = tail = busy = 0.0
+    pairs: dict[tuple[str, str], float] = {}
+    n = 0
+    for w0, w1 in windows:
+        ks = sorted((k for k in kernels if w0 <= k[0] < w1), key=lambda k: k[0])
+        if not ks:
+            continue
+        n += 1
+        lead += ks[0][0] - w0
+        end, prev = ks[0][1], ks[0][2]
+        covered = ks[0][1] - ks[0][0]
+        for k0, k1, name in ks[1:]:
+            gap = k0 - end
+            if gap > 0:
+                idle += gap
+                if gap >= 20:
+                    key = (prev[:70], name[:70])
+                    pairs[key] = pairs.get(key, 0.0) + gap
+            covered += max(0.0, k1 - max(k0, end))
+            if k1 >= end:
+                end, prev = k1, name
+        tail += max(0.0, w1 - end)
+        busy += covered
+    if n == 0:
+        return {"steps": 0}
+    ms = 1000.0 * n
+    gaps = sorted(pairs.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "steps": n,
+        "lead_ms": round(lead / ms, 3),
+        "idle_ms": round(idle / ms, 3),
+        "tail_ms": round(tail / ms, 3),
+        "busy_ms": round(busy / ms, 3),
+        "gaps": [{"after": a, "before": b, "ms_per_step": round(t / ms, 3)} for (a, b), t in gaps],
+    }
+
+
+def step_timeline(step: Callable[[], object], dev: torch.device, steps: int = 3) -> dict:
+    """:func:`gpu_timeline` of ``steps`` steps each timed alone (a wait after each), under torch.profiler (its
+    callbacks add host time to each eager launch, so ``lead`` and ``idle`` are upper bounds)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            with record_function("diffrwkv_step_alone"):
+                step()
+                torch.cuda.synchronize(dev)
+    kernels, windows = [], []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            kernels.append((e.time_range.start, e.time_range.end, e.name))
+        elif e.name == "diffrwkv_step_alone" and e.device_type == torch.autograd.DeviceType.CPU:
+            windows.append((e.time_range.start, e.time_range.end))
+    return gpu_timeline(kernels, windows)
 
 
 def kernel_profile(step: Callable[[], object], dev: torch.device, top: int, steps: int = 3) -> dict:
@@ -722,6 +790,15 @@ def markdown(meta: dict, rows: list[dict], sampling: list[dict]) -> str:
                 lines += ["", "| eager operator (input shapes) | ms / step | calls / step |", "|---|---|---:|"]
                 lines += [f"| `{o['op']}` {o['shapes'][:70]} | {o['ms_per_step']:.2f} | {o['calls_per_step']:.0f} |"
                           for o in prof["ops"]]  # fmt: skip
+            alone = prof.get("alone") or {}
+            if alone.get("steps"):
+                lines += ["", f"A step alone, under the profiler (ms): {alone['lead_ms']:.2f} before its first kernel, "
+                          f"{alone['busy_ms']:.2f} of kernels, {alone['idle_ms']:.2f} between them, "
+                          f"{alone['tail_ms']:.2f} after the last"]  # fmt: skip
+                if alone["gaps"]:
+                    lines += ["", "| gap after kernel | before kernel | ms / step |", "|---|---|---:|"]
+                    lines += [f"| `{g['after'][:60]}` | `{g['before'][:60]}` | {g['ms_per_step']:.3f} |"
+                              for g in alone["gaps"]]  # fmt: skip
     if sampling:
         lines += ["", "| shape | sampling run | per s | unit | total s |", "|---|---|---:|---|---:|"]
         for r in sampling:

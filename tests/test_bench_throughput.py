@@ -251,3 +251,33 @@ def test_block_bytes_counts_fewer_bytes_with_the_bf16_stream(capsys):
     assert 0 < per_block[()] < 0.95 * per_block[("--no-bf16-residual",)], per_block
     assert block_bytes.main(["--width", "100"]) == 2
     assert capsys.readouterr().out.strip() == "--width 100: expected a positive multiple of the head size 64"
+
+
+def test_gpu_timeline_splits_a_step_into_lead_kernels_gaps_and_tail():
+    from throughput import gpu_timeline
+
+    # two steps (us): kernels a [10, 30), b [25, 50) overlapping, c [90, 100); the second step the same, shifted
+    kernels = [(10.0, 30.0, "a"), (25.0, 50.0, "b"), (90.0, 100.0, "c")]
+    kernels += [(1000 + s, 1000 + e, n) for s, e, n in kernels] + [(5000.0, 5001.0, "outside")]
+    out = gpu_timeline(kernels, [(0.0, 110.0), (1000.0, 1110.0)])
+    assert out["steps"] == 2
+    assert out["lead_ms"] == 0.01  # 10 us before "a"
+    assert out["busy_ms"] == 0.05  # [10, 50) merged, then [90, 100)
+    assert out["idle_ms"] == 0.04  # from b's end to c's start
+    assert out["tail_ms"] == 0.01
+    assert out["gaps"] == [{"after": "b", "before": "c", "ms_per_step": 0.04}]
+    assert gpu_timeline([], [(0.0, 1.0)]) == {"steps": 0}
+
+
+def test_markdown_renders_the_alone_timeline():
+    from throughput import markdown
+
+    prof = {"wall_ms_per_step": 2.0, "gpu_kernel_ms_per_step": 1.0, "kernels_per_step": 3, "top": [],
+            "alone": {"steps": 3, "lead_ms": 0.5, "busy_ms": 1.0, "idle_ms": 0.25, "tail_ms": 0.01,
+                      "gaps": [{"after": "embedding_fwd", "before": "graph", "ms_per_step": 0.2}]}}  # fmt: skip
+    meta = {"device": "cpu", "date": "d", "command": "c", "versions": {"torch": "t", "fla": None, "transformers": "x"},
+            "peak_tflops": 1.0, "peak_what": "w", "batch": 1, "length": 1, "dtype": "bf16", "steps": 1,
+            "warmup": 1}  # fmt: skip
+    md = markdown(meta, [{"shape": "tiny", "row": "rwkv7-lm", "status": "ok", "profile": prof}], [])
+    assert "0.50 before its first kernel, 1.00 of kernels, 0.25 between them, 0.01 after the last" in md
+    assert "| `embedding_fwd` | `graph` | 0.200 |" in md
