@@ -255,6 +255,19 @@ for shape in ("0.1b", "0.4b"):
                   f"{f(kms, '.1f')} | {f(prof.get('kernels_per_step'))} | {f(r.get('first_loss'), '.4f')} | "
                   f"{f(r.get('peak_mem_gib'), '.1f')} | {r['status']} | "
                   f"{bar(his_kms, tokens, r.get('tokens_per_s'), r.get('tokens_per_s_run'))} |")
+# a step timed alone, under the profiler: where our GPU waits (bench/throughput.py step_timeline)
+alone_rows = []
+for tag in ("tp_cuda", *sorted(p.name for p in out.glob("tp_ab_*")), "tp_default"):
+    for r in (load(out / tag / "results.json") or {"rows": []})["rows"]:
+        t = (r.get("profile") or {}).get("alone") or {}
+        if t.get("steps"):
+            alone_rows.append(f"| {r['shape']} | {r['row']} ({tag}) | {t['lead_ms']:.2f} | {t['busy_ms']:.2f} | "
+                              f"{t['idle_ms']:.2f} | {t['tail_ms']:.2f} |")
+if alone_rows:
+    print("\n## Our step alone, under the profiler (ms): before the first kernel, kernels, between them, after\n")
+    print("| shape | what | before | kernels | between | after |")
+    print("|---|---|---:|---:|---:|---:|")
+    print("\n".join(alone_rows))
 # where the GPU time goes: his step's kernel categories beside our LM step's (bench/throughput.py KERNEL_CATEGORIES)
 for shape in ("0.1b", "0.4b"):
     his = ((load(out / f"blinkdl_{shape}.json") or {}).get("profile") or {}).get("categories") or {}

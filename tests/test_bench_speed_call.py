@@ -127,3 +127,14 @@ def test_code_stage_packs_inductors_modules(tmp_path):
     assert "code: " in stages(tmp_path) and " modules" in stages(tmp_path)
     with tarfile.open(tmp_path / "results.tgz") as tar:
         assert "./inductor_code.tgz" in tar.getnames()
+
+
+def test_summary_lists_where_a_step_alone_waits(tmp_path):
+    alone = {"steps": 3, "lead_ms": 1.25, "busy_ms": 40.5, "idle_ms": 0.75, "tail_ms": 0.02, "gaps": []}
+    ours = {"batch": 16, "length": 512, "rows": [
+        {"shape": "0.1b", "row": "rwkv7-lm", "status": "ok", "profile": {"alone": alone}}]}  # fmt: skip
+    (tmp_path / "tp_ab_k1").mkdir()
+    (tmp_path / "tp_ab_k1" / "results.json").write_text(json.dumps(ours))
+    res = run(tmp_path, STAGES="")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| 0.1b | rwkv7-lm (tp_ab_k1) | 1.25 | 40.50 | 0.75 | 0.02 |" in (tmp_path / "summary.md").read_text()
