@@ -92,6 +92,7 @@ class BlockGraphs:
         self.pending = False  # a graphed forward whose backward has not run yet
         self.replays = 0
         self._warned = False
+        self._walked: tuple | None = None  # (model, its blocks' modules) from the last usable()
 
     def __deepcopy__(self, memo) -> BlockGraphs:
         return BlockGraphs()
@@ -103,15 +104,20 @@ class BlockGraphs:
         self.__init__()
 
     def usable(self, model: nn.Module, x: torch.Tensor, pre_block) -> bool:
-        return (
+        self._walked = None
+        if not (
             x.is_cuda
             and model.training
             and torch.is_grad_enabled()
             and (pre_block is None or isinstance(pre_block, GraphableHook))
             and not torch.cuda.is_current_stream_capturing()
-            # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in model.blocks.modules())
-        )
+        ):
+            return False
+        # one walk over the blocks' modules a step (host time while the GPU waits), kept for the next run()
+        modules = tuple(model.blocks.modules())
+        self._walked = (weakref.ref(model), modules)
+        # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     def run(self, model: nn.Module, x: torch.Tensor, pad, rev, pre_block) -> torch.Tensor | None:
         """The blocks' output through a CUDA graph, or None past :attr:`max_variants` (the caller runs eager). The
@@ -134,7 +140,8 @@ class BlockGraphs:
             inputs.extend(tensors)
         # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
         # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
-        params = parameter_signature(model.blocks)
+        walked, self._walked = getattr(self, "_walked", None), None  # usable()'s walk of this very forward
+        params = parameter_signature(model.blocks, walked[1] if walked and walked[0]() is model else None)
         key = (
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in inputs),
             rev_kind,
@@ -169,14 +176,15 @@ class BlockGraphs:
         self.pending = False
 
 
-def parameter_signature(module: nn.Module) -> tuple:
+def parameter_signature(module: nn.Module, modules: tuple[nn.Module, ...] | None = None) -> tuple:
     """(address, dtype, requires_grad) of every parameter of ``module``, module by module: what a captured graph
     depends on. Read from each submodule's ``_parameters`` (a replaced parameter shows, and a tensor shared by two
     modules counts twice) instead of ``module.parameters()``, whose traversal is most of the cost: this runs at the
-    start of every graphed forward, while the GPU waits (0.71 -> ~0.35 ms of host time at 0.4B on a 2-core CPU)."""
+    start of every graphed forward, while the GPU waits (0.71 -> ~0.35 ms of host time at 0.4B on a 2-core CPU).
+    ``modules``: ``tuple(module.modules())`` where the caller has just walked them (one walk a step, not two)."""
     return tuple(
         (p.data_ptr(), p.dtype, p.requires_grad)
-        for m in module.modules()
+        for m in (module.modules() if modules is None else modules)
         for p in m._parameters.values()
         if p is not None
     )

@@ -148,3 +148,24 @@ def test_the_graph_key_sees_every_change_a_captured_graph_cannot_follow():
     replaced = parameter_signature(blocks)
     blocks[1].att.x_r.requires_grad_(False)
     assert parameter_signature(blocks) != replaced
+
+
+def test_usable_walks_the_blocks_once_and_run_reuses_that_walk(monkeypatch):
+    """usable() walks the blocks' modules once (hooks) and keeps the walk for run()'s key; the key from it equals
+    parameter_signature's own walk, a walk of another model is not used, and a hooked block is refused."""
+    from types import SimpleNamespace
+
+    from rwkv_diffusion_rnn.models.graphs import BlockGraphs, parameter_signature
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    model, other = random_rwkv7(2, 64, vocab_size=100, seed=16).train(), random_rwkv7(2, 64, vocab_size=100, seed=17)
+    g, x = BlockGraphs(), SimpleNamespace(is_cuda=True)  # usable() reads only x.is_cuda
+    assert g.usable(model, x, None)
+    ref, modules = g._walked
+    assert ref() is model and modules == tuple(model.blocks.modules())
+    assert parameter_signature(model.blocks, modules) == parameter_signature(model.blocks)
+    assert parameter_signature(other.blocks, modules) != parameter_signature(other.blocks)  # why run() checks the model
+    handle = model.blocks[1].ffn.register_forward_hook(lambda *a: None)
+    assert not g.usable(model, x, None)
+    handle.remove()
+    assert not g.usable(model.eval(), x, None) and g._walked is None  # refused early: no walk kept
