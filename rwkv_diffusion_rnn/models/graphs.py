@@ -92,7 +92,7 @@ class BlockGraphs:
         self.pending = False  # a graphed forward whose backward has not run yet
         self.replays = 0
         self._warned = False
-        self._walked: tuple | None = None  # (model, its blocks' modules) from the last usable()
+        self._walked: tuple | None = None  # (weak reference to the model, its blocks' modules) from usable()
 
     def __deepcopy__(self, memo) -> BlockGraphs:
         return BlockGraphs()
@@ -140,7 +140,7 @@ class BlockGraphs:
             inputs.extend(tensors)
         # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
         # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
-        walked, self._walked = getattr(self, "_walked", None), None  # usable()'s walk of this very forward
+        walked, self._walked = self._walked, None  # usable()'s walk of this very forward
         params = parameter_signature(model.blocks, walked[1] if walked and walked[0]() is model else None)
         key = (
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in inputs),
