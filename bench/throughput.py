@@ -335,11 +335,13 @@ def _lm_step(model, opt, ids, autocast, loss_fn) -> Callable[[], torch.Tensor]:
     return step
 
 
-def _adamw(model: torch.nn.Module, dev: torch.device, master_weights: bool = False) -> torch.optim.AdamW:
-    if master_weights:  # fp32 masters in the optimizer, bf16 matmul weights in the model (master_weights.py)
+def _adamw(
+    model: torch.nn.Module, dev: torch.device, master_weights: bool = False, flat: bool = False
+) -> torch.optim.AdamW:
+    if master_weights or flat:  # the update kernel of master_weights.py, with or without bf16 copies
         from rwkv_diffusion_rnn.optimizer import build_optimizer
 
-        return build_optimizer(model, lr=1e-4, weight_decay=0.01, master_weights=True)
+        return build_optimizer(model, lr=1e-4, weight_decay=0.01, master_weights=master_weights, flat=True)
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=dev.type == "cuda" or None)
 
 
@@ -378,10 +380,10 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
 
     grad, frozen = matrix_params(model)
     master = a.dtype == "bf16" and bool(a.master_weights)  # null: off, as the trainer's
-    step = _lm_step(model, _adamw(model, dev, master), _ids(a, shape[2], dev), autocast, loss_fn)
+    step = _lm_step(model, _adamw(model, dev, master, a.flat_adamw), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
              "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
-             "master_weights": master}  # fmt: skip
+             "master_weights": master, "flat_adamw": master or a.flat_adamw}  # fmt: skip
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
@@ -876,6 +878,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="our rows: fp32 master weights in the optimizer and bf16 matmul weights in the model, one update kernel "
         "(rwkv_diffusion_rnn/master_weights.py; training.master_weights). Default: off, as the trainer's",
+    )
+    p.add_argument(
+        "--flat-adamw",
+        action="store_true",
+        help="our RWKV-7 LM rows: every trainable tensor, fp32, a view of flat buffers updated by one Triton launch a "
+        "parameter group (master_weights.MasterAdamW without bf16 copies) instead of torch's fused AdamW",
     )
     p.add_argument(
         "--inductor",

@@ -204,8 +204,10 @@ class MasterAdamW(torch.optim.AdamW):
             segments.append(segs)
         dev = self.device
         self.flat = torch.zeros(n_flat, device=dev)
-        self.flat_m = torch.zeros(n_flat, device=dev)
-        self.flat_v = torch.zeros(n_flat, device=dev)
+        # the moments come at the first step or load (as torch's AdamW makes its state): a training step before
+        # that (a CUDA graph's capture, the compiler's warm-up) peaks without them
+        self.flat_m: torch.Tensor | None = None
+        self.flat_v: torch.Tensor | None = None
         self.flat_low = torch.zeros(max(n_low, 1), device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             for segs in segments:
@@ -230,7 +232,6 @@ class MasterAdamW(torch.optim.AdamW):
         ]  # fmt: skip
         super().__init__(opt_groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
         self._built = True
-        self._bind_state()
 
     # ------------------------------------------------------------------ layout
     def _tables(self, s: _Segment) -> dict[str, torch.Tensor]:
@@ -254,7 +255,10 @@ class MasterAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def _bind_state(self) -> None:
-        """Point every tensor's state at its views of the flat buffers, keeping what the state holds (a load)."""
+        """Point every tensor's state at its views of the flat buffers, keeping what the state holds (a load); the
+        moments' buffers are allocated here the first time."""
+        if self.flat_m is None:
+            self.flat_m, self.flat_v = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
         for s, i, w in self._pairs():
             o, n = s.offsets[i], w.numel()
             m, v = self.flat_m[o : o + n].view_as(w), self.flat_v[o : o + n].view_as(w)
@@ -323,6 +327,8 @@ class MasterAdamW(torch.optim.AdamW):
         scale = torch.ones((), device=dev) if scale is None else scale.to(dev, torch.float32).reshape(())
         found = torch.zeros((), device=dev) if found is None else found.to(dev, torch.float32).reshape(())
         keep = 1.0 - (found != 0).float()
+        if self.flat_m is None:
+            self._bind_state()
         for group, segs in zip(self.param_groups, self.segments, strict=True):
             b1, b2 = group["betas"]
             lr, eps, decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])

@@ -281,3 +281,18 @@ def test_markdown_renders_the_alone_timeline():
     md = markdown(meta, [{"shape": "tiny", "row": "rwkv7-lm", "status": "ok", "profile": prof}], [])
     assert "0.50 before its first kernel, 1.00 of kernels, 0.25 between them, 0.01 after the last" in md
     assert "| `embedding_fwd` | `graph` | 0.200 |" in md
+
+
+def test_flat_adamw_row_runs_and_starts_from_the_same_loss(tmp_path):
+    """--flat-adamw: the LM row with master_weights.MasterAdamW's flat fp32 update; same first-step loss, and the row
+    says which optimizer it ran."""
+    rows = {}
+    for flag in ([], ["--flat-adamw"]):
+        out = tmp_path / ("flat" if flag else "plain")
+        argv = ["--device", "cpu", "--shapes", "tiny", "--rows", "rwkv7-lm", "--steps", "2", "--warmup", "1",
+                "--batch", "2", "--length", "16", "--out", str(out), *flag]  # fmt: skip
+        assert throughput.main(argv) == 0
+        rows[bool(flag)] = json.loads((out / "results.json").read_text())["rows"][0]
+    assert rows[True]["status"] == rows[False]["status"] == "ok"
+    assert rows[True]["notes"]["flat_adamw"] is True and rows[False]["notes"]["flat_adamw"] is False
+    assert rows[True]["first_loss"] == rows[False]["first_loss"]

@@ -127,6 +127,35 @@ else:
             assert torch.equal(masters[n], p.detach()), n
             assert torch.equal(opt.state[masters[n]]["exp_avg_sq"], ref.state[p]["exp_avg_sq"]), n
 
+    def test_flat_keeps_every_tensor_fp32_and_updates_as_torch_adamw():
+        """``flat=True``: no bf16 copies; every trainable tensor stays fp32 (a view of the flat buffer) and the update
+        is torch.optim.AdamW's, bit for bit, as with master weights."""
+        ref_model, model = tiny_model(), tiny_model()
+        ref = build_optimizer(ref_model, 1e-2, 0.1)
+        for g in ref.param_groups:
+            g["fused"], g["foreach"] = None, False
+        opt = build_optimizer(model, 1e-2, 0.1, flat=True)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert {p.untyped_storage().data_ptr() for p in model.parameters()} == {opt.flat.untyped_storage().data_ptr()}
+        assert train(model, opt, 4) == train(ref_model, ref, 4)
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(p.detach(), q.detach()), n
+
+    def test_the_moments_come_at_the_first_step_or_load():
+        """As torch's AdamW makes its state lazily, the moments' buffers do not exist before the first step (a CUDA
+        graph's capture in the first training step then peaks without them); a load before any step makes them."""
+        model = tiny_model()
+        opt = build_optimizer(model, 1e-2, 0.1, flat=True)
+        assert opt.flat_m is None and opt.flat_v is None and not opt.state
+        assert opt.state_dict()["state"] == build_optimizer(tiny_model(), 1e-2, 0.1).state_dict()["state"] == {}
+        train(model, opt, 1)
+        assert opt.flat_m is not None and len(opt.state) == sum(1 for _ in model.parameters())
+        fresh = build_optimizer(tiny_model(), 1e-2, 0.1, flat=True)
+        load_optimizer_state(fresh, opt.state_dict())
+        for w, v in zip(fresh.master_tensors().values(), opt.master_tensors().values(), strict=True):
+            assert torch.equal(fresh.state[w]["exp_avg_sq"], opt.state[v]["exp_avg_sq"])
+            assert fresh.state[w]["exp_avg"].untyped_storage().data_ptr() == fresh.flat_m.untyped_storage().data_ptr()
+
     def test_clipping_rides_on_the_step_as_with_the_fused_adamw():
         """clip_grads_on_device folds its factor into the step (grad_scale); the result stays within rounding of
         the plain fused AdamW's."""

@@ -17,17 +17,18 @@ from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN, Regions
 
 
 def inductor_guard() -> None:
-    """Switch off Inductor's "mix-order reduction" (CUDA/Triton only) before anything here is compiled. From torch
-    2.10 it mishandles the gradient of a per-channel parameter applied after a normalisation: on an H200 with torch
-    2.11 our compiled blocks failed in backward ("got [768] but expected shape compatible with [1, 1, 768]" for a
-    ``[1, 1, C]`` mix vector), the shape of pytorch/pytorch#178080, and #193061 reports silently wrong gradients from
-    the same pass. A process-wide Inductor setting; a no-op where the option does not exist.
-    ``DIFFRWKV_MIX_ORDER_REDUCTION=1`` leaves Inductor's own setting in place, to check on a GPU whether the torch
-    in use still fails (the pass fuses the per-channel gradient sums with the row-wise work, which a block's
-    backward has many of)."""
+    """Inductor's "mix-order reduction" (CUDA/Triton only) fuses the per-channel gradient sums of a block's backward
+    with the row-wise work over the same rows; Inductor turns it on from torch 2.10, and it stays on here. On an H100
+    with torch 2.11 (2026-12-07) every parameter's gradient of the compiled blocks matched eager
+    (``bench/gpu_check_compiled.py``: fp32, bf16 autocast with either residual stream), and the 0.1B / 0.4B LM step
+    took 41.8 / 93.4 ms of kernels with it against 43.2 / 94.9 without (docs/RESULTS.md). Earlier it had failed once
+    in backward (an H200, torch 2.11: "got [768] but expected shape compatible with [1, 1, 768]" for a ``[1, 1, C]``
+    mix vector, the shape of pytorch/pytorch#178080), and pytorch/pytorch#193061 reports wrong gradients from the
+    same pass in other graphs: ``DIFFRWKV_MIX_ORDER_REDUCTION=0`` switches it off, process-wide, before anything
+    here is compiled. A no-op where the option does not exist."""
     import torch._inductor.config as inductor_config
 
-    if os.environ.get("DIFFRWKV_MIX_ORDER_REDUCTION", "0") == "1":
+    if os.environ.get("DIFFRWKV_MIX_ORDER_REDUCTION", "1") != "0":
         return
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False

@@ -125,9 +125,9 @@ def test_compiled_blocks_in_the_denoiser_with_lora_and_reverse_pass():
     assert _rel(grads[worst], ref_grads[worst]) < 1e-4, f"seed {seed}: {worst}"
 
 
-def test_compiling_switches_off_inductors_mix_order_reduction():
-    """compile_blocks / compile_regions must not leave Inductor's mix-order reduction on (it broke the backward of our
-    compiled blocks on an H200 with torch 2.11; see inductor_guard)."""
+def test_mix_order_reduction_stays_on_unless_switched_off():
+    """compile_blocks / compile_regions leave Inductor's mix-order reduction as it is (checked on a GPU: see
+    inductor_guard), and ``DIFFRWKV_MIX_ORDER_REDUCTION=0`` switches it off before anything is compiled."""
     import torch._inductor.config as inductor_config
 
     if not hasattr(inductor_config.triton, "mix_order_reduction"):
@@ -139,12 +139,11 @@ def test_compiling_switches_off_inductors_mix_order_reduction():
         for switch in (lambda m: compile_blocks(m), lambda m: compile_regions(m)):
             inductor_config.triton.mix_order_reduction = True
             switch(random_rwkv7(1, 64, vocab_size=256, seed=110))
-            assert inductor_config.triton.mix_order_reduction is False
-        with pytest.MonkeyPatch.context() as mp:  # the measuring switch leaves Inductor's setting alone
-            mp.setenv("DIFFRWKV_MIX_ORDER_REDUCTION", "1")
-            inductor_config.triton.mix_order_reduction = True
-            compile_blocks(random_rwkv7(1, 64, vocab_size=256, seed=110))
             assert inductor_config.triton.mix_order_reduction is True
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("DIFFRWKV_MIX_ORDER_REDUCTION", "0")
+                switch(random_rwkv7(1, 64, vocab_size=256, seed=110))
+                assert inductor_config.triton.mix_order_reduction is False
     finally:
         inductor_config.triton.mix_order_reduction = before
 
