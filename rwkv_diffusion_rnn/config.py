@@ -144,6 +144,11 @@ class TrainingConfig:
     # (master_weights.py): under dtype bf16 autocast has no weight to cast and the gradients stay bf16. Opt-in (null
     # = off): on an H200 0.2 / 0.5 ms less a 0.1B / 0.4B step for 1.2 / 3.4 GiB more peak memory (docs/RESULTS.md)
     master_weights: bool | None = None
+    # AdamW as one Triton launch a parameter group over flat fp32 buffers, every trainable tensor a view of them
+    # (master_weights.MasterAdamW without bf16 copies; the same update and state dict as torch's AdamW), instead of
+    # torch's fused AdamW: on an H100 0.6 / 1.4 ms less a 0.1B / 0.4B step (docs/RESULTS.md, 2026-12-07). One process,
+    # a fixed trainable set, no fsdp. Opt-in (null = off) until its peak memory in the graphed step is measured
+    flat_adamw: bool | None = None
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)
     # torch.compile the denoiser's own work around the blocks in its training forward: embeddings + layout, the
@@ -248,6 +253,10 @@ def validate(cfg: TrainConfig) -> None:
          "training.master_weights and training.strategy=fsdp: FSDP2 keeps its own bf16 copies; set one of them"),
         (t.master_weights is not True or m.unfreeze_after_steps == 0,
          "training.master_weights needs model.unfreeze_after_steps=0 (its buffers hold a fixed set of tensors)"),
+        (t.flat_adamw is not True or t.strategy != "fsdp",
+         "training.flat_adamw and training.strategy=fsdp: FSDP2 shards the parameters; set one of them"),
+        (t.flat_adamw is not True or m.unfreeze_after_steps == 0,
+         "training.flat_adamw needs model.unfreeze_after_steps=0 (its buffers hold a fixed set of tensors)"),
         (t.memory_budget == 1 or t.compile_blocks,
          "training.memory_budget < 1 acts on compiled blocks: set training.compile_blocks=true"),
         (not (t.compile and t.compile_denoiser),

@@ -196,7 +196,7 @@ class Trainer:
         self.warmup_steps = min(t.warmup_steps, self.total_steps)  # a 10-step smoke run with the default warmup
         self.master_weights = self._use_master_weights()
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, tuple(t.betas),
-                                         master_weights=self.master_weights)  # fmt: skip
+                                         master_weights=self.master_weights, flat=self._use_flat_adamw())  # fmt: skip
         self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, t.min_lr_ratio)
         self.ema = EMA(self.weights(), t.ema_decay) if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "fp16")
@@ -221,6 +221,16 @@ class Trainer:
                 f"training.master_weights runs in one process (here {self.dist.world_size}); set it to false or null"
             )
         return bool(t.master_weights)
+
+    def _use_flat_adamw(self) -> bool:
+        """training.flat_adamw resolved: null is off (opt-in); validate refuses true with fsdp or a later unfreeze,
+        and this refuses it with several processes (as master weights: built and tested for one)."""
+        t = self.cfg.training
+        if t.flat_adamw and self.dist.enabled:
+            raise DiffRwkvError(
+                f"training.flat_adamw runs in one process (here {self.dist.world_size}); set it to false or null"
+            )
+        return bool(t.flat_adamw)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name as the optimizer updates them: the fp32 masters under

@@ -15,6 +15,7 @@ import torch
 from rwkv_diffusion_rnn.config import TrainConfig, validate
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.improved_trainer import Trainer
+from rwkv_diffusion_rnn.master_weights import MasterAdamW
 from tests.conftest import REPO
 from tests.train_helpers import make_cfg, make_setup
 
@@ -390,6 +391,32 @@ def test_master_weights_train_like_the_fp32_weights_and_resume_exactly(setup, tm
                 setup, tmp_path / "c", training__master_weights=True, training__strategy="fsdp", training__dtype="bf16"
             )
         )
+
+
+def test_flat_adamw_trains_like_the_fused_adamw_and_resumes_exactly(setup, tmp_path):
+    """training.flat_adamw: every trainable tensor stays fp32 (a view of the optimizer's flat buffer); the losses
+    follow the plain run's (the same update up to the order of its fp32 operations); a resume is bit-exact; fsdp and
+    a later unfreeze are refused in one line."""
+    over = dict(training__max_steps=6, training__ema_decay=0.9, training__loss_type="mixed", logging__save_freq=1000)
+    plain = Trainer(make_cfg(setup, tmp_path / "plain", **over))
+    full = Trainer(make_cfg(setup, tmp_path / "full", training__flat_adamw=True, **over))
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    assert isinstance(full.optimizer, MasterAdamW) and not isinstance(plain.optimizer, MasterAdamW)
+    ref, recs = run(plain, 6), run(full, 6)
+    assert recs[0]["loss"] == ref[0]["loss"]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]) for a, b in zip(recs, ref, strict=True))
+
+    first = Trainer(make_cfg(setup, tmp_path / "part", training__flat_adamw=True, **over))
+    run(first, 3)
+    ckpt = first.save()
+    second = Trainer(make_cfg(setup, tmp_path / "part", training__flat_adamw=True, training__resume=str(ckpt), **over))
+    assert [r["loss"] for r in run(second, 3)] == [r["loss"] for r in recs[3:]]
+    a, b = full.trainable_tensors(), second.trainable_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(DiffRwkvError, match=r"training.flat_adamw and training.strategy=fsdp"):
+        validate(make_cfg(setup, tmp_path / "c", training__flat_adamw=True, training__strategy="fsdp"))
+    with pytest.raises(DiffRwkvError, match=r"training.flat_adamw needs model.unfreeze_after_steps=0"):
+        validate(make_cfg(setup, tmp_path / "c", training__flat_adamw=True, model__unfreeze_after_steps=5))
 
 
 def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
