@@ -37,6 +37,8 @@
 #             --device cuda), CHECK_ENV as above: bytes.json, bytes.log
 #   wkv       the WKV-7 op shoot-out (bench/wkv_shootout.sh; WKV_KERNELS picks the kernels) with our backward
 #             keeping its states (the default), then ours again rebuilding them: wkv/, wkv_recompute/
+#   blocks    (named in STAGES only) where our WKV backward's thread blocks run and for how long, by block count
+#             (bench/wkv_block_trace.py; BLOCK_SHAPES, default 192, 264, 132 and 216 blocks): wkv_trace.json
 #   code      (named in STAGES only; last) the modules Inductor generated in this call, each a compiled graph's Triton
 #             kernels under the names the profiles show (triton_red_fused_20, ...): inductor_code.tgz
 #   sampling  (named in STAGES only) latent -> text at 0.1B, bf16 autocast, 256 sentences of 32 tokens: the default
@@ -146,6 +148,9 @@ for stage in ${STAGES//,/ }; do
       run bytes 90 env ${CHECK_ENV:-DIFFRWKV_MIX_ORDER_REDUCTION=1} "$PY" bench/block_bytes.py --device cuda --top 40 \
         --out "$OUT/bytes.json"
       ;;
+    blocks)
+      run blocks 120 "$PY" bench/wkv_block_trace.py ${BLOCK_SHAPES:+--shapes "$BLOCK_SHAPES"} --out "$OUT/wkv_trace.json"
+      ;;
     wkv)
       run wkv 200 env DIFFRWKV_WKV_CUDA_RECOMPUTE=0 OUT="$OUT/wkv" bash bench/wkv_shootout.sh --kernels "${WKV_KERNELS:-blinkdl_v3,ours_cuda}" \
         --budget-s 150
@@ -201,7 +206,7 @@ for stage in ${STAGES//,/ }; do
       find /tmp/ti -name '*.py' -exec grep -l 'async_compile.triton(' {} + 2>/dev/null | tar czf "$OUT/inductor_code.tgz" -T -
       note "code: $(tar tzf "$OUT/inductor_code.tgz" 2>/dev/null | wc -l) modules"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, check, master, bytes, code, wkv, sampling, ab:LABEL)" ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, check, master, bytes, blocks, code, wkv, sampling, ab:LABEL)" ;;
   esac
 done
 
