@@ -17,34 +17,43 @@ from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN, Regions
 
 
 def inductor_guard() -> None:
-    """Inductor's "mix-order reduction" (CUDA/Triton only) fuses the per-channel gradient sums of a block's backward
-    with the row-wise work over the same rows; Inductor turns it on from torch 2.10, and it stays on here. On an H100
-    with torch 2.11 (2026-12-07) every parameter's gradient of the compiled blocks matched eager
-    (``bench/gpu_check_compiled.py``: fp32, bf16 autocast with either residual stream), and the 0.1B / 0.4B LM step
-    took 41.8 / 93.4 ms of kernels with it against 43.2 / 94.9 without (docs/RESULTS.md). Earlier it had failed once
-    in backward (an H200, torch 2.11: "got [768] but expected shape compatible with [1, 1, 768]" for a ``[1, 1, C]``
-    mix vector, the shape of pytorch/pytorch#178080), and pytorch/pytorch#193061 reports wrong gradients from the
-    same pass in other graphs: ``DIFFRWKV_MIX_ORDER_REDUCTION=0`` switches it off, process-wide, before anything
-    here is compiled. A no-op where the option does not exist."""
+    """Switch off Inductor's "mix-order reduction" (CUDA/Triton only) process-wide before anything here is compiled;
+    the compiled blocks turn it back on for their own graphs (:func:`block_compile_options`), the only graphs a GPU
+    has checked it on. The pass fuses the per-channel gradient sums of a backward with the row-wise work over the
+    same rows. From torch 2.10 it once broke our blocks' backward (an H200, torch 2.11: "got [768] but expected shape
+    compatible with [1, 1, 768]" for a ``[1, 1, C]`` mix vector, the shape of pytorch/pytorch#178080), and
+    pytorch/pytorch#193061 reports silently wrong gradients from it in other graphs; on an H100 with torch 2.11
+    (2026-12-07) every parameter's gradient of today's blocks matched eager (``bench/gpu_check_compiled.py``).
+    ``DIFFRWKV_MIX_ORDER_REDUCTION=1`` leaves Inductor's setting alone everywhere (for measuring);
+    ``DIFFRWKV_MIX_ORDER_REDUCTION=0`` keeps it off in the blocks too. A no-op where the option does not exist."""
     import torch._inductor.config as inductor_config
 
-    if os.environ.get("DIFFRWKV_MIX_ORDER_REDUCTION", "1") != "0":
+    if os.environ.get("DIFFRWKV_MIX_ORDER_REDUCTION") == "1":
         return
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
 
 
 def block_compile_options() -> dict:
-    """Inductor options for the compiled blocks (``torch.compile(options=)``: patched for their graphs only).
+    """Inductor options for the compiled blocks (``torch.compile(options=)``: patched for their graphs only, the
+    backward's included). Each only where this torch has it; Triton kernels only (a CPU graph is unchanged).
 
     ``combo_kernels``: independent kernels of a graph run as one launch (horizontal fusion) - the casts of a block's
     weights, their gradients' casts back to fp32, the per-channel sums of the mix vectors' gradients, ~25 kernels of
     a few microseconds a block each way. On an H100 (2026-12-06) the 0.1B / 0.4B LM step went from 2,031 / 4,058 to
-    1,344 / 2,651 launches and from 45.1 / 99.2 to 43.4 / 98.1 ms of kernels, the same first-step loss
-    (docs/RESULTS.md). Only where this torch has the option; Triton kernels only (a CPU graph is unchanged)."""
+    1,344 / 2,651 launches and from 45.1 / 99.2 to 43.4 / 98.1 ms of kernels, the same first-step loss.
+
+    ``triton.mix_order_reduction`` (unless ``DIFFRWKV_MIX_ORDER_REDUCTION=0``; see :func:`inductor_guard`): on an
+    H100 (2026-12-07) the 0.1B / 0.4B LM step took 41.8 / 93.4 ms of kernels with it against 43.2 / 94.9 without,
+    its gradients checked against eager (docs/RESULTS.md)."""
     import torch._inductor.config as inductor_config
 
-    return {"combo_kernels": True} if hasattr(inductor_config, "combo_kernels") else {}
+    options = {}
+    if hasattr(inductor_config, "combo_kernels"):
+        options["combo_kernels"] = True
+    if hasattr(inductor_config.triton, "mix_order_reduction") and os.environ.get("DIFFRWKV_MIX_ORDER_REDUCTION") != "0":
+        options["triton.mix_order_reduction"] = True
+    return options
 
 
 @cache

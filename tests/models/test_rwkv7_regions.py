@@ -125,10 +125,13 @@ def test_compiled_blocks_in_the_denoiser_with_lora_and_reverse_pass():
     assert _rel(grads[worst], ref_grads[worst]) < 1e-4, f"seed {seed}: {worst}"
 
 
-def test_mix_order_reduction_stays_on_unless_switched_off():
-    """compile_blocks / compile_regions leave Inductor's mix-order reduction as it is (checked on a GPU: see
-    inductor_guard), and ``DIFFRWKV_MIX_ORDER_REDUCTION=0`` switches it off before anything is compiled."""
+def test_mix_order_reduction_is_on_in_the_blocks_only():
+    """compile_blocks / compile_regions switch Inductor's mix-order reduction off process-wide (it broke a backward of
+    ours once; see inductor_guard), and the compiled blocks turn it on for their own graphs, unless
+    ``DIFFRWKV_MIX_ORDER_REDUCTION=0``; ``=1`` leaves the process-wide setting alone."""
     import torch._inductor.config as inductor_config
+
+    from rwkv_diffusion_rnn.models.rwkv7_compile import block_compile_options
 
     if not hasattr(inductor_config.triton, "mix_order_reduction"):
         pytest.skip("this torch has no mix-order reduction")
@@ -139,11 +142,15 @@ def test_mix_order_reduction_stays_on_unless_switched_off():
         for switch in (lambda m: compile_blocks(m), lambda m: compile_regions(m)):
             inductor_config.triton.mix_order_reduction = True
             switch(random_rwkv7(1, 64, vocab_size=256, seed=110))
+            assert inductor_config.triton.mix_order_reduction is False
+        assert block_compile_options()["triton.mix_order_reduction"] is True
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DIFFRWKV_MIX_ORDER_REDUCTION", "0")
+            assert "triton.mix_order_reduction" not in block_compile_options()
+            mp.setenv("DIFFRWKV_MIX_ORDER_REDUCTION", "1")  # the measuring switch leaves Inductor's setting alone
+            inductor_config.triton.mix_order_reduction = True
+            compile_blocks(random_rwkv7(1, 64, vocab_size=256, seed=110))
             assert inductor_config.triton.mix_order_reduction is True
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("DIFFRWKV_MIX_ORDER_REDUCTION", "0")
-                switch(random_rwkv7(1, 64, vocab_size=256, seed=110))
-                assert inductor_config.triton.mix_order_reduction is False
     finally:
         inductor_config.triton.mix_order_reduction = before
 
