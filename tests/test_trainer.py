@@ -353,6 +353,19 @@ def test_bf16_autocast_trains_with_fp32_master_weights(setup, tmp_path):
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
 
+def resumes_exactly(setup, tmp_path, full, recs, **over):
+    """A run of 3 steps with the settings ``over``, saved and resumed for 3 more, gives the losses ``recs[3:]`` of
+    the 6-step run ``full`` and its final trainable tensors. Returns (the resumed trainer, ``full``'s tensors)."""
+    first = Trainer(make_cfg(setup, tmp_path / "part", **over))
+    run(first, 3)
+    ckpt = first.save()
+    second = Trainer(make_cfg(setup, tmp_path / "part", training__resume=str(ckpt), **over))
+    assert [r["loss"] for r in run(second, 3)] == [r["loss"] for r in recs[3:]]
+    a, b = full.trainable_tensors(), second.trainable_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return second, a
+
+
 def test_master_weights_train_like_the_fp32_weights_and_resume_exactly(setup, tmp_path):
     """training.master_weights: the model trains on bf16 copies of its matmul weights while the checkpoints, the EMA
     and the resume see the fp32 masters; the losses follow the plain bf16 run's (same gradients; the update differs
@@ -368,14 +381,7 @@ def test_master_weights_train_like_the_fp32_weights_and_resume_exactly(setup, tm
     assert recs[0]["loss"] == ref[0]["loss"]
     assert all(abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]) for a, b in zip(recs, ref, strict=True))
 
-    first = Trainer(make_cfg(setup, tmp_path / "part", training__master_weights=True, **over))
-    run(first, 3)
-    ckpt = first.save()
-    second = Trainer(make_cfg(setup, tmp_path / "part", training__master_weights=True, training__resume=str(ckpt),
-                              **over))  # fmt: skip
-    assert [r["loss"] for r in run(second, 3)] == [r["loss"] for r in recs[3:]]
-    a, b = full.trainable_tensors(), second.trainable_tensors()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    second, a = resumes_exactly(setup, tmp_path, full, recs, training__master_weights=True, **over)
     ea, eb = full.ema.state_dict()["shadow"], second.ema.state_dict()["shadow"]
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
@@ -406,13 +412,7 @@ def test_flat_adamw_trains_like_the_fused_adamw_and_resumes_exactly(setup, tmp_p
     assert recs[0]["loss"] == ref[0]["loss"]
     assert all(abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]) for a, b in zip(recs, ref, strict=True))
 
-    first = Trainer(make_cfg(setup, tmp_path / "part", training__flat_adamw=True, **over))
-    run(first, 3)
-    ckpt = first.save()
-    second = Trainer(make_cfg(setup, tmp_path / "part", training__flat_adamw=True, training__resume=str(ckpt), **over))
-    assert [r["loss"] for r in run(second, 3)] == [r["loss"] for r in recs[3:]]
-    a, b = full.trainable_tensors(), second.trainable_tensors()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumes_exactly(setup, tmp_path, full, recs, training__flat_adamw=True, **over)
     with pytest.raises(DiffRwkvError, match=r"training.flat_adamw and training.strategy=fsdp"):
         validate(make_cfg(setup, tmp_path / "c", training__flat_adamw=True, training__strategy="fsdp"))
     with pytest.raises(DiffRwkvError, match=r"training.flat_adamw needs model.unfreeze_after_steps=0"):
