@@ -30,6 +30,9 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # the package, and bench/: gpu_check_wkv
+import gpu_check_wkv as gcw  # noqa: E402
+
 SOURCE = REPO / "rwkv_diffusion_rnn" / "models" / "csrc" / "wkv7_cuda.cu"
 BUILD = REPO / "bench" / "_external" / "wkv_trace"
 
@@ -127,19 +130,13 @@ def build(out_dir: Path) -> Path:
 def trace_once(lib, shape: tuple[int, int, int, int], split: int, repeats: int) -> list[dict]:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from rwkv_diffusion_rnn.models import wkv7_cuda as wc
 
     B, T, H, N = shape
     if N != 64:
         raise ValueError(f"head size {N}: the kernel is for 64")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rn = lambda: torch.randn(B, T, H, N, device="cuda", generator=g)  # noqa: E731
-    r, k, v = (rn().bfloat16() for _ in range(3))
-    w = -torch.exp(torch.tensor(-0.5)) * torch.sigmoid(rn() - 2)  # fp32 log decays in RWKV-7's range
-    kk = torch.nn.functional.normalize(rn(), dim=-1)
-    a, b = (-kk).bfloat16(), (kk * torch.sigmoid(rn())).bfloat16()
-    do = rn().bfloat16()
+    (r, w, k, v, a, b), _ = gcw.inputs(B, T, H, N, torch.bfloat16, True, 0, False)  # bf16, the decay fp32
+    do = torch.randn_like(r)
     _, _, sa, ckpt = wc.wkv7_cuda_fwd(r, w, k, v, a, b, True, split)
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     trace = torch.zeros(B * H, 3, dtype=torch.int64, device="cuda")
@@ -168,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-only", metavar="FILE", help="write the probed source here and stop (no GPU)")
     a = p.parse_args(argv)
     try:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",") if s]
-        if any(len(s) != 4 or min(s) <= 0 for s in shapes):
+        shapes = [gcw.parse_shape(s) for s in a.shapes.split(",") if s]
+        if any(min(s) <= 0 for s in shapes):
             raise ValueError
     except ValueError:
         print(f"--shapes {a.shapes}: expected BxTxHxN,... with positive integers")

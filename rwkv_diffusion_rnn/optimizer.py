@@ -80,8 +80,8 @@ def build_optimizer(
             place: its matmul weights become bf16 and every trainable tensor a view of the optimizer's buffers.
         flat: the same optimizer without bf16 copies: every trainable tensor stays fp32 and becomes a view of its
             flat buffers, updated by one Triton launch a parameter group on CUDA (on an H100, 2026-12-07: 1.78 /
-            4.22 ms against torch's fused AdamW's 2.41 / 5.60 ms a step over the 0.1B / 0.4B parameters). Not the
-            trainer's default yet (docs/RESULTS.md: its peak memory in the graphed step is still to be measured).
+            4.22 ms against torch's fused AdamW's 2.41 / 5.60 ms a step over the 0.1B / 0.4B parameters). The
+            trainer's ``training.flat_adamw`` (opt-in until its peak memory in the graphed step is measured).
 
     Returns:
         ``torch.optim.AdamW`` with groups ``[decay, no_decay]`` (both always present), each sorted by name and
