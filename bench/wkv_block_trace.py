@@ -127,7 +127,8 @@ def build(out_dir: Path) -> Path:
     return lib
 
 
-def trace_once(lib, shape: tuple[int, int, int, int], split: int, repeats: int) -> list[dict]:
+def trace_once(lib, shape: tuple[int, int, int, int], split: int, repeats: int) -> tuple[list[dict], list]:
+    """The summaries of ``repeats`` traced launches, and the last launch's raw rows (SM, start ns, end ns)."""
     import torch
 
     from rwkv_diffusion_rnn.models import wkv7_cuda as wc
@@ -143,7 +144,7 @@ def trace_once(lib, shape: tuple[int, int, int, int], split: int, repeats: int) 
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     args = [ptr(x) for x in (r, w, k, v, a, b, do, sa, ckpt, *grads, trace)]
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    rows = []
+    rows, raw = [], []
     for i in range(repeats + 2):  # two launches to warm up, then the ones kept
         trace.zero_()
         err = lib.wkv7_trace_backward(split, B, T, H, *args, stream)
@@ -151,8 +152,9 @@ def trace_once(lib, shape: tuple[int, int, int, int], split: int, repeats: int) 
         if err:
             raise RuntimeError(f"launch failed: cudaError {err}")
         if i >= 2:
-            rows.append(summarise([tuple(x) for x in trace.cpu().tolist()]))
-    return rows
+            raw = [tuple(x) for x in trace.cpu().tolist()]
+            rows.append(summarise(raw))
+    return rows, raw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     lib = ctypes.CDLL(str(build(BUILD)))
     lib.wkv7_trace_backward.restype = ctypes.c_int
     out = {"device": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-           "split": a.split, "shapes": {}}  # fmt: skip
+           "split": a.split, "shapes": {}, "raw": {}}  # fmt: skip
     for shape in shapes:
-        rows = trace_once(lib, shape, a.split, a.repeats)
+        rows, raw = trace_once(lib, shape, a.split, a.repeats)
         out["shapes"]["x".join(map(str, shape))] = rows
+        out["raw"]["x".join(map(str, shape))] = raw  # the last launch, block by block
         for r in rows:
             sh, al, st = r["duration_shared_ms"], r["duration_alone_ms"], r["start_offset_ms"]
             print(f"{'x'.join(map(str, shape))}: {r['blocks']} blocks on {r['sms_used']} SMs {r['blocks_a_sm']}, "
