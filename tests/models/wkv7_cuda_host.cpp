@@ -95,7 +95,7 @@ void bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, cons
          const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr, void* dw,
          void* dk, void* dv, void* da, void* db) {
     launch(B * H, N * P, [&] {
-        wkv7_bwd_kernel<T, TW, P>(Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a,
+        wkv7_bwd_kernel<T, TW, P>(B * H, Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a,
                                   (const T*)b, (const T*)dout, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv,
                                   (T*)da, (T*)db);
     });

@@ -59,6 +59,7 @@
 #include <cuda_runtime.h>
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 
 namespace {
 
@@ -224,12 +225,13 @@ __global__ void __launch_bounds__(N * P) wkv7_fwd_kernel(
 
 template <typename T, typename TW, int P>
 __global__ void __launch_bounds__(N * P) wkv7_bwd_kernel(
-    int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
+    int BH, int Tn, int H, const T* __restrict__ r_, const TW* __restrict__ w_, const T* __restrict__ k_,
     const T* __restrict__ v_, const T* __restrict__ a_, const T* __restrict__ b_, const T* __restrict__ do_,
     const float* __restrict__ sa_, const float* __restrict__ ckpt_, const float* __restrict__ dht_,
     T* __restrict__ dr_, TW* __restrict__ dw_, T* __restrict__ dk_, T* __restrict__ dv_, T* __restrict__ da_,
     T* __restrict__ db_) {
     constexpr int NQ = N / (4 * P), U = CS / P;
+    if (int(blockIdx.x) >= BH) return;  // a padding block (bwd_grid): nothing to do
     const int bh = blockIdx.x, bb = bh / H, hh = bh % H, tid = threadIdx.x, i = tid / P, p = tid % P;
     const int NC = (Tn + C - 1) / C, M = (Tn + CS - 1) / CS;
     __shared__ __align__(16) float sh_r[2][CS][N];
@@ -434,12 +436,36 @@ int launch_fwd_split(int split, int B, int Tn, int H, const void* r, const void*
     return -2;
 }
 
+// The backward's grid: one block per (batch, head), rounded up to every resident slot of the GPU when the blocks
+// fill more than one a SM but less than one wave (the padding blocks return at once). Why: the block scheduler
+// hands out blocks in pairs, one to each SM of a TPC, and a partial second wave goes one block a TPC, leaving
+// TPCs with three blocks whose blocks run 5-20 % slower than with two or four (bench/wkv_block_trace.py on an H100,
+// 2026-12-07: 192 blocks took 0.73-0.76 ms, 264 blocks 0.63). With the grid padded to a whole wave, the real
+// blocks keep their pairs. DIFFRWKV_WKV_PAD_GRID=0 launches B H blocks as before (for measuring).
+template <typename K>
+int bwd_grid(int bh, K kernel, int threads) {
+    static const bool pad = [] {
+        const char* e = getenv("DIFFRWKV_WKV_PAD_GRID");
+        return !(e && e[0] == '0' && e[1] == 0);
+    }();
+    if (!pad) return bh;
+    int dev = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0)) {
+        cudaGetLastError();  // a failed query leaves the grid as it is (and no sticky error behind)
+        return bh;
+    }
+    const int wave = sms * per_sm;
+    return bh > sms && bh < wave ? wave : bh;
+}
+
 template <typename T, typename TW, int P>
 int launch_bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
                const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr,
                void* dw, void* dk, void* dv, void* da, void* db, cudaStream_t stream) {
-    wkv7_bwd_kernel<T, TW, P><<<B * H, N * P, 0, stream>>>(
-        Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (const T*)dout, sa, ckpt,
+    const int grid = bwd_grid(B * H, wkv7_bwd_kernel<T, TW, P>, N * P);
+    wkv7_bwd_kernel<T, TW, P><<<grid, N * P, 0, stream>>>(
+        B * H, Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a, (const T*)b, (const T*)dout, sa, ckpt,
         dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv, (T*)da, (T*)db);
     return (int)cudaGetLastError();
 }
