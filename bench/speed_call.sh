@@ -21,7 +21,7 @@
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
 #   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F, residual=bf16|fp32,
-#             master=1|0, flat=1, inductor:NAME=VALUE),
+#             master=1|0, flat=1|0, inductor:NAME=VALUE),
 #             AB_ROWS at AB_SHAPES:
 #             tp_ab_LABEL/ (an A/B of settings inside one call)
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
@@ -177,7 +177,8 @@ for stage in ${STAGES//,/ }; do
       # ab:LABEL runs AB_ROWS (default rwkv7-lm) at AB_SHAPES (default 0.4b) with the fast path, --wkv-backend cuda
       # and the settings in AB_<LABEL>: NAME=VALUE environment assignments, budget=X (the compiled blocks' memory
       # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
-      # default is bf16), master=1|0 (--master-weights / --no-master-weights; off by default), flat=1 (--flat-adamw),
+      # default is bf16), master=1|0 (--master-weights / --no-master-weights; off by default), flat=1|0 (--flat-adamw /
+      # --no-flat-adamw; on CUDA on by default),
       # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option);
       # up to AB_CAP seconds (150)
       label=${stage#ab:}
@@ -192,6 +193,7 @@ for stage in ${STAGES//,/ }; do
           master=1) ind+=(--master-weights) ;;
           master=0) ind+=(--no-master-weights) ;;
           flat=1) ind+=(--flat-adamw) ;;
+          flat=0) ind+=(--no-flat-adamw) ;;
           inductor:*) ind+=(--inductor "${item#inductor:}") ;;
           *=*) envs+=("$item") ;;
         esac

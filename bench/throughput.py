@@ -350,6 +350,7 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
+    from rwkv_diffusion_rnn.improved_trainer import resolve_flat_adamw
     from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
     from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
@@ -380,10 +381,11 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
 
     grad, frozen = matrix_params(model)
     master = a.dtype == "bf16" and bool(a.master_weights)  # null: off, as the trainer's
-    step = _lm_step(model, _adamw(model, dev, master, a.flat_adamw), _ids(a, shape[2], dev), autocast, loss_fn)
+    flat = resolve_flat_adamw(a.flat_adamw, dev.type, False, "ddp", 0, master)  # one process, as the trainer's
+    step = _lm_step(model, _adamw(model, dev, master, flat), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
              "compile_blocks": a.compile_blocks, "cuda_graphs": a.cuda_graphs, "chunked_ce": a.chunked_ce,
-             "master_weights": master, "flat_adamw": master or a.flat_adamw}  # fmt: skip
+             "master_weights": master, "flat_adamw": master or flat}  # fmt: skip
     return Runner(step, a.batch * a.length, a.batch * a.length, grad, frozen, notes)
 
 
@@ -881,9 +883,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--flat-adamw",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="our RWKV-7 LM rows: every trainable tensor, fp32, a view of flat buffers updated by one Triton launch a "
-        "parameter group (master_weights.MasterAdamW without bf16 copies) instead of torch's fused AdamW",
+        "parameter group (master_weights.MasterAdamW without bf16 copies) instead of torch's fused AdamW. Default: as "
+        "the trainer's training.flat_adamw=null (on CUDA on, on the CPU off)",
     )
     p.add_argument(
         "--inductor",

@@ -146,8 +146,8 @@ class TrainingConfig:
     master_weights: bool | None = None
     # AdamW as one Triton launch a parameter group over flat fp32 buffers, every trainable tensor a view of them
     # (master_weights.MasterAdamW without bf16 copies; the same update and state dict as torch's AdamW), instead of
-    # torch's fused AdamW: on an H100 0.6 / 1.4 ms less a 0.1B / 0.4B step (docs/RESULTS.md, 2026-12-07). One process,
-    # a fixed trainable set, no fsdp. Opt-in (null = off) until its peak memory in the graphed step is measured
+    # torch's fused AdamW: on an H100 0.6 / 1.5 ms less a 0.1B / 0.4B step, the same peak memory (docs/RESULTS.md,
+    # 2026-12-07). null: on where it applies (CUDA, one process, a fixed trainable set, no fsdp, no master weights)
     flat_adamw: bool | None = None
     chunked_ce: bool = False  # masked-position head + cross-entropy in row chunks: no [N, V] logits kept (memory)
     cuda_graphs: bool = False  # the blocks' fwd + bwd replayed as CUDA graphs; one CUDA process (models/graphs.py)

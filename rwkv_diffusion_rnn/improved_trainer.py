@@ -113,6 +113,17 @@ def data_config(cfg: TrainConfig) -> DataConfig:
     )
 
 
+def resolve_flat_adamw(setting: bool | None, device_type: str, distributed: bool, strategy: str,
+                       unfreeze_after_steps: int, master_weights: bool) -> bool:  # fmt: skip
+    """``training.flat_adamw``: true / false as set; null is on where it applies and was measured (a CUDA device,
+    one process, no fsdp, a trainable set fixed from the start, no master weights, which run the same update with
+    bf16 copies), off elsewhere."""
+    if setting is not None:
+        return bool(setting)
+    return (device_type == "cuda" and not distributed and strategy != "fsdp" and unfreeze_after_steps == 0
+            and not master_weights)  # fmt: skip
+
+
 class Trainer:
     """Build everything from a :class:`TrainConfig` and train. ``batch_hook(step, rank, batch) -> batch`` is a test
     and fault-injection hook (e.g. plant a NaN); leave it None."""
@@ -223,14 +234,16 @@ class Trainer:
         return bool(t.master_weights)
 
     def _use_flat_adamw(self) -> bool:
-        """training.flat_adamw resolved: null is off (opt-in); validate refuses true with fsdp or a later unfreeze,
-        and this refuses it with several processes (as master weights: built and tested for one)."""
-        t = self.cfg.training
+        """training.flat_adamw resolved: null is on where it applies (a CUDA device, one process, no fsdp, a fixed
+        trainable set, no master weights, which run the same update with bf16 copies), off elsewhere; validate refuses
+        true with fsdp or a later unfreeze, and this refuses it with several processes (built and tested for one)."""
+        t, m = self.cfg.training, self.cfg.model
         if t.flat_adamw and self.dist.enabled:
             raise DiffRwkvError(
                 f"training.flat_adamw runs in one process (here {self.dist.world_size}); set it to false or null"
             )
-        return bool(t.flat_adamw)
+        return resolve_flat_adamw(t.flat_adamw, self.device.type, self.dist.enabled, t.strategy,
+                                  m.unfreeze_after_steps, self.master_weights)  # fmt: skip
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name as the optimizer updates them: the fp32 masters under

@@ -81,7 +81,7 @@ def build_optimizer(
         flat: the same optimizer without bf16 copies: every trainable tensor stays fp32 and becomes a view of its
             flat buffers, updated by one Triton launch a parameter group on CUDA (on an H100, 2026-12-07: 1.78 /
             4.22 ms against torch's fused AdamW's 2.41 / 5.60 ms a step over the 0.1B / 0.4B parameters). The
-            trainer's ``training.flat_adamw`` (opt-in until its peak memory in the graphed step is measured).
+            trainer's ``training.flat_adamw`` (null: on for one CUDA process with a fixed trainable set).
 
     Returns:
         ``torch.optim.AdamW`` with groups ``[decay, no_decay]`` (both always present), each sorted by name and

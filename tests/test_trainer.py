@@ -14,7 +14,7 @@ import torch
 
 from rwkv_diffusion_rnn.config import TrainConfig, validate
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.improved_trainer import Trainer
+from rwkv_diffusion_rnn.improved_trainer import Trainer, resolve_flat_adamw
 from rwkv_diffusion_rnn.master_weights import MasterAdamW
 from tests.conftest import REPO
 from tests.train_helpers import make_cfg, make_setup
@@ -417,6 +417,19 @@ def test_flat_adamw_trains_like_the_fused_adamw_and_resumes_exactly(setup, tmp_p
         validate(make_cfg(setup, tmp_path / "c", training__flat_adamw=True, training__strategy="fsdp"))
     with pytest.raises(DiffRwkvError, match=r"training.flat_adamw needs model.unfreeze_after_steps=0"):
         validate(make_cfg(setup, tmp_path / "c", training__flat_adamw=True, model__unfreeze_after_steps=5))
+
+
+def test_flat_adamw_null_is_on_only_where_it_applies(setup, tmp_path):
+    """null: on for one CUDA process with a fixed trainable set, no fsdp and no master weights; off wherever one of
+    these fails (each case apart), and on the CPU (the trainer here keeps torch's AdamW); true / false as set."""
+    on = dict(device_type="cuda", distributed=False, strategy="ddp", unfreeze_after_steps=0, master_weights=False)
+    assert resolve_flat_adamw(None, **on)
+    for change in (dict(device_type="cpu"), dict(distributed=True), dict(strategy="fsdp"),
+                   dict(unfreeze_after_steps=10), dict(master_weights=True)):  # fmt: skip
+        assert not resolve_flat_adamw(None, **{**on, **change}), change
+        assert resolve_flat_adamw(True, **{**on, **change}) and not resolve_flat_adamw(False, **on)
+    trainer = Trainer(make_cfg(setup, tmp_path / "cpu", training__max_steps=1))
+    assert trainer.cfg.training.flat_adamw is None and not isinstance(trainer.optimizer, MasterAdamW)
 
 
 def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):

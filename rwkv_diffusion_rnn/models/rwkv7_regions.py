@@ -13,7 +13,6 @@ reference (tests/models/test_rwkv7_regions.py compares the two).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,30 +85,8 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev)
 
 
-class _SqReluFromOutput(torch.autograd.Function):
-    """relu(k)^2 whose backward reads only its output y: dk = 2 sqrt(y) dy (relu(k) = sqrt(y)). The FFN's value
-    matmul keeps y for its weight gradient anyway, so the backward needs nothing else: the compiled block neither
-    keeps k beside y nor recomputes y from k (one [tokens, 4C] pass less a layer each way it would have)."""
-
-    @staticmethod
-    def forward(ctx, k):
-        y = torch.relu(k) ** 2
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return 2 * torch.sqrt(y) * dy
-
-
-#: ``DIFFRWKV_SQ_RELU_FROM_OUTPUT=0`` (read at import; for measuring) gives :func:`sq_relu` autograd's own backward
-SQ_RELU_FROM_OUTPUT = os.environ.get("DIFFRWKV_SQ_RELU_FROM_OUTPUT") != "0"
-
-
 def sq_relu(k):
-    """relu(k)^2, the channel-mix activation (backward from its output, :class:`_SqReluFromOutput`)."""
-    return _SqReluFromOutput.apply(k) if SQ_RELU_FROM_OUTPUT else torch.relu(k) ** 2
+    return torch.relu(k) ** 2
 
 
 @dataclass(frozen=True)
