@@ -55,7 +55,7 @@ DEFAULT_BACKEND=${DEFAULT_BACKEND:-auto}
 WARMUP=${WARMUP:-12}
 STEPS=${STEPS:-8}
 PROFILE=${PROFILE:-8}
-FAST="--compile-blocks --cuda-graphs --chunked-ce --memory-budget 0.5 --compile-denoiser --device-cache --no-count-flops"
+FAST="--compile-blocks --cuda-graphs --chunked-ce --memory-budget 0.7 --compile-denoiser --device-cache --no-count-flops"
 mkdir -p "$OUT" bench/_external /tmp/tc /tmp/ti /tmp/te
 PY=$(command -v python3 || command -v python)
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
@@ -162,7 +162,7 @@ for stage in ${STAGES//,/ }; do
         --wkv-backend cuda --profile "$PROFILE" --out "$OUT/tp_rebuild"
       ;;
     budget)
-      run tp_budget 150 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm ${FAST/--memory-budget 0.5/--memory-budget 1.0} \
+      run tp_budget 150 "${TP[@]}" --shapes 0.1b,0.4b --rows rwkv7-lm ${FAST/--memory-budget 0.7/--memory-budget 1.0} \
         --wkv-backend cuda --profile "$PROFILE" --out "$OUT/tp_budget"
       ;;
     fla)
@@ -183,7 +183,7 @@ for stage in ${STAGES//,/ }; do
       # up to AB_CAP seconds (150)
       label=${stage#ab:}
       spec_var="AB_${label}"
-      envs=() budget=0.5 keep=() ind=()
+      envs=() budget=0.7 keep=() ind=()
       for item in ${!spec_var:-}; do
         case $item in
           budget=*) budget=${item#budget=} ;;
@@ -199,7 +199,7 @@ for stage in ${STAGES//,/ }; do
         esac
       done
       run "tp_ab_$label" "${AB_CAP:-150}" env "${envs[@]}" "${TP[@]}" --shapes "${AB_SHAPES:-0.4b}" --rows "${AB_ROWS:-rwkv7-lm}" \
-        ${FAST/--memory-budget 0.5/--memory-budget $budget} "${keep[@]}" "${ind[@]}" --wkv-backend cuda --profile "$PROFILE" \
+        ${FAST/--memory-budget 0.7/--memory-budget $budget} "${keep[@]}" "${ind[@]}" --wkv-backend cuda --profile "$PROFILE" \
         --out "$OUT/tp_ab_$label"
       mkdir -p "$OUT/tp_ab_$label" && echo "${!spec_var:-} (budget $budget)" >"$OUT/tp_ab_$label/spec.txt"
       ;;
