@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rwkv_diffusion_rnn.models.sq_relu import sq_relu  # the channel-mix activation (an operator on CUDA)
+
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
 DECAY_SCALE = math.exp(-0.5)
 
@@ -83,10 +85,6 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
-
-
-def sq_relu(k):
-    return torch.relu(k) ** 2
 
 
 @dataclass(frozen=True)
