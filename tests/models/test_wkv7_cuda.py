@@ -444,3 +444,21 @@ def test_a_memory_budget_keeps_the_traced_kernel_out_of_the_recomputation(emulat
     finally:
         functorch_config.activation_memory_budget = budget
         torch._dynamo.reset()
+
+
+def test_padded_grid_rule_and_its_padding_blocks_change_nothing(host_lib):
+    """The backward's grid: padded to every resident slot only between one block a SM and one wave (an H100: 132
+    SMs, two blocks each); and a launch with padding blocks gives the same gradients, bit for bit, as one without."""
+    assert [host_lib.host_padded_grid(bh, 132, 2) for bh in (100, 132, 133, 192, 256, 263, 264, 300, 528)] == [
+        100, 132, 264, 264, 264, 264, 264, 300, 528]  # fmt: skip
+    assert host_lib.host_padded_grid(192, 132, 1) == 192 and host_lib.host_padded_grid(20, 8, 4) == 32
+    B, T, H, N = 1, 19, 2, 64
+    xs = [x.float() for x in make_inputs(B, T, H, N, seed=77)]
+    go = torch.randn(B, T, H, N, generator=torch.Generator().manual_seed(78))
+    _, _, plain, _ = host_run(host_lib, xs, go, None, 2)
+    host_lib.host_set_bwd_blocks(5)  # 2 real blocks, 3 that must return at once
+    try:
+        _, _, padded, _ = host_run(host_lib, xs, go, None, 2)
+    finally:
+        host_lib.host_set_bwd_blocks(0)
+    assert all(torch.equal(a, b) for a, b in zip(padded, plain, strict=True))

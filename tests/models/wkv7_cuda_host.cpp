@@ -47,6 +47,7 @@ namespace host {
 thread_local Dim3 thread_idx{0}, block_idx{0};
 std::barrier<>* bar = nullptr;
 float* slots = nullptr;
+int bwd_blocks = 0;  // the backward's grid when larger than B H (host_set_bwd_blocks: the padded grid's blocks)
 }  // namespace host
 #define threadIdx (host::thread_idx)
 #define blockIdx (host::block_idx)
@@ -94,7 +95,7 @@ template <typename T, typename TW, int P>
 void bwd(int B, int Tn, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
          const void* b, const void* dout, const float* sa, const float* ckpt, const float* dht, void* dr, void* dw,
          void* dk, void* dv, void* da, void* db) {
-    launch(B * H, N * P, [&] {
+    launch(std::max(B * H, host::bwd_blocks), N * P, [&] {
         wkv7_bwd_kernel<T, TW, P>(B * H, Tn, H, (const T*)r, (const TW*)w, (const T*)k, (const T*)v, (const T*)a,
                                   (const T*)b, (const T*)dout, sa, ckpt, dht, (T*)dr, (TW*)dw, (T*)dk, (T*)dv,
                                   (T*)da, (T*)db);
@@ -122,3 +123,8 @@ extern "C" int host_backward(int x_dtype, int w_dtype, int split, int B, int Tn,
                              void* dw, void* dk, void* dv, void* da, void* db) {
     WKV7_DISPATCH(bwd, B, Tn, H, r, w, k, v, a, b, dout, sa, ckpt, dht, dr, dw, dk, dv, da, db)
 }
+
+// the backward launched with ``blocks`` blocks when that exceeds B H (0: B H), as the padded grid launches it
+extern "C" void host_set_bwd_blocks(int blocks) { host::bwd_blocks = blocks; }
+
+extern "C" int host_padded_grid(int bh, int sms, int per_sm) { return padded_grid(bh, sms, per_sm); }

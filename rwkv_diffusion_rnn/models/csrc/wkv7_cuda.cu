@@ -81,6 +81,14 @@ template <int P> __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
+// The backward's grid for ``bh`` (batch x head) blocks on ``sms`` SMs that hold ``per_sm`` blocks each: every
+// resident slot (``sms * per_sm``) when the blocks fill more than one a SM and less than one wave, else ``bh``
+// (see bwd_grid). Host code.
+inline int padded_grid(int bh, int sms, int per_sm) {
+    const int wave = sms * per_sm;
+    return bh > sms && bh < wave ? wave : bh;
+}
+
 __device__ __forceinline__ int64_t at(int bb, int Tn, int t, int H, int hh, int n) {
     return ((int64_t(bb) * Tn + t) * H + hh) * N + n;
 }
@@ -455,8 +463,7 @@ int bwd_grid(int bh, K kernel, int threads) {
         cudaGetLastError();  // a failed query leaves the grid as it is (and no sticky error behind)
         return bh;
     }
-    const int wave = sms * per_sm;
-    return bh > sms && bh < wave ? wave : bh;
+    return padded_grid(bh, sms, per_sm);
 }
 
 template <typename T, typename TW, int P>
