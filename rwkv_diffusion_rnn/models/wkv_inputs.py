@@ -1,0 +1,160 @@
+"""The WKV operands besides r and v (:func:`~rwkv_diffusion_rnn.models.rwkv7_regions.tm_kernel_inputs`) as one
+operator with a hand-fused Triton forward and backward (opt-in, CUDA, head size 64).
+
+Compiled by Inductor, the backward of this region (the per-head normalisation of ``k``, the in-context rate, the
+decay's sigmoid and four per-channel parameter sums) is the slowest fused kernel of a block: 0.17-0.18 ms a call on
+an H100 at both widths, ~1.5 TB/s (docs/RESULTS.md, 2026-12-07). Here the forward reads ``k`` and the two low-rank
+outputs once and writes the four operands; the backward reads the same three inputs and the four gradients,
+recomputes the rest in registers and writes the three input gradients and per-program partial sums of the four
+parameter gradients (summed after, in a fixed order: deterministic).
+
+One difference from the plain function: the gated key comes back in ``k``'s dtype (bf16 under autocast), where the
+plain function returns it in fp32; the WKV kernel takes it in bf16 either way, and the bonus term then reads the
+bf16 copy. ``DIFFRWKV_WKV_INPUTS_OP=1`` (read at import) turns the operator on; off by default until a GPU has
+timed it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU install without Triton
+    triton = None
+
+#: whether :func:`applies` lets the region call the operator
+USE_OP = os.environ.get("DIFFRWKV_WKV_INPUTS_OP") == "1" and triton is not None
+HEAD = 64
+ROWS = 32  # tokens a program (a program: ROWS tokens x one head)
+EPS = 1e-12  # F.normalize's
+
+
+def applies(k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, n_head: int) -> bool:
+    """Whether the region may call the operator for these operands: switched on, CUDA, head size 64, contiguous."""
+    return (
+        USE_OP
+        and k.is_cuda
+        and k.shape[-1] == n_head * HEAD
+        and all(x.is_contiguous() and x.shape == k.shape and x.dtype == k.dtype for x in (w_low, a_low))
+        and k.is_contiguous()
+    )
+
+
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def _tile(ptr, rows, cols, n_rows, C):
+        mask = (rows < n_rows)[:, None]
+        return tl.load(ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _fwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows,
+                    C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
+        mask = (rows < n_rows)[:, None]
+        off = rows[:, None].to(tl.int64) * C + cols[None, :]
+        k = _tile(k_ptr, rows, cols, n_rows, C)
+        s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(w0_ptr + cols)[None, :])
+        a = tl.sigmoid(_tile(al_ptr, rows, cols, n_rows, C) + tl.load(a0_ptr + cols)[None, :])
+        u = k * tl.load(kk_ptr + cols)[None, :]
+        kk = u / tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), EPS)[:, None]
+        kp = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols)[None, :])
+        tl.store(w_ptr + off, -SCALE * s, mask=mask)
+        tl.store(kp_ptr + off, kp.to(kp_ptr.dtype.element_ty), mask=mask)
+        tl.store(nkk_ptr + off, (-kk).to(nkk_ptr.dtype.element_ty), mask=mask)
+        tl.store(kka_ptr + off, (kk * a).to(kka_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, dw_ptr, dkp_ptr, dnkk_ptr, dkka_ptr,
+                    dk_ptr, dwl_ptr, dal_ptr, part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr,
+                    ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+        pr = tl.program_id(0)
+        rows = pr * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
+        mask = (rows < n_rows)[:, None]
+        off = rows[:, None].to(tl.int64) * C + cols[None, :]
+        k = _tile(k_ptr, rows, cols, n_rows, C)
+        s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(w0_ptr + cols)[None, :])
+        a = tl.sigmoid(_tile(al_ptr, rows, cols, n_rows, C) + tl.load(a0_ptr + cols)[None, :])
+        k_k = tl.load(kk_ptr + cols)[None, :]
+        k_a = tl.load(ka_ptr + cols)[None, :]
+        u = k * k_k
+        norm = tl.sqrt(tl.sum(u * u, axis=1))[:, None]
+        kk = u / tl.maximum(norm, EPS)
+        dw = _tile(dw_ptr, rows, cols, n_rows, C)
+        dkp = _tile(dkp_ptr, rows, cols, n_rows, C)
+        dkka = _tile(dkka_ptr, rows, cols, n_rows, C)
+        dkk = a * dkka - _tile(dnkk_ptr, rows, cols, n_rows, C)
+        # F.normalize's gradient: (dkk - kk <kk, dkk>) / |u| above eps, dkk / eps at or below it
+        du = tl.where(norm > EPS, (dkk - kk * tl.sum(kk * dkk, axis=1)[:, None]) / tl.maximum(norm, EPS), dkk / EPS)
+        da = kk * dkka + dkp * k * k_a
+        dal = da * a * (1.0 - a)
+        dwl = dw * (-SCALE) * s * (1.0 - s)
+        dk = dkp * (1.0 + (a - 1.0) * k_a) + du * k_k
+        tl.store(dk_ptr + off, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dwl_ptr + off, dwl.to(dwl_ptr.dtype.element_ty), mask=mask)
+        tl.store(dal_ptr + off, dal.to(dal_ptr.dtype.element_ty), mask=mask)
+        # the four parameter gradients, this program's rows summed: part[pr, j, c] (masked rows hold zeros)
+        base = part_ptr + pr.to(tl.int64) * 4 * C + cols
+        tl.store(base, tl.sum(dwl, axis=0))
+        tl.store(base + C, tl.sum(dal, axis=0))
+        tl.store(base + 2 * C, tl.sum(du * k, axis=0))
+        tl.store(base + 3 * C, tl.sum(dkp * k * (a - 1.0), axis=0))
+
+    def _grid(n_rows: int, C: int) -> tuple[int, int]:
+        return (triton.cdiv(n_rows, ROWS), C // HEAD)
+
+    @triton_op("diffrwkv::wkv_inputs", mutates_args=())
+    def wkv_inputs_op(
+        k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, w0: torch.Tensor, a0: torch.Tensor,
+        k_k: torch.Tensor, k_a: torch.Tensor, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(w = -scale sigmoid(w0 + w_low) in fp32, gated k, -kk, kk * a), the last three in ``k``'s dtype;
+        parameters ``[1, 1, C]`` fp32."""
+        C = k.shape[-1]
+        n_rows = k.numel() // C
+        w = torch.empty(k.shape, device=k.device, dtype=torch.float32)
+        kp, nkk, kka = (torch.empty_like(k) for _ in range(3))
+        params = [p.reshape(C).float().contiguous() for p in (w0, a0, k_k, k_a)]
+        wrap_triton(_fwd_kernel)[_grid(n_rows, C)](k, w_low, a_low, *params, w, kp, nkk, kka, n_rows, C,
+                                                   SCALE=scale, EPS=EPS, ROWS=ROWS, HEAD=HEAD)  # fmt: skip
+        return w, kp, nkk, kka
+
+    @triton_op("diffrwkv::wkv_inputs_bwd", mutates_args=())
+    def wkv_inputs_bwd_op(
+        k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, w0: torch.Tensor, a0: torch.Tensor,
+        k_k: torch.Tensor, k_a: torch.Tensor, dw: torch.Tensor, dkp: torch.Tensor, dnkk: torch.Tensor,
+        dkka: torch.Tensor, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(dk, dw_low, da_low, partial sums ``[programs, 4, C]`` fp32 of dw0, da0, dk_k, dk_a)."""
+        C = k.shape[-1]
+        n_rows = k.numel() // C
+        grid = _grid(n_rows, C)
+        dk, dwl, dal = (torch.empty_like(x) for x in (k, w_low, a_low))
+        part = torch.empty(grid[0], 4, C, device=k.device, dtype=torch.float32)
+        params = [p.reshape(C).float().contiguous() for p in (w0, a0, k_k, k_a)]
+        wrap_triton(_bwd_kernel)[grid](k, w_low, a_low, *params, dw, dkp, dnkk, dkka, dk, dwl, dal, part, n_rows, C,
+                                       SCALE=scale, EPS=EPS, ROWS=ROWS, HEAD=HEAD)  # fmt: skip
+        return dk, dwl, dal, part
+
+    def _setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:7])
+        ctx.scale = inputs[7]
+
+    def _backward(ctx, dw, dkp, dnkk, dkka):
+        k, w_low, a_low, w0, a0, k_k, k_a = ctx.saved_tensors
+        dw, dkp, dnkk, dkka = (
+            torch.zeros(k.shape, device=k.device, dtype=dt) if g is None else g.to(dt).contiguous()
+            for g, dt in ((dw, torch.float32), (dkp, k.dtype), (dnkk, k.dtype), (dkka, k.dtype))
+        )
+        dk, dwl, dal, part = wkv_inputs_bwd_op(k, w_low, a_low, w0, a0, k_k, k_a, dw, dkp, dnkk, dkka, ctx.scale)
+        sums = part.sum(0)  # [4, C]
+        return (dk, dwl, dal, *(sums[j].view_as(p).to(p.dtype) for j, p in enumerate((w0, a0, k_k, k_a))), None)
+
+    wkv_inputs_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,79 @@
+"""The WKV operands as one hand-fused operator (models/wkv_inputs.py), in Triton's CPU interpreter (a subprocess),
+against the plain region function ``tm_kernel_inputs``: the four outputs and the gradients of all seven inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.models import wkv_inputs as mod
+from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs
+from tests.conftest import REPO
+
+
+def _case(dtype: torch.dtype, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    B, T, H = 2, 37, 2  # 74 rows: two whole programs of 32 and a masked tail; two heads
+    C = H * mod.HEAD
+    acts = [torch.randn(B, T, C, generator=g).to(dtype) for _ in range(3)]  # k, w_low, a_low
+    acts[0][0, 3, : mod.HEAD] = 0.0  # one head of one token with a zero key: the normalisation's eps branch
+    params = [0.5 * torch.randn(1, 1, C, generator=g) for _ in range(4)]  # w0, a0, k_k, k_a (fp32, as in the model)
+    weights = [torch.randn(B, T, C, generator=g) for _ in range(4)]
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in (*acts, *params)]
+        outs = fn(*leaves)
+        loss = sum((o.float() * wt).sum() for o, wt in zip(outs, weights, strict=True))
+        grads = torch.autograd.grad(loss, leaves)
+        return [o.detach().double() for o in outs], [x.double() for x in grads], [str(o.dtype) for o in outs]
+
+    got, got_g, dtypes = run(lambda *xs: mod.wkv_inputs_op(*xs, DECAY_SCALE))
+    ref, ref_g, _ = run(lambda *xs: tm_kernel_inputs(*xs, H))
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    # the zero key's gradient is 1/eps times the others (F.normalize below eps): compared apart, so that it does
+    # not hide the rest of dk
+    eps_part = torch.zeros(B, T, C, dtype=torch.bool)
+    eps_part[0, 3, : mod.HEAD] = True
+    dk, dk_ref = got_g[0], ref_g[0]
+    rest = [rel(a, b) for a, b in zip(got_g[1:], ref_g[1:], strict=True)]
+    return {"out": [rel(a, b) for a, b in zip(got, ref, strict=True)],
+            "grad": [rel(dk[~eps_part], dk_ref[~eps_part]), *rest],
+            "grad_eps": rel(dk[eps_part], dk_ref[eps_part]), "eps_scale": float(dk_ref[eps_part].abs().max()),
+            "dtypes": dtypes}  # fmt: skip
+
+
+def _interpreter_body() -> None:
+    from tests.triton_interpreter import fit_interpreter_to_numpy
+
+    fit_interpreter_to_numpy()
+    torch.manual_seed(0)
+    print(json.dumps({"fp32": _case(torch.float32, 3), "bf16": _case(torch.bfloat16, 4)}))
+
+
+def test_off_by_default_and_never_on_the_cpu():
+    k = torch.randn(1, 3, 128)
+    assert not mod.applies(k, k, k, 2)  # CPU tensors (and the switch is off unless DIFFRWKV_WKV_INPUTS_OP=1)
+
+
+def test_the_operator_matches_the_region_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    f32, bf16 = res["fp32"], res["bf16"]
+    assert f32["dtypes"] == ["torch.float32"] * 4
+    assert bf16["dtypes"] == ["torch.float32", "torch.bfloat16", "torch.bfloat16", "torch.bfloat16"]
+    assert max(f32["out"]) < 1e-6 and max(f32["grad"]) < 1e-5, f32
+    assert f32["eps_scale"] > 1e9 and f32["grad_eps"] < 1e-6 and bf16["grad_eps"] < 2e-2  # the eps branch, apart
+    # bf16: the gated key, -kk and kk * a rounded to bf16 (the interpreter's cast truncates), gradients through them
+    assert max(bf16["out"]) < 1e-2 and max(bf16["grad"]) < 2e-2, bf16
+
+
+if __name__ == "__main__":
+    _interpreter_body()
