@@ -35,12 +35,18 @@ EPS = 1e-12  # F.normalize's
 
 def applies(k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, n_head: int) -> bool:
     """Whether the region may call the operator for these operands: switched on, CUDA, head size 64, contiguous."""
+    # plain boolean tests (no generator): traced by torch.compile without a graph break
     return (
         USE_OP
         and k.is_cuda
         and k.shape[-1] == n_head * HEAD
-        and all(x.is_contiguous() and x.shape == k.shape and x.dtype == k.dtype for x in (w_low, a_low))
         and k.is_contiguous()
+        and w_low.is_contiguous()
+        and a_low.is_contiguous()
+        and w_low.shape == k.shape
+        and a_low.shape == k.shape
+        and w_low.dtype == k.dtype
+        and a_low.dtype == k.dtype
     )
 
 
