@@ -58,30 +58,11 @@ if triton is not None:
         mask = (rows < n_rows)[:, None]
         return tl.load(ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
+    # this program's tile (ROWS tokens of one head): its indices and the forward's values, in fp32
     @triton.jit
-    def _fwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows,
-                    C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+    def _forward_tile(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, n_rows, C, EPS: tl.constexpr,
+                      ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
-        mask = (rows < n_rows)[:, None]
-        off = rows[:, None].to(tl.int64) * C + cols[None, :]
-        k = _tile(k_ptr, rows, cols, n_rows, C)
-        s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(w0_ptr + cols)[None, :])
-        a = tl.sigmoid(_tile(al_ptr, rows, cols, n_rows, C) + tl.load(a0_ptr + cols)[None, :])
-        u = k * tl.load(kk_ptr + cols)[None, :]
-        kk = u / tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), EPS)[:, None]
-        kp = k * (1.0 + (a - 1.0) * tl.load(ka_ptr + cols)[None, :])
-        tl.store(w_ptr + off, -SCALE * s, mask=mask)
-        tl.store(kp_ptr + off, kp.to(kp_ptr.dtype.element_ty), mask=mask)
-        tl.store(nkk_ptr + off, (-kk).to(nkk_ptr.dtype.element_ty), mask=mask)
-        tl.store(kka_ptr + off, (kk * a).to(kka_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _bwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, dw_ptr, dkp_ptr, dnkk_ptr, dkka_ptr,
-                    dk_ptr, dwl_ptr, dal_ptr, part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr,
-                    ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
-        pr = tl.program_id(0)
-        rows = pr * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
         mask = (rows < n_rows)[:, None]
         off = rows[:, None].to(tl.int64) * C + cols[None, :]
@@ -92,7 +73,28 @@ if triton is not None:
         k_a = tl.load(ka_ptr + cols)[None, :]
         u = k * k_k
         norm = tl.sqrt(tl.sum(u * u, axis=1))[:, None]
-        kk = u / tl.maximum(norm, EPS)
+        return rows, cols, mask, off, k, s, a, k_k, k_a, norm, u / tl.maximum(norm, EPS)
+
+    @triton.jit
+    def _fwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows,
+                    C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+        rows, cols, mask, off, k, s, a, k_k, k_a, norm, kk = _forward_tile(
+            k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, n_rows, C, EPS, ROWS, HEAD
+        )
+        kp = k * (1.0 + (a - 1.0) * k_a)
+        tl.store(w_ptr + off, -SCALE * s, mask=mask)
+        tl.store(kp_ptr + off, kp.to(kp_ptr.dtype.element_ty), mask=mask)
+        tl.store(nkk_ptr + off, (-kk).to(nkk_ptr.dtype.element_ty), mask=mask)
+        tl.store(kka_ptr + off, (kk * a).to(kka_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, dw_ptr, dkp_ptr, dnkk_ptr, dkka_ptr,
+                    dk_ptr, dwl_ptr, dal_ptr, part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr,
+                    ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+        pr = tl.program_id(0)
+        rows, cols, mask, off, k, s, a, k_k, k_a, norm, kk = _forward_tile(
+            k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, n_rows, C, EPS, ROWS, HEAD
+        )
         dw = _tile(dw_ptr, rows, cols, n_rows, C)
         dkp = _tile(dkp_ptr, rows, cols, n_rows, C)
         dkka = _tile(dkka_ptr, rows, cols, n_rows, C)
