@@ -4,15 +4,12 @@ subprocess) and its backward from the output, against relu(k)^2 and autograd."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rwkv_diffusion_rnn.models import sq_relu as mod
-from tests.conftest import REPO
+from tests.triton_interpreter import run_interpreted
 
 
 def _interpreter_body() -> None:
@@ -64,10 +61,7 @@ def test_off_cuda_the_plain_formula_runs():
 
 def test_the_operator_matches_the_formula_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(__file__)
     f32, bf16 = res["torch.float32"], res["torch.bfloat16"]
     assert f32["dtype"] == "torch.float32" and bf16["dtype"] == "torch.bfloat16"
     assert f32["y_err"] <= 1e-6 and f32["g_rel"] <= 1e-6 and f32["kink"] == 0.0

@@ -4,16 +4,13 @@ against the plain region function ``tm_kernel_inputs``: the four outputs and the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from rwkv_diffusion_rnn.models import wkv_inputs as mod
 from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs
-from tests.conftest import REPO
+from tests.triton_interpreter import run_interpreted
 
 
 def _case(dtype: torch.dtype, seed: int) -> dict:
@@ -62,10 +59,7 @@ def test_off_by_default_and_never_on_the_cpu():
 
 def test_the_operator_matches_the_region_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(__file__)
     f32, bf16 = res["fp32"], res["bf16"]
     assert f32["dtypes"] == ["torch.float32"] * 4
     assert bf16["dtypes"] == ["torch.float32", "torch.bfloat16", "torch.bfloat16", "torch.bfloat16"]
