@@ -78,7 +78,7 @@ def _wkv_inputs(C: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
 
 
 def _op(*xs):
-    return wkv_inputs.wkv_inputs_op(*xs, DECAY_SCALE)
+    return wkv_inputs.wkv_inputs(*xs, DECAY_SCALE)
 
 
 def check_wkv_inputs(C: int, dtype: torch.dtype) -> dict:

@@ -78,6 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -688,6 +689,7 @@ def run_row(row: str, shape_name: str, a, work: Path, dev: torch.device, peak: f
     except Exception as exc:  # one failing row must not lose the others
         first = (str(exc).splitlines() or [""])[0][:160]
         rec["status"] = f"error: {type(exc).__name__}: {first}"
+        log(f"  {row} failed:\n{traceback.format_exc()}")
     finally:
         if runner is not None:
             runner.close()

@@ -1,5 +1,5 @@
 """The WKV operands besides r and v (:func:`~rwkv_diffusion_rnn.models.rwkv7_regions.tm_kernel_inputs`) as one
-operator with a hand-fused Triton forward and backward (opt-in, CUDA, head size 64).
+operator with a hand-fused Triton forward and backward (CUDA, head size 64; by default from width 1024 on).
 
 Compiled by Inductor, the backward of this region (the per-head normalisation of ``k``, the in-context rate, the
 decay's sigmoid and four per-channel parameter sums) is the slowest fused kernel of a block: 0.17-0.18 ms a call on
@@ -10,8 +10,8 @@ parameter gradients (summed after, in a fixed order: deterministic).
 
 One difference from the plain function: the gated key comes back in ``k``'s dtype (bf16 under autocast), where the
 plain function returns it in fp32; the WKV kernel takes it in bf16 either way, and the bonus term then reads the
-bf16 copy. ``DIFFRWKV_WKV_INPUTS_OP=1`` (read at import) turns the operator on; off by default until a GPU has
-timed it.
+bf16 copy. ``DIFFRWKV_WKV_INPUTS_OP`` (read at import): ``1`` serves every width, ``0`` none; unset, widths from
+:data:`MIN_WIDTH` on, where an H100 measured it faster.
 """
 
 from __future__ import annotations
@@ -26,18 +26,25 @@ try:
 except ImportError:  # a CPU install without Triton
     triton = None
 
-#: whether :func:`applies` lets the region call the operator
-USE_OP = os.environ.get("DIFFRWKV_WKV_INPUTS_OP") == "1" and triton is not None
+#: ``DIFFRWKV_WKV_INPUTS_OP`` (read at import): "1" always, "0" never, unset: from width :data:`MIN_WIDTH` on
+SWITCH = os.environ.get("DIFFRWKV_WKV_INPUTS_OP")
+#: the narrowest model the operator serves by default. In one H100 call (2026-12-07) it took 1.7 ms off the 0.4B
+#: step (width 1024: 91.4 -> 89.7 ms of kernels) and added 0.3 ms to the 0.1B one (width 768: the launches around
+#: it cost more than it saves)
+MIN_WIDTH = 1024
 HEAD = 64
 ROWS = 32  # tokens a program (a program: ROWS tokens x one head)
 EPS = 1e-12  # F.normalize's
 
 
 def applies(k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, n_head: int) -> bool:
-    """Whether the region may call the operator for these operands: switched on, CUDA, head size 64, contiguous."""
+    """Whether the region may call the operator for these operands: switched on (or, by default, a width of at
+    least :data:`MIN_WIDTH`), CUDA, head size 64, contiguous."""
     # plain boolean tests (no generator): traced by torch.compile without a graph break
+    wanted = SWITCH == "1" or (SWITCH is None and k.shape[-1] >= MIN_WIDTH)
     return (
-        USE_OP
+        triton is not None
+        and wanted
         and k.is_cuda
         and k.shape[-1] == n_head * HEAD
         and k.is_contiguous()
@@ -60,26 +67,27 @@ if triton is not None:
 
     # this program's tile (ROWS tokens of one head): its indices and the forward's values, in fp32
     @triton.jit
-    def _forward_tile(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, n_rows, C, EPS: tl.constexpr,
-                      ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+    def _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, n_rows, C, EPS: tl.constexpr, ROWS: tl.constexpr,
+                      HEAD: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
         mask = (rows < n_rows)[:, None]
         off = rows[:, None].to(tl.int64) * C + cols[None, :]
         k = _tile(k_ptr, rows, cols, n_rows, C)
-        s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(w0_ptr + cols)[None, :])
-        a = tl.sigmoid(_tile(al_ptr, rows, cols, n_rows, C) + tl.load(a0_ptr + cols)[None, :])
-        k_k = tl.load(kk_ptr + cols)[None, :]
-        k_a = tl.load(ka_ptr + cols)[None, :]
+        # p: the four parameters as rows of one [4, C] fp32 tensor (w0, a0, k_k, k_a)
+        s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(p_ptr + cols)[None, :])
+        a = tl.sigmoid(_tile(al_ptr, rows, cols, n_rows, C) + tl.load(p_ptr + C + cols)[None, :])
+        k_k = tl.load(p_ptr + 2 * C + cols)[None, :]
+        k_a = tl.load(p_ptr + 3 * C + cols)[None, :]
         u = k * k_k
         norm = tl.sqrt(tl.sum(u * u, axis=1))[:, None]
         return rows, cols, mask, off, k, s, a, k_k, k_a, norm, u / tl.maximum(norm, EPS)
 
     @triton.jit
-    def _fwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows,
-                    C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+    def _fwd_kernel(k_ptr, wl_ptr, al_ptr, p_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows, C, SCALE: tl.constexpr,
+                    EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
         rows, cols, mask, off, k, s, a, k_k, k_a, norm, kk = _forward_tile(
-            k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, n_rows, C, EPS, ROWS, HEAD
+            k_ptr, wl_ptr, al_ptr, p_ptr, n_rows, C, EPS, ROWS, HEAD
         )
         kp = k * (1.0 + (a - 1.0) * k_a)
         tl.store(w_ptr + off, -SCALE * s, mask=mask)
@@ -88,12 +96,12 @@ if triton is not None:
         tl.store(kka_ptr + off, (kk * a).to(kka_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_kernel(k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, dw_ptr, dkp_ptr, dnkk_ptr, dkka_ptr,
-                    dk_ptr, dwl_ptr, dal_ptr, part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr,
-                    ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
+    def _bwd_kernel(k_ptr, wl_ptr, al_ptr, p_ptr, dw_ptr, dkp_ptr, dnkk_ptr, dkka_ptr, dk_ptr, dwl_ptr, dal_ptr,
+                    part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr,
+                    HEAD: tl.constexpr):  # fmt: skip
         pr = tl.program_id(0)
         rows, cols, mask, off, k, s, a, k_k, k_a, norm, kk = _forward_tile(
-            k_ptr, wl_ptr, al_ptr, w0_ptr, a0_ptr, kk_ptr, ka_ptr, n_rows, C, EPS, ROWS, HEAD
+            k_ptr, wl_ptr, al_ptr, p_ptr, n_rows, C, EPS, ROWS, HEAD
         )
         dw = _tile(dw_ptr, rows, cols, n_rows, C)
         dkp = _tile(dkp_ptr, rows, cols, n_rows, C)
@@ -120,49 +128,54 @@ if triton is not None:
 
     @triton_op("diffrwkv::wkv_inputs", mutates_args=())
     def wkv_inputs_op(
-        k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, w0: torch.Tensor, a0: torch.Tensor,
-        k_k: torch.Tensor, k_a: torch.Tensor, scale: float,
+        k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, params: torch.Tensor, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """(w = -scale sigmoid(w0 + w_low) in fp32, gated k, -kk, kk * a), the last three in ``k``'s dtype;
-        parameters ``[1, 1, C]`` fp32."""
+        ``params``: w0, a0, k_k, k_a as the rows of one contiguous ``[4, C]`` fp32 tensor."""
         C = k.shape[-1]
         n_rows = k.numel() // C
         w = torch.empty(k.shape, device=k.device, dtype=torch.float32)
         kp, nkk, kka = (torch.empty_like(k) for _ in range(3))
-        params = [p.reshape(C).float().contiguous() for p in (w0, a0, k_k, k_a)]
-        wrap_triton(_fwd_kernel)[_grid(n_rows, C)](k, w_low, a_low, *params, w, kp, nkk, kka, n_rows, C,
+        wrap_triton(_fwd_kernel)[_grid(n_rows, C)](k, w_low, a_low, params, w, kp, nkk, kka, n_rows, C,
                                                    SCALE=scale, EPS=EPS, ROWS=ROWS, HEAD=HEAD)  # fmt: skip
         return w, kp, nkk, kka
 
     @triton_op("diffrwkv::wkv_inputs_bwd", mutates_args=())
     def wkv_inputs_bwd_op(
-        k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, w0: torch.Tensor, a0: torch.Tensor,
-        k_k: torch.Tensor, k_a: torch.Tensor, dw: torch.Tensor, dkp: torch.Tensor, dnkk: torch.Tensor,
-        dkka: torch.Tensor, scale: float,
+        k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, params: torch.Tensor, dw: torch.Tensor,
+        dkp: torch.Tensor, dnkk: torch.Tensor, dkka: torch.Tensor, scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(dk, dw_low, da_low, partial sums ``[programs, 4, C]`` fp32 of dw0, da0, dk_k, dk_a)."""
+        """(dk, dw_low, da_low, partial sums ``[programs, 4, C]`` fp32 of the four parameters' gradients)."""
         C = k.shape[-1]
         n_rows = k.numel() // C
         grid = _grid(n_rows, C)
         dk, dwl, dal = (torch.empty_like(x) for x in (k, w_low, a_low))
         part = torch.empty(grid[0], 4, C, device=k.device, dtype=torch.float32)
-        params = [p.reshape(C).float().contiguous() for p in (w0, a0, k_k, k_a)]
-        wrap_triton(_bwd_kernel)[grid](k, w_low, a_low, *params, dw, dkp, dnkk, dkka, dk, dwl, dal, part, n_rows, C,
+        wrap_triton(_bwd_kernel)[grid](k, w_low, a_low, params, dw, dkp, dnkk, dkka, dk, dwl, dal, part, n_rows, C,
                                        SCALE=scale, EPS=EPS, ROWS=ROWS, HEAD=HEAD)  # fmt: skip
         return dk, dwl, dal, part
 
     def _setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[:7])
-        ctx.scale = inputs[7]
+        ctx.save_for_backward(*inputs[:4])
+        ctx.scale = inputs[4]
 
     def _backward(ctx, dw, dkp, dnkk, dkka):
-        k, w_low, a_low, w0, a0, k_k, k_a = ctx.saved_tensors
+        k, w_low, a_low, params = ctx.saved_tensors
         dw, dkp, dnkk, dkka = (
             torch.zeros(k.shape, device=k.device, dtype=dt) if g is None else g.to(dt).contiguous()
             for g, dt in ((dw, torch.float32), (dkp, k.dtype), (dnkk, k.dtype), (dkka, k.dtype))
         )
-        dk, dwl, dal, part = wkv_inputs_bwd_op(k, w_low, a_low, w0, a0, k_k, k_a, dw, dkp, dnkk, dkka, ctx.scale)
-        sums = part.sum(0)  # [4, C]
-        return (dk, dwl, dal, *(sums[j].view_as(p).to(p.dtype) for j, p in enumerate((w0, a0, k_k, k_a))), None)
+        dk, dwl, dal, part = wkv_inputs_bwd_op(k, w_low, a_low, params, dw, dkp, dnkk, dkka, ctx.scale)
+        return dk, dwl, dal, part.sum(0), None
 
     wkv_inputs_op.register_autograd(_backward, setup_context=_setup_context)
+
+    def wkv_inputs(k, w_low, a_low, w0, a0, k_k, k_a, scale: float):
+        """:func:`~rwkv_diffusion_rnn.models.rwkv7_regions.tm_kernel_inputs`'s outputs through the operator
+        (parameters ``[1, 1, C]`` fp32). The four parameters reach the kernels as one new ``[4, C]`` tensor, made
+        by the caller's graph and saved for the backward, not as the parameters themselves: where those are views of
+        one flat buffer (the flat AdamW's), Inductor handed the Triton kernel a copy of the view's whole base (the
+        0.1B model's 140M elements, once a parameter) and read past the buffer's end (an illegal address on an H100,
+        2026-12-07)."""
+        params = torch.stack([p.reshape(-1) for p in (w0, a0, k_k, k_a)]).float()
+        return wkv_inputs_op(k, w_low, a_low, params, scale)

@@ -29,7 +29,7 @@ def _case(dtype: torch.dtype, seed: int) -> dict:
         grads = torch.autograd.grad(loss, leaves)
         return [o.detach().double() for o in outs], [x.double() for x in grads], [str(o.dtype) for o in outs]
 
-    got, got_g, dtypes = run(lambda *xs: mod.wkv_inputs_op(*xs, DECAY_SCALE))
+    got, got_g, dtypes = run(lambda *xs: mod.wkv_inputs(*xs, DECAY_SCALE))
     ref, ref_g, _ = run(lambda *xs: tm_kernel_inputs(*xs, H))
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
     # the zero key's gradient is 1/eps times the others (F.normalize below eps): compared apart, so that it does
@@ -52,9 +52,28 @@ def _interpreter_body() -> None:
     print(json.dumps({"fp32": _case(torch.float32, 3), "bf16": _case(torch.bfloat16, 4)}))
 
 
-def test_off_by_default_and_never_on_the_cpu():
-    k = torch.randn(1, 3, 128)
-    assert not mod.applies(k, k, k, 2)  # CPU tensors (and the switch is off unless DIFFRWKV_WKV_INPUTS_OP=1)
+def test_never_on_the_cpu():
+    k = torch.randn(1, 3, 1024)
+    assert not mod.applies(k, k, k, 16)
+
+
+def test_by_default_on_cuda_from_the_measured_width(monkeypatch):
+    """Unset, the switch serves widths from MIN_WIDTH on; "1" every width, "0" none (CUDA fake tensors: no GPU
+    needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if mod.triton is None:
+        pytest.skip("Triton is not installed")
+    with FakeTensorMode():
+        wide, narrow = (torch.empty(2, 3, c, device="cuda", dtype=torch.bfloat16) for c in (1024, 768))
+        wide_strided = torch.empty(2, 1024, 3, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        cases = {None: (True, False), "1": (True, True), "0": (False, False)}
+        for switch, (want_wide, want_narrow) in cases.items():
+            monkeypatch.setattr(mod, "SWITCH", switch)
+            assert mod.applies(wide, wide, wide, 16) is want_wide, switch
+            assert mod.applies(narrow, narrow, narrow, 12) is want_narrow, switch
+            assert not mod.applies(wide_strided, wide_strided, wide_strided, 16)  # not contiguous
+            assert not mod.applies(wide, wide, wide, 8)  # head size 128
 
 
 def test_the_operator_matches_the_region_in_the_interpreter():
