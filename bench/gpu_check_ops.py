@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_diffusion_rnn.models import sq_relu, wkv_inputs  # noqa: E402
-from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs  # noqa: E402
+from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs_plain  # noqa: E402
 
 WIDTHS = (768, 1024)  # 0.1B, 0.4B
 
@@ -85,7 +85,7 @@ def check_wkv_inputs(C: int, dtype: torch.dtype) -> dict:
     xs = _wkv_inputs(C, dtype, 0)
     weights = [_randn(16, 511, C) for _ in range(4)]
     got, got_g = _outputs_and_grads(_op, xs, weights)
-    ref, ref_g = _outputs_and_grads(lambda *t: tm_kernel_inputs(*t, C // wkv_inputs.HEAD), xs, weights)
+    ref, ref_g = _outputs_and_grads(lambda *t: tm_kernel_inputs_plain(*t, C // wkv_inputs.HEAD), xs, weights)
     out = [_rel(a, b) for a, b in zip(got, ref, strict=True)]
     grad = [_rel(a, b) for a, b in zip(got_g, ref_g, strict=True)]
     tol_out, tol_grad = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2)
@@ -99,7 +99,7 @@ def timings(C: int) -> dict:
     k = _randn(16, 511, 4 * C, dtype=torch.bfloat16)
     plain_act = torch.compile(sq_relu.sq_relu_plain)
     xs = [x.requires_grad_() for x in _wkv_inputs(C, torch.bfloat16, 1)]
-    plain_region = torch.compile(lambda *t: tm_kernel_inputs(*t, C // wkv_inputs.HEAD))
+    plain_region = torch.compile(lambda *t: tm_kernel_inputs_plain(*t, C // wkv_inputs.HEAD))
 
     def fwd_bwd(fn):
         outs = fn(*xs)

@@ -1,5 +1,5 @@
 """The WKV operands as one hand-fused operator (models/wkv_inputs.py), in Triton's CPU interpreter (a subprocess),
-against the plain region function ``tm_kernel_inputs``: the four outputs and the gradients of all seven inputs."""
+against the plain region function ``tm_kernel_inputs_plain``: the four outputs and the gradients of all seven inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkv_diffusion_rnn.models import wkv_inputs as mod
-from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs
+from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs_plain
 from tests.triton_interpreter import run_interpreted
 
 
@@ -30,7 +30,7 @@ def _case(dtype: torch.dtype, seed: int) -> dict:
         return [o.detach().double() for o in outs], [x.double() for x in grads], [str(o.dtype) for o in outs]
 
     got, got_g, dtypes = run(lambda *xs: mod.wkv_inputs(*xs, DECAY_SCALE))
-    ref, ref_g, _ = run(lambda *xs: tm_kernel_inputs(*xs, H))
+    ref, ref_g, _ = run(lambda *xs: tm_kernel_inputs_plain(*xs, H))
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
     # the zero key's gradient is 1/eps times the others (F.normalize below eps): compared apart, so that it does
     # not hide the rest of dk
