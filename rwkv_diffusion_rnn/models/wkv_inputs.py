@@ -28,9 +28,9 @@ except ImportError:  # a CPU install without Triton
 
 #: ``DIFFRWKV_WKV_INPUTS_OP`` (read at import): "1" always, "0" never, unset: from width :data:`MIN_WIDTH` on
 SWITCH = os.environ.get("DIFFRWKV_WKV_INPUTS_OP")
-#: the narrowest model the operator serves by default. In one H100 call (2026-12-07) it took 1.7 ms off the 0.4B
-#: step (width 1024: 91.4 -> 89.7 ms of kernels) and added 0.3 ms to the 0.1B one (width 768: the launches around
-#: it cost more than it saves)
+#: the narrowest model the operator serves by default. In two H100 calls (2026-12-07) it took 1.7-1.8 ms off the
+#: 0.4B step (width 1024: 91.4 -> 89.7 and 89.6 ms of kernels) and added 0.3 ms to the 0.1B one (width 768: the
+#: launches around it cost more than it saves)
 MIN_WIDTH = 1024
 HEAD = 64
 ROWS = 32  # tokens a program (a program: ROWS tokens x one head)
