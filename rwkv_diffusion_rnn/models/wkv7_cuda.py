@@ -27,17 +27,16 @@ fwd + bwd at 16x512x12x64 / 16x512x16x64 against 1.087 / 1.122 for staging 16 st
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.flop_counter import register_flop_formula
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
+from rwkv_diffusion_rnn.models.kept import kept
 
 HEAD = 64
 CHUNK = 16  # steps between checkpoints (fixed in the kernel)
@@ -203,7 +202,7 @@ wkv7_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # FLOPs a launch does (multiply-adds counted as two), for torch's FLOP counter; the partitioner of a compiled block
 # also weighs what to recompute by them (an operator without a formula counts as free). The formula alone does not
-# keep a traced kernel out of the recomputation under a memory budget (_kept_by_partitioner does). Per step and head
+# keep a traced kernel out of the recomputation under a memory budget (models/kept.py does). Per step and head
 # of size N the forward does sa = S a (2 N^2), S' = S diag(w) + sa b^T + v k^T (5 N^2) and o = S' r (2 N^2); the
 # backward runs the transposed products of each and the state's own gradient, about twice that.
 FWD_FLOPS_PER_STATE_ENTRY = 9
@@ -242,7 +241,7 @@ def kernel_dtypes(r_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[torch.dty
 #: the block's own kernels, and a block is one graph each way. On by default; ``DIFFRWKV_WKV_IN_GRAPH=0`` puts the
 #: graph break back. On an H100 (2026-12-06): 3.7 ms less compiled elementwise work and 1.1 ms fewer eager sums in
 #: the 0.4B step (fp32 stream), and, with the bf16 stream and Inductor's mix-order reduction, 95.1 -> 93.7 ms of
-#: kernels and a peak of 17.0 -> 12.7 GiB, the forward kernel running once a layer (:func:`_kept_by_partitioner`;
+#: kernels and a peak of 17.0 -> 12.7 GiB, the forward kernel running once a layer (models/kept.py;
 #: docs/RESULTS.md, 12:08 and 17:24 UTC).
 IN_GRAPH = os.environ.get("DIFFRWKV_WKV_IN_GRAPH", "1") == "1"
 
@@ -265,9 +264,10 @@ def wkv7_cuda_in_graph(
     # state only
     save = torch.is_grad_enabled() and any(x.requires_grad for x in (r, w, k, v, a, b)) and keeps_states(keep_states)
     w = w.to(w_dtype).contiguous()
-    if save and torch.compiler.is_compiling():
-        # traced into a compiled block: the partitioner must keep what the launch returns (see _kept_by_partitioner)
-        o, ht = checkpoint(_launch, ops[0], w, *ops[1:], use_reentrant=False, context_fn=_kept_by_partitioner)
+    if save:
+        # traced into a compiled block, the partitioner must keep what the launch returns, or under a memory budget
+        # it re-runs the forward kernel in the backward to drop the states kept (models/kept.py)
+        o, ht = kept(_launch, ops[0], w, *ops[1:], ops=(torch.ops.diffrwkv.wkv7_cuda_fwd.default,))
     else:
         o, ht = _launch(ops[0], w, *ops[1:], save)
     return o.to(r.dtype), ht
@@ -276,31 +276,6 @@ def wkv7_cuda_in_graph(
 def _launch(r, w, k, v, a, b, save: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     o, ht, _, _ = wkv7_cuda_fwd(r, w, k, v, a, b, save, CONFIG.fwd_split)
     return o, ht
-
-
-class _SelectiveCheckpointNote(logging.Filter):
-    """Drops torch's once-a-process note that a checkpointed region under torch.compile must hold no in-place op
-    (ours holds the launch alone): the selective checkpoint is ours, not the user's, and the note is not for them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
-
-
-logging.getLogger("torch._higher_order_ops.wrap").addFilter(_SelectiveCheckpointNote())
-
-
-def _kept_by_partitioner():
-    """Selective-checkpoint contexts that mark the forward kernel MUST_SAVE and leave everything else to the
-    partitioner (PREFER_SAVE: an ordinary node). Under a memory budget below 1 the partitioner may recompute any
-    node that is not marked, the operators of a custom kernel included, and it weighs them by FLOPs: a block with the
-    kernel traced in re-ran the forward kernel in its backward to drop the states it keeps (H100, 2026-12-06: 0.4B
-    WKV time 22.2 -> 32.0 ms a step), which undoes ``keep_states``."""
-    fwd = torch.ops.diffrwkv.wkv7_cuda_fwd.default
-
-    def policy(_ctx, op, *_args, **_kwargs):
-        return CheckpointPolicy.MUST_SAVE if op is fwd else CheckpointPolicy.PREFER_SAVE
-
-    return create_selective_checkpoint_contexts(policy)
 
 
 def wkv7_cuda(

@@ -1,5 +1,6 @@
 """The WKV operands besides r and v (:func:`~rwkv_diffusion_rnn.models.rwkv7_regions.tm_kernel_inputs`) as one
-operator with a hand-fused Triton forward and backward (CUDA, head size 64; by default from width 1024 on).
+operator with a hand-fused Triton forward and backward (CUDA, head size 64; by default from width 768, the 0.1B
+model's, on).
 
 Compiled by Inductor, the backward of this region (the per-head normalisation of ``k``, the in-context rate, the
 decay's sigmoid and four per-channel parameter sums) is the slowest fused kernel of a block: 0.17-0.18 ms a call on
@@ -20,6 +21,8 @@ import os
 
 import torch
 
+from rwkv_diffusion_rnn.models.kept import kept
+
 try:
     import triton
     import triton.language as tl
@@ -28,10 +31,15 @@ except ImportError:  # a CPU install without Triton
 
 #: ``DIFFRWKV_WKV_INPUTS_OP`` (read at import): "1" always, "0" never, unset: from width :data:`MIN_WIDTH` on
 SWITCH = os.environ.get("DIFFRWKV_WKV_INPUTS_OP")
-#: the narrowest model the operator serves by default. In two H100 calls (2026-12-07) it took 1.7-1.8 ms off the
-#: 0.4B step (width 1024: 91.4 -> 89.7 and 89.6 ms of kernels) and added 0.3 ms to the 0.1B one (width 768: the
-#: launches around it cost more than it saves)
-MIN_WIDTH = 1024
+#: the narrowest model the operator serves by default. With its outputs kept for the backward (:data:`KEEP`), in one
+#: H100 call (2026-12-07) the 0.4B step (width 1024) took 87.9 ms of kernels against 89.5 with them recomputed, and the
+#: 0.1B step (width 768) 38.0 against 38.7 without the operator (docs/RESULTS.md). Recomputed, the operator had cost
+#: the 0.1B step 0.3 ms: it was on from width 1024 only
+MIN_WIDTH = 768
+#: ``DIFFRWKV_WKV_INPUTS_KEEP`` (read at import; "0" for off): the partitioner of a compiled block keeps the
+#: operator's four outputs for the WKV backward instead of running its forward again there (models/kept.py): 1.6 ms
+#: less a 0.4B step for 1.7 GiB more peak memory (12.7 -> 14.4 GiB; H100, 2026-12-07)
+KEEP = os.environ.get("DIFFRWKV_WKV_INPUTS_KEEP", "1") == "1"
 HEAD = 64
 ROWS = 32  # tokens a program (a program: ROWS tokens x one head)
 EPS = 1e-12  # F.normalize's
@@ -178,4 +186,7 @@ if triton is not None:
         0.1B model's 140M elements, once a parameter) and read past the buffer's end (an illegal address on an H100,
         2026-12-07)."""
         params = torch.stack([p.reshape(-1) for p in (w0, a0, k_k, k_a)]).float()
-        return wkv_inputs_op(k, w_low, a_low, params, scale)
+        if not KEEP:
+            return wkv_inputs_op(k, w_low, a_low, params, scale)
+        # in a compiled block, the outputs are saved for the WKV backward, not recomputed (models/kept.py)
+        return kept(wkv_inputs_op, k, w_low, a_low, params, scale)

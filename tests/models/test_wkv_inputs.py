@@ -65,15 +65,15 @@ def test_by_default_on_cuda_from_the_measured_width(monkeypatch):
     if mod.triton is None:
         pytest.skip("Triton is not installed")
     with FakeTensorMode():
-        wide, narrow = (torch.empty(2, 3, c, device="cuda", dtype=torch.bfloat16) for c in (1024, 768))
-        wide_strided = torch.empty(2, 1024, 3, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        wide, narrow = (torch.empty(2, 3, c, device="cuda", dtype=torch.bfloat16) for c in (768, 512))
+        wide_strided = torch.empty(2, 768, 3, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         cases = {None: (True, False), "1": (True, True), "0": (False, False)}
         for switch, (want_wide, want_narrow) in cases.items():
             monkeypatch.setattr(mod, "SWITCH", switch)
-            assert mod.applies(wide, wide, wide, 16) is want_wide, switch
-            assert mod.applies(narrow, narrow, narrow, 12) is want_narrow, switch
-            assert not mod.applies(wide_strided, wide_strided, wide_strided, 16)  # not contiguous
-            assert not mod.applies(wide, wide, wide, 8)  # head size 128
+            assert mod.applies(wide, wide, wide, 12) is want_wide, switch
+            assert mod.applies(narrow, narrow, narrow, 8) is want_narrow, switch
+            assert not mod.applies(wide_strided, wide_strided, wide_strided, 12)  # not contiguous
+            assert not mod.applies(wide, wide, wide, 6)  # head size 128
 
 
 def test_the_operator_matches_the_region_in_the_interpreter():
