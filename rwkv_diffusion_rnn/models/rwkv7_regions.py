@@ -47,7 +47,7 @@ def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):
     transition vectors ``-kk`` and ``kk * a`` (``kk`` the per-head normalised key, ``a`` the in-context rate).
 
     ``w_low`` = tanh(xw w1) w2 and ``a_low`` = (xa a1) a2 are the low-rank outputs."""
-    # one hand-fused operator where it applies (CUDA, by default from width 1024 on; models/wkv_inputs.py)
+    # one hand-fused operator where it applies (CUDA, by default from width 768 on; models/wkv_inputs.py)
     if wkv_inputs.applies(k, w_low, a_low, n_head):
         return wkv_inputs.wkv_inputs(k, w_low, a_low, w0, a0, k_k, k_a, DECAY_SCALE)
     return tm_kernel_inputs_plain(k, w_low, a_low, w0, a0, k_k, k_a, n_head)
