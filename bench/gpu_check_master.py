@@ -8,8 +8,10 @@ Correctness: two copies of one RWKV-7 model (``--shape``), the same gradients dr
 weights, fp32 for the rest; some tensors without a gradient on some steps), a clipping divisor and one skipped
 step (``found_inf``); after ``--steps`` updates every master, moment, step count and bf16 copy of the kernel's
 optimizer must match the torch path's within ``--tol`` (relative, max over elements; the copies within one bf16
-rounding). Time: the median of 20 updates of the 0.1B and 0.4B parameter sets, our kernel against torch's fused
-AdamW over fp32 parameters (what the step runs without master weights), with the bytes each moves.
+rounding), and the kernel path's gradient norm (``grad_norm``, the clipping's) within ``--tol`` of torch's over
+the same gradients at every step. Time: the median of 20 updates of the 0.1B and 0.4B parameter sets, our kernel
+against torch's fused AdamW over fp32 parameters (what the step runs without master weights), with the bytes each
+moves; and the gradient norm, the flat kernel against torch's multi-tensor norm.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config  # noqa: E402
-from rwkv_diffusion_rnn.optimizer import build_optimizer  # noqa: E402
+from rwkv_diffusion_rnn.optimizer import build_optimizer, clip_grads_on_device  # noqa: E402
 
 SHAPES = {"tiny": (2, 128, 1000), "0.1b": (12, 768, 65536), "0.4b": (24, 1024, 65536)}
 
@@ -51,6 +53,7 @@ def check(shape: str, dev: torch.device, steps: int, tol: float) -> dict:
     if dev.type == "cuda" and not ours.kernel:
         return {"status": "error: the Triton kernel is not in use on CUDA"}
     gen = torch.Generator(dev).manual_seed(1)
+    norm_err = 0.0
     for it in range(steps):
         for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
             if it == 1 and n.endswith(".x_k"):  # no gradient this step: its step count and moments stay
@@ -58,6 +61,9 @@ def check(shape: str, dev: torch.device, steps: int, tol: float) -> dict:
                 continue
             g = torch.randn(p.shape, device=dev, generator=gen) * 0.01
             p.grad, q.grad = g.to(p.dtype), g.to(q.dtype)
+        if ours.kernel:  # the one-launch gradient norm against torch's over the same gradients
+            gs = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+            norm_err = max(norm_err, rel(ours.grad_norm(), torch.linalg.vector_norm(torch.cat(gs))))
         for opt in (ours, ref):
             opt.grad_scale = torch.tensor(1.5, device=dev)
             opt.found_inf = torch.tensor(1.0 if it == steps - 1 else 0.0, device=dev)  # the last one skipped
@@ -74,7 +80,7 @@ def check(shape: str, dev: torch.device, steps: int, tol: float) -> dict:
             for (n, a), b in zip(ours.master_tensors().items(), ref.master_tensors().values(), strict=True)
         )
     copies = max((rel(p, q), n) for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True))
-    ok = all(v[0] <= tol for v in worst.values()) and copies[0] <= 2.0**-7
+    ok = all(v[0] <= tol for v in worst.values()) and copies[0] <= 2.0**-7 and norm_err <= tol
     return {
         "status": "ok" if ok else "FAILED",
         "shape": shape,
@@ -82,6 +88,7 @@ def check(shape: str, dev: torch.device, steps: int, tol: float) -> dict:
         "tol": tol,
         "max_rel": {k: {"value": v[0], "tensor": v[1]} for k, v in worst.items()},
         "module_copies_max_rel": {"value": copies[0], "tensor": copies[1]},
+        "grad_norm_max_rel": norm_err,
     }
 
 
@@ -117,6 +124,9 @@ def timing(shape: str, dev: torch.device) -> dict:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 0.01
     t_master = timed(master.step, dev)
+    params = master.module_params()
+    t_norm = timed(master.grad_norm, dev)  # the clipping's norm: the flat kernel, then torch's multi-tensor one
+    t_norm_torch = timed(lambda: clip_grads_on_device(params, 0.0), dev)
     bytes_plain = 28 * n
     bytes_master = 28 * n  # low: 2 + 12 read, 12 + 2 written; the rest 4 + 12 read, 12 written
     return {
@@ -125,6 +135,8 @@ def timing(shape: str, dev: torch.device) -> dict:
         "matmul_weights": low,
         "torch_fused_adamw_ms": t_plain,
         "master_adamw_ms": t_master,
+        "grad_norm_kernel_ms": t_norm,
+        "grad_norm_torch_ms": t_norm_torch,
         "torch_fused_TBps": bytes_plain / t_plain / 1e9,
         "master_TBps": bytes_master / t_master / 1e9,
         "master_kernel": master.kernel,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,9 @@ from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
 
 GROUPS = ("decay", "no_decay")
+#: ``DIFFRWKV_FLAT_GRAD_NORM=0`` (read at import): the clipping's norm from torch's multi-tensor kernel even where the
+#: flat AdamW offers its own (:func:`clip_grads_on_device`; for measuring)
+FLAT_GRAD_NORM = os.environ.get("DIFFRWKV_FLAT_GRAD_NORM", "1") == "1"
 
 # Opt-in: BlinkDL's RWKV-7 recipe decays only the big ``*.weight`` matrices, not the low-rank LoRA factors of the
 # decay / in-context-LR / value-residual / gate paths nor ``r_k``. Pass as ``no_decay_patterns`` to match it.
@@ -429,16 +433,19 @@ def clip_grads_on_device(
         # reduction per tensor (2.4 ms instead of 0.3 at 0.1B on an H100)
         by_kind.setdefault((g.device, g.dtype), []).append(g)
     first = grads[0].device if grads else also_finite.device if also_finite is not None else torch.device("cpu")
-    norms = [
-        n.to(first, torch.float32)
-        for gs in by_kind.values()
-        for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)
-    ]
-    if sum_over_ranks is None:
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    else:
-        sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=first)
-        total = sum_over_ranks(sq).sqrt()
+    # the flat AdamW's own norm kernel where it reads exactly these gradients (master_weights.py)
+    total = _optimizer_norm(optimizer, grads) if sum_over_ranks is None else None
+    if total is None:
+        norms = [
+            n.to(first, torch.float32)
+            for gs in by_kind.values()
+            for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)
+        ]
+        if sum_over_ranks is None:
+            total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        else:
+            sq = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=first)
+            total = sum_over_ranks(sq).sqrt()
     finite = torch.isfinite(total)
     if also_finite is not None:
         finite = finite & torch.isfinite(also_finite).all().to(first)
@@ -452,6 +459,16 @@ def clip_grads_on_device(
             for dev, gs in by_device.items():
                 torch._foreach_mul_(gs, coef.to(dev))
     return total, finite
+
+
+def _optimizer_norm(optimizer: torch.optim.Optimizer | None, grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """``optimizer.grad_norm()`` (the flat AdamW's one-launch norm) where it has one and its parameters' gradients
+    are exactly ``grads``; else None (the caller's multi-tensor norm)."""
+    norm = getattr(optimizer, "grad_norm", None)
+    if norm is None or not FLAT_GRAD_NORM:
+        return None
+    theirs = {id(p.grad) for p in optimizer.module_params() if p.grad is not None}
+    return norm() if theirs == {id(g) for g in grads} else None
 
 
 def fold_clip_into(optimizer: torch.optim.Optimizer) -> bool:

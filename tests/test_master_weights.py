@@ -31,7 +31,8 @@ def lm_loss(model, ids):
 
 def kernel_cases() -> dict:
     """Subprocess body (TRITON_INTERPRET=1): the kernel and the torch path on the same gradients, three steps (the
-    second without a gradient for one tensor, the third skipped by found_inf), over two groups with both kinds."""
+    second without a gradient for one tensor, the third skipped by found_inf), over two groups with both kinds; and
+    the kernel path's gradient norm against torch's at each step."""
     from tests.triton_interpreter import fit_interpreter_to_numpy
 
     fit_interpreter_to_numpy()
@@ -40,7 +41,7 @@ def kernel_cases() -> dict:
     torch.set_num_threads(1)
     shapes = {"a.weight": (64, 33), "b": (5,), "c.weight": (BLOCK + 3,), "d": (7, 300)}
     w0 = {n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(shapes.items())}
-    out = {}
+    out, norms = {}, []
     for kernel in (False, True):
         ps = {n: torch.nn.Parameter(w.clone()) for n, w in w0.items()}
         groups = [
@@ -57,6 +58,9 @@ def kernel_cases() -> dict:
                     p.grad = torch.cat([torch.zeros(1), g.flatten()])[1:].view(p.shape)
                     assert p.grad.data_ptr() % 16
 
+            if kernel:  # the norm kernel over the same gradients (a missing one, an unaligned one)
+                gs = [p.grad.float().flatten() for p in ps.values() if p.grad is not None]
+                norms.append([float(opt.grad_norm()), float(torch.linalg.vector_norm(torch.cat(gs)))])
             opt.grad_scale = torch.tensor(2.0)
             opt.found_inf = torch.tensor(1.0 if it == 2 else 0.0)
             opt.step()
@@ -67,6 +71,7 @@ def kernel_cases() -> dict:
             "copies": {n: p.detach().float().tolist() for n, p in ps.items()},
             "dtypes": {n: str(p.dtype) for n, p in ps.items()},
         }
+    out["norms"] = norms
     return out
 
 
@@ -237,6 +242,9 @@ else:
 
         res = run_interpreted(__file__)
         ref, ker = res["False"], res["True"]
+        assert len(res["norms"]) == 3
+        for got, want in res["norms"]:  # the one-launch norm against torch's over the same gradients
+            assert abs(got - want) <= 1e-6 * want, res["norms"]
         assert ker["steps"] == ref["steps"] == {"a.weight": 2.0, "b": 2.0, "c.weight": 2.0, "d": 1.0}
         assert ker["dtypes"] == {"a.weight": "torch.bfloat16", "b": "torch.float32", "c.weight": "torch.bfloat16",
                                  "d": "torch.float32"}  # fmt: skip

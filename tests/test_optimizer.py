@@ -375,3 +375,34 @@ def test_clip_and_check_grads_also_checks_an_extra_tensor_in_the_same_sync() -> 
     norm2, finite = clip_and_check_grads([p], max_norm=0.0, also_finite=torch.tensor([1.0, float("nan")]))
     assert not finite and norm2 == norm  # the gradients are fine; the loss sums are not
     assert clip_and_check_grads([], 1.0, also_finite=torch.tensor([float("inf")])) == (0.0, False)
+
+
+def test_clipping_takes_the_optimizers_own_norm_only_for_its_own_gradients() -> None:
+    """An optimizer with ``grad_norm`` (the flat AdamW's one-launch kernel) gives the norm when the clipped
+    gradients are exactly its parameters'; for any other set, or where it returns None, torch's norm is taken."""
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(5, generator=gen)), nn.Parameter(torch.randn(3, generator=gen))]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+    class Own(torch.optim.SGD):
+        answer: torch.Tensor | None = torch.tensor(123.0)
+        calls = 0
+
+        def grad_norm(self):
+            Own.calls += 1
+            return self.answer
+
+        def module_params(self):
+            return ps
+
+    opt = Own(ps, lr=0.1)
+    total, finite = clip_grads_on_device(ps, 0.0, optimizer=opt)
+    assert float(total) == 123.0 and bool(finite) and Own.calls == 1
+    total, _ = clip_grads_on_device(ps[:1], 0.0, optimizer=opt)  # not the optimizer's set: torch's norm
+    assert float(total) == pytest.approx(float(ps[0].grad.norm()), rel=1e-6) and Own.calls == 1
+    opt.answer = None  # its torch path: no kernel
+    total, _ = clip_grads_on_device(ps, 0.0, optimizer=opt)
+    want = float(torch.cat([p.grad for p in ps]).norm())
+    assert float(total) == pytest.approx(want, rel=1e-6) and Own.calls == 2

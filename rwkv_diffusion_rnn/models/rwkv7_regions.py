@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkv_diffusion_rnn.models import wkv_inputs
+from rwkv_diffusion_rnn.models import token_mix, wkv_inputs
 from rwkv_diffusion_rnn.models.sq_relu import sq_relu  # the channel-mix activation (an operator on CUDA)
 
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
@@ -32,14 +32,25 @@ def _token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 
 def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):
-    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xa, xg).
+    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xv_low, xa,
+    xg), ``xv_low`` the value input of the low-rank value path (after the first layer).
 
     All six only feed matmuls, so under autocast five are returned in its dtype ``mm_dtype``: the rounding autocast
-    applies at the matmul, done once in the region (fused when compiled). ``xv`` stays as it is: it feeds two matmuls,
-    and a bf16 tensor would sum their two gradients in bf16 where autocast sums them in fp32."""
+    applies at the matmul, done once in the region (fused when compiled). ``xv`` stays as it is and serves both
+    value matmuls (``xv_low`` is the same tensor): a bf16 tensor would sum their two gradients in bf16 where autocast
+    sums them in fp32. The operator of models/token_mix.py (opt-in) returns two bf16 copies instead and sums their
+    gradients in fp32 itself."""
+    if token_mix.applies(x, shift, mm_dtype):
+        return token_mix.tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g)
+    return tm_mix_plain(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype)
+
+
+def tm_mix_plain(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):
+    """:func:`tm_mix` as torch operations, never the operator: the reference the operator is checked against."""
     xx = _token_shift(x, shift) - x
     xr, xw, xk, xv, xa, xg = (x + xx * m for m in (x_r, x_w, x_k, x_v, x_a, x_g))
-    return _cast(xr, mm_dtype), _cast(xw, mm_dtype), _cast(xk, mm_dtype), xv, _cast(xa, mm_dtype), _cast(xg, mm_dtype)
+    return (_cast(xr, mm_dtype), _cast(xw, mm_dtype), _cast(xk, mm_dtype), xv, xv, _cast(xa, mm_dtype),
+            _cast(xg, mm_dtype))  # fmt: skip
 
 
 def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):

@@ -1,0 +1,67 @@
+"""The time-mix's token shift and interpolations as one operator (models/token_mix.py), in Triton's CPU interpreter
+(a subprocess), against the plain region function ``tm_mix_plain`` under bf16 matmuls: the seven outputs and the
+gradients of x, the carried state and the six mix vectors; with and without the second value copy in the loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.models import token_mix as mod
+from rwkv_diffusion_rnn.models.rwkv7_regions import tm_mix_plain
+from tests.triton_interpreter import run_interpreted
+
+
+def _case(dtype: torch.dtype, seed: int, use_v2: bool) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    B, T, C = 2, 37, 2 * mod.COLS  # 74 rows: two whole programs of 32 and a masked tail; two column blocks
+    x = torch.randn(B, T, C, generator=g).to(dtype)
+    shift = torch.randn(B, C, generator=g)  # a carried state (fp32, as the model keeps it)
+    mix = [torch.rand(1, 1, C, generator=g) for _ in range(6)]  # x_r .. x_g in [0, 1), fp32
+    weights = [torch.randn(B, T, C, generator=g) for _ in range(7)]
+    if not use_v2:
+        weights[4] = None  # the first layer: the second value copy feeds nothing
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, shift, *mix)]
+        outs = fn(*leaves)
+        loss = sum((o.float() * wt).sum() for o, wt in zip(outs, weights, strict=True) if wt is not None)
+        grads = torch.autograd.grad(loss, leaves)
+        return [o.detach().double() for o in outs], [t.double() for t in grads], [str(o.dtype) for o in outs]
+
+    got, got_g, dtypes = run(lambda *ts: mod.tm_mix(*ts))
+    ref, ref_g, _ = run(lambda *ts: tm_mix_plain(*ts, torch.bfloat16))
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    return {"out": [rel(a, b) for a, b in zip(got, ref, strict=True)],
+            "grad": [rel(a, b) for a, b in zip(got_g, ref_g, strict=True)], "dtypes": dtypes}  # fmt: skip
+
+
+def _interpreter_body() -> None:
+    from tests.triton_interpreter import fit_interpreter_to_numpy
+
+    fit_interpreter_to_numpy()
+    torch.manual_seed(0)
+    print(json.dumps({"fp32": _case(torch.float32, 3, True), "bf16": _case(torch.bfloat16, 4, True),
+                      "first": _case(torch.float32, 5, False)}))  # fmt: skip
+
+
+def test_never_without_the_switch_or_on_the_cpu():
+    x = torch.randn(1, 3, 128)
+    assert not mod.applies(x, torch.zeros(1, 128), torch.bfloat16)
+
+
+def test_the_operator_matches_the_region_in_the_interpreter():
+    pytest.importorskip("triton")
+    res = run_interpreted(__file__)
+    assert res["fp32"]["dtypes"] == ["torch.bfloat16"] * 7
+    for name, case in res.items():
+        # outputs: bf16 roundings of the same fp32 values (the plain xv stays fp32: compared after the operator's
+        # rounding, ~2e-3); gradients: the operator reads bf16 output gradients where the plain path keeps fp32 ones
+        # for xv, and sums in another order
+        assert max(case["out"]) < 1e-2 and max(case["grad"]) < 1e-2, (name, case)
+
+
+if __name__ == "__main__":
+    _interpreter_body()
