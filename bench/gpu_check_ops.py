@@ -1,7 +1,7 @@
 """GPU check of the blocks' hand-written Triton operators against the plain functions they replace, then timed:
 the channel-mix activation (rwkv_diffusion_rnn/models/sq_relu.py), the WKV operands
-(rwkv_diffusion_rnn/models/wkv_inputs.py) and the time-mix's token shift (rwkv_diffusion_rnn/models/token_mix.py),
-at the 0.1B and 0.4B step shapes (B16 T511).
+(rwkv_diffusion_rnn/models/wkv_inputs.py) and the time-mix's and channel-mix's token shifts
+(rwkv_diffusion_rnn/models/token_mix.py), at the 0.1B and 0.4B step shapes (B16 T511).
 
     PYTHONPATH=$PWD python bench/gpu_check_ops.py --out /tmp/ops.json      # on a CUDA machine
 
@@ -9,7 +9,7 @@ Bounds (relative, against the plain function): the activation's fp32 forward exa
 of 2 relu(k) dy in fp64; in bf16 its output within one rounding and its gradient no further from the fp64 one than
 twice autograd's own. The WKV operands: fp32 1e-5 for outputs and gradients; bf16 1e-2 for outputs and 2e-2 for
 gradients (the operator rounds the gated key, -kk and kk * a to bf16 where the plain function keeps the key fp32).
-The token shift (its matmul inputs always bf16): 1e-2 for outputs and gradients against the plain function with
+The token shifts (their matmul inputs always bf16): 1e-2 for outputs and gradients against the plain function with
 bf16 matmul inputs (one bf16 rounding of the outputs and of their gradients). Inputs as in the step under bf16
 autocast (activations bf16, parameters fp32) and all-fp32.
 """
@@ -27,7 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_diffusion_rnn.models import sq_relu, token_mix, wkv_inputs  # noqa: E402
-from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs_plain, tm_mix_plain  # noqa: E402
+from rwkv_diffusion_rnn.models.rwkv7_regions import (  # noqa: E402
+    DECAY_SCALE,
+    cm_mix_plain,
+    tm_kernel_inputs_plain,
+    tm_mix_plain,
+)
 
 WIDTHS = (768, 1024)  # 0.1B, 0.4B
 
@@ -117,6 +122,17 @@ def check_token_mix(C: int, dtype: torch.dtype) -> dict:
             "ok": max(out) <= 1e-2 and max(grad) <= 1e-2}  # fmt: skip
 
 
+def check_cm_mix(C: int, dtype: torch.dtype) -> dict:
+    xs = _token_mix(C, dtype, 2)[:3]  # x, shift, one mix vector
+    weights = [_randn(16, 511, C)]
+    got, got_g = _outputs_and_grads(token_mix.cm_mix, xs, weights)
+    ref, ref_g = _outputs_and_grads(lambda *t: cm_mix_plain(*t, torch.bfloat16), xs, weights)
+    out = [_rel(a, b) for a, b in zip(got, ref, strict=True)]
+    grad = [_rel(a, b) for a, b in zip(got_g, ref_g, strict=True)]
+    return {"op": "cm_mix", "C": C, "dtype": str(dtype), "out_rel": out, "grad_rel": grad,
+            "ok": max(out) <= 1e-2 and max(grad) <= 1e-2}  # fmt: skip
+
+
 def timings(C: int) -> dict:
     """ms: the activation's forward (operator; the formula compiled), the token shift's and the WKV operands'
     forward + backward (operator; the region compiled), bf16."""
@@ -152,7 +168,8 @@ def main() -> int:
         print("needs a CUDA GPU and Triton")
         return 2
     dtypes = (torch.float32, torch.bfloat16)
-    checks = [fn(C, d) for fn in (check_sq_relu, check_wkv_inputs, check_token_mix) for C in WIDTHS for d in dtypes]
+    kinds = (check_sq_relu, check_wkv_inputs, check_token_mix, check_cm_mix)
+    checks = [fn(C, d) for fn in kinds for C in WIDTHS for d in dtypes]
     res = {"device": torch.cuda.get_device_name(), "checks": checks, "time": {C: timings(C) for C in WIDTHS}}
     for c in checks:
         print(c)

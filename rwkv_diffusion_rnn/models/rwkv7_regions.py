@@ -92,7 +92,15 @@ def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, m
 
 
 def cm_mix(x, shift, x_k, mm_dtype: torch.dtype | None = None):
-    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input (in ``mm_dtype`` when given, see :func:`tm_mix`)."""
+    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input (in ``mm_dtype`` when given, see :func:`tm_mix`);
+    through the operator of models/token_mix.py where it is switched on."""
+    if token_mix.applies_cm(x, shift, mm_dtype):
+        return token_mix.cm_mix(x, shift, x_k)
+    return cm_mix_plain(x, shift, x_k, mm_dtype)
+
+
+def cm_mix_plain(x, shift, x_k, mm_dtype: torch.dtype | None = None):
+    """:func:`cm_mix` as torch operations, never the operator."""
     return _cast(x + (_token_shift(x, shift) - x) * x_k, mm_dtype)
 
 

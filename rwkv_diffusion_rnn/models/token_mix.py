@@ -1,6 +1,7 @@
 """The time-mix's token shift and six interpolations (:func:`~rwkv_diffusion_rnn.models.rwkv7_regions.tm_mix`) as
 one operator with a hand-fused Triton forward and backward (CUDA, under bf16 autocast; opt-in until a GPU has timed
-it in the step: ``DIFFRWKV_TM_MIX_OP=1``).
+it in the step: ``DIFFRWKV_TM_MIX_OP=1``), and the channel-mix's one interpolation
+(:func:`~rwkv_diffusion_rnn.models.rwkv7_regions.cm_mix`) the same way (``DIFFRWKV_CM_MIX_OP=1``).
 
 Compiled by Inductor, the region's backward reads the six inputs' gradients twice: once in a reduction kernel for
 the six mix vectors' per-channel sums (88 us a call at the 0.4B width on an H100, ~2.2 TB/s) and again where it forms
@@ -21,6 +22,8 @@ import os
 
 import torch
 
+from rwkv_diffusion_rnn.models.kept import kept
+
 try:
     import triton
     import triton.language as tl
@@ -38,9 +41,12 @@ def applies(x: torch.Tensor, shift: torch.Tensor, mm_dtype: torch.dtype | None) 
     """Whether the region may call the operator: switched on, CUDA, ``x`` ``[B, T, C]`` contiguous with C a multiple
     of :data:`COLS`, ``shift`` ``[B, C]``, and the matmuls in bf16 (autocast)."""
     # plain boolean tests (no generator): traced by torch.compile without a graph break
+    return SWITCH == "1" and _qualifies(x, shift, mm_dtype)
+
+
+def _qualifies(x: torch.Tensor, shift: torch.Tensor, mm_dtype: torch.dtype | None) -> bool:
     return (
         triton is not None
-        and SWITCH == "1"
         and mm_dtype == torch.bfloat16
         and x.is_cuda
         and x.dim() == 3
@@ -51,6 +57,20 @@ def applies(x: torch.Tensor, shift: torch.Tensor, mm_dtype: torch.dtype | None) 
         and shift.shape[0] == x.shape[0]
         and shift.shape[1] == x.shape[2]
     )
+
+
+#: ``DIFFRWKV_CM_MIX_OP`` (read at import): "1" serves the channel-mix's token shift too (:func:`cm_mix`)
+CM_SWITCH = os.environ.get("DIFFRWKV_CM_MIX_OP")
+#: ``DIFFRWKV_MIX_OP_KEEP`` (read at import): "1" marks the operators' outputs for the partitioner to save
+#: (models/kept.py). The matmuls' weight gradients need them: left to the partitioner under a memory budget, it may
+#: run the forward again in the backward (reading x, writing the outputs: ~8 [T, C] passes a layer for the
+#: time-mix), kept they cost their memory (seven bf16 [T, C] tensors a layer). Which pays is for a GPU to say.
+KEEP = os.environ.get("DIFFRWKV_MIX_OP_KEEP") == "1"
+
+
+def applies_cm(x: torch.Tensor, shift: torch.Tensor, mm_dtype: torch.dtype | None) -> bool:
+    """:func:`applies` for the channel-mix's one interpolation, under its own switch."""
+    return CM_SWITCH == "1" and _qualifies(x, shift, mm_dtype)
 
 
 if triton is not None:
@@ -185,4 +205,58 @@ if triton is not None:
         path, xa, xg), all bf16. The six vectors reach the kernels as one new ``[6, C]`` fp32 tensor (not as views
         of a flat optimizer buffer: models/wkv_inputs.py says why)."""
         params = torch.stack([p.reshape(-1) for p in (x_r, x_w, x_k, x_v, x_a, x_g)]).float()
-        return tm_mix_op(x, shift.contiguous(), params)
+        return (kept if KEEP else _call)(tm_mix_op, x, shift.contiguous(), params)
+
+    # ------------------------------------------------------------------ the channel-mix's one interpolation
+
+    @triton.jit
+    def _cm_fwd_kernel(x_ptr, prev_ptr, p_ptr, o_ptr, n_rows, T, C, ROWS: tl.constexpr, COLS: tl.constexpr):
+        rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
+        out = x + xx * tl.load(p_ptr + cols)[None, :]
+        tl.store(o_ptr + off, out.to(o_ptr.dtype.element_ty), mask=live[:, None])
+
+    @triton.jit
+    def _cm_bwd_kernel(x_ptr, prev_ptr, p_ptr, d_ptr, dx_ptr, dprev_ptr, part_ptr, n_rows, T, C, ROWS: tl.constexpr,
+                       COLS: tl.constexpr):  # fmt: skip
+        pr = tl.program_id(0)
+        rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
+        g, gn = _grad_pair(d_ptr, off, live, live & (t < T - 1), C)
+        direct, here, back = _mix_grad(g, gn, p_ptr, 0, cols, C, xx, part_ptr + pr.to(tl.int64) * C + cols)
+        tl.store(dx_ptr + off, (direct + back).to(dx_ptr.dtype.element_ty), mask=live[:, None])
+        first = live & (t == 0)
+        tl.store(dprev_ptr + (rows // T)[:, None].to(tl.int64) * C + cols[None, :], here.to(dprev_ptr.dtype.element_ty),
+                 mask=first[:, None])  # fmt: skip
+
+    @triton_op("diffrwkv::cm_mix", mutates_args=())
+    def cm_mix_op(x: torch.Tensor, prev: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
+        """x + (shifted - x) x_k in bf16; ``x_k`` a contiguous ``[C]`` fp32 tensor."""
+        B, T, C = x.shape
+        out = torch.empty(x.shape, device=x.device, dtype=torch.bfloat16)
+        wrap_triton(_cm_fwd_kernel)[_grid(B * T, C)](x, prev, x_k, out, B * T, T, C, ROWS=ROWS, COLS=COLS)
+        return out
+
+    @triton_op("diffrwkv::cm_mix_bwd", mutates_args=())
+    def cm_mix_bwd_op(x: torch.Tensor, prev: torch.Tensor, x_k: torch.Tensor, d: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor
+    ]:  # fmt: skip
+        """(dx, dprev, partial sums ``[programs, C]`` fp32 of x_k's gradient)."""
+        B, T, C = x.shape
+        grid = _grid(B * T, C)
+        dx, dprev = torch.empty_like(x), torch.zeros_like(prev)
+        part = torch.empty(grid[0], C, device=x.device, dtype=torch.float32)
+        wrap_triton(_cm_bwd_kernel)[grid](x, prev, x_k, d, dx, dprev, part, B * T, T, C, ROWS=ROWS, COLS=COLS)
+        return dx, dprev, part
+
+    def _cm_backward(ctx, d):
+        x, prev, x_k = ctx.saved_tensors
+        dx, dprev, part = cm_mix_bwd_op(x, prev, x_k, d.contiguous())
+        return dx, dprev, part.sum(0)
+
+    cm_mix_op.register_autograd(_cm_backward, setup_context=_setup_context)
+
+    def cm_mix(x, shift, x_k):
+        """The region's ``cm_mix`` under bf16 autocast through the operator (bf16 out)."""
+        return (kept if KEEP else _call)(cm_mix_op, x, shift.contiguous(), x_k.reshape(-1).float())
+
+    def _call(fn, *args):
+        return fn(*args)

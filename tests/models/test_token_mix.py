@@ -1,6 +1,7 @@
 """The time-mix's token shift and interpolations as one operator (models/token_mix.py), in Triton's CPU interpreter
 (a subprocess), against the plain region function ``tm_mix_plain`` under bf16 matmuls: the seven outputs and the
-gradients of x, the carried state and the six mix vectors; with and without the second value copy in the loss."""
+gradients of x, the carried state and the six mix vectors; with and without the second value copy in the loss; and
+the channel-mix's one interpolation against ``cm_mix_plain``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from rwkv_diffusion_rnn.models import token_mix as mod
-from rwkv_diffusion_rnn.models.rwkv7_regions import tm_mix_plain
+from rwkv_diffusion_rnn.models.rwkv7_regions import cm_mix_plain, tm_mix_plain
 from tests.triton_interpreter import run_interpreted
 
 
@@ -38,24 +39,47 @@ def _case(dtype: torch.dtype, seed: int, use_v2: bool) -> dict:
             "grad": [rel(a, b) for a, b in zip(got_g, ref_g, strict=True)], "dtypes": dtypes}  # fmt: skip
 
 
+def _cm_case(dtype: torch.dtype, seed: int) -> dict:
+    """The channel-mix's one interpolation, the same way."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, C = 2, 37, 2 * mod.COLS
+    leaves0 = [torch.randn(B, T, C, generator=g).to(dtype), torch.randn(B, C, generator=g),
+               torch.rand(1, 1, C, generator=g)]  # fmt: skip
+    weight = torch.randn(B, T, C, generator=g)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in leaves0]
+        out = fn(*leaves)
+        grads = torch.autograd.grad((out.float() * weight).sum(), leaves)
+        return out.detach().double(), [t.double() for t in grads], str(out.dtype)
+
+    got, got_g, dtype_out = run(mod.cm_mix)
+    ref, ref_g, _ = run(lambda *ts: cm_mix_plain(*ts, torch.bfloat16))
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    return {"out": [rel(got, ref)], "grad": [rel(a, b) for a, b in zip(got_g, ref_g, strict=True)],
+            "dtypes": [dtype_out]}  # fmt: skip
+
+
 def _interpreter_body() -> None:
     from tests.triton_interpreter import fit_interpreter_to_numpy
 
     fit_interpreter_to_numpy()
     torch.manual_seed(0)
     print(json.dumps({"fp32": _case(torch.float32, 3, True), "bf16": _case(torch.bfloat16, 4, True),
-                      "first": _case(torch.float32, 5, False)}))  # fmt: skip
+                      "first": _case(torch.float32, 5, False), "cm_fp32": _cm_case(torch.float32, 6),
+                      "cm_bf16": _cm_case(torch.bfloat16, 7)}))  # fmt: skip
 
 
 def test_never_without_the_switch_or_on_the_cpu():
     x = torch.randn(1, 3, 128)
     assert not mod.applies(x, torch.zeros(1, 128), torch.bfloat16)
+    assert not mod.applies_cm(x, torch.zeros(1, 128), torch.bfloat16)
 
 
 def test_the_operator_matches_the_region_in_the_interpreter():
     pytest.importorskip("triton")
     res = run_interpreted(__file__)
-    assert res["fp32"]["dtypes"] == ["torch.bfloat16"] * 7
+    assert res["fp32"]["dtypes"] == ["torch.bfloat16"] * 7 and res["cm_fp32"]["dtypes"] == ["torch.bfloat16"]
     for name, case in res.items():
         # outputs: bf16 roundings of the same fp32 values (the plain xv stays fp32: compared after the operator's
         # rounding, ~2e-3); gradients: the operator reads bf16 output gradients where the plain path keeps fp32 ones
