@@ -419,7 +419,13 @@ def clip_grads_on_device(
     each gradient by as it reads it (one read of the gradients saved; the caller deletes ``grad_scale`` after the
     step, see :func:`fold_clip_into`). Not for a loss scaler's step (it sets ``grad_scale`` itself) nor for
     sharded gradients (``sum_over_ranks``)."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
+    # the flat AdamW's own norm kernel where it reads exactly these gradients (master_weights.py); it may replace a
+    # non-contiguous gradient by a contiguous copy, so the list is taken again after it
+    total = _optimizer_norm(optimizer, grads) if sum_over_ranks is None and grads else None
+    if total is not None:
+        grads = [p.grad for p in params if p.grad is not None]
     if sum_over_ranks is not None:
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     elif not grads:
@@ -433,8 +439,6 @@ def clip_grads_on_device(
         # reduction per tensor (2.4 ms instead of 0.3 at 0.1B on an H100)
         by_kind.setdefault((g.device, g.dtype), []).append(g)
     first = grads[0].device if grads else also_finite.device if also_finite is not None else torch.device("cpu")
-    # the flat AdamW's own norm kernel where it reads exactly these gradients (master_weights.py)
-    total = _optimizer_norm(optimizer, grads) if sum_over_ranks is None else None
     if total is None:
         norms = [
             n.to(first, torch.float32)

@@ -12,7 +12,7 @@ the six parameters' gradients (summed after, in a fixed order: deterministic).
 The value input feeds two matmuls (the value projection and, after the first layer, the low-rank value residual), so
 the operator returns it twice, in bf16: each matmul's gradient then reaches the backward kernel apart and is summed
 there in fp32, where a single bf16 output would have them summed in bf16 and a single fp32 output would need a cast
-a matmul and a materialised fp32 sum. The interpolations are computed in fp32 from ``x`` (no bf16 rounding of
+at each matmul and a materialised fp32 sum. The interpolations are computed in fp32 from ``x`` (no bf16 rounding of
 ``shift - x`` in between, as Inductor's fused code does it too) and rounded once to bf16.
 """
 
@@ -129,7 +129,7 @@ if triton is not None:
         pr = tl.program_id(0)
         rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
         nxt = live & (t < T - 1)
-        base = part_ptr + pr.to(tl.int64) * 6 * C + cols
+        base = part_ptr + pr.to(tl.int64) * 6 * C + cols  # part[pr, i, c], N_MIX = 6 rows a program
         # out_i = x (1 - m_i) + shifted m_i
         g, gn = _grad_pair(dr_ptr, off, live, nxt, C)
         direct, here, back = _mix_grad(g, gn, p_ptr, 0, cols, C, xx, base)
@@ -185,6 +185,9 @@ if triton is not None:
 
     def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)
+        # an output nothing used (the first layer's second value copy) reaches the backward as None, not as a zero
+        # tensor autograd would fill and the kernel would read
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, dr, dw, dk, dv, dv2, da, dg):
         x, prev, params = ctx.saved_tensors
@@ -249,6 +252,8 @@ if triton is not None:
 
     def _cm_backward(ctx, d):
         x, prev, x_k = ctx.saved_tensors
+        if d is None:  # the output fed nothing that needs a gradient
+            return None, None, None
         dx, dprev, part = cm_mix_bwd_op(x, prev, x_k, d.contiguous())
         return dx, dprev, part.sum(0)
 
