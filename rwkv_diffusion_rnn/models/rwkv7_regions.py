@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkv_diffusion_rnn.models import token_mix, wkv_inputs
+from rwkv_diffusion_rnn.models import token_mix, wkv_inputs, wkv_output
 from rwkv_diffusion_rnn.models.sq_relu import sq_relu  # the channel-mix activation (an operator on CUDA)
 
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
@@ -83,7 +83,15 @@ def tm_value_mix(v, v_first, v0, v_low):
 
 def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, mm_dtype: torch.dtype | None = None):
     """GroupNorm of the WKV output ``o`` ``[B, T, C]``, plus the per-head bonus (r . (k * r_k)) v, times the gate
-    (in ``mm_dtype`` when given: the result only feeds the output projection)."""
+    (in ``mm_dtype`` when given: the result only feeds the output projection); through the operator of
+    models/wkv_output.py where it is switched on."""
+    if wkv_output.applies(o, r, k, v, g, n_head, mm_dtype):
+        return wkv_output.tm_output(o, ln_weight, ln_bias, eps, r, k, v, r_k, g)
+    return tm_output_plain(o, ln_weight, ln_bias, eps, r, k, v, r_k, g, n_head, mm_dtype)
+
+
+def tm_output_plain(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, mm_dtype=None):
+    """:func:`tm_output` as torch operations, never the operator."""
     B, T, C = o.shape
     N = C // n_head
     o = F.group_norm(o.reshape(B * T, C), n_head, ln_weight, ln_bias, eps).view(B, T, C)
