@@ -69,6 +69,29 @@ def matmul_weight_names(model: nn.Module) -> list[str]:
 
 
 if triton is not None:
+    # this program's chunk of the tables: its tensor, where the chunk starts in the flat buffers, its indices within
+    # the tensor, the mask (none where the tensor has no gradient, or with SKIPPABLE where found_ptr says skip) and
+    # the gradient in fp32
+    @triton.jit
+    def _chunk_gradient(grads_ptr, chunk_ptr, start_ptr, off_ptr, numel_ptr, found_ptr, BLOCK: tl.constexpr,
+                        LOW: tl.constexpr, GRAD_ALIGNED: tl.constexpr, SKIPPABLE: tl.constexpr):  # fmt: skip
+        c = tl.program_id(0)
+        t = tl.load(chunk_ptr + c)
+        # tensors and chunks start at multiples of BLOCK in the flat buffers: told to the compiler, so that it can
+        # move 16 bytes a thread at once
+        start = tl.multiple_of(tl.load(start_ptr + c), BLOCK)
+        base = tl.multiple_of(tl.load(off_ptr + t), BLOCK)
+        n = tl.load(numel_ptr + t)
+        gaddr = tl.load(grads_ptr + t)
+        if GRAD_ALIGNED:
+            gaddr = tl.multiple_of(gaddr, 16)
+        idx = (start - base) + tl.arange(0, BLOCK)  # within the tensor
+        live = (gaddr != 0).to(tl.int64)  # no gradient: nothing
+        if SKIPPABLE:
+            live = live * (tl.load(found_ptr) == 0).to(tl.int64)  # a skipped step: nothing
+        mask = idx < n * live
+        gp = gaddr.to(tl.pointer_type(tl.bfloat16 if LOW else tl.float32))
+        return t, start, idx, mask, tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _adamw_kernel(
@@ -96,22 +119,10 @@ if triton is not None:
         LOW: tl.constexpr,
         GRAD_ALIGNED: tl.constexpr,  # every gradient's address a multiple of 16 bytes
     ):
-        c = tl.program_id(0)
-        t = tl.load(chunk_ptr + c)
-        # tensors and chunks start at multiples of BLOCK in the flat buffers: told to the compiler, so that it can
-        # move 16 bytes a thread at once
-        start = tl.multiple_of(tl.load(start_ptr + c), BLOCK)
-        base = tl.multiple_of(tl.load(off_ptr + t), BLOCK)
-        n = tl.load(numel_ptr + t)
-        gaddr = tl.load(grads_ptr + t)
-        if GRAD_ALIGNED:
-            gaddr = tl.multiple_of(gaddr, 16)
-        found = tl.load(found_ptr)
-        idx = (start - base) + tl.arange(0, BLOCK)  # within the tensor
-        live = (gaddr != 0).to(tl.int64) * (found == 0).to(tl.int64)  # no gradient, or a skipped step: nothing
-        mask = idx < n * live
-        gp = gaddr.to(tl.pointer_type(tl.bfloat16 if LOW else tl.float32))
-        g = tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32) / tl.load(scale_ptr)
+        t, start, idx, mask, g = _chunk_gradient(
+            grads_ptr, chunk_ptr, start_ptr, off_ptr, numel_ptr, found_ptr, BLOCK, LOW, GRAD_ALIGNED, True
+        )
+        g = g / tl.load(scale_ptr)
         flat = start + tl.arange(0, BLOCK)
         p = tl.load(p_ptr + flat, mask=mask, other=0.0)
         m = tl.load(m_ptr + flat, mask=mask, other=0.0)
@@ -142,19 +153,10 @@ if triton is not None:
         LOW: tl.constexpr,
         GRAD_ALIGNED: tl.constexpr,
     ):
-        c = tl.program_id(0)
-        t = tl.load(chunk_ptr + c)
-        start = tl.multiple_of(tl.load(start_ptr + c), BLOCK)
-        base = tl.multiple_of(tl.load(off_ptr + t), BLOCK)
-        n = tl.load(numel_ptr + t)
-        gaddr = tl.load(grads_ptr + t)
-        if GRAD_ALIGNED:
-            gaddr = tl.multiple_of(gaddr, 16)
-        idx = (start - base) + tl.arange(0, BLOCK)
-        mask = idx < n * (gaddr != 0).to(tl.int64)  # a tensor without a gradient adds nothing
-        gp = gaddr.to(tl.pointer_type(tl.bfloat16 if LOW else tl.float32))
-        g = tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + c, tl.sum(g * g, axis=0))
+        _, _, _, _, g = _chunk_gradient(
+            grads_ptr, chunk_ptr, start_ptr, off_ptr, numel_ptr, out_ptr, BLOCK, LOW, GRAD_ALIGNED, False
+        )
+        tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
 @dataclass
