@@ -208,7 +208,9 @@ if triton is not None:
         path, xa, xg), all bf16. The six vectors reach the kernels as one new ``[6, C]`` fp32 tensor (not as views
         of a flat optimizer buffer: models/wkv_inputs.py says why)."""
         params = torch.stack([p.reshape(-1) for p in (x_r, x_w, x_k, x_v, x_a, x_g)]).float()
-        return (kept if KEEP else _call)(tm_mix_op, x, shift.contiguous(), params)
+        if not KEEP:
+            return tm_mix_op(x, shift.contiguous(), params)
+        return kept(tm_mix_op, x, shift.contiguous(), params)
 
     # ------------------------------------------------------------------ the channel-mix's one interpolation
 
@@ -261,7 +263,6 @@ if triton is not None:
 
     def cm_mix(x, shift, x_k):
         """The region's ``cm_mix`` under bf16 autocast through the operator (bf16 out)."""
-        return (kept if KEEP else _call)(cm_mix_op, x, shift.contiguous(), x_k.reshape(-1).float())
-
-    def _call(fn, *args):
-        return fn(*args)
+        if not KEEP:
+            return cm_mix_op(x, shift.contiguous(), x_k.reshape(-1).float())
+        return kept(cm_mix_op, x, shift.contiguous(), x_k.reshape(-1).float())
