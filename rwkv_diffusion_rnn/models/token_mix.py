@@ -76,26 +76,25 @@ def applies_cm(x: torch.Tensor, shift: torch.Tensor, mm_dtype: torch.dtype | Non
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
-    # this program's tile: its rows (flattened b * T + t) and channels, x and the previous token's x, in fp32
+    from rwkv_diffusion_rnn.models.tiles import tile
+
+    # x at this program's tile and the previous token's x minus it (the shift), in fp32
     @triton.jit
-    def _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS: tl.constexpr, COLS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        live = rows < n_rows
+    def _shifted(x_ptr, prev_ptr, rows, cols, live, off, T, C):
         t = rows % T
-        off = rows[:, None].to(tl.int64) * C + cols[None, :]
         x = tl.load(x_ptr + off, mask=live[:, None], other=0.0).to(tl.float32)
         before = tl.load(x_ptr + off - C, mask=(live & (t > 0))[:, None], other=0.0).to(tl.float32)
         # position 0 takes the carried state, cast to x's dtype first (as the region's token shift does)
         at_prev = prev_ptr + (rows // T)[:, None].to(tl.int64) * C + cols[None, :]
         first = tl.load(at_prev, mask=(live & (t == 0))[:, None], other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         sx = tl.where((t > 0)[:, None], before, first)
-        return rows, cols, live, t, off, x, sx - x
+        return x, sx - x
 
     @triton.jit
     def _fwd_kernel(x_ptr, prev_ptr, p_ptr, r_ptr, w_ptr, k_ptr, v_ptr, v2_ptr, a_ptr, g_ptr, n_rows, T, C,
                     ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
-        rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
+        rows, cols, live, off = tile(n_rows, C, ROWS, COLS)  # addresses from scalars only: models/tiles.py
+        x, xx = _shifted(x_ptr, prev_ptr, rows, cols, live, off, T, C)
         mask = live[:, None]
         # p: the six mix vectors as the rows of one [6, C] fp32 tensor
         tl.store(r_ptr + off, (x + xx * tl.load(p_ptr + cols)[None, :]).to(r_ptr.dtype.element_ty), mask=mask)
@@ -127,7 +126,9 @@ if triton is not None:
                     part_ptr, n_rows, T, C, HAS_V2: tl.constexpr, ROWS: tl.constexpr,
                     COLS: tl.constexpr):  # fmt: skip
         pr = tl.program_id(0)
-        rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
+        rows, cols, live, off = tile(n_rows, C, ROWS, COLS)
+        x, xx = _shifted(x_ptr, prev_ptr, rows, cols, live, off, T, C)
+        t = rows % T
         nxt = live & (t < T - 1)
         base = part_ptr + pr.to(tl.int64) * 6 * C + cols  # part[pr, i, c], N_MIX = 6 rows a program
         # out_i = x (1 - m_i) + shifted m_i
@@ -216,7 +217,8 @@ if triton is not None:
 
     @triton.jit
     def _cm_fwd_kernel(x_ptr, prev_ptr, p_ptr, o_ptr, n_rows, T, C, ROWS: tl.constexpr, COLS: tl.constexpr):
-        rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
+        rows, cols, live, off = tile(n_rows, C, ROWS, COLS)
+        x, xx = _shifted(x_ptr, prev_ptr, rows, cols, live, off, T, C)
         out = x + xx * tl.load(p_ptr + cols)[None, :]
         tl.store(o_ptr + off, out.to(o_ptr.dtype.element_ty), mask=live[:, None])
 
@@ -224,7 +226,9 @@ if triton is not None:
     def _cm_bwd_kernel(x_ptr, prev_ptr, p_ptr, d_ptr, dx_ptr, dprev_ptr, part_ptr, n_rows, T, C, ROWS: tl.constexpr,
                        COLS: tl.constexpr):  # fmt: skip
         pr = tl.program_id(0)
-        rows, cols, live, t, off, x, xx = _shifted_tile(x_ptr, prev_ptr, n_rows, T, C, ROWS, COLS)
+        rows, cols, live, off = tile(n_rows, C, ROWS, COLS)
+        x, xx = _shifted(x_ptr, prev_ptr, rows, cols, live, off, T, C)
+        t = rows % T
         g, gn = _grad_pair(d_ptr, off, live, live & (t < T - 1), C)
         direct, here, back = _mix_grad(g, gn, p_ptr, 0, cols, C, xx, part_ptr + pr.to(tl.int64) * C + cols)
         tl.store(dx_ptr + off, (direct + back).to(dx_ptr.dtype.element_ty), mask=live[:, None])

@@ -68,19 +68,16 @@ def applies(k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, n_head: i
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
+    from rwkv_diffusion_rnn.models.tiles import tile
+
     @triton.jit
     def _tile(ptr, rows, cols, n_rows, C):
         mask = (rows < n_rows)[:, None]
         return tl.load(ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
-    # this program's tile (ROWS tokens of one head): its indices and the forward's values, in fp32
+    # the forward's values at this program's tile (ROWS tokens of one head), in fp32
     @triton.jit
-    def _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, n_rows, C, EPS: tl.constexpr, ROWS: tl.constexpr,
-                      HEAD: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
-        mask = (rows < n_rows)[:, None]
-        off = rows[:, None].to(tl.int64) * C + cols[None, :]
+    def _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, rows, cols, n_rows, C, EPS: tl.constexpr):
         k = _tile(k_ptr, rows, cols, n_rows, C)
         # p: the four parameters as rows of one [4, C] fp32 tensor (w0, a0, k_k, k_a)
         s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(p_ptr + cols)[None, :])
@@ -89,14 +86,14 @@ if triton is not None:
         k_a = tl.load(p_ptr + 3 * C + cols)[None, :]
         u = k * k_k
         norm = tl.sqrt(tl.sum(u * u, axis=1))[:, None]
-        return rows, cols, mask, off, k, s, a, k_k, k_a, norm, u / tl.maximum(norm, EPS)
+        return k, s, a, k_k, k_a, norm, u / tl.maximum(norm, EPS)
 
     @triton.jit
     def _fwd_kernel(k_ptr, wl_ptr, al_ptr, p_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows, C, SCALE: tl.constexpr,
                     EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
-        rows, cols, mask, off, k, s, a, k_k, k_a, norm, kk = _forward_tile(
-            k_ptr, wl_ptr, al_ptr, p_ptr, n_rows, C, EPS, ROWS, HEAD
-        )
+        rows, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
+        mask = live[:, None]
+        k, s, a, k_k, k_a, norm, kk = _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, rows, cols, n_rows, C, EPS)
         kp = k * (1.0 + (a - 1.0) * k_a)
         tl.store(w_ptr + off, -SCALE * s, mask=mask)
         tl.store(kp_ptr + off, kp.to(kp_ptr.dtype.element_ty), mask=mask)
@@ -108,9 +105,9 @@ if triton is not None:
                     part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr,
                     HEAD: tl.constexpr):  # fmt: skip
         pr = tl.program_id(0)
-        rows, cols, mask, off, k, s, a, k_k, k_a, norm, kk = _forward_tile(
-            k_ptr, wl_ptr, al_ptr, p_ptr, n_rows, C, EPS, ROWS, HEAD
-        )
+        rows, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
+        mask = live[:, None]
+        k, s, a, k_k, k_a, norm, kk = _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, rows, cols, n_rows, C, EPS)
         dw = _tile(dw_ptr, rows, cols, n_rows, C)
         dkp = _tile(dkp_ptr, rows, cols, n_rows, C)
         dkka = _tile(dkka_ptr, rows, cols, n_rows, C)

@@ -65,18 +65,16 @@ def applies(o, r, k, v, g, n_head: int, mm_dtype: torch.dtype | None) -> bool:
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
+    from rwkv_diffusion_rnn.models.tiles import tile
+
     @triton.jit
     def _tile(ptr, off, mask):
         return tl.load(ptr + off, mask=mask, other=0.0).to(tl.float32)
 
-    # this program's tile (ROWS tokens of one head) and the forward's per-row values, in fp32
+    # the forward's per-row values at this program's tile (ROWS tokens of one head), in fp32
     @triton.jit
-    def _forward_tile(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, n_rows, C, EPS: tl.constexpr, ROWS: tl.constexpr,
+    def _forward_tile(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, cols, mask, off, C, EPS: tl.constexpr,
                       HEAD: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * HEAD + tl.arange(0, HEAD)
-        mask = (rows < n_rows)[:, None]
-        off = rows[:, None].to(tl.int64) * C + cols[None, :]
         o = _tile(o_ptr, off, mask)
         mean = tl.sum(o, axis=1)[:, None] / HEAD
         diff = o - mean
@@ -92,23 +90,25 @@ if triton is not None:
         g = _tile(g_ptr, off, mask)
         s = tl.sum(r * k * rk, axis=1)[:, None]
         z = xhat * lnw + lnb + s * v
-        return cols, mask, off, xhat, rstd, lnw, rk, r, k, v, g, s, z
+        return xhat, rstd, lnw, rk, r, k, v, g, s, z
 
     @triton.jit
     def _fwd_kernel(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, y_ptr, n_rows, C, EPS: tl.constexpr,
                     ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
-        cols, mask, off, xhat, rstd, lnw, rk, r, k, v, g, s, z = _forward_tile(
-            o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, n_rows, C, EPS, ROWS, HEAD
-        )
+        _, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
+        mask = live[:, None]
+        xhat, rstd, lnw, rk, r, k, v, g, s, z = _forward_tile(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, cols, mask, off,
+                                                              C, EPS, HEAD)  # fmt: skip
         tl.store(y_ptr + off, (z * g).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bwd_kernel(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, dy_ptr, do_ptr, dr_ptr, dk_ptr, dv_ptr, dg_ptr,
                     part_ptr, n_rows, C, EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
         pr = tl.program_id(0)
-        cols, mask, off, xhat, rstd, lnw, rk, r, k, v, g, s, z = _forward_tile(
-            o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, n_rows, C, EPS, ROWS, HEAD
-        )
+        _, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
+        mask = live[:, None]
+        xhat, rstd, lnw, rk, r, k, v, g, s, z = _forward_tile(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, cols, mask, off,
+                                                              C, EPS, HEAD)  # fmt: skip
         dy = _tile(dy_ptr, off, mask)
         dz = dy * g
         ds = tl.sum(dz * v, axis=1)[:, None]
