@@ -6,8 +6,8 @@ address back through the kernel's IR (``identify_accessed_tensors`` in torch/_hi
 and a value a called ``@triton.jit`` function returns counts as derived from every argument of that call. Addresses
 computed in a helper that also loaded the inputs made those inputs look written: the compiled block then copied them
 around each launch, or (the channel-mix's operator) its partitioner refused the graph. The kernels take their
-addresses from :func:`tile` and load through separate helpers; tests/models/test_tiles.py checks, for every kernel,
-that torch sees its outputs written and nothing else.
+addresses from :func:`tile` and load through :func:`load` or helpers of their own; tests/models/test_tiles.py
+checks, for every kernel, that torch sees its outputs written and nothing else.
 """
 
 from __future__ import annotations
@@ -28,3 +28,8 @@ if triton is not None:
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
         return rows, cols, rows < n_rows, rows[:, None].to(tl.int64) * C + cols[None, :]
+
+    @triton.jit
+    def load(ptr, off, mask):
+        """The tile of ``ptr`` at ``off`` (from :func:`tile`), in fp32; masked elements read as 0."""
+        return tl.load(ptr + off, mask=mask, other=0.0).to(tl.float32)

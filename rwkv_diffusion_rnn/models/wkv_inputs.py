@@ -68,20 +68,15 @@ def applies(k: torch.Tensor, w_low: torch.Tensor, a_low: torch.Tensor, n_head: i
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
-    from rwkv_diffusion_rnn.models.tiles import tile
-
-    @triton.jit
-    def _tile(ptr, rows, cols, n_rows, C):
-        mask = (rows < n_rows)[:, None]
-        return tl.load(ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    from rwkv_diffusion_rnn.models.tiles import load, tile
 
     # the forward's values at this program's tile (ROWS tokens of one head), in fp32
     @triton.jit
-    def _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, rows, cols, n_rows, C, EPS: tl.constexpr):
-        k = _tile(k_ptr, rows, cols, n_rows, C)
+    def _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, cols, mask, off, C, EPS: tl.constexpr):
+        k = load(k_ptr, off, mask)
         # p: the four parameters as rows of one [4, C] fp32 tensor (w0, a0, k_k, k_a)
-        s = tl.sigmoid(_tile(wl_ptr, rows, cols, n_rows, C) + tl.load(p_ptr + cols)[None, :])
-        a = tl.sigmoid(_tile(al_ptr, rows, cols, n_rows, C) + tl.load(p_ptr + C + cols)[None, :])
+        s = tl.sigmoid(load(wl_ptr, off, mask) + tl.load(p_ptr + cols)[None, :])
+        a = tl.sigmoid(load(al_ptr, off, mask) + tl.load(p_ptr + C + cols)[None, :])
         k_k = tl.load(p_ptr + 2 * C + cols)[None, :]
         k_a = tl.load(p_ptr + 3 * C + cols)[None, :]
         u = k * k_k
@@ -91,9 +86,9 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(k_ptr, wl_ptr, al_ptr, p_ptr, w_ptr, kp_ptr, nkk_ptr, kka_ptr, n_rows, C, SCALE: tl.constexpr,
                     EPS: tl.constexpr, ROWS: tl.constexpr, HEAD: tl.constexpr):  # fmt: skip
-        rows, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
+        _, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
         mask = live[:, None]
-        k, s, a, k_k, k_a, norm, kk = _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, rows, cols, n_rows, C, EPS)
+        k, s, a, k_k, k_a, norm, kk = _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, cols, mask, off, C, EPS)
         kp = k * (1.0 + (a - 1.0) * k_a)
         tl.store(w_ptr + off, -SCALE * s, mask=mask)
         tl.store(kp_ptr + off, kp.to(kp_ptr.dtype.element_ty), mask=mask)
@@ -105,13 +100,13 @@ if triton is not None:
                     part_ptr, n_rows, C, SCALE: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr,
                     HEAD: tl.constexpr):  # fmt: skip
         pr = tl.program_id(0)
-        rows, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
+        _, cols, live, off = tile(n_rows, C, ROWS, HEAD)  # addresses from scalars only: models/tiles.py
         mask = live[:, None]
-        k, s, a, k_k, k_a, norm, kk = _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, rows, cols, n_rows, C, EPS)
-        dw = _tile(dw_ptr, rows, cols, n_rows, C)
-        dkp = _tile(dkp_ptr, rows, cols, n_rows, C)
-        dkka = _tile(dkka_ptr, rows, cols, n_rows, C)
-        dkk = a * dkka - _tile(dnkk_ptr, rows, cols, n_rows, C)
+        k, s, a, k_k, k_a, norm, kk = _forward_tile(k_ptr, wl_ptr, al_ptr, p_ptr, cols, mask, off, C, EPS)
+        dw = load(dw_ptr, off, mask)
+        dkp = load(dkp_ptr, off, mask)
+        dkka = load(dkka_ptr, off, mask)
+        dkk = a * dkka - load(dnkk_ptr, off, mask)
         # F.normalize's gradient: (dkk - kk <kk, dkk>) / |u| above eps, dkk / eps at or below it
         du = tl.where(norm > EPS, (dkk - kk * tl.sum(kk * dkk, axis=1)[:, None]) / tl.maximum(norm, EPS), dkk / EPS)
         da = kk * dkka + dkp * k * k_a

@@ -65,17 +65,13 @@ def applies(o, r, k, v, g, n_head: int, mm_dtype: torch.dtype | None) -> bool:
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
-    from rwkv_diffusion_rnn.models.tiles import tile
-
-    @triton.jit
-    def _tile(ptr, off, mask):
-        return tl.load(ptr + off, mask=mask, other=0.0).to(tl.float32)
+    from rwkv_diffusion_rnn.models.tiles import load, tile
 
     # the forward's per-row values at this program's tile (ROWS tokens of one head), in fp32
     @triton.jit
     def _forward_tile(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, cols, mask, off, C, EPS: tl.constexpr,
                       HEAD: tl.constexpr):  # fmt: skip
-        o = _tile(o_ptr, off, mask)
+        o = load(o_ptr, off, mask)
         mean = tl.sum(o, axis=1)[:, None] / HEAD
         diff = o - mean
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1)[:, None] / HEAD + EPS)
@@ -84,10 +80,10 @@ if triton is not None:
         lnw = tl.load(p_ptr + cols)[None, :]
         lnb = tl.load(p_ptr + C + cols)[None, :]
         rk = tl.load(p_ptr + 2 * C + cols)[None, :]
-        r = _tile(r_ptr, off, mask)
-        k = _tile(k_ptr, off, mask)
-        v = _tile(v_ptr, off, mask)
-        g = _tile(g_ptr, off, mask)
+        r = load(r_ptr, off, mask)
+        k = load(k_ptr, off, mask)
+        v = load(v_ptr, off, mask)
+        g = load(g_ptr, off, mask)
         s = tl.sum(r * k * rk, axis=1)[:, None]
         z = xhat * lnw + lnb + s * v
         return xhat, rstd, lnw, rk, r, k, v, g, s, z
@@ -109,7 +105,7 @@ if triton is not None:
         mask = live[:, None]
         xhat, rstd, lnw, rk, r, k, v, g, s, z = _forward_tile(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, p_ptr, cols, mask, off,
                                                               C, EPS, HEAD)  # fmt: skip
-        dy = _tile(dy_ptr, off, mask)
+        dy = load(dy_ptr, off, mask)
         dz = dy * g
         ds = tl.sum(dz * v, axis=1)[:, None]
         dxhat = dz * lnw
