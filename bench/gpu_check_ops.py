@@ -1,8 +1,6 @@
 """GPU check of the blocks' hand-written Triton operators against the plain functions they replace, then timed:
-the channel-mix activation (rwkv_diffusion_rnn/models/sq_relu.py), the WKV operands
-(rwkv_diffusion_rnn/models/wkv_inputs.py), the time-mix's and channel-mix's token shifts
-(rwkv_diffusion_rnn/models/token_mix.py) and the WKV output's GroupNorm, bonus and gate
-(rwkv_diffusion_rnn/models/wkv_output.py), at the 0.1B and 0.4B step shapes (B16 T511).
+the channel-mix activation (rwkv_diffusion_rnn/models/sq_relu.py) and the WKV operands
+(rwkv_diffusion_rnn/models/wkv_inputs.py), at the 0.1B and 0.4B step shapes (B16 T511).
 
     PYTHONPATH=$PWD python bench/gpu_check_ops.py --out /tmp/ops.json      # on a CUDA machine
 
@@ -10,10 +8,7 @@ Bounds (relative, against the plain function): the activation's fp32 forward exa
 of 2 relu(k) dy in fp64; in bf16 its output within one rounding and its gradient no further from the fp64 one than
 twice autograd's own. The WKV operands: fp32 1e-5 for outputs and gradients; bf16 1e-2 for outputs and 2e-2 for
 gradients (the operator rounds the gated key, -kk and kk * a to bf16 where the plain function keeps the key fp32).
-The token shifts (their matmul inputs always bf16): 1e-2 for outputs and gradients against the plain function with
-bf16 matmul inputs (one bf16 rounding of the outputs and of their gradients). The WKV output: its bf16 output
-within 1e-2, gradients within 1e-5 (fp32 operands) and 1e-2 (bf16). Inputs as in the step under bf16
-autocast (activations bf16, parameters fp32) and all-fp32.
+Inputs as in the step under bf16 autocast (activations bf16, parameters fp32) and all-fp32.
 """
 
 from __future__ import annotations
@@ -28,14 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rwkv_diffusion_rnn.models import sq_relu, token_mix, wkv_inputs, wkv_output  # noqa: E402
-from rwkv_diffusion_rnn.models.rwkv7_regions import (  # noqa: E402
-    DECAY_SCALE,
-    cm_mix_plain,
-    tm_kernel_inputs_plain,
-    tm_mix_plain,
-    tm_output_plain,
-)
+from rwkv_diffusion_rnn.models import sq_relu, wkv_inputs  # noqa: E402
+from rwkv_diffusion_rnn.models.rwkv7_regions import DECAY_SCALE, tm_kernel_inputs_plain  # noqa: E402
 
 WIDTHS = (768, 1024)  # 0.1B, 0.4B
 
@@ -104,68 +93,9 @@ def check_wkv_inputs(C: int, dtype: torch.dtype) -> dict:
             "ok": max(out) <= tol_out and max(grad) <= tol_grad}  # fmt: skip
 
 
-def _token_mix(C: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator("cuda").manual_seed(seed)
-    x, shift = _randn(16, 511, C, dtype=dtype, g=g), _randn(16, C, g=g)
-    return [x, shift] + [torch.rand(1, 1, C, device="cuda", generator=g) for _ in range(6)]
-
-
-def _mix_plain(*t):
-    return tm_mix_plain(*t, torch.bfloat16)
-
-
-def check_token_mix(C: int, dtype: torch.dtype) -> dict:
-    xs = _token_mix(C, dtype, 0)
-    weights = [_randn(16, 511, C) for _ in range(7)]
-    got, got_g = _outputs_and_grads(token_mix.tm_mix, xs, weights)
-    ref, ref_g = _outputs_and_grads(_mix_plain, xs, weights)
-    out = [_rel(a, b) for a, b in zip(got, ref, strict=True)]
-    grad = [_rel(a, b) for a, b in zip(got_g, ref_g, strict=True)]
-    return {"op": "token_mix", "C": C, "dtype": str(dtype), "out_rel": out, "grad_rel": grad,
-            "ok": max(out) <= 1e-2 and max(grad) <= 1e-2}  # fmt: skip
-
-
-def check_cm_mix(C: int, dtype: torch.dtype) -> dict:
-    xs = _token_mix(C, dtype, 2)[:3]  # x, shift, one mix vector
-    weights = [_randn(16, 511, C)]
-    got, got_g = _outputs_and_grads(token_mix.cm_mix, xs, weights)
-    ref, ref_g = _outputs_and_grads(lambda *t: cm_mix_plain(*t, torch.bfloat16), xs, weights)
-    out = [_rel(a, b) for a, b in zip(got, ref, strict=True)]
-    grad = [_rel(a, b) for a, b in zip(got_g, ref_g, strict=True)]
-    return {"op": "cm_mix", "C": C, "dtype": str(dtype), "out_rel": out, "grad_rel": grad,
-            "ok": max(out) <= 1e-2 and max(grad) <= 1e-2}  # fmt: skip
-
-
-def _tm_output(C: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator("cuda").manual_seed(seed)
-    acts = [_randn(16, 511, C, dtype=dtype, g=g) for _ in range(5)]  # o, r, k, v, g
-    return acts + [1 + 0.3 * _randn(C, g=g), 0.3 * _randn(C, g=g), 0.5 * _randn(C // 64, 64, g=g)]
-
-
-def _out_op(o, r, k, v, g, lnw, lnb, rk):
-    return wkv_output.tm_output(o, lnw, lnb, 64e-5, r, k, v, rk, g)
-
-
-def _out_plain(o, r, k, v, g, lnw, lnb, rk):
-    with torch.autocast("cuda", torch.bfloat16):  # as the model runs it: the group norm in fp32 on bf16 inputs
-        return tm_output_plain(o, lnw, lnb, 64e-5, r, k, v, rk, g, o.shape[-1] // 64, torch.bfloat16)
-
-
-def check_tm_output(C: int, dtype: torch.dtype) -> dict:
-    xs = _tm_output(C, dtype, 3)
-    weights = [_randn(16, 511, C)]
-    got, got_g = _outputs_and_grads(_out_op, xs, weights)
-    ref, ref_g = _outputs_and_grads(_out_plain, xs, weights)
-    out = [_rel(a, b) for a, b in zip(got, ref, strict=True)]
-    grad = [_rel(a, b) for a, b in zip(got_g, ref_g, strict=True)]
-    tol_grad = 1e-5 if dtype == torch.float32 else 1e-2
-    return {"op": "tm_output", "C": C, "dtype": str(dtype), "out_rel": out, "grad_rel": grad,
-            "ok": max(out) <= 1e-2 and max(grad) <= tol_grad}  # fmt: skip
-
-
 def timings(C: int) -> dict:
-    """ms: the activation's forward (operator; the formula compiled), the token shift's and the WKV operands'
-    forward + backward (operator; the region compiled), bf16."""
+    """ms: the activation's forward (operator; the formula compiled), the WKV operands' forward + backward
+    (operator; the region compiled), bf16."""
     k = _randn(16, 511, 4 * C, dtype=torch.bfloat16)
     plain_act = torch.compile(sq_relu.sq_relu_plain)
     xs = [x.requires_grad_() for x in _wkv_inputs(C, torch.bfloat16, 1)]
@@ -175,25 +105,7 @@ def timings(C: int) -> dict:
         outs = fn(*xs)
         torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs])
 
-    mix = [x.requires_grad_() for x in _token_mix(C, torch.bfloat16, 1)]
-    plain_mix = torch.compile(_mix_plain)
-
-    def mix_fwd_bwd(fn):
-        outs = fn(*mix)
-        torch.autograd.grad(outs, mix, [torch.ones_like(o) for o in outs])
-
-    outs_in = [x.requires_grad_() for x in _tm_output(C, torch.bfloat16, 4)]
-    plain_out = torch.compile(_out_plain)
-
-    def out_fwd_bwd(fn):
-        y = fn(*outs_in)
-        torch.autograd.grad(y, outs_in, torch.ones_like(y))
-
     return {"sq_relu_op_ms": cuda_ms(lambda: sq_relu.sq_relu_op(k), 50),
-            "tm_output_op_fwd_bwd_ms": cuda_ms(lambda: out_fwd_bwd(_out_op)),
-            "tm_output_plain_compiled_fwd_bwd_ms": cuda_ms(lambda: out_fwd_bwd(plain_out)),
-            "token_mix_op_fwd_bwd_ms": cuda_ms(lambda: mix_fwd_bwd(token_mix.tm_mix)),
-            "token_mix_plain_compiled_fwd_bwd_ms": cuda_ms(lambda: mix_fwd_bwd(plain_mix)),
             "sq_relu_plain_compiled_ms": cuda_ms(lambda: plain_act(k), 50),
             "wkv_inputs_op_fwd_bwd_ms": cuda_ms(lambda: fwd_bwd(_op)),
             "wkv_inputs_plain_compiled_fwd_bwd_ms": cuda_ms(lambda: fwd_bwd(plain_region))}  # fmt: skip
@@ -207,8 +119,7 @@ def main() -> int:
         print("needs a CUDA GPU and Triton")
         return 2
     dtypes = (torch.float32, torch.bfloat16)
-    kinds = (check_sq_relu, check_wkv_inputs, check_token_mix, check_cm_mix, check_tm_output)
-    checks = [fn(C, d) for fn in kinds for C in WIDTHS for d in dtypes]
+    checks = [fn(C, d) for fn in (check_sq_relu, check_wkv_inputs) for C in WIDTHS for d in dtypes]
     res = {"device": torch.cuda.get_device_name(), "checks": checks, "time": {C: timings(C) for C in WIDTHS}}
     for c in checks:
         print(c)

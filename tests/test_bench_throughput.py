@@ -223,7 +223,7 @@ def test_kernel_categories_of_names_seen_in_profiles():
         "triton_per_fused__to_copy_native_group_norm_view_0": "compiled elementwise (Triton)",
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "copies / casts",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::arr": "fills",
-        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std:": "eager elementwise / norms",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std:": "eager elementwise / norms",  # noqa: E501
         "Memset (Device)": "other",
     }
     assert {name: kernel_category(name) for name in seen} == seen

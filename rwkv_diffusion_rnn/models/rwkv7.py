@@ -198,7 +198,7 @@ class TimeMix(nn.Module):
         """
         H = self.n_head
         ops, mm_dtype = self.regions, matmul_dtype(x)
-        xr, xw, xk, xv, xv_low, xa, xg = ops.tm_mix(
+        xr, xw, xk, xv, xa, xg = ops.tm_mix(
             x, shift, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g, mm_dtype
         )
 
@@ -212,7 +212,7 @@ class TimeMix(nn.Module):
         if self.first:
             v_first = v
         else:
-            v = ops.tm_value_mix(v, v_first, self.v0, (xv_low @ self.v1) @ self.v2)
+            v = ops.tm_value_mix(v, v_first, self.v0, (xv @ self.v1) @ self.v2)
 
         if pad is not None:
             # padding must not touch the state: decay 1 (log 0), no write (k = 0), no transition term (b = 0)

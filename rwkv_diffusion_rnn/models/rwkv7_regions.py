@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkv_diffusion_rnn.models import token_mix, wkv_inputs, wkv_output
+from rwkv_diffusion_rnn.models import wkv_inputs
 from rwkv_diffusion_rnn.models.sq_relu import sq_relu  # the channel-mix activation (an operator on CUDA)
 
 #: RWKV-7 decays are exp(-exp(-0.5) * sigmoid(.)); exp(-0.5) = 0.6065306597...
@@ -32,25 +32,14 @@ def _token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 
 def tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):
-    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xv_low, xa,
-    xg), ``xv_low`` the value input of the low-rank value path (after the first layer).
+    """Token shift and the six interpolations: x ``[B, T, C]``, shift ``[B, C]`` -> (xr, xw, xk, xv, xa, xg).
 
     All six only feed matmuls, so under autocast five are returned in its dtype ``mm_dtype``: the rounding autocast
-    applies at the matmul, done once in the region (fused when compiled). ``xv`` stays as it is and serves both
-    value matmuls (``xv_low`` is the same tensor): a bf16 tensor would sum their two gradients in bf16 where autocast
-    sums them in fp32. The operator of models/token_mix.py (opt-in) returns two bf16 copies instead and sums their
-    gradients in fp32 itself."""
-    if token_mix.applies(x, shift, mm_dtype):
-        return token_mix.tm_mix(x, shift, x_r, x_w, x_k, x_v, x_a, x_g)
-    return tm_mix_plain(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype)
-
-
-def tm_mix_plain(x, shift, x_r, x_w, x_k, x_v, x_a, x_g, mm_dtype: torch.dtype | None = None):
-    """:func:`tm_mix` as torch operations, never the operator: the reference the operator is checked against."""
+    applies at the matmul, done once in the region (fused when compiled). ``xv`` stays as it is: it feeds two matmuls,
+    and a bf16 tensor would sum their two gradients in bf16 where autocast sums them in fp32."""
     xx = _token_shift(x, shift) - x
     xr, xw, xk, xv, xa, xg = (x + xx * m for m in (x_r, x_w, x_k, x_v, x_a, x_g))
-    return (_cast(xr, mm_dtype), _cast(xw, mm_dtype), _cast(xk, mm_dtype), xv, xv, _cast(xa, mm_dtype),
-            _cast(xg, mm_dtype))  # fmt: skip
+    return _cast(xr, mm_dtype), _cast(xw, mm_dtype), _cast(xk, mm_dtype), xv, _cast(xa, mm_dtype), _cast(xg, mm_dtype)
 
 
 def tm_kernel_inputs(k, w_low, a_low, w0, a0, k_k, k_a, n_head: int):
@@ -83,15 +72,7 @@ def tm_value_mix(v, v_first, v0, v_low):
 
 def tm_output(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, mm_dtype: torch.dtype | None = None):
     """GroupNorm of the WKV output ``o`` ``[B, T, C]``, plus the per-head bonus (r . (k * r_k)) v, times the gate
-    (in ``mm_dtype`` when given: the result only feeds the output projection); through the operator of
-    models/wkv_output.py where it is switched on."""
-    if wkv_output.applies(o, r, k, v, g, n_head, mm_dtype):
-        return wkv_output.tm_output(o, ln_weight, ln_bias, eps, r, k, v, r_k, g)
-    return tm_output_plain(o, ln_weight, ln_bias, eps, r, k, v, r_k, g, n_head, mm_dtype)
-
-
-def tm_output_plain(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: int, mm_dtype=None):
-    """:func:`tm_output` as torch operations, never the operator."""
+    (in ``mm_dtype`` when given: the result only feeds the output projection)."""
     B, T, C = o.shape
     N = C // n_head
     o = F.group_norm(o.reshape(B * T, C), n_head, ln_weight, ln_bias, eps).view(B, T, C)
@@ -100,15 +81,7 @@ def tm_output_plain(o, ln_weight, ln_bias, eps: float, r, k, v, r_k, g, n_head: 
 
 
 def cm_mix(x, shift, x_k, mm_dtype: torch.dtype | None = None):
-    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input (in ``mm_dtype`` when given, see :func:`tm_mix`);
-    through the operator of models/token_mix.py where it is switched on."""
-    if token_mix.applies_cm(x, shift, mm_dtype):
-        return token_mix.cm_mix(x, shift, x_k)
-    return cm_mix_plain(x, shift, x_k, mm_dtype)
-
-
-def cm_mix_plain(x, shift, x_k, mm_dtype: torch.dtype | None = None):
-    """:func:`cm_mix` as torch operations, never the operator."""
+    """Channel-mix token shift: x ``[B, T, C]`` -> the FFN input (in ``mm_dtype`` when given, see :func:`tm_mix`)."""
     return _cast(x + (_token_shift(x, shift) - x) * x_k, mm_dtype)
 
 

@@ -1,11 +1,11 @@
 """A fused Triton operator's tile (a block of rows, the flattened tokens, by a block of channels): its indices, from
-scalars only. Used by the operators of models/token_mix.py, wkv_inputs.py and wkv_output.py.
+scalars only. Used by the operator of models/wkv_inputs.py.
 
 Why from scalars only: torch.compile finds which arguments a user Triton kernel writes by following each store's
 address back through the kernel's IR (``identify_accessed_tensors`` in torch/_higher_order_ops/triton_kernel_wrap.py),
 and a value a called ``@triton.jit`` function returns counts as derived from every argument of that call. Addresses
 computed in a helper that also loaded the inputs made those inputs look written: the compiled block then copied them
-around each launch, or (the channel-mix's operator) its partitioner refused the graph. The kernels take their
+around each launch, or its partitioner refused the graph (docs/RESULTS.md, 2026-12-07). The kernels take their
 addresses from :func:`tile` and load through :func:`load` or helpers of their own; tests/models/test_tiles.py
 checks, for every kernel, that torch sees its outputs written and nothing else.
 """
