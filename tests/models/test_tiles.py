@@ -49,10 +49,10 @@ def gpu_target():
 
 def _arguments(kernel) -> dict:
     """Every parameter of the kernel: a small fp32 tensor for each pointer, the tile sizes and flags as constants."""
-    constants = {"ROWS": 32, "COLS": 64, "HEAD": 64, "BLOCK": 64, "HAS_V2": True, "EPS": 1e-5, "SCALE": 0.6}
+    constants = {"ROWS": 32, "HEAD": 64, "BLOCK": 64, "EPS": 1e-5, "SCALE": 0.6}
     args = {}
     for name in inspect.signature(kernel.fn).parameters:
-        if name.endswith("_ptr") or name in ("k", "y"):
+        if name.endswith("_ptr"):
             args[name] = torch.zeros(64, 64)
         else:
             args[name] = constants.get(name, 64)
