@@ -505,8 +505,14 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
 
 
 # Kernel-name patterns for the profile's categories, first match wins (ours, BlinkDL's, fla's, cuBLAS, inductor, aten).
+# Inductor names a generated kernel after the operators it fuses, a custom operator's too
+# (triton_per_fused_..._wkv7_cuda_bwd_9: elementwise work fused beside the WKV op), so those never count as WKV.
 KERNEL_CATEGORIES = (
-    ("wkv", r"wkv|_kernel_preload|chunk_dplr|chunk_rwkv|fused_recurrent|chunk_fwd|chunk_bwd|chunk_scaled_dot"),
+    (
+        "wkv",
+        r"^(?!triton_(poi|per|red)_).*(wkv|_kernel_preload|chunk_dplr|chunk_rwkv|fused_recurrent|chunk_fwd|"
+        r"chunk_bwd|chunk_scaled_dot)",
+    ),
     ("gemm", r"nvjet|gemm|cutlass|xmma|cublas|sm90_|sm80_"),
     ("optimizer", r"multi_tensor_apply|FusedOptimizer|fused_adam|adamw"),
     ("head loss", r"logsumexp|arange_eq_exp|l2wrap|cross_entropy|nll_loss|softmax"),

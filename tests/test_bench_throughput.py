@@ -221,6 +221,8 @@ def test_kernel_categories_of_names_seen_in_profiles():
         "void (anonymous namespace)::l2wrap_ce_backward_v2_kernel<c10::BFloat16, 512>": "head loss",
         "(anonymous namespace)::tmix_kk_pre_backward64_v5_kernel(c10::BFloat16 const*": "fused tmix/cmix (hand-written)",  # noqa: E501
         "triton_per_fused__to_copy_native_group_norm_view_0": "compiled elementwise (Triton)",
+        "triton_per_fused__to_copy__unsafe_view_mul_native_group_norm_native_group_norm_backward_sum_view_wkv7_cuda_bwd_9":  # noqa: E501
+        "compiled elementwise (Triton)",  # an Inductor kernel named after the WKV op it sits beside
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "copies / casts",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::arr": "fills",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std:": "eager elementwise / norms",  # noqa: E501
