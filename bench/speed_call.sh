@@ -27,7 +27,8 @@
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
 #   graphs    with what time is left: bench/gpu_check_graphs.py with DIFFRWKV_WKV_BACKEND=cuda (graphed against
 #             eager, model and trainer level): graphs.json
-#   ce        the chunked head + cross-entropy checked, then timed per chunk size (bench/gpu_check_ce.py --time):
+#   ce        the chunked head + cross-entropy checked, its rows kernel timed per launch, then the head timed per chunk
+#             size in CE_TIME (default 4096; bench/gpu_check_ce.py --rows --time):
 #             ce.json
 #   check     (named in STAGES only) the compiled blocks' gradients against eager (bench/gpu_check_compiled.py) with
 #             the settings in CHECK_ENV (default DIFFRWKV_MIX_ORDER_REDUCTION=1): check.json, check.log
@@ -131,7 +132,7 @@ for stage in ${STAGES//,/ }; do
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
       ;;
     ce)
-      run ce 90 "$PY" bench/gpu_check_ce.py --time 1024,4096,8192 --out "$OUT/ce.json"
+      run ce 150 "$PY" bench/gpu_check_ce.py --rows --time ${CE_TIME:-4096} --out "$OUT/ce.json"
       ;;
     check)
       # the compiled blocks' gradients against eager, with the Inductor settings of CHECK_ENV (NAME=VALUE ...; default
@@ -179,11 +180,12 @@ for stage in ${STAGES//,/ }; do
       # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
       # default is bf16), master=1|0 (--master-weights / --no-master-weights; off by default), flat=1|0 (--flat-adamw /
       # --no-flat-adamw; on CUDA on by default),
-      # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option);
+      # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option), ce=N (--ce-chunk N), tree=DIR (the package and bench/throughput.py
+      # from DIR, another copy of the repository: a change timed against the code before it in one call);
       # up to AB_CAP seconds (150)
       label=${stage#ab:}
       spec_var="AB_${label}"
-      envs=() budget=0.7 keep=() ind=()
+      envs=() budget=0.7 keep=() ind=() tp=("${TP[@]}")
       for item in ${!spec_var:-}; do
         case $item in
           budget=*) budget=${item#budget=} ;;
@@ -195,10 +197,12 @@ for stage in ${STAGES//,/ }; do
           flat=1) ind+=(--flat-adamw) ;;
           flat=0) ind+=(--no-flat-adamw) ;;
           inductor:*) ind+=(--inductor "${item#inductor:}") ;;
+          ce=*) ind+=(--ce-chunk "${item#ce=}") ;;
+          tree=*) envs+=("PYTHONPATH=${item#tree=}:/tmp/site") tp[1]="${item#tree=}/bench/throughput.py" ;;
           *=*) envs+=("$item") ;;
         esac
       done
-      run "tp_ab_$label" "${AB_CAP:-150}" env "${envs[@]}" "${TP[@]}" --shapes "${AB_SHAPES:-0.4b}" --rows "${AB_ROWS:-rwkv7-lm}" \
+      run "tp_ab_$label" "${AB_CAP:-150}" env "${envs[@]}" "${tp[@]}" --shapes "${AB_SHAPES:-0.4b}" --rows "${AB_ROWS:-rwkv7-lm}" \
         ${FAST/--memory-budget 0.7/--memory-budget $budget} "${keep[@]}" "${ind[@]}" --wkv-backend cuda --profile "$PROFILE" \
         --out "$OUT/tp_ab_$label"
       mkdir -p "$OUT/tp_ab_$label" && echo "${!spec_var:-} (budget $budget)" >"$OUT/tp_ab_$label/spec.txt"

@@ -3,22 +3,23 @@
 ``F.cross_entropy(h @ W.T, y)`` at the g1 sizes keeps ``[N, V]`` logits alive for the backward: at 8,192 rows and
 65,536 classes that is 1 GiB in bf16 plus 2 GiB in fp32 for the log-softmax and as much again for its gradient,
 more than a 0.1B model's weights and optimizer state together. :func:`linear_cross_entropy` computes the loss a
-chunk of rows at a time and keeps the inputs, one log-sum-exp per row and (by default, :data:`KEEP_LOGITS`) the
-chunks' low-precision logits; with ``keep_logits=False`` it keeps no logits and recomputes each chunk's in the
-backward (one extra head matmul for ~1 GiB less). Rows are padded to a whole number of chunks, so every matmul has
-one shape (cuBLAS plans each new shape on the host).
+chunk of rows at a time. Each chunk's logits are turned, in place, into the gradient's direction
+``softmax - one_hot`` (in the logits' dtype) in the forward, together with the loss and the argmax, and by default
+(:data:`KEEP_LOGITS`) kept for the backward; with ``keep_logits=False`` nothing ``[N, V]`` is kept and the backward
+recomputes each chunk's. Rows are padded to a whole number of chunks, so every matmul has one shape (cuBLAS plans
+each new shape on the host).
+
+The backward then touches no ``[N, V]`` tensor beyond the two matmuls that read it: the rows' gradient weights
+``g`` (the loss's upstream gradient, one per row) scale the ``[N, C]`` operands instead, ``dh = g * (P @ W)`` and
+``dW = P^T @ (g * h)``. The per-row work over the logits is one pass that reads each logit once and writes it once
+(:func:`rows_kernel`, a Triton kernel on CUDA; the fp32 torch formula, :func:`rows_reference`, elsewhere and as its
+reference). Before it, the forward's statistics and the backward's softmax were two compiled kernels that read the
+logits three times and wrote them once (1.5 ms a step at 8,192 rows on an H100, docs/RESULTS.md).
 
 Numerics: the matmuls run in the autocast dtype (or the inputs' dtype without autocast), the softmax in fp32, the
-weight gradient accumulates in fp32 — as ``F.cross_entropy(logits.float(), y)`` on autocast logits does, up to the
-order of the fp32 sums. Tested against that reference (tests/models/test_chunked_ce.py).
-
-Fused per-chunk work (on CUDA by default): the fp32 work on a chunk's ``[chunk, V]`` logits — log-sum-exp, target
-logit and argmax in the forward; softmax minus one-hot times the row's gradient, cast back, in the backward — is
-one compiled kernel each way (``torch.compile`` of :func:`_chunk_stats` / :func:`_chunk_grad`), reading the
-low-precision logits once instead of materialising fp32 copies between five or six separate kernels (a profile
-of the 0.1B step on an H200: ~4.2 ms on that fp32 softmax; docs/RESULTS.md, 2026-11-27, "our Triton WKV-7
-kernels on the GPU; a profile of the step"). The eager functions are the reference
-(``fused=False``); the same code runs compiled.
+weight gradient accumulates in fp32. Against ``F.cross_entropy(logits.float(), y)`` on autocast logits, which
+rounds ``(softmax - one_hot) * g`` to bf16 once, this rounds ``softmax - one_hot`` and ``g * h`` once each (the same
+relative size). Tested against that reference (tests/models/test_chunked_ce.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU install without Triton: the torch formula only
+    triton = None
+
 # Rows a chunk, and whether each chunk's low-precision logits are kept for the backward instead of recomputed (one
 # head matmul fewer; the [N, V] logits held in bf16, 1 GiB at 8,192 rows x 65,536; DIFFRWKV_CE_KEEP_LOGITS=0 turns
 # it off). The g1 heads on an H100 (bench/gpu_check_ce.py --time, 2026-12-06), fwd + bwd at 8,192 rows: 1,024 rows
@@ -35,79 +42,121 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 4096
 KEEP_LOGITS = os.environ.get("DIFFRWKV_CE_KEEP_LOGITS", "1") != "0"
 
+# The rows kernel's launch: columns a program reads at a time, warps a program, programs a streaming
+# multiprocessor (each program walks rows grid-stride, so a row's second read finds it in L2; 0: one program a row)
+ROWS_BLOCK = 4096
+ROWS_WARPS = 32
+ROWS_PER_SM = 0
 
-def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk's log-sum-exp, cross-entropy and argmax from its logits (any float dtype), in fp32."""
+
+def rows_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's cross-entropy ``[n]`` (fp32) and argmax ``[n]`` (long) from its logits ``[n, V]`` (any float
+    dtype), which it overwrites with ``softmax - one_hot(targets)`` in their dtype; all in fp32."""
     x = logits.float()
     lse = torch.logsumexp(x, -1)
-    return lse, lse - x.gather(1, targets[:, None]).squeeze(1), x.argmax(-1)
+    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    pred = x.argmax(-1)
+    p = torch.exp(x - lse[:, None])
+    p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))
+    logits.copy_(p)
+    return loss, pred
 
 
-def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """d(loss . g)/d(logits) for one chunk: ``(softmax - one_hot) * g`` in fp32, returned in the logits' dtype."""
-    p = torch.exp(logits.float() - lse[:, None])
-    hit = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
-    return (torch.where(hit, p - 1.0, p) * g[:, None]).to(logits.dtype)
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_rows_kernel(x_ptr, t_ptr, loss_ptr, pred_ptr, n_rows, V, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            base = x_ptr + tl.cast(row, tl.int64) * V
+            # each lane: its running max m, its sum s of exp(x - m) and where m first occurred; one exp a logit:
+            # exp(-|x - m|) is exp(m - x) that rescales s where x is a new max, else exp(x - m) that s gains
+            m = tl.full([BLOCK], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK], tl.float32)
+            at = tl.zeros([BLOCK], tl.int32)
+            for off in range(0, V, BLOCK):
+                idx = off + cols
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+                e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - m)))  # -inf beside -inf: nothing
+                up = x > m
+                s = tl.where(up, s * e + 1.0, s + e)
+                at = tl.where(up, idx, at)
+                m = tl.maximum(m, x)
+            mx = tl.max(m, 0)
+            lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+            pred = tl.min(tl.where(m == mx, at, V), 0)  # the first column holding the row's max
+            t = tl.load(t_ptr + row)
+            tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
+            tl.store(pred_ptr + row, pred.to(tl.int64))
+            for off in range(0, V, BLOCK):
+                idx = off + cols
+                mask = idx < V
+                p = tl.exp(tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - lse)
+                p = tl.where(idx == t, p - 1.0, p)
+                tl.store(base + idx, p.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-_COMPILED: dict[str, object] = {}
+def rows_kernel(
+    logits: torch.Tensor, targets: torch.Tensor, block: int | None = None, warps: int | None = None,
+    per_sm: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`rows_reference` as one Triton kernel (``logits`` contiguous): each row read once for its statistics and
+    once more, from L2, to write ``softmax - one_hot`` over it. ``block`` / ``warps`` / ``per_sm``: the launch
+    (default :data:`ROWS_BLOCK`, :data:`ROWS_WARPS`, :data:`ROWS_PER_SM`)."""
+    n, v = logits.shape
+    block = ROWS_BLOCK if block is None else block
+    per_sm = ROWS_PER_SM if per_sm is None else per_sm
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    pred = torch.empty(n, device=logits.device, dtype=torch.long)
+    if n == 0:
+        return loss, pred
+    programs = n
+    if per_sm and logits.is_cuda:
+        programs = min(n, per_sm * torch.cuda.get_device_properties(logits.device).multi_processor_count)
+    _cross_entropy_rows_kernel[(programs,)](
+        logits, targets, loss, pred, n, v, BLOCK=min(block, triton.next_power_of_2(v)),
+        num_warps=ROWS_WARPS if warps is None else warps,
+    )  # fmt: skip
+    return loss, pred
 
 
-def _kernels(fused: bool):
-    """``(stats, grad)``: the compiled pair when ``fused`` (compiled once per process, on first use), else eager.
-    One graph per (chunk, V, dtype, device); past dynamo's recompile limit a new combination runs eager (no
-    ``fullgraph``, so that is a fallback, not an error), and where the compiler cannot build the kernels at all
-    (no Triton for this GPU) the eager pair is used from then on, with one warning."""
-    if not fused or _COMPILED.get("failed"):
-        return _chunk_stats, _chunk_grad
-    if not _COMPILED:
-        _COMPILED["stats"] = _guarded(torch.compile(_chunk_stats, dynamic=False), _chunk_stats)
-        _COMPILED["grad"] = _guarded(torch.compile(_chunk_grad, dynamic=False), _chunk_grad)
-    return _COMPILED["stats"], _COMPILED["grad"]
+@torch.compiler.disable
+def _rows(logits: torch.Tensor, targets: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if fused and triton is not None and logits.is_cuda and logits.is_contiguous():
+        return rows_kernel(logits, targets)
+    return rows_reference(logits, targets)
 
 
-def _guarded(compiled, eager):
-    def run(*args):
-        if _COMPILED.get("failed"):
-            return eager(*args)
-        try:
-            return compiled(*args)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            import warnings
-
-            _COMPILED["failed"] = True
-            msg = f"chunked cross-entropy: compiled kernels unavailable ({type(exc).__name__}); running eager"
-            warnings.warn(msg, stacklevel=2)
-            return eager(*args)
-
-    return run
+_F32_OUT: dict[tuple[str, torch.dtype], bool] = {}
 
 
-_ADDMM_F32: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _addmm_f32_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(c_fp32, a, b, out_dtype=torch.float32, out=c_fp32)`` with ``dtype`` (bf16 / fp16)
-    operands works on ``device`` and accumulates right: the head's weight gradient is then summed over chunks inside
-    the GEMM, in fp32, instead of a low-precision product added by a separate fp32 pass per chunk (1.65 ms of a 0.1B
-    step on an H100). Checked once per (device, dtype) on small random matrices, ``a`` transposed as the real call's
-    is, against fp32 math; False (the plain path) on any error or mismatch."""
+def _f32_out_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` and ``torch.addmm(c, a, b, beta=0 or 1,
+    out_dtype=torch.float32, out=c)`` with ``dtype`` (bf16 / fp16) operands work on ``device`` and compute right:
+    the head's weight gradient is then summed over chunks inside the GEMM, in fp32 (the first chunk writing over an
+    uninitialised buffer, beta 0), and ``P @ W`` leaves the GEMM in fp32 for its rows' scaling, instead of a
+    low-precision product added or scaled by a separate pass per chunk. Checked once per (device, dtype) on small
+    random matrices, ``a`` transposed as the real call's is, against fp32 math; False (the plain path) on any error
+    or mismatch."""
     key = (str(device), dtype)
-    if key not in _ADDMM_F32:
+    if key not in _F32_OUT:
         ok = False
         try:
             g = torch.Generator(device).manual_seed(0)
             with torch.autocast(device.type, enabled=False):
                 a = torch.randn(48, 64, device=device, generator=g).to(dtype).T
                 b = torch.randn(48, 40, device=device, generator=g).to(dtype)
-                c = torch.randn(64, 40, device=device, generator=g)
-                want = c + a.float() @ b.float()
-                torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+                c = torch.full((64, 40), float("nan"), device=device)
+                want = a.float() @ b.float()
+                torch.addmm(c, a, b, beta=0, out_dtype=torch.float32, out=c)
                 ok = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-3))
+                torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+                ok &= bool(torch.allclose(c, 2 * want, rtol=1e-4, atol=1e-3))
+                ok &= bool(torch.allclose(torch.mm(a, b, out_dtype=torch.float32), want, rtol=1e-4, atol=1e-3))
         except (RuntimeError, TypeError, NotImplementedError):
             ok = False
-        _ADDMM_F32[key] = ok
-    return _ADDMM_F32[key]
+        _F32_OUT[key] = ok
+    return _F32_OUT[key]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -124,44 +173,47 @@ class _LinearCrossEntropy(torch.autograd.Function):
         tp = F.pad(targets, (0, pad)) if pad else targets
         m = hp.shape[0]
         loss = torch.empty(m, device=h.device, dtype=torch.float32)
-        lse = torch.empty(m, device=h.device, dtype=torch.float32)
         pred = torch.empty(m, device=h.device, dtype=torch.long)
-        stats, _ = _kernels(fused)
         kept = []
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, m, chunk):
                 logits = hp[s : s + chunk] @ weight.T
-                lse[s : s + chunk], loss[s : s + chunk], pred[s : s + chunk] = stats(logits, tp[s : s + chunk])
+                loss[s : s + chunk], pred[s : s + chunk] = _rows(logits, tp[s : s + chunk], fused)
                 if keep:
-                    kept.append(logits)
-        ctx.save_for_backward(hp, weight, tp, lse, *kept)
+                    kept.append(logits)  # now softmax - one_hot
+        ctx.save_for_backward(hp, weight, tp, *kept)
         ctx.n, ctx.chunk, ctx.fused = n, chunk, fused
         ctx.mark_non_differentiable(pred)
         return loss[:n], pred[:n]
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pred):
-        hp, weight, tp, lse, *kept = ctx.saved_tensors
+        hp, weight, tp, *kept = ctx.saved_tensors
         n, chunk, m = ctx.n, ctx.chunk, hp.shape[0]
-        g_all = F.pad(grad_loss.float(), (0, m - n))  # padded rows: no gradient
-        grad_h = torch.empty_like(hp) if ctx.needs_input_grad[0] else None
-        grad_w = (
-            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        )
-        _, grad_fn = _kernels(ctx.fused)
-        in_gemm = (grad_w is not None and hp.is_cuda and hp.dtype in (torch.bfloat16, torch.float16)
-                   and _addmm_f32_ok(hp.device, hp.dtype))  # fmt: skip
+        g_all = F.pad(grad_loss.float(), (0, m - n))[:, None]  # padded rows: no gradient
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hp) if need_h else None
+        f32 = hp.is_cuda and hp.dtype in (torch.bfloat16, torch.float16) and _f32_out_ok(hp.device, hp.dtype)
+        grad_w = None
+        if need_w:  # fp32; the first chunk's GEMM writes it whole where the GEMM can write fp32
+            grad_w = (torch.empty if f32 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
         with torch.autocast(hp.device.type, enabled=False):
             for i, s in enumerate(range(0, m, chunk)):
-                h_c = hp[s : s + chunk]
-                logits = kept[i] if kept else h_c @ weight.T
-                g = grad_fn(logits, lse[s : s + chunk], tp[s : s + chunk], g_all[s : s + chunk])
-                if grad_h is not None:
-                    grad_h[s : s + chunk] = g @ weight
-                if in_gemm:  # fp32 accumulation in the GEMM's epilogue
-                    torch.addmm(grad_w, g.T, h_c, out_dtype=torch.float32, out=grad_w)
-                elif grad_w is not None:
-                    grad_w.add_(g.T @ h_c)
+                h_c, g = hp[s : s + chunk], g_all[s : s + chunk]
+                if kept:
+                    p = kept[i]
+                else:
+                    p = h_c @ weight.T
+                    _rows(p, tp[s : s + chunk], ctx.fused)
+                if grad_h is not None:  # the product scaled in fp32, rounded once into grad_h
+                    ph = torch.mm(p, weight, out_dtype=torch.float32) if f32 else (p @ weight).float()
+                    torch.mul(ph, g, out=grad_h[s : s + chunk])
+                if grad_w is not None:
+                    hg = torch.mul(h_c, g, out=torch.empty_like(h_c))  # in fp32, rounded once to h's dtype
+                    if f32:  # fp32 accumulation in the GEMM's epilogue
+                        torch.addmm(grad_w, p.T, hg, beta=1 if i else 0, out_dtype=torch.float32, out=grad_w)
+                    else:
+                        grad_w.add_(p.T @ hg)
         return (
             grad_h[:n] if grad_h is not None else None,
             grad_w.to(ctx.weight_dtype) if grad_w is not None else None,
@@ -186,9 +238,9 @@ def linear_cross_entropy(
     Returns ``(loss [N] fp32, pred [N] long)``; ``pred`` carries no gradient. Under autocast the matmuls run in the
     autocast dtype (the weight is cast once per call, as autocast would, and its gradient reaches the parameter in
     the parameter's dtype, summed in fp32, without a round trip through the autocast dtype). ``fused``: each chunk's
-    fp32 work as one compiled kernel each way (default: on CUDA); ``False`` runs the eager reference. ``chunk``: rows
-    a chunk (default :data:`DEFAULT_CHUNK`, read at the call). ``keep_logits``: keep the chunks' logits for the
-    backward instead of recomputing them (default :data:`KEEP_LOGITS`)."""
+    per-row work as one Triton kernel (default: on CUDA, where Triton is installed); ``False`` runs the torch
+    formula. ``chunk``: rows a chunk (default :data:`DEFAULT_CHUNK`, read at the call). ``keep_logits``: keep the
+    chunks' ``softmax - one_hot`` for the backward instead of recomputing it (default :data:`KEEP_LOGITS`)."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)}, targets "

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rwkv_diffusion_rnn.models import chunked_ce
 from rwkv_diffusion_rnn.models.chunked_ce import linear_cross_entropy
+from tests.triton_interpreter import run_interpreted
 
 
 def _case(n, c, v, seed):
@@ -71,23 +73,70 @@ def test_rejects_mismatched_shapes():
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_fused_chunks_match_the_eager_reference(autocast):
-    """The compiled per-chunk kernels (the CUDA default) against the eager functions they compile, on the CPU."""
-    seed = 103
-    out = []
-    for fused in (False, True):
-        h, w, y, gl = _case(45, 32, 700, seed)
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            loss, pred = linear_cross_entropy(h, w, y, chunk=16, fused=fused)
-        (loss * gl).sum().backward()
-        out.append((loss.detach(), pred, h.grad, w.grad))
-    (l0, p0, gh0, gw0), (l1, p1, gh1, gw1) = out
-    # the same fp32 arithmetic fused: differences are summation order only (a bf16 softmax would miss by ~1e-2)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-    assert torch.equal(p1, p0), f"seed {seed}"
-    for got, want in ((gh1, gh0), (gw1, gw0)):
-        assert float((got - want).norm() / want.norm()) < 1e-4, f"seed {seed}"
+def _interpreter_body() -> None:
+    """Subprocess body (TRITON_INTERPRET=1): the rows kernel against :func:`rows_reference` on one chunk of logits
+    with ties for the max, -inf logits and a width that is no multiple of the block, fp32 and bf16, one program a row
+    and five programs walking 37 rows."""
+    import json
+
+    from tests.triton_interpreter import fit_interpreter_to_numpy
+
+    fit_interpreter_to_numpy()
+    g = torch.Generator().manual_seed(31)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        n, v = 37, 700
+        x = (torch.randn(n, v, generator=g) * 3).to(dtype)
+        x[3, 5] = x[3, 600] = x[3, 650] = x[3].max() + 1  # ties: the first column wins
+        x[4, :300] = float("-inf")  # a lane's first block all -inf
+        x[5, 699] = x[5].max() + 1  # the max in the masked last block
+        t = torch.randint(0, v, (n,), generator=g)
+        t[4], t[5] = 400, 699  # a finite target where -inf logits sit beside it
+        want_p = x.clone()
+        want_loss, want_pred = chunked_ce.rows_reference(want_p, t)
+        for programs in (n, 5):
+            p = x.clone()
+            loss = torch.empty(n)
+            pred = torch.empty(n, dtype=torch.long)
+            chunked_ce._cross_entropy_rows_kernel[(programs,)](p, t, loss, pred, n, v, BLOCK=256)
+            out[f"{dtype} {programs}"] = {
+                "loss": float((loss - want_loss).abs().max()),
+                "pred": bool(torch.equal(pred, want_pred)),
+                "pred3": int(pred[3]),
+                "p": float((p.float() - want_p.float()).abs().max()),
+                "p_dtype": str(p.dtype),
+                "finite": bool(torch.isfinite(p).all()),
+            }
+    print(json.dumps(out))
+
+
+def test_the_rows_kernel_matches_the_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    res = run_interpreted(__file__)
+    assert len(res) == 4
+    for key, r in res.items():
+        assert r["pred"] and r["pred3"] == 5 and r["finite"], key
+        assert r["loss"] <= 1e-5, key
+        # fp32: summation order; bf16: the interpreter's cast truncates where torch rounds (one step, < 2^-8)
+        assert r["p"] <= (2e-6 if "float32" in key else 2.0**-8), key
+        assert r["p_dtype"] == key.split()[0]
+
+
+def test_the_forward_leaves_softmax_minus_one_hot_for_the_backward():
+    """The kept chunks hold the gradient's direction; the backward scales the [N, C] operands by the rows' weights:
+    the same gradients as scaling the [N, V] gradient (the reference's way)."""
+    h, w, y, gl = _case(20, 8, 53, 9)
+    logits = (h @ w.T).detach()
+    p = logits.clone()
+    loss, pred = chunked_ce.rows_reference(p, y)
+    want = torch.softmax(logits, -1) - F.one_hot(y, 53)
+    torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y, reduction="none"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(pred, logits.argmax(-1))
+    gh = gl[:, None] * (p @ w.detach())
+    gw = p.T @ (gl[:, None] * h.detach())
+    torch.testing.assert_close(gh, (want * gl[:, None]) @ w.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, (want * gl[:, None]).T @ h.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_kept_logits_skip_the_backward_matmul(monkeypatch):
@@ -112,3 +161,7 @@ def test_kept_logits_skip_the_backward_matmul(monkeypatch):
     assert matmuls[False] - matmuls[True] == 3  # one logits matmul a chunk, 3 chunks of 16 rows for 40
     for a, b in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    _interpreter_body()
