@@ -12,8 +12,8 @@ tests use), at the g1 0.1B head (8,192 rows x 768 x 65,536) and a ragged row cou
 logits and their gradient to bf16, so the bounds are bf16-level. Prints one line per quantity; exits non-zero if a
 bound is missed.
 
-``--rows`` times the rows kernel alone on that chunk for each launch in ``ROWS_LAUNCHES`` (columns a program, warps,
-programs a multiprocessor), as bytes moved per second (one read and one write of the logits). ``--time CHUNKS``
+``--rows`` times the rows kernel alone on that chunk for each launch in ``ROWS_LAUNCHES`` (columns a program at a
+time, warps), as bytes moved per second (one read and one write of the logits). ``--time CHUNKS``
 (e.g. ``1024,2048,4096,8192``) then times the head + cross-entropy forward and backward at 8,192 rows and 65,536
 classes for widths 768 and 1,024 (the 0.1B and 0.4B heads) with each chunk size, its logits recomputed in the
 backward or kept (median of ``triton.testing.do_bench``, fp32 master weight under bf16 autocast, as the training
@@ -132,7 +132,7 @@ def check_rows(dev: torch.device) -> tuple[list[dict], bool]:
     return rows, ok
 
 
-ROWS_LAUNCHES = [(b, w, s) for b in (2048, 4096, 8192) for w in (8, 16, 32) for s in (0, 4, 8)]
+ROWS_LAUNCHES = [(b, w) for b in (2048, 4096, 8192) for w in (8, 16, 32)]
 
 
 def time_rows(dev: torch.device) -> list[dict]:
@@ -146,19 +146,18 @@ def time_rows(dev: torch.device) -> list[dict]:
     t = torch.randint(0, 65536, (4096,), device=dev, generator=g)
     work = x.clone()
     out = []
-    for block, warps, per_sm in ROWS_LAUNCHES:
+    for block, warps in ROWS_LAUNCHES:
 
-        def run(block=block, warps=warps, per_sm=per_sm):
+        def run(block=block, warps=warps):
             work.copy_(x)  # timed apart below and taken off
-            chunked_ce.rows_kernel(work, t, block=block, warps=warps, per_sm=per_sm)
+            chunked_ce.rows_kernel(work, t, block=block, warps=warps)
 
         ms = do_bench(run, warmup=10, rep=100, return_mode="median")
         copy = do_bench(lambda: work.copy_(x), warmup=10, rep=100, return_mode="median")
         ms -= copy
-        row = {"block": block, "warps": warps, "per_sm": per_sm, "ms": ms, "tb_s": 2 * x.numel() * 2 / ms / 1e9}
+        row = {"block": block, "warps": warps, "ms": ms, "tb_s": 2 * x.numel() * 2 / ms / 1e9}
         out.append(row)
-        print(f"rows kernel bf16 4096 x 65536: block {block:5d}, {warps:2d} warps, {per_sm} a SM (0: one a row): "
-              f"{ms:.3f} ms, {row['tb_s']:.2f} TB/s")  # fmt: skip
+        print(f"rows kernel bf16 4096 x 65536: block {block:5d}, {warps:2d} warps: {ms:.3f} ms, {row['tb_s']:.2f} TB/s")
     return out
 
 

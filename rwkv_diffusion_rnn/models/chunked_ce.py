@@ -42,11 +42,12 @@ except ImportError:  # a CPU install without Triton: the torch formula only
 DEFAULT_CHUNK = 4096
 KEEP_LOGITS = os.environ.get("DIFFRWKV_CE_KEEP_LOGITS", "1") != "0"
 
-# The rows kernel's launch: columns a program reads at a time, warps a program, programs a streaming
-# multiprocessor (each program walks rows grid-stride, so a row's second read finds it in L2; 0: one program a row)
+# The rows kernel's launch: columns a program reads at a time, and warps a program (one program a row). On an H100
+# (bench/gpu_check_ce.py --rows, 2026-12-07), a bf16 chunk of 4,096 x 65,536: 0.519 ms at 4,096 columns and 32
+# warps (2.07 TB/s for one read and one write), 0.56-0.94 ms with 8 or 16 warps; programs walking several rows (so
+# that a row's second read finds it in L2) were no faster.
 ROWS_BLOCK = 4096
 ROWS_WARPS = 32
-ROWS_PER_SM = 0
 
 
 def rows_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,58 +66,52 @@ def rows_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 if triton is not None:
 
     @triton.jit
-    def _cross_entropy_rows_kernel(x_ptr, t_ptr, loss_ptr, pred_ptr, n_rows, V, BLOCK: tl.constexpr):
+    def _cross_entropy_rows_kernel(x_ptr, t_ptr, loss_ptr, pred_ptr, V, BLOCK: tl.constexpr):
         cols = tl.arange(0, BLOCK)
-        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-            base = x_ptr + tl.cast(row, tl.int64) * V
-            # each lane: its running max m, its sum s of exp(x - m) and where m first occurred; one exp a logit:
-            # exp(-|x - m|) is exp(m - x) that rescales s where x is a new max, else exp(x - m) that s gains
-            m = tl.full([BLOCK], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK], tl.float32)
-            at = tl.zeros([BLOCK], tl.int32)
-            for off in range(0, V, BLOCK):
-                idx = off + cols
-                x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-                e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - m)))  # -inf beside -inf: nothing
-                up = x > m
-                s = tl.where(up, s * e + 1.0, s + e)
-                at = tl.where(up, idx, at)
-                m = tl.maximum(m, x)
-            mx = tl.max(m, 0)
-            lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
-            pred = tl.min(tl.where(m == mx, at, V), 0)  # the first column holding the row's max
-            t = tl.load(t_ptr + row)
-            tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
-            tl.store(pred_ptr + row, pred.to(tl.int64))
-            for off in range(0, V, BLOCK):
-                idx = off + cols
-                mask = idx < V
-                p = tl.exp(tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - lse)
-                p = tl.where(idx == t, p - 1.0, p)
-                tl.store(base + idx, p.to(x_ptr.dtype.element_ty), mask=mask)
+        row = tl.program_id(0)  # one program a row
+        base = x_ptr + tl.cast(row, tl.int64) * V
+        # each lane: its running max m, its sum s of exp(x - m) and where m first occurred; one exp a logit:
+        # exp(-|x - m|) is exp(m - x) that rescales s where x is a new max, else exp(x - m) that s gains
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        at = tl.zeros([BLOCK], tl.int32)
+        for off in range(0, V, BLOCK):
+            idx = off + cols
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+            e = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - m)))  # -inf beside -inf: nothing
+            up = x > m
+            s = tl.where(up, s * e + 1.0, s + e)
+            at = tl.where(up, idx, at)
+            m = tl.maximum(m, x)
+        mx = tl.max(m, 0)
+        lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+        pred = tl.min(tl.where(m == mx, at, V), 0)  # the first column holding the row's max
+        t = tl.load(t_ptr + row)
+        tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
+        tl.store(pred_ptr + row, pred.to(tl.int64))
+        for off in range(0, V, BLOCK):
+            idx = off + cols
+            mask = idx < V
+            p = tl.exp(tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) - lse)
+            p = tl.where(idx == t, p - 1.0, p)
+            tl.store(base + idx, p.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def rows_kernel(
-    logits: torch.Tensor, targets: torch.Tensor, block: int | None = None, warps: int | None = None,
-    per_sm: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`rows_reference` as one Triton kernel (``logits`` contiguous): each row read once for its statistics and
-    once more, from L2, to write ``softmax - one_hot`` over it. ``block`` / ``warps`` / ``per_sm``: the launch
-    (default :data:`ROWS_BLOCK`, :data:`ROWS_WARPS`, :data:`ROWS_PER_SM`)."""
+    logits: torch.Tensor, targets: torch.Tensor, block: int | None = None, warps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rows_reference` as one Triton kernel (``logits`` contiguous), one program a row: each row read once for
+    its statistics and once more (mostly from L2) to write ``softmax - one_hot`` over it. ``block`` / ``warps``: the
+    launch (default :data:`ROWS_BLOCK`, :data:`ROWS_WARPS`)."""
     n, v = logits.shape
     block = ROWS_BLOCK if block is None else block
-    per_sm = ROWS_PER_SM if per_sm is None else per_sm
     loss = torch.empty(n, device=logits.device, dtype=torch.float32)
     pred = torch.empty(n, device=logits.device, dtype=torch.long)
-    if n == 0:
-        return loss, pred
-    programs = n
-    if per_sm and logits.is_cuda:
-        programs = min(n, per_sm * torch.cuda.get_device_properties(logits.device).multi_processor_count)
-    _cross_entropy_rows_kernel[(programs,)](
-        logits, targets, loss, pred, n, v, BLOCK=min(block, triton.next_power_of_2(v)),
-        num_warps=ROWS_WARPS if warps is None else warps,
-    )  # fmt: skip
+    if n:
+        _cross_entropy_rows_kernel[(n,)](
+            logits, targets, loss, pred, v, BLOCK=min(block, triton.next_power_of_2(v)),
+            num_warps=ROWS_WARPS if warps is None else warps,
+        )  # fmt: skip
     return loss, pred
 
 
