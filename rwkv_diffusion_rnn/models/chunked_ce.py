@@ -6,8 +6,8 @@ more than a 0.1B model's weights and optimizer state together. :func:`linear_cro
 chunk of rows at a time. Each chunk's logits are turned, in place, into the gradient's direction
 ``softmax - one_hot`` (in the logits' dtype) in the forward, together with the loss and the argmax, and by default
 (:data:`KEEP_LOGITS`) kept for the backward; with ``keep_logits=False`` nothing ``[N, V]`` is kept and the backward
-recomputes each chunk's. Rows are padded to a whole number of chunks, so every matmul has one shape (cuBLAS plans
-each new shape on the host).
+recomputes each chunk's. Rows are padded to a multiple of :data:`PAD_ROWS`, so the matmuls take few shapes however
+the row count moves from step to step (cuBLAS plans each new shape on the host, once).
 
 The backward then touches no ``[N, V]`` tensor beyond the two matmuls that read it: the rows' gradient weights
 ``g`` (the loss's upstream gradient, one per row) scale the ``[N, C]`` operands instead, ``dh = g * (P @ W)`` and
@@ -35,11 +35,14 @@ try:
 except ImportError:  # a CPU install without Triton: the torch formula only
     triton = None
 
-# Rows a chunk, and whether each chunk's low-precision logits are kept for the backward instead of recomputed (one
-# head matmul fewer; the [N, V] logits held in bf16, 1 GiB at 8,192 rows x 65,536; DIFFRWKV_CE_KEEP_LOGITS=0 turns
-# it off). The g1 heads on an H100 (bench/gpu_check_ce.py --time, 2026-12-06), fwd + bwd at 8,192 rows: 1,024 rows
+# Rows a chunk; rows padded to a multiple of PAD_ROWS (the last chunk may be shorter); and whether each chunk's
+# low-precision logits are kept for the backward instead of recomputed (one head matmul fewer; the [N, V] logits held
+# in bf16, 1 GiB at 8,192 rows x 65,536; DIFFRWKV_CE_KEEP_LOGITS=0 turns it off). Kept, every chunk's logits live
+# until the backward, so the chunk size does not move the peak; 8,192 rows take a training step's 16 x 512 tokens in
+# one pass. The g1 heads on an H100 (bench/gpu_check_ce.py --time, 2026-12-06), fwd + bwd at 8,192 rows: 1,024 rows
 # recomputed 8.29 / 9.99 ms (width 768 / 1,024), 4,096 kept 5.60 / 6.79 ms, for 2.1 GiB instead of 0.5 at the peak.
-DEFAULT_CHUNK = 4096
+DEFAULT_CHUNK = 8192
+PAD_ROWS = 1024
 KEEP_LOGITS = os.environ.get("DIFFRWKV_CE_KEEP_LOGITS", "1") != "0"
 
 # The rows kernel's launch: columns a program reads at a time, and warps a program (one program a row). On an H100
@@ -163,7 +166,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         weight = weight.to(h.dtype)
         n = h.shape[0]
-        pad = -n % chunk
+        pad = -n % min(chunk, PAD_ROWS)
         hp = F.pad(h, (0, 0, 0, pad)) if pad else h
         tp = F.pad(targets, (0, pad)) if pad else targets
         m = hp.shape[0]

@@ -68,6 +68,33 @@ def test_under_autocast_the_weight_gradient_is_not_rounded_to_bf16():
     assert off_grid > 0.5, off_grid
 
 
+def test_rows_are_padded_to_pad_rows_and_the_last_chunk_is_shorter(monkeypatch):
+    """37 rows in chunks of 16 with PAD_ROWS 4: padded to 40, chunks of 16, 16 and 8 rows (the head's matmuls see
+    those shapes), and the result still the reference's."""
+    monkeypatch.setattr(chunked_ce, "PAD_ROWS", 4)
+    h, w, y, gl = _case(37, 12, 71, 5)
+    ref = F.cross_entropy(h @ w.T, y, reduction="none")
+    (ref * gl).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    rows = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def recording(a, b):
+        if b.shape == (12, 71):  # the logits matmul: h_chunk @ weight.T
+            rows.append(a.shape[0])
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recording)
+    loss, _ = linear_cross_entropy(h, w, y, chunk=16, keep_logits=True)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", real_matmul)
+    (loss * gl).sum().backward()
+    assert rows == [16, 16, 8]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, ref_gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, ref_gw, rtol=1e-4, atol=1e-5)
+
+
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
