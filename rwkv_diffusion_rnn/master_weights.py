@@ -77,20 +77,22 @@ if triton is not None:
                         LOW: tl.constexpr, GRAD_ALIGNED: tl.constexpr, SKIPPABLE: tl.constexpr):  # fmt: skip
         c = tl.program_id(0)
         t = tl.load(chunk_ptr + c)
-        # tensors and chunks start at multiples of BLOCK in the flat buffers: told to the compiler, so that it can
-        # move 16 bytes a thread at once
+        # tensors and chunks start at multiples of BLOCK in the flat buffers: told to the compiler, so that (with the
+        # hints on the size and the gradient below) it can move 16 bytes a thread at once
         start = tl.multiple_of(tl.load(start_ptr + c), BLOCK)
         base = tl.multiple_of(tl.load(off_ptr + t), BLOCK)
         n = tl.load(numel_ptr + t)
         gaddr = tl.load(grads_ptr + t)
-        if GRAD_ALIGNED:
-            gaddr = tl.multiple_of(gaddr, 16)
+        if GRAD_ALIGNED:  # so the mask, the flat buffers and the gradient all go 16 bytes a thread at a time
+            n = tl.multiple_of(n, 16)
         idx = (start - base) + tl.arange(0, BLOCK)  # within the tensor
         live = (gaddr != 0).to(tl.int64)  # no gradient: nothing
         if SKIPPABLE:
             live = live * (tl.load(found_ptr) == 0).to(tl.int64)  # a skipped step: nothing
         mask = idx < n * live
         gp = gaddr.to(tl.pointer_type(tl.bfloat16 if LOW else tl.float32))
+        if GRAD_ALIGNED:  # the hint must sit on the pointer: the integer's does not survive the cast
+            gp = tl.multiple_of(gp, 16)
         return t, start, idx, mask, tl.load(gp + idx, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
@@ -117,7 +119,7 @@ if triton is not None:
         log2_beta2,
         BLOCK: tl.constexpr,
         LOW: tl.constexpr,
-        GRAD_ALIGNED: tl.constexpr,  # every gradient's address a multiple of 16 bytes
+        GRAD_ALIGNED: tl.constexpr,  # every gradient's address a multiple of 16 bytes, every size of 16 elements
     ):
         t, start, idx, mask, g = _chunk_gradient(
             grads_ptr, chunk_ptr, start_ptr, off_ptr, numel_ptr, found_ptr, BLOCK, LOW, GRAD_ALIGNED, True
@@ -412,7 +414,7 @@ class MasterAdamW(torch.optim.AdamW):
             host = torch.tensor(ptrs, dtype=torch.int64, pin_memory=s.tables["grads"].is_cuda)
             s.tables["grads"].copy_(host, non_blocking=True)
             s.grad_ptrs = ptrs
-            s.grads_aligned = all(p % 16 == 0 for p in ptrs)
+            s.grads_aligned = all(p % 16 == 0 for p in ptrs) and all(p.numel() % 16 == 0 for p in s.params)
             s.tables["has"] = (s.tables["grads"] != 0).float()
         return s.tables["has"]
 

@@ -82,6 +82,8 @@ else:
     import pytest
 
     from rwkv_diffusion_rnn.errors import DiffRwkvError
+    from rwkv_diffusion_rnn.master_weights import BLOCK as MW_BLOCK
+    from rwkv_diffusion_rnn.master_weights import NUM_WARPS as MW_WARPS
     from rwkv_diffusion_rnn.master_weights import matmul_weight_names
     from rwkv_diffusion_rnn.optimizer import EMA, build_optimizer, clip_grads_on_device, load_optimizer_state
 
@@ -235,6 +237,58 @@ else:
             opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
         with pytest.raises(DiffRwkvError, match=r"master weights: step\(closure\) is not supported"):
             opt.step(lambda: 0.0)
+
+    def _ptx_accesses(low: bool, aligned: bool) -> dict[str, int]:
+        """The global loads and stores, by width, in the update kernel's PTX for an H100 (compiled on the CPU: Triton
+        builds PTX without a GPU)."""
+        import re
+        from collections import Counter
+
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from rwkv_diffusion_rnn import master_weights as mw
+
+        fn = mw._adamw_kernel
+        consts = {"BLOCK": mw.BLOCK, "LOW": low, "GRAD_ALIGNED": aligned}
+        floats = {"p_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "low_ptr": "*bf16", "steps_ptr": "*fp32",
+                  "scale_ptr": "*fp32", "found_ptr": "*fp32"}  # fmt: skip
+        sig = {n: "constexpr" if n in consts else floats.get(n, "*i64" if n.endswith("_ptr") else "fp32")
+               for n in fn.arg_names}  # fmt: skip
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mw.NUM_WARPS}).asm["ptx"]
+        return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx))
+
+    @pytest.mark.parametrize("low", [False, True], ids=["fp32", "bf16 copies"])
+    def test_the_update_moves_16_bytes_a_thread_where_sizes_and_gradients_allow(low):
+        """With every gradient 16-byte aligned and every size a multiple of 16 elements, the weights, moments,
+        gradients and bf16 copies go as 16-byte vectors (the scalar accesses left are the tables); without, the same
+        kernel's accesses are scalar (an H100 had the bf16-copy update at ~1.8 TB/s that way, 2026-12-07)."""
+        pytest.importorskip("triton")
+        fast, slow = _ptx_accesses(low, True), _ptx_accesses(low, False)
+        per_thread = MW_BLOCK // (32 * MW_WARPS)  # elements a thread: 8
+        vectors = per_thread // 4  # 16-byte fp32 vectors an array
+        assert fast["ld.global.v4.b32"] == (3 if low else 4) * vectors + (1 if low else 0) * (per_thread // 8), fast
+        assert fast["st.global.v4.b32"] == 3 * vectors + (1 if low else 0) * (per_thread // 8), fast
+        assert fast["ld.global.b16"] == fast["st.global.b16"] == 0, fast
+        assert slow["ld.global.v4.b32"] < fast["ld.global.v4.b32"], slow
+
+    def test_the_vector_hint_needs_every_size_a_multiple_of_16():
+        """The kernel is told the sizes are multiples of 16 only when they are: one odd size turns it off."""
+        from rwkv_diffusion_rnn.master_weights import MasterAdamW
+
+        for shapes, want in (([(64, 32), (16,)], True), ([(64, 32), (5,)], False)):
+            ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+            names = [f"t{i}" for i in range(len(ps))]
+            opt = MasterAdamW([{"params": ps, "param_names": names, "weight_decay": 0.0}], [], lr=1e-3, kernel=True)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            segs = [seg for group in opt.segments for seg in group if seg.params]
+            assert len(segs) == 1
+            opt._grad_table(segs[0], [p.grad for p in segs[0].params])
+            assert segs[0].grads_aligned is want, shapes
 
     def test_the_kernel_matches_the_torch_path_in_the_interpreter():
         pytest.importorskip("triton")
