@@ -92,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"shape": [n, c, v], "check": name, "err": err, "bound": bound, "ok": good,
                          "weight_grad_in_gemm": in_gemm})  # fmt: skip
             print(f"{n} x {c} x {v}  {name:22s} {err:.2e} (bound {bound:.0e}) {'ok' if good else 'MISSED'}")
+    # no rows (a batch with no masked token): the head's gradient must come back zero, not the GEMM's unwritten buffer
+    w = torch.randn(65536, 768, device=dev, requires_grad=True)
+    h = torch.zeros(0, 768, device=dev, requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        loss, _ = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long, device=dev))
+    loss.sum().backward()
+    err = float(w.grad.abs().max())
+    ok &= err == 0.0
+    rows.append({"shape": [0, 768, 65536], "check": "no rows: zero weight gradient", "err": err, "bound": 0.0,
+                 "ok": err == 0.0})  # fmt: skip
+    print(f"0 x 768 x 65536  no rows: zero weight gradient {err:.2e} {'ok' if err == 0.0 else 'MISSED'}")
     launches = time_rows(dev) if args.rows else []
     timings = time_chunks([int(c) for c in args.time.split(",") if c], dev) if args.time else []
     if args.out:

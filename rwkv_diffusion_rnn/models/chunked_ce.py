@@ -193,8 +193,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hp) if need_h else None
         f32 = hp.is_cuda and hp.dtype in (torch.bfloat16, torch.float16) and _f32_out_ok(hp.device, hp.dtype)
         grad_w = None
-        if need_w:  # fp32; the first chunk's GEMM writes it whole where the GEMM can write fp32
-            grad_w = (torch.empty if f32 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
+        if need_w:  # fp32; the first chunk's GEMM writes it whole where the GEMM can write fp32 (no rows: zeros)
+            alloc = torch.empty if f32 and m else torch.zeros
+            grad_w = alloc(weight.shape, device=weight.device, dtype=torch.float32)
         with torch.autocast(hp.device.type, enabled=False):
             for i, s in enumerate(range(0, m, chunk)):
                 h_c, g = hp[s : s + chunk], g_all[s : s + chunk]

@@ -95,6 +95,16 @@ def test_rows_are_padded_to_pad_rows_and_the_last_chunk_is_shorter(monkeypatch):
     torch.testing.assert_close(w.grad, ref_gw, rtol=1e-4, atol=1e-5)
 
 
+def test_no_rows_gives_an_empty_loss_and_zero_gradients():
+    """A batch with no selected row (no masked token): an empty loss, and the head's gradient zeros."""
+    w = torch.randn(31, 8, requires_grad=True)
+    h = torch.randn(0, 8, requires_grad=True)
+    loss, pred = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), chunk=16)
+    assert loss.shape == pred.shape == (0,)
+    loss.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w)) and h.grad.shape == (0, 8)
+
+
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
