@@ -118,11 +118,35 @@ def rows_kernel(
     return loss, pred
 
 
+def _kernel_applies(logits: torch.Tensor) -> bool:
+    return triton is not None and logits.is_cuda and logits.is_contiguous()
+
+
+_KERNEL: dict[str, bool] = {}  # "works": a launch has succeeded; "failed": the first one raised (torch formula)
+
+
 @torch.compiler.disable
 def _rows(logits: torch.Tensor, targets: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if fused and triton is not None and logits.is_cuda and logits.is_contiguous():
+    """:func:`rows_kernel` where it can run (CUDA, Triton, contiguous logits), else :func:`rows_reference`. Where
+    the kernel's first launch fails (no Triton backend for this GPU), the torch formula from then on, with one
+    warning."""
+    if not (fused and _kernel_applies(logits)) or _KERNEL.get("failed"):
+        return rows_reference(logits, targets)
+    if _KERNEL.get("works"):
         return rows_kernel(logits, targets)
-    return rows_reference(logits, targets)
+    try:
+        out = rows_kernel(logits, targets)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Triton raises on a GPU it cannot compile for
+        import warnings
+
+        _KERNEL["failed"] = True
+        warnings.warn(f"chunked cross-entropy: the Triton kernel failed ({type(exc).__name__}: {exc}); "
+                      "running the torch formula", stacklevel=2)  # fmt: skip
+        return rows_reference(logits, targets)
+    _KERNEL["works"] = True
+    return out
 
 
 _F32_OUT: dict[tuple[str, torch.dtype], bool] = {}

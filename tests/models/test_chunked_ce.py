@@ -105,6 +105,28 @@ def test_no_rows_gives_an_empty_loss_and_zero_gradients():
     assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w)) and h.grad.shape == (0, 8)
 
 
+def test_a_kernel_that_cannot_run_falls_back_to_the_formula_once(monkeypatch):
+    """Where the kernel's first launch raises (a GPU Triton cannot compile for), the torch formula runs instead, with
+    one warning, and the kernel is not tried again."""
+    calls = []
+
+    def failing(logits, targets):
+        calls.append(1)
+        raise RuntimeError("no Triton backend for this GPU")
+
+    monkeypatch.setattr(chunked_ce, "_kernel_applies", lambda logits: True)
+    monkeypatch.setattr(chunked_ce, "rows_kernel", failing)
+    monkeypatch.setattr(chunked_ce, "_KERNEL", {})
+    h, w, y, gl = _case(20, 8, 53, 3)
+    ref = F.cross_entropy(h @ w.T, y, reduction="none")
+    with pytest.warns(UserWarning, match="Triton kernel failed .*RuntimeError.*torch formula"):
+        loss, _ = linear_cross_entropy(h, w, y, chunk=16, fused=True)
+    loss2, _ = linear_cross_entropy(h, w, y, chunk=16, fused=True)
+    assert calls == [1]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss2, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
