@@ -104,7 +104,7 @@ def rows_kernel(
     logits: torch.Tensor, targets: torch.Tensor, block: int | None = None, warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rows_reference` as one Triton kernel (``logits`` contiguous), one program a row: each row read once for
-    its statistics and once more (mostly from L2) to write ``softmax - one_hot`` over it. ``block`` / ``warps``: the
+    its statistics and once more to write ``softmax - one_hot`` over it. ``block`` / ``warps``: the
     launch (default :data:`ROWS_BLOCK`, :data:`ROWS_WARPS`)."""
     n, v = logits.shape
     block = ROWS_BLOCK if block is None else block
