@@ -180,8 +180,9 @@ for stage in ${STAGES//,/ }; do
       # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
       # default is bf16), master=1|0 (--master-weights / --no-master-weights; off by default), flat=1|0 (--flat-adamw /
       # --no-flat-adamw; on CUDA on by default),
-      # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option), ce=N (--ce-chunk N), tree=DIR (the package and bench/throughput.py
-      # from DIR, another copy of the repository: a change timed against the code before it in one call);
+      # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option), ce=N (--ce-chunk N), tree=DIR (the package
+      # and bench/throughput.py from DIR, another copy of the repository: a change timed against the code before it in
+      # one call);
       # up to AB_CAP seconds (150)
       label=${stage#ab:}
       spec_var="AB_${label}"
