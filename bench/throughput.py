@@ -351,7 +351,7 @@ def _ids(a, vocab: int, dev: torch.device) -> torch.Tensor:
 
 
 def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
-    from rwkv_diffusion_rnn.improved_trainer import resolve_flat_adamw
+    from rwkv_diffusion_rnn.improved_trainer import resolve_flat_adamw, resolve_master_weights
     from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
     from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks, compile_regions
     from rwkv_diffusion_rnn.models.wkv7 import resolve_backend
@@ -381,7 +381,7 @@ def rwkv7_runner(a, shape, dev: torch.device, autocast) -> Runner:
         return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
     grad, frozen = matrix_params(model)
-    master = a.dtype == "bf16" and bool(a.master_weights)  # null: off, as the trainer's
+    master = resolve_master_weights(a.master_weights, dev.type, a.dtype, False, "ddp", 0)  # as the trainer's
     flat = resolve_flat_adamw(a.flat_adamw, dev.type, False, "ddp", 0, master)  # one process, as the trainer's
     step = _lm_step(model, _adamw(model, dev, master, flat), _ids(a, shape[2], dev), autocast, loss_fn)
     notes = {"wkv_backend": resolve_backend(a.wkv_backend, dev), "compile_regions": a.compile_regions,
@@ -887,7 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="our rows: fp32 master weights in the optimizer and bf16 matmul weights in the model, one update kernel "
-        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights). Default: off, as the trainer's",
+        "(rwkv_diffusion_rnn/master_weights.py; training.master_weights). Default: as the trainer's null (on CUDA "
+        "with --dtype bf16 on, else off)",
     )
     p.add_argument(
         "--flat-adamw",

@@ -141,8 +141,9 @@ class TrainingConfig:
     # (models/rwkv7.py set_bf16_residual). null: on with dtype bf16, off with the others
     bf16_residual: bool | None = None
     # fp32 master weights in the optimizer, bf16 matmul weights in the model, one update kernel that writes both
-    # (master_weights.py): under dtype bf16 autocast has no weight to cast and the gradients stay bf16. Opt-in (null
-    # = off): on an H200 0.2 / 0.5 ms less a 0.1B / 0.4B step for 1.2 / 3.4 GiB more peak memory (docs/RESULTS.md)
+    # (master_weights.py): under dtype bf16 autocast has no weight to cast and the gradients stay bf16. null: on
+    # where it applies (CUDA with Triton, dtype bf16, one process, no fsdp, model.unfreeze_after_steps=0), off
+    # elsewhere: on an H100 0.7 / 2.4 ms of kernels less a 0.1B / 0.4B step, the same peak memory (docs/RESULTS.md)
     master_weights: bool | None = None
     # AdamW as one Triton launch a parameter group over flat fp32 buffers, every trainable tensor a view of them
     # (master_weights.MasterAdamW without bf16 copies; the same update and state dict as torch's AdamW), instead of

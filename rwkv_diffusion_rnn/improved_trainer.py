@@ -55,6 +55,7 @@ from rwkv_diffusion_rnn.distributed_checkpoint import hold_global_batch, resume_
 from rwkv_diffusion_rnn.errors import DiffRwkvError
 from rwkv_diffusion_rnn.host_sync import DeviceCount
 from rwkv_diffusion_rnn.master_weights import MasterAdamW
+from rwkv_diffusion_rnn.master_weights import kernel_available as master_weights_kernel_available
 from rwkv_diffusion_rnn.models.graphs import enable_cuda_graphs, own_gradients
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config, set_bf16_residual, set_wkv_keep_states
 from rwkv_diffusion_rnn.models.rwkv7_compile import compile_blocks
@@ -111,6 +112,17 @@ def data_config(cfg: TrainConfig) -> DataConfig:
         max_length=d.max_length,
         latent_dim=cfg.model.latent_dim,
     )
+
+
+def resolve_master_weights(setting: bool | None, device_type: str, dtype: str, distributed: bool, strategy: str,
+                           unfreeze_after_steps: int) -> bool:  # fmt: skip
+    """``training.master_weights``: true / false as set; null is on where it applies and was measured (a CUDA device
+    with Triton for the update kernel, dtype bf16, one process, no fsdp, a trainable set fixed from the start), off
+    elsewhere."""
+    if setting is not None:
+        return bool(setting)
+    return (device_type == "cuda" and master_weights_kernel_available() and dtype == "bf16" and not distributed
+            and strategy != "fsdp" and unfreeze_after_steps == 0)  # fmt: skip
 
 
 def resolve_flat_adamw(setting: bool | None, device_type: str, distributed: bool, strategy: str,
@@ -224,14 +236,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ model wrapping / trainable set
     def _use_master_weights(self) -> bool:
-        """training.master_weights resolved: null is off (opt-in); validate refuses true with another dtype than
-        bf16, fsdp or a later unfreeze, and this refuses it with several processes."""
-        t = self.cfg.training
+        """training.master_weights resolved: null is on where it applies (:func:`resolve_master_weights`); validate
+        refuses true with another dtype than bf16, fsdp or a later unfreeze, and this refuses it with several
+        processes."""
+        t, m = self.cfg.training, self.cfg.model
         if t.master_weights and self.dist.enabled:
             raise DiffRwkvError(
                 f"training.master_weights runs in one process (here {self.dist.world_size}); set it to false or null"
             )
-        return bool(t.master_weights)
+        return resolve_master_weights(t.master_weights, self.device.type, t.dtype, self.dist.enabled, t.strategy,
+                                      m.unfreeze_after_steps)  # fmt: skip
 
     def _use_flat_adamw(self) -> bool:
         """training.flat_adamw resolved: null is on where it applies (a CUDA device, one process, no fsdp, a fixed

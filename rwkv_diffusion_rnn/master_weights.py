@@ -57,6 +57,11 @@ NUM_WARPS = 8
 LOW_RANK_FACTORS = ("*.att.[wavg][12]",)  # RWKV-7's decay / in-context-LR / value-residual / gate factors
 
 
+def kernel_available() -> bool:
+    """Whether the update kernel can run here (Triton imported); on CUDA without it the torch path runs."""
+    return triton is not None
+
+
 def matmul_weight_names(model: nn.Module) -> list[str]:
     """The trainable parameters of ``model`` that only feed matmuls: ``nn.Linear`` weights and RWKV-7's low-rank
     factors (``x @ w1`` ...). Under autocast these are the ones cast to its dtype at every use. Sorted."""

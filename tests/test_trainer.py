@@ -14,7 +14,7 @@ import torch
 
 from rwkv_diffusion_rnn.config import TrainConfig, validate
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.improved_trainer import Trainer, resolve_flat_adamw
+from rwkv_diffusion_rnn.improved_trainer import Trainer, resolve_flat_adamw, resolve_master_weights
 from rwkv_diffusion_rnn.master_weights import MasterAdamW
 from tests.conftest import REPO
 from tests.train_helpers import make_cfg, make_setup
@@ -430,6 +430,24 @@ def test_flat_adamw_null_is_on_only_where_it_applies(setup, tmp_path):
         assert resolve_flat_adamw(True, **{**on, **change}) and not resolve_flat_adamw(False, **on)
     trainer = Trainer(make_cfg(setup, tmp_path / "cpu", training__max_steps=1))
     assert trainer.cfg.training.flat_adamw is None and not isinstance(trainer.optimizer, MasterAdamW)
+
+
+def test_master_weights_null_is_on_only_where_it_applies(setup, tmp_path, monkeypatch):
+    """null: on for one CUDA process under dtype bf16 with the update kernel, no fsdp and a fixed trainable set; off
+    wherever one of these fails (each case apart), and on the CPU (the trainer here keeps torch's AdamW); true /
+    false as set."""
+    from rwkv_diffusion_rnn import improved_trainer
+
+    on = dict(device_type="cuda", dtype="bf16", distributed=False, strategy="ddp", unfreeze_after_steps=0)
+    assert resolve_master_weights(None, **on)
+    for change in (dict(device_type="cpu"), dict(dtype="fp32"), dict(dtype="fp16"), dict(distributed=True),
+                   dict(strategy="fsdp"), dict(unfreeze_after_steps=10)):  # fmt: skip
+        assert not resolve_master_weights(None, **{**on, **change}), change
+        assert resolve_master_weights(True, **{**on, **change}) and not resolve_master_weights(False, **on)
+    monkeypatch.setattr(improved_trainer, "master_weights_kernel_available", lambda: False)
+    assert not resolve_master_weights(None, **on)  # no Triton: torch's fused AdamW, not the torch path of the update
+    trainer = Trainer(make_cfg(setup, tmp_path / "cpu", training__max_steps=1))
+    assert trainer.cfg.training.master_weights is None and not trainer.master_weights
 
 
 def test_memory_budget_reaches_the_compiled_blocks(setup, tmp_path):
