@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="the WKV operator traced into the block (IN_GRAPH; the default)")  # fmt: skip
     p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 matmul weights in the model (training.master_weights, opt-in): no weight casts in the "
-                   "blocks ('fixed MB')")  # fmt: skip
+                   help="bf16 matmul weights in the model (training.master_weights, on by default on CUDA): no weight "
+                   "casts in the blocks ('fixed MB')")  # fmt: skip
     p.add_argument("--top", type=int, default=0, help="also list the N fused kernels moving the most a token")
     p.add_argument("--out", help="write every kernel's row as JSON here")
     p.add_argument(

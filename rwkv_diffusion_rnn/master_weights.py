@@ -8,10 +8,10 @@ module: autocast has nothing to cast, their gradients stay bf16, and one update 
 master and moments and writes them back with the bf16 copy the next forward uses: 28 bytes a weight where the casts
 and torch's AdamW move 40. The numbers do not change in kind: the forward sees the bf16 weights autocast would have
 made, the gradient carries the bits it had (autocast's fp32 copy of a bf16 gradient adds none), and the update is
-torch.optim.AdamW's, in fp32. Measured (docs/RESULTS.md, 2026-12-06, H200): 0.2 / 0.5 ms off the 0.1B / 0.4B step, for
-1.2 / 3.4 GiB more peak memory (not yet traced), with an update no faster than torch's fused AdamW and, by the CPU
-byte count, the compiled blocks' activation budget recomputing activations where it had recomputed the weight casts:
-opt-in.
+torch.optim.AdamW's, in fp32. Measured (docs/RESULTS.md, 2026-12-07, H100, against the same update without bf16
+copies): 0.7 / 2.4 ms of kernels off the 0.1B / 0.4B step for +0.1 GiB of peak memory, once the update's loads and
+stores were 16-byte vectors (the address and size hints of :meth:`MasterAdamW._grad_table`'s segments). On by
+default for one bf16 CUDA process (``improved_trainer.resolve_master_weights``).
 
 Which tensors: every trainable ``nn.Linear`` weight and RWKV-7's low-rank factors (``*.att.[wavg][12]``), which only
 ever meet a matmul (:func:`matmul_weight_names`). Every other trainable tensor (embeddings, norms, per-channel
