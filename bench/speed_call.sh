@@ -21,7 +21,7 @@
 #   budget    ours, rwkv7-lm at both shapes with --memory-budget 1.0 (the compiled blocks recompute nothing):
 #             tp_budget/
 #   ab:LABEL  ours with the settings in AB_<LABEL> (environment NAME=VALUE, budget=X, keep=F, residual=bf16|fp32,
-#             master=1|0, flat=1|0, inductor:NAME=VALUE),
+#             master=1|0, flat=1|0, inductor:NAME=VALUE, host=1),
 #             AB_ROWS at AB_SHAPES:
 #             tp_ab_LABEL/ (an A/B of settings inside one call)
 #   llama     llama-lm (autocast cast cache on, as users run it) at 0.1B and 0.4B: tp_llama/
@@ -180,7 +180,8 @@ for stage in ${STAGES//,/ }; do
       # budget), keep=F (--wkv-keep-states F), residual=bf16|fp32 (--bf16-residual / --no-bf16-residual; the
       # default is bf16), master=1|0 (--master-weights / --no-master-weights; off by default), flat=1|0 (--flat-adamw /
       # --no-flat-adamw; on CUDA on by default),
-      # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option), ce=N (--ce-chunk N), tree=DIR (the package
+      # inductor:NAME=VALUE (--inductor NAME=VALUE, an Inductor option), ce=N (--ce-chunk N), host=1 (--host-profile:
+      # the host's functions over steps timed alone, cProfile), tree=DIR (the package
       # and bench/throughput.py from DIR, another copy of the repository: a change timed against the code before it in
       # one call);
       # up to AB_CAP seconds (150)
@@ -199,6 +200,7 @@ for stage in ${STAGES//,/ }; do
           flat=0) ind+=(--no-flat-adamw) ;;
           inductor:*) ind+=(--inductor "${item#inductor:}") ;;
           ce=*) ind+=(--ce-chunk "${item#ce=}") ;;
+          host=1) ind+=(--host-profile) ;;
           tree=*) envs+=("PYTHONPATH=${item#tree=}:/tmp/site") tp[1]="${item#tree=}/bench/throughput.py" ;;
           *=*) envs+=("$item") ;;
         esac

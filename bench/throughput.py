@@ -501,7 +501,47 @@ def measure(runner: Runner, a, dev: torch.device, peak: float) -> dict:
                 out["profile"]["alone"] = step_timeline(runner.step, dev)
             except (AttributeError, RuntimeError) as exc:
                 out["profile"]["alone"] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+    if a.host_profile:
+        out["host_profile"] = host_profile(runner.step, dev)
     return out
+
+
+def host_profile(step: Callable[[], object], dev: torch.device, steps: int = 5, top: int = 30) -> dict:
+    """Where the host spends a step timed alone (a wait after each): cProfile over ``steps`` steps, the ``top``
+    functions by their own time and by time including callees, ms a step. The wait for the GPU shows as
+    ``synchronize``; what runs before a graph's replay (the GPU idle meanwhile) shows by name. cProfile adds time
+    to every Python call, so the figures are upper bounds; their order is what tells."""
+    import cProfile
+    import pstats
+
+    def wait() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    wait()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+        wait()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+
+    def rows(index: int) -> list[dict]:
+        ranked = sorted(stats.items(), key=lambda kv: -kv[1][index])[:top]
+        return [
+            {
+                "function": f"{Path(f).name}:{line}({name})",
+                "calls_per_step": round(v[1] / steps, 1),
+                "own_ms": round(1000 * v[2] / steps, 3),
+                "cumulative_ms": round(1000 * v[3] / steps, 3),
+            }
+            for (f, line, name), v in ranked
+        ]
+
+    return {"steps": steps, "wall_ms_per_step": round(1000 * wall / steps, 3), "own": rows(2), "cumulative": rows(3)}
 
 
 # Kernel-name patterns for the profile's categories, first match wins (ours, BlinkDL's, fla's, cuBLAS, inductor, aten).
@@ -857,6 +897,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="after timing, profile 3 steps per row (torch.profiler) and keep the K kernels with most GPU time",
+    )
+    p.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="after timing, cProfile 5 steps timed alone: the host's functions by time, ms a step (host_profile)",
     )
     p.add_argument(
         "--memory-budget",

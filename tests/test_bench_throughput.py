@@ -297,3 +297,30 @@ def test_flat_adamw_row_runs_and_starts_from_the_same_loss(tmp_path):
     assert rows[True]["status"] == rows[False]["status"] == "ok"
     assert rows[True]["notes"]["flat_adamw"] is True and rows[False]["notes"]["flat_adamw"] is False
     assert rows[True]["first_loss"] == rows[False]["first_loss"]
+
+
+def test_host_profile_ranks_the_step_s_functions_by_host_time():
+    import time
+
+    import torch
+    from throughput import host_profile
+
+    def slow_part() -> None:
+        time.sleep(0.004)
+
+    def fast_part() -> None:
+        sum(range(10))
+
+    def step() -> None:
+        slow_part()
+        for _ in range(3):
+            fast_part()
+
+    out = host_profile(step, torch.device("cpu"), steps=4, top=50)
+    assert out["steps"] == 4 and out["wall_ms_per_step"] >= 4.0
+    by_name = {r["function"].split("(")[-1].rstrip(")"): r for r in out["cumulative"]}
+    assert by_name["slow_part"]["calls_per_step"] == 1.0 and by_name["fast_part"]["calls_per_step"] == 3.0
+    assert by_name["slow_part"]["cumulative_ms"] >= 3.5 > by_name["fast_part"]["cumulative_ms"]
+    assert by_name["step"]["cumulative_ms"] >= by_name["slow_part"]["cumulative_ms"]
+    assert out["own"][0]["own_ms"] >= out["own"][-1]["own_ms"]  # ranked by own time
+
