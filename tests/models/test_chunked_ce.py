@@ -68,6 +68,29 @@ def test_under_autocast_the_weight_gradient_is_not_rounded_to_bf16():
     assert off_grid > 0.5, off_grid
 
 
+@pytest.mark.parametrize("chunk", [2048, 16])
+def test_a_bf16_weight_gets_its_gradient_rounded_once(chunk):
+    """bf16 ``h`` and weight (master-weight copies): one chunk's GEMM writes the bf16 gradient directly, its fp32 sum
+    rounded once; several chunks are summed across chunks (on the CPU each chunk's product is rounded first)."""
+    seed = 105
+    h, w, y, gl = _case(50, 32, 500, seed)
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss, _ = linear_cross_entropy(hb, wb, y, chunk=chunk, keep_logits=True)
+    (loss * gl).sum().backward()
+    assert wb.grad.dtype == torch.bfloat16 and hb.grad.dtype == torch.bfloat16
+    # the reference in fp32 from the same bf16 numbers: softmax - one_hot of the bf16 logits, times the weighting
+    logits = (hb.detach() @ wb.detach().T).float()
+    p = (logits.softmax(-1) - F.one_hot(y, 500)).bfloat16().float()
+    hg = (hb.detach().float() * gl[:, None]).bfloat16().float()
+    want = p.T @ hg
+    err = (wb.grad.float() - want).abs()
+    terms = p.abs().T @ hg.abs()  # what the sum's rounding errors scale with
+    if chunk >= 50:  # one rounding of the fp32 sum: half a bf16 step of the result, plus the sum's own fp32 error
+        assert bool((err <= 2**-8 * want.abs() + 1e-6 * terms).all()), f"seed {seed}"
+    else:  # a rounding per chunk product and one of the total
+        assert bool((err <= 2**-7 * terms).all()), f"seed {seed}"
+
+
 def test_rows_are_padded_to_pad_rows_and_the_last_chunk_is_shorter(monkeypatch):
     """37 rows in chunks of 16 with PAD_ROWS 4: padded to 40, chunks of 16, 16 and 8 rows (the head's matmuls see
     those shapes), and the result still the reference's."""
