@@ -216,8 +216,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hp) if need_h else None
         f32 = hp.is_cuda and hp.dtype in (torch.bfloat16, torch.float16) and _f32_out_ok(hp.device, hp.dtype)
-        # one chunk and a weight in h's dtype (bf16 master-weight copies): the GEMM's fp32 sum is rounded once, straight
-        # into the gradient: no fp32 [V, C] buffer and no cast after it (0.4B: 256 MiB; the cast took 0.13 ms on an H100)
+        # one chunk and a weight in h's dtype (bf16 master-weight copies): the GEMM's fp32 sum is rounded once,
+        # straight into the gradient: no fp32 [V, C] buffer and no cast after it (0.4B: 256 MiB; the cast took 0.13 ms
+        # a step on an H100, 2026-12-07)
         direct = need_w and 0 < m <= chunk and ctx.weight_dtype == hp.dtype
         grad_w = None
         if need_w and not direct:  # fp32; the first chunk's GEMM writes it whole where it can write fp32 (no rows: 0)
