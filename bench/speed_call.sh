@@ -30,6 +30,8 @@
 #   ce        the chunked head + cross-entropy checked, its rows kernel timed per launch, then the head timed per chunk
 #             size in CE_TIME (default 4096; bench/gpu_check_ce.py --rows --time):
 #             ce.json
+#   ffn       the channel-mix FFN operator checked against an fp64 reference and the unfused path, then both timed
+#             (bench/gpu_check_ffn.py, with FFN_ARGS, e.g. --tiles): ffn.json
 #   check     (named in STAGES only) the compiled blocks' gradients against eager (bench/gpu_check_compiled.py) with
 #             the settings in CHECK_ENV (default DIFFRWKV_MIX_ORDER_REDUCTION=1): check.json, check.log
 #   master    (named in STAGES only) the master-weight AdamW checked and timed (bench/gpu_check_master.py, with
@@ -131,6 +133,9 @@ for stage in ${STAGES//,/ }; do
     graphs)
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
       ;;
+    ffn)
+      run ffn 120 "$PY" bench/gpu_check_ffn.py ${FFN_ARGS:-} --out "$OUT/ffn.json"
+      ;;
     ce)
       run ce 150 "$PY" bench/gpu_check_ce.py --rows --time ${CE_TIME:-4096} --out "$OUT/ce.json"
       ;;
@@ -215,7 +220,7 @@ for stage in ${STAGES//,/ }; do
       find /tmp/ti -name '*.py' -exec grep -l 'async_compile.triton(' {} + 2>/dev/null | tar czf "$OUT/inductor_code.tgz" -T -
       note "code: $(tar tzf "$OUT/inductor_code.tgz" 2>/dev/null | wc -l) modules"
       ;;
-    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, check, master, bytes, blocks, code, wkv, sampling, ab:LABEL)" ;;
+    *) note "unknown stage $stage (known: host, blinkdl, cuda, default, fla, rebuild, budget, llama, graphs, ce, ffn, check, master, bytes, blocks, code, wkv, sampling, ab:LABEL)" ;;
   esac
 done
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rwkv_diffusion_rnn.errors import DiffRwkvError
-from rwkv_diffusion_rnn.models import wkv7_cuda
+from rwkv_diffusion_rnn.models import ffn, wkv7_cuda
 from rwkv_diffusion_rnn.models.rwkv7_init import init_like_blinkdl
 from rwkv_diffusion_rnn.models.rwkv7_regions import PLAIN, matmul_dtype
 from rwkv_diffusion_rnn.models.wkv7 import resolve_backend, wkv7
@@ -294,7 +294,27 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         ops = self.regions
-        return self.value(ops.sq_relu(self.key(ops.cm_mix(x, shift, self.x_k, matmul_dtype(x)))))
+        mm_dtype = matmul_dtype(x)
+        xk = ops.cm_mix(x, shift, self.x_k, mm_dtype)
+        if self._plain_linears():
+            # the activation inside the matmuls (models/ffn.py), where it applies
+            wk, wv = self.key.weight, self.value.weight
+            if mm_dtype is not None:
+                wk, wv = wk.to(mm_dtype), wv.to(mm_dtype)
+            if ffn.applies(xk, wk, wv):
+                return ffn.ffn(xk, wk, wv)
+        return self.value(ops.sq_relu(self.key(xk)))
+
+    def _plain_linears(self) -> bool:
+        """key and value are bias-free ``nn.Linear`` s with no hook (a LoRA adapter hooks them) on this module."""
+        k, v = self.key, self.value  # plain boolean tests (no generator): traced without a graph break
+        return (
+            type(k) is nn.Linear
+            and type(v) is nn.Linear
+            and k.bias is None
+            and v.bias is None
+            and not (k._forward_hooks or k._forward_pre_hooks or v._forward_hooks or v._forward_pre_hooks)
+        )
 
 
 class Block(nn.Module):

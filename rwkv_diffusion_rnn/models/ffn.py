@@ -1,0 +1,173 @@
+"""The channel-mix FFN ``relu(x Wk^T)^2 Wv^T`` with its activation inside the matmuls (CUDA, bf16/fp16, training).
+
+Run as a matmul, an activation kernel and a matmul, the FFN spends two passes over ``[tokens, 4C]`` a layer on
+the activation alone: the forward's ``relu(k)^2`` (read ``k``, write ``y``) and the backward's ``2 sqrt(y) dy``
+(read ``y`` and ``dy``, write ``dk``), 1.07 + 1.57 ms of a 0.4B step's ~84 ms of kernels on an H100 (2026-12-07).
+Here a Triton matmul applies each in its epilogue, on the fp32 accumulator: the key matmul writes ``y`` directly,
+and the backward's ``dy = dout Wv`` matmul multiplies by ``2 sqrt(y)`` before it writes. The other four matmuls
+(the value matmul and the three gradients) stay with cuBLAS.
+
+Numerics: ``y`` is squared from the fp32 accumulator and rounded once, where the unfused path rounds the key
+matmul's output to bf16 first and squares that; ``dk`` likewise skips one rounding. Both are within a rounding of
+the plain formula (tests/models/test_ffn.py).
+
+Where: :func:`applies` (CUDA with Triton, bf16 or fp16 operands, a gradient wanted, widths that are multiples of
+:data:`BLOCK_K`), when ``DIFFRWKV_FFN_OP=1`` (read at import); elsewhere the caller runs the modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rwkv_diffusion_rnn.models.kept import kept
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU install without Triton
+    triton = None
+
+#: ``DIFFRWKV_FFN_OP`` (read at import): "1" runs the operator where it applies (opt-in until a GPU has timed it)
+USE_OP = os.environ.get("DIFFRWKV_FFN_OP") == "1" and triton is not None
+BLOCK_K = 64  # the reduction's step; every config uses it, so K must be a multiple (no masked loads along K)
+RELU_SQ, TIMES_2_SQRT = 0, 1  # the epilogues
+#: ``DIFFRWKV_FFN_TILE`` (read at import) = "BLOCK_M,BLOCK_N,stages,warps": one tile for every call instead of the
+#: autotuner's pick (for measuring; the tests set it, Triton's interpreter has no autotuner)
+_TILE = os.environ.get("DIFFRWKV_FFN_TILE")
+TILE = tuple(int(v) for v in _TILE.split(",")) if _TILE else None
+
+
+def applies(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> bool:
+    """Whether the FFN may run as the operator: switched on, CUDA, a gradient wanted, one 16-bit float dtype for
+    the three operands, both widths multiples of :data:`BLOCK_K`."""
+    return (
+        USE_OP
+        and x.is_cuda
+        and torch.is_grad_enabled()
+        and (x.requires_grad or wk.requires_grad or wv.requires_grad)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and wk.dtype == x.dtype
+        and wv.dtype == x.dtype
+        and wk.dim() == 2
+        and wv.dim() == 2
+        and x.shape[-1] == wk.shape[1]
+        and wv.shape == (wk.shape[1], wk.shape[0])
+        and x.shape[-1] % BLOCK_K == 0
+        and wk.shape[0] % BLOCK_K == 0
+    )
+
+
+def ffn_plain(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """``relu(x wk^T)^2 wv^T`` as torch operations: the reference."""
+    return (torch.relu(x @ wk.t()) ** 2) @ wv.t()
+
+
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
+
+    def _configs():
+        # tiles for the H100 / H200 (228 KB of shared memory a multiprocessor); the autotuner keeps the fastest
+        # for each (M, N, K) it meets
+        shapes = [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 4), (128, 128, 4, 8), (64, 256, 4, 4)]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, s, w in shapes
+        ]
+
+    @triton.jit
+    def _mm_epilogue_kernel(
+        a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
+        sa_m, sa_k, sb_k, sb_n,
+        EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """``c = epilogue(a @ b)``, ``a`` [M, K] and ``b`` [K, N] by strides, ``c`` and ``aux`` [M, N] contiguous;
+        the epilogue on the fp32 sum: relu(.)^2, or . * 2 sqrt(aux)."""
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        # programs walk GROUP_M row tiles down a column of tiles before moving right: neighbours share b's tiles
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        tile_m = first_m + (pid % per_group) % group_rows
+        tile_n = (pid % per_group) // group_rows
+
+        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        # rows past M read row M - 1 (in bounds, never stored): no mask in the loop
+        a_rows = tl.minimum(rows, M - 1).to(tl.int64)
+        a_ptrs = a_ptr + a_rows[:, None] * sa_m + ks[None, :] * sa_k
+        b_ptrs = b_ptr + ks[:, None] * sb_k + cols[None, :].to(tl.int64) * sb_n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+            a_ptrs += BLOCK_K * sa_k
+            b_ptrs += BLOCK_K * sb_k
+
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < M)[:, None]
+        if EPILOGUE == 0:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:
+            aux = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * (2.0 * tl.sqrt(aux))
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    _mm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE"])(_mm_epilogue_kernel)
+
+    def _launch(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
+        M, K = a.shape
+        N = b.shape[1]
+        c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        args = (a, b, c, c if aux is None else aux, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+        if TILE is None:
+            wrap_triton(_mm_tuned)[grid](*args, EPILOGUE=epilogue, BLOCK_K=BLOCK_K)
+        else:
+            bm, bn, stages, warps = TILE
+            wrap_triton(_mm_epilogue_kernel)[grid](
+                *args, EPILOGUE=epilogue, BLOCK_K=BLOCK_K, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_stages=stages,
+                num_warps=warps,
+            )  # fmt: skip
+        return c
+
+    @triton_op("diffrwkv::ffn", mutates_args=())
+    def ffn_op(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y wv^T, y)`` with ``y = relu(x wk^T)^2``: ``x`` [M, C] contiguous, ``wk`` [4C, C], ``wv`` [C, 4C].
+        ``y`` is an output only so that the backward can keep it; :func:`ffn` hands out the first."""
+        y = _launch(x, wk.t(), None, RELU_SQ)
+        return y @ wv.t(), y
+
+    @triton_op("diffrwkv::ffn_key_grad", mutates_args=())
+    def ffn_key_grad_op(dout: torch.Tensor, wv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gradient of the key matmul's output, ``(dout wv) * 2 sqrt(y)``: ``dout`` [M, C] contiguous, ``wv``
+        [C, 4C], ``y`` [M, 4C] contiguous."""
+        return _launch(dout, wv, y, TIMES_2_SQRT)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs, output[1])
+
+    def _backward(ctx, dout, _dy):
+        # _dy: y is never handed out (ffn() returns the first output), so its gradient is zero and not read
+        x, wk, wv, y = ctx.saved_tensors
+        dout = dout.contiguous()
+        dk = ffn_key_grad_op(dout, wv, y)
+        return dk @ wk, dk.t() @ x, dout.t() @ y
+
+    ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ffn(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """``relu(x wk^T)^2 wv^T`` for ``x`` [..., C], through the operator (check :func:`applies` first). Inside a
+    compiled block ``y`` is kept for the backward, never recomputed there (a second key matmul; models/kept.py)."""
+    lead = x.shape[:-1]
+    out, _ = kept(ffn_op, x.reshape(-1, x.shape[-1]).contiguous(), wk, wv, ops=(torch.ops.diffrwkv.ffn.default,))
+    return out.view(*lead, wv.shape[0])
