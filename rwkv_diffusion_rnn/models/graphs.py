@@ -92,7 +92,9 @@ class BlockGraphs:
         self.pending = False  # a graphed forward whose backward has not run yet
         self.replays = 0
         self._warned = False
-        self._walked: tuple | None = None  # (weak reference to the model, its blocks' modules) from usable()
+        # by input signature (the key without the parameters): (parameter signature, graph, the parameters' tensors
+        # as captured) of the graph replayed last, replayed first next time (run())
+        self.last: dict[tuple, tuple] = {}
 
     def __deepcopy__(self, memo) -> BlockGraphs:
         return BlockGraphs()
@@ -104,24 +106,25 @@ class BlockGraphs:
         self.__init__()
 
     def usable(self, model: nn.Module, x: torch.Tensor, pre_block) -> bool:
-        self._walked = None
-        if not (
+        """Whether this forward may go through a graph, as far as can be told without walking the blocks (the
+        hooks and the parameters are checked in :meth:`run`, while the GPU runs the graph)."""
+        return (
             x.is_cuda
             and model.training
             and torch.is_grad_enabled()
             and (pre_block is None or isinstance(pre_block, GraphableHook))
             and not torch.cuda.is_current_stream_capturing()
-        ):
-            return False
-        # one walk over the blocks' modules a step (host time while the GPU waits), kept for the next run()
-        modules = tuple(model.blocks.modules())
-        self._walked = (weakref.ref(model), modules)
-        # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        )
 
     def run(self, model: nn.Module, x: torch.Tensor, pad, rev, pre_block) -> torch.Tensor | None:
-        """The blocks' output through a CUDA graph, or None past :attr:`max_variants` (the caller runs eager). The
-        caller has checked :meth:`usable`."""
+        """The blocks' output through a CUDA graph, or None where it must run eager (the caller does): a hook on a
+        block's module, or more than :attr:`max_variants` signatures. The caller has checked :meth:`usable`.
+
+        The graph this input signature used last is replayed before the blocks are walked and their parameters
+        checked (~1 ms of host time at 0.4B that a step timed alone would otherwise leave the GPU idle for); its
+        output is used only if the checks then pass. A replay reads the parameters' storage and writes only the
+        graph's own buffers, so a stale one is dropped unseen; the storage it reads is held by :attr:`last`, never
+        freed under it (a parameter replaced since then is released at that very forward)."""
         if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
             raise DiffRwkvError(
                 "CUDA graphs need autocast without its weight cache: torch.autocast(..., cache_enabled=False)"
@@ -138,32 +141,40 @@ class BlockGraphs:
             tensors, spec = pre_block.graph_parts()
             hook = (type(pre_block), spec, len(tensors))
             inputs.extend(tensors)
-        # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
-        # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
-        walked, self._walked = self._walked, None  # usable()'s walk of this very forward
-        params = parameter_signature(model.blocks, walked[1] if walked and walked[0]() is model else None)
-        key = (
+        signature = (
             tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in inputs),
             rev_kind,
             hook,
-            params,
             torch.is_autocast_enabled("cuda"),
             torch.get_autocast_dtype("cuda"),
         )
-        graphed = self.graphs.get(key)
-        if graphed is None:
-            if len(self.graphs) >= self.max_variants:
-                if not self._warned:
-                    warnings.warn(
-                        f"CUDA graphs: more than {self.max_variants} input signatures; the rest run eager", stacklevel=3
-                    )
-                    self._warned = True
-                return None
-            stack = _Stack(model, pad is not None, rev_kind, hook).train()
-            sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-            graphed = torch.cuda.make_graphed_callables(stack, sample, allow_unused_input=True)
-            self.graphs[key] = graphed
-        out = graphed(*inputs)
+        last = self.last.get(signature)
+        out = last[1](*inputs) if last is not None else None  # the GPU starts; the host checks meanwhile
+        modules = tuple(model.blocks.modules())
+        # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return None
+        # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
+        # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)
+        params = parameter_signature(model.blocks, modules)
+        if last is None or last[0] != params:
+            out = None  # a stale replay's output, never seen
+            graphed = self.graphs.get((signature, params))
+            if graphed is None:
+                if len(self.graphs) >= self.max_variants:
+                    if not self._warned:
+                        warnings.warn(
+                            f"CUDA graphs: more than {self.max_variants} input signatures; the rest run eager",
+                            stacklevel=3,
+                        )
+                        self._warned = True
+                    return None
+                stack = _Stack(model, pad is not None, rev_kind, hook).train()
+                sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+                graphed = torch.cuda.make_graphed_callables(stack, sample, allow_unused_input=True)
+                self.graphs[(signature, params)] = graphed
+            self.last[signature] = (params, graphed, tuple(p.detach() for p in model.blocks.parameters()))
+            out = graphed(*inputs)
         if out.requires_grad:
             self.pending = True
             out.register_hook(self._clear_pending)
@@ -180,7 +191,7 @@ def parameter_signature(module: nn.Module, modules: tuple[nn.Module, ...] | None
     """(address, dtype, requires_grad) of every parameter of ``module``, module by module: what a captured graph
     depends on. Read from each submodule's ``_parameters`` (a replaced parameter shows, and a tensor shared by two
     modules counts twice) instead of ``module.parameters()``, whose traversal is most of the cost: this runs at the
-    start of every graphed forward, while the GPU waits (0.71 -> ~0.35 ms of host time at 0.4B on a 2-core CPU).
+    start of every graphed forward (0.71 -> ~0.35 ms of host time at 0.4B on a 2-core CPU).
     ``modules``: ``tuple(module.modules())`` where the caller has just walked them (one walk a step, not two)."""
     return tuple(
         (p.data_ptr(), p.dtype, p.requires_grad)

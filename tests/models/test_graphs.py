@@ -150,22 +150,63 @@ def test_the_graph_key_sees_every_change_a_captured_graph_cannot_follow():
     assert parameter_signature(blocks) != replaced
 
 
-def test_usable_walks_the_blocks_once_and_run_reuses_that_walk(monkeypatch):
-    """usable() walks the blocks' modules once (hooks) and keeps the walk for run()'s key; the key from it equals
-    parameter_signature's own walk, a walk of another model is not used, and a hooked block is refused."""
+def test_run_replays_the_last_graph_first_and_uses_it_only_if_the_checks_pass(monkeypatch):
+    """run() replays the graph its input signature used last before it walks the blocks: kept where the parameters
+    are where that graph read them, dropped (a new capture replayed instead) where one moved, dropped for eager where
+    a block's module has a hook. A stand-in for torch's graph capture counts captures and replays."""
+    from rwkv_diffusion_rnn.models.graphs import BlockGraphs
+
+    captured, replays = [], []
+
+    def capture(stack, sample, allow_unused_input):
+        n = len(captured)
+        captured.append(n)
+
+        def graphed(*inputs):
+            replays.append(n)
+            return inputs[0] * (n + 2)
+
+        return graphed
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    model = random_rwkv7(2, 64, vocab_size=100, seed=16).train()
+    g = BlockGraphs()
+    x = torch.ones(2, 3, 64, requires_grad=True)
+
+    def step():
+        out = g.run(model, x, None, None, None)
+        if out is not None:
+            out.sum().backward()  # clears the pending flag, as the training step's backward does
+        return out
+
+    assert torch.equal(step(), 2 * x) and (captured, replays) == ([0], [0])  # captured, replayed once
+    assert torch.equal(step(), 2 * x) and (captured, replays) == ([0], [0, 0])  # replayed first, kept
+    held = g.last[next(iter(g.last))][2]
+    w = model.blocks[1].ffn.key.weight
+    old_storage = w.data_ptr()
+    assert any(t.data_ptr() == old_storage for t in held)  # the storage the graph reads is held
+    w.data = w.data.clone()  # moved: graph 0 reads the old storage
+    assert torch.equal(step(), 3 * x) and (captured, replays) == ([0, 1], [0, 0, 0, 1])  # 0 dropped, 1 used
+    assert g.pending is False and len(g.graphs) == 2
+    assert all(t.data_ptr() != old_storage for t in g.last[next(iter(g.last))][2])  # released at that forward
+    handle = model.blocks[0].att.register_forward_pre_hook(lambda *a: None)
+    assert step() is None and (captured, replays) == ([0, 1], [0, 0, 0, 1, 1])  # replayed, dropped: eager
+    assert g.pending is False
+    handle.remove()
+    assert torch.equal(step(), 3 * x) and captured == [0, 1]
+
+
+def test_usable_refuses_what_no_graph_can_run(monkeypatch):
     from types import SimpleNamespace
 
-    from rwkv_diffusion_rnn.models.graphs import BlockGraphs, parameter_signature
+    from rwkv_diffusion_rnn.models.graphs import BlockGraphs
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    model, other = random_rwkv7(2, 64, vocab_size=100, seed=16).train(), random_rwkv7(2, 64, vocab_size=100, seed=17)
+    model = random_rwkv7(2, 64, vocab_size=100, seed=16).train()
     g, x = BlockGraphs(), SimpleNamespace(is_cuda=True)  # usable() reads only x.is_cuda
     assert g.usable(model, x, None)
-    ref, modules = g._walked
-    assert ref() is model and modules == tuple(model.blocks.modules())
-    assert parameter_signature(model.blocks, modules) == parameter_signature(model.blocks)
-    assert parameter_signature(other.blocks, modules) != parameter_signature(other.blocks)  # why run() checks the model
-    handle = model.blocks[1].ffn.register_forward_hook(lambda *a: None)
-    assert not g.usable(model, x, None)
-    handle.remove()
-    assert not g.usable(model.eval(), x, None) and g._walked is None  # refused early: no walk kept
+    assert not g.usable(model, SimpleNamespace(is_cuda=False), None)
+    assert not g.usable(model, x, lambda i, h: h)  # a hook that offers no graph parts
+    with torch.no_grad():
+        assert not g.usable(model, x, None)
+    assert not g.usable(model.eval(), x, None)
