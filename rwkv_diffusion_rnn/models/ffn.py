@@ -169,5 +169,5 @@ def ffn(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
     """``relu(x wk^T)^2 wv^T`` for ``x`` [..., C], through the operator (check :func:`applies` first). Inside a
     compiled block ``y`` is kept for the backward, never recomputed there (a second key matmul; models/kept.py)."""
     lead = x.shape[:-1]
-    out, _ = kept(ffn_op, x.reshape(-1, x.shape[-1]).contiguous(), wk, wv, ops=(torch.ops.diffrwkv.ffn.default,))
+    out, _ = kept(ffn_op, x.reshape(-1, x.shape[-1]).contiguous(), wk, wv)
     return out.view(*lead, wv.shape[0])
