@@ -47,6 +47,7 @@ def applies(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> bool:
         and x.is_cuda
         and torch.is_grad_enabled()
         and (x.requires_grad or wk.requires_grad or wv.requires_grad)
+        and x.numel() > 0
         and x.dtype in (torch.bfloat16, torch.float16)
         and wk.dtype == x.dtype
         and wv.dtype == x.dtype

@@ -91,7 +91,7 @@ def test_never_on_the_cpu_nor_without_a_gradient():
 
 @pytest.mark.parametrize(
     "case",
-    ["ok", "fp32", "mixed", "no_grad", "narrow", "shape"],
+    ["ok", "fp32", "mixed", "no_grad", "narrow", "shape", "empty"],
 )
 def test_applies_asks_for_cuda_16_bit_operands_a_gradient_and_whole_blocks(monkeypatch, case):
     """The checks after the device: a fake CUDA flag on CPU tensors (nothing runs)."""
@@ -99,7 +99,7 @@ def test_applies_asks_for_cuda_16_bit_operands_a_gradient_and_whole_blocks(monke
     monkeypatch.setattr(mod, "USE_OP", True)
     c = 48 if case == "narrow" else 64
     dt = torch.float32 if case == "fp32" else torch.bfloat16
-    x = torch.randn(3, c, dtype=dt, requires_grad=case != "no_grad")
+    x = torch.randn(0 if case == "empty" else 3, c, dtype=dt, requires_grad=case != "no_grad")
     wk = torch.randn(4 * c, c, dtype=torch.float32 if case == "mixed" else dt)
     wv = torch.randn(c, 4 * c + (64 if case == "shape" else 0), dtype=dt)
     assert mod.applies(x, wk, wv) == (case == "ok")
