@@ -153,6 +153,7 @@ class BlockGraphs:
         modules = tuple(model.blocks.modules())
         # a hook on a block's module (e.g. a LoRA adapter) would run frozen inside the graph: eager instead
         if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            self.last.pop(signature, None)  # no replay ahead of the checks while the hook stays
             return None
         # where each parameter lives, too: a graph reads the storage it was captured with (in-place updates, EMA
         # swaps and checkpoint loads keep it; module.to(), p.data = ... or load_state_dict(assign=True) do not)

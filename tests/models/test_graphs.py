@@ -192,8 +192,10 @@ def test_run_replays_the_last_graph_first_and_uses_it_only_if_the_checks_pass(mo
     handle = model.blocks[0].att.register_forward_pre_hook(lambda *a: None)
     assert step() is None and (captured, replays) == ([0, 1], [0, 0, 0, 1, 1])  # replayed, dropped: eager
     assert g.pending is False
+    assert step() is None and replays == [0, 0, 0, 1, 1]  # while the hook stays, no replay ahead of the checks
     handle.remove()
-    assert torch.equal(step(), 3 * x) and captured == [0, 1]
+    assert torch.equal(step(), 3 * x) and (captured, replays) == ([0, 1], [0, 0, 0, 1, 1, 1])  # graph 1 again
+    assert torch.equal(step(), 3 * x) and replays == [0, 0, 0, 1, 1, 1, 1]
 
 
 def test_usable_refuses_what_no_graph_can_run(monkeypatch):
