@@ -10,6 +10,7 @@ import torch
 
 from rwkv_diffusion_rnn.models import ffn as mod
 from rwkv_diffusion_rnn.models.rwkv7 import ChannelMix, RWKV7Config
+from rwkv_diffusion_rnn.models.rwkv7_regions import cm_mix
 from tests.triton_interpreter import run_interpreted
 
 
@@ -30,12 +31,9 @@ def _errors(dtype: torch.dtype, seed: int) -> dict:
         grads = torch.autograd.grad((out.double() * dout.double()).sum(), leaves)
         return [out.detach(), *grads], str(out.dtype), [str(t.dtype) for t in grads]
 
-    def unfused(a, k, v):
-        return (torch.relu(a @ k.t()) ** 2) @ v.t()
-
     ref, _, _ = run(mod.ffn_plain, torch.float64)
     got, dtype_out, dtype_grads = run(mod.ffn, dtype)
-    base, _, _ = run(unfused, dtype)
+    base, _, _ = run(mod.ffn_plain, dtype)  # the unfused path: the same formula in the operator's dtype
     rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
     return {
         "got": [rel(a, b) for a, b in zip(got, ref, strict=True)],
@@ -144,12 +142,7 @@ def test_a_hooked_linear_keeps_the_modules(monkeypatch):
     cm = _channel_mix(1)
     cm.value.register_forward_hook(lambda mod_, args, out: out + 1.0)
     x, shift = torch.randn(1, 3, 64), torch.randn(1, 64)
-    assert torch.allclose(cm(x, shift), cm.value(torch.relu(cm.key(cm_in(cm, x, shift))) ** 2))
-
-
-def cm_in(cm: ChannelMix, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    prev = torch.cat([shift.unsqueeze(1), x[:, :-1]], dim=1)
-    return x + (prev - x) * cm.x_k
+    assert torch.allclose(cm(x, shift), cm.value(torch.relu(cm.key(cm_mix(x, shift, cm.x_k))) ** 2))
 
 
 if __name__ == "__main__":
