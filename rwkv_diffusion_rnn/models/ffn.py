@@ -45,9 +45,10 @@ _TILE = os.environ.get("DIFFRWKV_FFN_TILE")
 TILE = tuple(int(v) for v in _TILE.split(",")) if _TILE else None
 
 
-def applies(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, mm_dtype: torch.dtype | None = None) -> bool:
     """Whether the FFN may run as the operator: switched on, CUDA, a gradient wanted, one 16-bit float dtype for
-    the three operands, both widths multiples of :data:`BLOCK_K`."""
+    the three operands (the weights' own, or ``mm_dtype``, autocast's, which :func:`ffn` casts them to), both widths
+    multiples of :data:`BLOCK_K`."""
     return (
         USE_OP
         and x.is_cuda
@@ -55,8 +56,8 @@ def applies(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> bool:
         and (x.requires_grad or wk.requires_grad or wv.requires_grad)
         and x.numel() > 0
         and x.dtype in (torch.bfloat16, torch.float16)
-        and wk.dtype == x.dtype
-        and wv.dtype == x.dtype
+        and (wk.dtype if mm_dtype is None else mm_dtype) == x.dtype
+        and (wv.dtype if mm_dtype is None else mm_dtype) == x.dtype
         and wk.dim() == 2
         and wv.dim() == 2
         and x.shape[-1] == wk.shape[1]
@@ -75,9 +76,8 @@ if triton is not None:
     from torch.library import triton_op, wrap_triton
 
     def _configs():
-        # tiles for the H100 / H200 (228 KB of shared memory a multiprocessor); the autotuner keeps the fastest
-        # for each (M, N, K) it meets
-        # (the last, 72 KB of shared memory, for cards with less; a tile a card cannot hold is skipped by the tuner)
+        # tiles for the H100 / H200 (228 KB of shared memory a multiprocessor), the last (72 KB) for cards with less;
+        # the autotuner keeps the fastest for each (M, N, K) it meets and skips a tile a card cannot hold
         shapes = [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 4), (128, 128, 4, 8), (64, 256, 4, 4)]
         shapes.append((64, 128, 3, 4))
         return [
@@ -178,5 +178,6 @@ def ffn(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
     """``relu(x wk^T)^2 wv^T`` for ``x`` [..., C], through the operator (check :func:`applies` first). Inside a
     compiled block ``y`` is kept for the backward, never recomputed there (a second key matmul; models/kept.py)."""
     lead = x.shape[:-1]
+    wk, wv = wk.to(x.dtype), wv.to(x.dtype)  # autocast's cast of the weights (none where they are already)
     out, _ = kept(ffn_op, x.reshape(-1, x.shape[-1]).contiguous(), wk, wv)
     return out.view(*lead, wv.shape[0])

@@ -296,13 +296,9 @@ class ChannelMix(nn.Module):
         ops = self.regions
         mm_dtype = matmul_dtype(x)
         xk = ops.cm_mix(x, shift, self.x_k, mm_dtype)
-        if self._plain_linears():
-            # the activation inside the matmuls (models/ffn.py), where it applies
-            wk, wv = self.key.weight, self.value.weight
-            if mm_dtype is not None:
-                wk, wv = wk.to(mm_dtype), wv.to(mm_dtype)
-            if ffn.applies(xk, wk, wv):
-                return ffn.ffn(xk, wk, wv)
+        wk, wv = self.key.weight, self.value.weight
+        if ffn.applies(xk, wk, wv, mm_dtype) and self._plain_linears():
+            return ffn.ffn(xk, wk, wv)  # the activation inside the matmuls (models/ffn.py)
         return self.value(ops.sq_relu(self.key(xk)))
 
     def _plain_linears(self) -> bool:
