@@ -40,7 +40,6 @@ def fit_interpreter_to_numpy() -> None:
         interp._patch_lang_tensor = patched
 
 
-
 def fit_interpreter_to_bf16() -> None:
     """bf16 in triton 3.6's interpreter as a GPU computes it. The interpreter keeps bf16 tiles as their uint16 bits
     (numpy has no bf16), so ``tl.dot`` multiplied those bits as integers: bf16 operands are widened to the fp32
