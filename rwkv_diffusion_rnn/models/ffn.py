@@ -163,9 +163,11 @@ if triton is not None:
 
     def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs, output[1])
+        # y's gradient is never read: without this, eager autograd fills a [M, 4C] tensor with zeros for it
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, dout, _dy):
-        # _dy: y is never handed out (ffn() returns the first output), so its gradient is zero and not read
+        # _dy: None (y is never handed out, ffn() returns the first output; its gradient is not materialised)
         x, wk, wv, y = ctx.saved_tensors
         dout = dout.contiguous()
         dk = ffn_key_grad_op(dout, wv, y)

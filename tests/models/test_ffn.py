@@ -43,13 +43,26 @@ def _errors(dtype: torch.dtype, seed: int) -> dict:
     }
 
 
+def _zero_fills() -> list:
+    """The shapes the eager backward fills with zeros (aten::zero_), under the profiler."""
+    from torch.profiler import profile
+
+    g = torch.Generator().manual_seed(3)
+    x, wk, wv = (torch.randn(*s, generator=g, requires_grad=True) for s in ((64, 64), (256, 64), (64, 256)))
+    out = mod.ffn(x, wk, wv)
+    with profile(record_shapes=True) as prof:
+        out.sum().backward()
+    return [e.input_shapes for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::zero_"]
+
+
 def _interpreter_body() -> None:
     from tests.triton_interpreter import fit_interpreter_to_bf16, fit_interpreter_to_numpy
 
     fit_interpreter_to_numpy()
     fit_interpreter_to_bf16()
     mod.TILE = (64, 64, 1, 4)  # the interpreter has no autotuner: one small tile, so that M has a ragged tail
-    print(json.dumps({"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2)}))
+    r = {"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2), "zero_fills": _zero_fills()}
+    print(json.dumps(r))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +91,12 @@ def test_a_zero_key_passes_no_gradient(interpreted):
     """relu's kink at 0: the backward's 2 sqrt(y) is exactly zero there (no NaN from sqrt of a rounded square)."""
     assert interpreted["fp32"]["kink_grad_x"] == 0.0
     assert interpreted["bf16"]["kink_grad_x"] == 0.0
+
+
+def test_the_eager_backward_fills_no_zeros_for_the_kept_output(interpreted):
+    """``y`` is an output only to be kept; its gradient is never read, so eager autograd must not build a zero
+    ``[M, 4C]`` tensor for it (a write of 64 MB a layer at 0.4B)."""
+    assert interpreted["zero_fills"] == [], interpreted["zero_fills"]
 
 
 def test_never_on_the_cpu_nor_without_a_gradient():
