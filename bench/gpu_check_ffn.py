@@ -8,7 +8,10 @@ beside the unfused bf16 path's own error (key matmul, ``relu(.)^2``, value matmu
 operator), and a ragged row count. Bound: the operator's error at most 1.25x the unfused path's plus 1e-3 (both
 round to bf16). Then both timed, forward and forward + backward (median of ``triton.testing.do_bench``), with the
 autotuner's pick. ``--tiles`` also times the fused forward + backward with each tile of the autotuner's list
-alone. Prints one line per row; exits non-zero if a bound is missed.
+alone. ``--kernels pointer,tma`` checks and times each of the operator's matmul kernels (``DIFFRWKV_FFN_KERNEL``);
+``--matmul`` times the two epilogue matmuls alone beside cuBLAS's plain product of the same shape, and with
+``tma`` among the kernels, each tile of ``--tma-tiles`` too. Prints one line per row; exits non-zero if a bound is
+missed.
 """
 
 from __future__ import annotations
@@ -52,58 +55,103 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--tiles", action="store_true", help="time every tile of the autotuner's list alone")
+    ap.add_argument("--kernels", default="pointer", help="the operator's matmul kernels to check, comma-separated")
+    ap.add_argument("--matmul", action="store_true", help="time the epilogue matmuls alone beside cuBLAS")
+    ap.add_argument(
+        "--tma-tiles",
+        default="128,256,3,8;128,256,4,8;256,128,3,8;128,128,4,8;128,128,5,8;256,128,4,8",
+        help="BLOCK_M,BLOCK_N,stages,warps;... for the tma kernel's --matmul sweep",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
-    import triton.testing
-
     from rwkv_diffusion_rnn.models import ffn as mod
 
     dev = torch.device("cuda")
     rows, ok = [], True
-    for m, c in ((8176, 768), (8176, 1024), (1000, 512)):
-        x, wk, wv, dout = operands(m, c, dev, seed=m + c)
-        ref = run(mod.ffn_plain, x.double(), wk.double(), wv.double(), dout.double())
-        got = run(mod.ffn, x, wk, wv, dout)
-        base = run(unfused, x, wk, wv, dout)
-        names = ("out", "dx", "dwk", "dwv")
-        err = {n: rel(a, r) for n, a, r in zip(names, got, ref, strict=True)}
-        err_base = {n: rel(a, r) for n, a, r in zip(names, base, ref, strict=True)}
-        good = all(err[n] <= 1.25 * err_base[n] + 1e-3 for n in names)
-        ok &= good
-        row = {"rows": m, "width": c, "err": err, "err_unfused": err_base, "ok": good}
-        if m == 8176:
-            for label, fn in (("fused", mod.ffn), ("unfused", unfused)):
-                leaves = [t.clone().requires_grad_() for t in (x, wk, wv)]
-                row[f"{label}_fwd_ms"] = triton.testing.do_bench(lambda fn=fn, leaves=leaves: fn(*leaves))
-                row[f"{label}_fwd_bwd_ms"] = triton.testing.do_bench(
-                    lambda fn=fn, leaves=leaves, d=dout: torch.autograd.grad(fn(*leaves), leaves, d)
-                )
-            tuned = getattr(mod, "_mm_tuned", None)
-            if tuned is not None and getattr(tuned, "cache", None):
-                row["picked"] = {str(k): str(v) for k, v in tuned.cache.items()}
-            if args.tiles:
-                row["tiles"] = {}
-                for cfg in mod._configs():
-                    kw = cfg.kwargs
-                    mod.TILE = (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_stages, cfg.num_warps)
-                    leaves = [t.clone().requires_grad_() for t in (x, wk, wv)]
-                    try:
-                        ms = triton.testing.do_bench(lambda leaves=leaves, d=dout: torch.autograd.grad(
-                            mod.ffn(*leaves), leaves, d))  # fmt: skip
-                    except Exception as e:  # a tile this card cannot hold: say so, time the rest
-                        ms = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                    row["tiles"][",".join(map(str, mod.TILE))] = ms
-                mod.TILE = None
-        rows.append(row)
-        print(json.dumps(row))
+    for kernel in args.kernels.split(","):
+        mod.KERNEL = kernel
+        for m, c in ((8176, 768), (8176, 1024), (1000, 512)):
+            row = check_row(mod, m, c, dev, args)
+            ok &= row["ok"]
+            rows.append(row)
+            print(json.dumps(row))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "env": {k: v for k, v in os.environ.items()
                        if k.startswith("DIFFRWKV_")}, "rows": rows, "ok": ok}, f, indent=1)  # fmt: skip
     print("ok" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def time_matmuls(mod, x, wk, wv, dout, kernel: str, tiles: str) -> dict:
+    """The two epilogue matmuls alone (the key matmul with relu^2, the key gradient with 2 sqrt(y)) beside cuBLAS's
+    plain ``x wk^T`` and ``dout wv``; for the tma kernel, each tile of ``tiles`` too. Milliseconds, and TFLOP/s."""
+    import triton.testing
+
+    flop = 2 * x.shape[0] * wk.shape[0] * wk.shape[1]
+    y = mod.ffn_op(x, wk, wv)[1]
+    r = {"cublas_key_ms": triton.testing.do_bench(lambda: x @ wk.t()),
+         "cublas_key_grad_ms": triton.testing.do_bench(lambda: dout @ wv)}  # fmt: skip
+    r["key_ms"] = triton.testing.do_bench(lambda: mod._launch(x, wk.t(), None, mod.RELU_SQ))
+    r["key_grad_ms"] = triton.testing.do_bench(lambda: mod._launch(dout, wv, y, mod.TIMES_2_SQRT))
+    r["tflops"] = {k: round(flop / v / 1e9, 1) for k, v in r.items()}
+    if kernel == "tma":
+        saved, r["tma_tiles"] = dict(mod.TMA_TILE), {}
+        for tile in tiles.split(";"):
+            t = tuple(int(v) for v in tile.split(","))
+            mod.TMA_TILE = {mod.RELU_SQ: t, mod.TIMES_2_SQRT: t}
+            try:
+                ms = [triton.testing.do_bench(lambda: mod._launch(x, wk.t(), None, mod.RELU_SQ)),
+                      triton.testing.do_bench(lambda: mod._launch(dout, wv, y, mod.TIMES_2_SQRT))]  # fmt: skip
+            except Exception as e:  # a tile this card cannot hold: say so, time the rest
+                ms = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            r["tma_tiles"][tile] = ms
+        mod.TMA_TILE = saved
+    return r
+
+
+def check_row(mod, m: int, c: int, dev, args) -> dict:
+    """One shape with the operator's current kernel: its errors against fp64 beside the unfused path's, and at the
+    training step's rows its timings."""
+    import triton.testing
+
+    x, wk, wv, dout = operands(m, c, dev, seed=m + c)
+    ref = run(mod.ffn_plain, x.double(), wk.double(), wv.double(), dout.double())
+    got = run(mod.ffn, x, wk, wv, dout)
+    base = run(unfused, x, wk, wv, dout)
+    names = ("out", "dx", "dwk", "dwv")
+    err = {n: rel(a, r) for n, a, r in zip(names, got, ref, strict=True)}
+    err_base = {n: rel(a, r) for n, a, r in zip(names, base, ref, strict=True)}
+    good = all(err[n] <= 1.25 * err_base[n] + 1e-3 for n in names)
+    row = {"kernel": mod.KERNEL, "rows": m, "width": c, "err": err, "err_unfused": err_base, "ok": good}
+    if m == 8176 and args.matmul:
+        row["matmul"] = time_matmuls(mod, x, wk, wv, dout, mod.KERNEL, args.tma_tiles)
+    if m == 8176:
+        for label, fn in (("fused", mod.ffn), ("unfused", unfused)):
+            leaves = [t.clone().requires_grad_() for t in (x, wk, wv)]
+            row[f"{label}_fwd_ms"] = triton.testing.do_bench(lambda fn=fn, leaves=leaves: fn(*leaves))
+            row[f"{label}_fwd_bwd_ms"] = triton.testing.do_bench(
+                lambda fn=fn, leaves=leaves, d=dout: torch.autograd.grad(fn(*leaves), leaves, d)
+            )
+        tuned = getattr(mod, "_mm_tuned", None)
+        if tuned is not None and getattr(tuned, "cache", None):
+            row["picked"] = {str(k): str(v) for k, v in tuned.cache.items()}
+        if args.tiles and mod.KERNEL == "pointer":
+            row["tiles"] = {}
+            for cfg in mod._configs():
+                kw = cfg.kwargs
+                mod.TILE = (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_stages, cfg.num_warps)
+                leaves = [t.clone().requires_grad_() for t in (x, wk, wv)]
+                try:
+                    ms = triton.testing.do_bench(lambda leaves=leaves, d=dout: torch.autograd.grad(
+                        mod.ffn(*leaves), leaves, d))  # fmt: skip
+                except Exception as e:  # a tile this card cannot hold: say so, time the rest
+                    ms = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                row["tiles"][",".join(map(str, mod.TILE))] = ms
+            mod.TILE = None
+    return row
 
 
 if __name__ == "__main__":

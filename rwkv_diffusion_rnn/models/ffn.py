@@ -43,6 +43,18 @@ RELU_SQ, TIMES_2_SQRT = 0, 1  # the epilogues
 #: autotuner's pick (for measuring; the tests set it, Triton's interpreter has no autotuner)
 _TILE = os.environ.get("DIFFRWKV_FFN_TILE")
 TILE = tuple(int(v) for v in _TILE.split(",")) if _TILE else None
+#: ``DIFFRWKV_FFN_KERNEL`` (read at import): "tma" runs the matmuls through TMA descriptors on a persistent grid
+#: (:data:`TMA_TILE`, Hopper and later), anything else the pointer kernel the autotuner tiles
+KERNEL = os.environ.get("DIFFRWKV_FFN_KERNEL", "pointer")
+#: the persistent kernel's tile for each epilogue (relu^2, x 2 sqrt): BLOCK_M, BLOCK_N, stages, warps (no
+#: autotuner: a descriptor's block is fixed where it is made, and torch.compile runs no autotuner pre-hooks)
+TMA_TILE = {0: (128, 256, 3, 8), 1: (128, 256, 3, 8)}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter on the CPU: a few programs, so that each walks several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def applies(x: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, mm_dtype: torch.dtype | None = None) -> bool:
@@ -129,7 +141,62 @@ if triton is not None:
 
     _mm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE"])(_mm_epilogue_kernel)
 
+    @triton.jit
+    def _mm_tma_kernel(
+        a_desc, b_desc, c_desc, aux_desc, M, N, K,
+        EPILOGUE: tl.constexpr, B_ROWS_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+    ):  # fmt: skip
+        """The same product and epilogues through TMA descriptors, on a persistent grid: ``PROGRAMS`` programs (one
+        a multiprocessor) walk the tiles in :func:`_mm_epilogue_kernel`'s order, and the compiler's pipeline runs
+        into the next tile while one tile writes. ``a`` [M, K]; ``b`` [N, K] (``B_ROWS_N``) or [K, N]; ``c``,
+        ``aux`` [M, N]. Rows past M read zeros and are not written (the descriptors' bounds)."""
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+            first_m = (tile // per_group) * GROUP_M
+            group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+            off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+            off_n = ((tile % per_group) // group_rows) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = a_desc.load([off_m, k])
+                if B_ROWS_N:
+                    b = b_desc.load([off_n, k]).T
+                else:
+                    b = b_desc.load([k, off_n])
+                acc = tl.dot(a, b, acc)
+            if EPILOGUE == 0:
+                acc = tl.maximum(acc, 0.0)
+                acc = acc * acc
+            else:
+                acc = acc * (2.0 * tl.sqrt(aux_desc.load([off_m, off_n]).to(tl.float32)))
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+    def _launch_tma(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        M, K = a.shape
+        N = b.shape[1]
+        bm, bn, stages, warps = TMA_TILE[epilogue]
+        c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+        rows_n = b.stride(0) == 1  # b is the transpose of a contiguous [N, K] (the key weight)
+        b_desc = TensorDescriptor.from_tensor(b.t(), [bn, BLOCK_K]) if rows_n else TensorDescriptor.from_tensor(
+            b, [BLOCK_K, bn])  # fmt: skip
+        c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
+        aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, [bm, bn])
+        programs = min(_multiprocessors(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
+        wrap_triton(_mm_tma_kernel)[(programs,)](
+            TensorDescriptor.from_tensor(a, [bm, BLOCK_K]), b_desc, c_desc, aux_desc, M, N, K, EPILOGUE=epilogue,
+            B_ROWS_N=rows_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=8, PROGRAMS=programs,
+            num_stages=stages, num_warps=warps,
+        )  # fmt: skip
+        return c
+
     def _launch(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
+        if KERNEL == "tma":
+            return _launch_tma(a, b, aux, epilogue)
         M, K = a.shape
         N = b.shape[1]
         c = torch.empty((M, N), dtype=a.dtype, device=a.device)
