@@ -323,4 +323,3 @@ def test_host_profile_ranks_the_step_s_functions_by_host_time():
     assert by_name["slow_part"]["cumulative_ms"] >= 3.5 > by_name["fast_part"]["cumulative_ms"]
     assert by_name["step"]["cumulative_ms"] >= by_name["slow_part"]["cumulative_ms"]
     assert out["own"][0]["own_ms"] >= out["own"][-1]["own_ms"]  # ranked by own time
-
