@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from check_common import rel
 
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7Config, random_rwkv7
 from rwkv_diffusion_rnn.models.wkv7 import wkv7_fla, wkv7_reference
@@ -31,11 +32,6 @@ from rwkv_diffusion_rnn.pretrained_rwkv import save_hf
 
 BOUND = {torch.bfloat16: 2e-2, torch.float32: 1e-3}
 rows: list[dict] = []
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def record(check: str, dtype: torch.dtype, err: float, bound: float | None = None, info: bool = False) -> None:

@@ -29,11 +29,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+from check_common import rel
 
 
 def main(argv: list[str] | None = None) -> int:

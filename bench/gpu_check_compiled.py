@@ -27,13 +27,9 @@ import sys
 import traceback
 
 import torch
+from check_common import rel
 
 rows: list[dict] = []
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def run(model, ids, autocast: bool):

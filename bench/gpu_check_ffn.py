@@ -22,11 +22,7 @@ import os
 import sys
 
 import torch
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+from check_common import rel
 
 
 def operands(m: int, c: int, dev, seed: int):

@@ -26,14 +26,10 @@ import traceback
 from pathlib import Path
 
 import torch
+from check_common import rel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 rows: list[dict] = []
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def record(name: str, err: float, bound: float) -> None:

@@ -27,6 +27,7 @@ import time
 import torch
 import triton
 import triton.testing
+from check_common import rel
 
 from rwkv_diffusion_rnn.models import wkv7_triton as wt
 from rwkv_diffusion_rnn.models.wkv7 import BACKENDS, _fla_chunk, wkv7_reference
@@ -72,11 +73,6 @@ def results(fn, xs, state, go, gs, dtype=None):
     o, S = fn(*xs, state)
     ((o.double() * go.double()).sum() + (S.double() * gs.double()).sum()).backward()
     return [o.detach(), S.detach(), *(x.grad for x in xs), state.grad]
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def bound(t: torch.Tensor) -> float:
