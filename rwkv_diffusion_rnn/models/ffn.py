@@ -46,9 +46,10 @@ TILE = tuple(int(v) for v in _TILE.split(",")) if _TILE else None
 #: ``DIFFRWKV_FFN_KERNEL`` (read at import): "tma" runs the matmuls through TMA descriptors on a persistent grid
 #: (:data:`TMA_TILE`, Hopper and later), anything else the pointer kernel the autotuner tiles
 KERNEL = os.environ.get("DIFFRWKV_FFN_KERNEL", "pointer")
-#: the persistent kernel's tile for each epilogue (relu^2, x 2 sqrt): BLOCK_M, BLOCK_N, stages, warps (no
-#: autotuner: a descriptor's block is fixed where it is made, and torch.compile runs no autotuner pre-hooks)
-TMA_TILE = {0: (128, 256, 3, 8), 1: (128, 256, 3, 8)}
+#: the persistent kernel's tile for each epilogue (relu^2, x 2 sqrt): BLOCK_M, BLOCK_N, stages, warps, warp
+#: specialisation 0/1 (no autotuner: a descriptor's block is fixed where it is made, and torch.compile runs no
+#: autotuner pre-hooks)
+TMA_TILE = {0: (128, 256, 3, 8, 0), 1: (128, 256, 3, 8, 0)}
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -145,16 +146,19 @@ if triton is not None:
     def _mm_tma_kernel(
         a_desc, b_desc, c_desc, aux_desc, M, N, K,
         EPILOGUE: tl.constexpr, B_ROWS_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     ):  # fmt: skip
         """The same product and epilogues through TMA descriptors, on a persistent grid: ``PROGRAMS`` programs (one
         a multiprocessor) walk the tiles in :func:`_mm_epilogue_kernel`'s order, and the compiler's pipeline runs
-        into the next tile while one tile writes. ``a`` [M, K]; ``b`` [N, K] (``B_ROWS_N``) or [K, N]; ``c``,
-        ``aux`` [M, N]. Rows past M read zeros and are not written (the descriptors' bounds)."""
+        into the next tile while one tile writes (with ``WARP_SPECIALIZE``, loads, products and the epilogue in
+        warps of their own). ``a`` [M, K]; ``b`` [N, K] (``B_ROWS_N``) or [K, N]; ``c``, ``aux`` [M, N]. Rows
+        past M read zeros and are not written (the descriptors' bounds)."""
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * tiles_n
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+        for tile in tl.range(
+            tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE
+        ):  # fmt: skip
             first_m = (tile // per_group) * GROUP_M
             group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
             off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
@@ -179,7 +183,7 @@ if triton is not None:
 
         M, K = a.shape
         N = b.shape[1]
-        bm, bn, stages, warps = TMA_TILE[epilogue]
+        bm, bn, stages, warps, specialize = TMA_TILE[epilogue]
         c = torch.empty((M, N), dtype=a.dtype, device=a.device)
         rows_n = b.stride(0) == 1  # b is the transpose of a contiguous [N, K] (the key weight)
         b_desc = TensorDescriptor.from_tensor(b.t(), [bn, BLOCK_K]) if rows_n else TensorDescriptor.from_tensor(
@@ -190,7 +194,7 @@ if triton is not None:
         wrap_triton(_mm_tma_kernel)[(programs,)](
             TensorDescriptor.from_tensor(a, [bm, BLOCK_K]), b_desc, c_desc, aux_desc, M, N, K, EPILOGUE=epilogue,
             B_ROWS_N=rows_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=8, PROGRAMS=programs,
-            num_stages=stages, num_warps=warps,
+            WARP_SPECIALIZE=bool(specialize), num_stages=stages, num_warps=warps,
         )  # fmt: skip
         return c
 

@@ -63,7 +63,7 @@ def _interpreter_body() -> None:
     mod.TILE = (64, 64, 1, 4)  # the interpreter has no autotuner: one small tile, so that M has a ragged tail
     r = {"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2), "zero_fills": _zero_fills()}
     # the persistent TMA kernel: four programs over 4 x 8 tiles (key) and 4 x 2 (key gradient), a ragged tail
-    mod.KERNEL, mod.TMA_TILE = "tma", {0: (64, 64, 1, 4), 1: (64, 64, 1, 4)}
+    mod.KERNEL, mod.TMA_TILE = "tma", {0: (64, 64, 1, 4, 0), 1: (64, 64, 1, 4, 0)}
     r["tma"] = {"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2)}
     print(json.dumps(r))
 
