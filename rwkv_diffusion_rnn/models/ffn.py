@@ -199,7 +199,10 @@ if triton is not None:
         return c
 
     def _launch(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
-        if KERNEL == "tma":
+        # a TMA descriptor needs a 16-byte aligned base (strides are: widths are multiples of BLOCK_K); allocations
+        # are, so the offset into the storage decides (and it is known while torch.compile traces, a pointer is not)
+        operands = (a, b) + (() if aux is None else (aux,))
+        if KERNEL == "tma" and all(t.storage_offset() * t.element_size() % 16 == 0 for t in operands):
             return _launch_tma(a, b, aux, epilogue)
         M, K = a.shape
         N = b.shape[1]
