@@ -47,9 +47,9 @@ TILE = tuple(int(v) for v in _TILE.split(",")) if _TILE else None
 #: (:data:`TMA_TILE`, Hopper and later), anything else the pointer kernel the autotuner tiles
 KERNEL = os.environ.get("DIFFRWKV_FFN_KERNEL", "pointer")
 #: the persistent kernel's tile for each epilogue (relu^2, x 2 sqrt): BLOCK_M, BLOCK_N, stages, warps, warp
-#: specialisation 0/1 (no autotuner: a descriptor's block is fixed where it is made, and torch.compile runs no
-#: autotuner pre-hooks)
-TMA_TILE = {0: (128, 256, 3, 8, 0), 1: (128, 256, 3, 8, 0)}
+#: specialisation 0/1, the output written in two halves 0/1 (no autotuner: a descriptor's block is fixed where it is
+#: made, and torch.compile runs no autotuner pre-hooks)
+TMA_TILE = {0: (128, 256, 3, 8, 0, 0), 1: (128, 256, 3, 8, 0, 0)}
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -143,26 +143,45 @@ if triton is not None:
     _mm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE"])(_mm_epilogue_kernel)
 
     @triton.jit
+    def _tile_offsets(tile, tiles_m, per_group, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The first row and column of the ``tile``-th tile, GROUP_M row tiles down a column before moving right."""
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        return (first_m + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
+
+    @triton.jit
+    def _tma_epilogue(c_desc, aux_desc, acc, off_m, off_n, EPILOGUE: tl.constexpr):
+        if EPILOGUE == 0:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:
+            acc = acc * (2.0 * tl.sqrt(aux_desc.load([off_m, off_n]).to(tl.float32)))
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+    @triton.jit
     def _mm_tma_kernel(
         a_desc, b_desc, c_desc, aux_desc, M, N, K,
         EPILOGUE: tl.constexpr, B_ROWS_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):  # fmt: skip
         """The same product and epilogues through TMA descriptors, on a persistent grid: ``PROGRAMS`` programs (one
         a multiprocessor) walk the tiles in :func:`_mm_epilogue_kernel`'s order, and the compiler's pipeline runs
         into the next tile while one tile writes (with ``WARP_SPECIALIZE``, loads, products and the epilogue in
-        warps of their own). ``a`` [M, K]; ``b`` [N, K] (``B_ROWS_N``) or [K, N]; ``c``, ``aux`` [M, N]. Rows
-        past M read zeros and are not written (the descriptors' bounds)."""
+        warps of their own). ``SPLIT`` writes a tile as two halves of ``BLOCK_N / 2`` columns (``c_desc`` and
+        ``aux_desc`` have that block): less shared memory for the epilogue, more for the pipeline. ``a`` [M, K];
+        ``b`` [N, K] (``B_ROWS_N``) or [K, N]; ``c``, ``aux`` [M, N]. Rows past M read zeros and are not written
+        (the descriptors' bounds)."""
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * tiles_n
+        # the epilogue counts its tiles apart from the loads: a value both ends of the flattened loop use can
+        # trip the software pipeliner on some cards
+        tile_out = tl.program_id(0) - PROGRAMS
         for tile in tl.range(
             tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE
         ):  # fmt: skip
-            first_m = (tile // per_group) * GROUP_M
-            group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-            off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
-            off_n = ((tile % per_group) // group_rows) * BLOCK_N
+            off_m, off_n = _tile_offsets(tile, tiles_m, per_group, GROUP_M, BLOCK_M, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
                 a = a_desc.load([off_m, k])
@@ -171,30 +190,33 @@ if triton is not None:
                 else:
                     b = b_desc.load([k, off_n])
                 acc = tl.dot(a, b, acc)
-            if EPILOGUE == 0:
-                acc = tl.maximum(acc, 0.0)
-                acc = acc * acc
+            tile_out += PROGRAMS
+            off_m, off_n = _tile_offsets(tile_out, tiles_m, per_group, GROUP_M, BLOCK_M, BLOCK_N)
+            if SPLIT:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                _tma_epilogue(c_desc, aux_desc, left, off_m, off_n, EPILOGUE)
+                _tma_epilogue(c_desc, aux_desc, right, off_m, off_n + BLOCK_N // 2, EPILOGUE)
             else:
-                acc = acc * (2.0 * tl.sqrt(aux_desc.load([off_m, off_n]).to(tl.float32)))
-            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+                _tma_epilogue(c_desc, aux_desc, acc, off_m, off_n, EPILOGUE)
 
     def _launch_tma(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         M, K = a.shape
         N = b.shape[1]
-        bm, bn, stages, warps, specialize = TMA_TILE[epilogue]
+        bm, bn, stages, warps, specialize, split = TMA_TILE[epilogue]
         c = torch.empty((M, N), dtype=a.dtype, device=a.device)
         rows_n = b.stride(0) == 1  # b is the transpose of a contiguous [N, K] (the key weight)
         b_desc = TensorDescriptor.from_tensor(b.t(), [bn, BLOCK_K]) if rows_n else TensorDescriptor.from_tensor(
             b, [BLOCK_K, bn])  # fmt: skip
-        c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
-        aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, [bm, bn])
+        out_block = [bm, bn // 2 if split else bn]
+        c_desc = TensorDescriptor.from_tensor(c, out_block)
+        aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, out_block)
         programs = min(_multiprocessors(a.device), triton.cdiv(M, bm) * triton.cdiv(N, bn))
         wrap_triton(_mm_tma_kernel)[(programs,)](
             TensorDescriptor.from_tensor(a, [bm, BLOCK_K]), b_desc, c_desc, aux_desc, M, N, K, EPILOGUE=epilogue,
             B_ROWS_N=rows_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=8, PROGRAMS=programs,
-            WARP_SPECIALIZE=bool(specialize), num_stages=stages, num_warps=warps,
+            WARP_SPECIALIZE=bool(specialize), SPLIT=bool(split), num_stages=stages, num_warps=warps,
         )  # fmt: skip
         return c
 

@@ -62,9 +62,12 @@ def _interpreter_body() -> None:
     fit_interpreter_to_bf16()
     mod.TILE = (64, 64, 1, 4)  # the interpreter has no autotuner: one small tile, so that M has a ragged tail
     r = {"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2), "zero_fills": _zero_fills()}
-    # the persistent TMA kernel: four programs over 4 x 8 tiles (key) and 4 x 2 (key gradient), a ragged tail
-    mod.KERNEL, mod.TMA_TILE = "tma", {0: (64, 64, 1, 4, 0), 1: (64, 64, 1, 4, 0)}
+    # the persistent TMA kernel: four programs over 4 x 8 tiles (key) and 4 x 2 (key gradient), a ragged tail;
+    # then its output written in two halves
+    mod.KERNEL, mod.TMA_TILE = "tma", {0: (64, 64, 1, 4, 0, 0), 1: (64, 64, 1, 4, 0, 0)}
     r["tma"] = {"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2)}
+    mod.TMA_TILE = {0: (64, 64, 1, 4, 0, 1), 1: (64, 64, 1, 4, 0, 1)}
+    r["tma_split"] = {"fp32": _errors(torch.float32, 1), "bf16": _errors(torch.bfloat16, 2)}
     print(json.dumps(r))
 
 
@@ -92,9 +95,10 @@ def test_in_bf16_the_operator_is_no_less_exact_than_the_unfused_path(interpreted
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_persistent_tma_kernel_gives_what_the_pointer_kernel_gives(interpreted, dtype):
-    """The same products through TMA descriptors on a persistent grid: the same errors against fp64, bit for bit
-    (the same tiles summed in the same order)."""
+    """The same products through TMA descriptors on a persistent grid, the output written whole or in two halves:
+    the same errors against fp64, bit for bit (the same tiles summed in the same order)."""
     assert interpreted["tma"][dtype] == interpreted[dtype]
+    assert interpreted["tma_split"][dtype] == interpreted[dtype]
 
 
 def test_a_zero_key_passes_no_gradient(interpreted):
