@@ -18,7 +18,10 @@ Measured (H100, 2026-12-08 00:27 UTC, the training step with and without it in o
 83.3 ms of kernels a 0.1B / 0.4B step, 221.7k -> 225.0k / 96.3k -> 97.3k tokens/s back to back, the same first
 loss and peak memory. The Triton matmul runs at ~480 TFLOP/s where cuBLAS ran the key matmul at ~650 (0.142
 against ~0.106 ms a call at 0.4B, from the matmuls' total), so most of the two passes it removes (2.6 ms at 0.4B)
-goes back to the slower matmul: a faster Triton matmul here is worth up to ~1.7 ms more.
+goes back to the slower matmul: a faster Triton matmul here is worth up to ~1.7 ms more. A second kernel for the
+same two products, ``DIFFRWKV_FFN_KERNEL=tma`` (TMA descriptors on a persistent grid, one fixed tile per epilogue
+in :data:`TMA_TILE`), is there to be measured against it (``bench/gpu_check_ffn.py --kernels pointer,tma
+--matmul``); it is not the default until it wins.
 """
 
 from __future__ import annotations
