@@ -95,6 +95,7 @@ if triton is not None:
         # tiles for the H100 / H200 (228 KB of shared memory a multiprocessor), the last (72 KB) for cards with less;
         # the autotuner keeps the fastest for each (M, N, K) it meets and skips a tile a card cannot hold
         shapes = [(128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 4), (128, 128, 4, 8), (64, 256, 4, 4)]
+        shapes += [(128, 256, 4, 8), (256, 128, 4, 8)]  # four stages of 48 KB: on the H100 / H200 only
         shapes.append((64, 128, 3, 4))
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=s, num_warps=w)
