@@ -52,7 +52,7 @@ KERNEL = os.environ.get("DIFFRWKV_FFN_KERNEL", "pointer")
 #: the persistent kernel's tile for each epilogue (relu^2, x 2 sqrt): BLOCK_M, BLOCK_N, stages, warps, warp
 #: specialisation 0/1, the output written in two halves 0/1 (no autotuner: a descriptor's block is fixed where it is
 #: made, and torch.compile runs no autotuner pre-hooks)
-TMA_TILE = {0: (128, 256, 3, 8, 0, 0), 1: (128, 256, 3, 8, 0, 0)}
+TMA_TILE = {0: (128, 256, 3, 8, 0, 0), 1: (128, 256, 3, 8, 0, 1)}  # whole, the gradient's aux tile needs 272 KB
 
 
 def _multiprocessors(device: torch.device) -> int:

@@ -113,6 +113,37 @@ def test_the_eager_backward_fills_no_zeros_for_the_kept_output(interpreted):
     assert interpreted["zero_fills"] == [], interpreted["zero_fills"]
 
 
+H100_SHARED = 227 * 1024  # the most shared memory one block may ask for on an H100 or H200 (compute 9.0)
+
+
+def _sm90_shared_bytes(epilogue: int) -> int:
+    """Compile the persistent TMA kernel with its default tile for ``epilogue`` for compute capability 9.0 (no
+    GPU needed: Triton's bundled ptxas) and return the shared memory a block needs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bm, bn, stages, warps, specialize, split = mod.TMA_TILE[epilogue]
+    rows_n = epilogue == mod.RELU_SQ  # the key matmul reads the key weight as [N, K]; the gradient reads wv [K, N]
+    out = f"tensordesc<bf16[{bm},{bn // 2 if split else bn}]>"
+    b = f"tensordesc<bf16[{bn},{mod.BLOCK_K}]>" if rows_n else f"tensordesc<bf16[{mod.BLOCK_K},{bn}]>"
+    consts = {"EPILOGUE": epilogue, "B_ROWS_N": rows_n, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": mod.BLOCK_K,
+              "GROUP_M": 8, "PROGRAMS": 132, "WARP_SPECIALIZE": bool(specialize), "SPLIT": bool(split)}  # fmt: skip
+    signature = {"a_desc": f"tensordesc<bf16[{bm},{mod.BLOCK_K}]>", "b_desc": b, "c_desc": out, "aux_desc": out,
+                 "M": "i32", "N": "i32", "K": "i32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+    src = ASTSource(fn=mod._mm_tma_kernel, signature=signature, constexprs=consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return kernel.metadata.shared
+
+
+@pytest.mark.parametrize("epilogue", [0, 1])
+def test_the_tma_kernels_default_tiles_fit_an_h100(epilogue):
+    """The persistent kernel has no autotuner to skip a tile that does not fit: its default tiles, compiled for an
+    H100, ask for no more shared memory than a block may have (whole, the gradient's tile would need 272 KB)."""
+    pytest.importorskip("triton")
+    assert _sm90_shared_bytes(epilogue) <= H100_SHARED
+
+
 def test_never_on_the_cpu_nor_without_a_gradient():
     x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
     wk = torch.randn(256, 64, dtype=torch.bfloat16)
