@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul", action="store_true", help="time the epilogue matmuls alone beside cuBLAS")
     ap.add_argument(
         "--tma-tiles",
-        default="128,256,3,8,0,0;128,256,4,8,0,1;128,256,3,8,0,1;256,128,3,8,0,0;128,128,4,8,0,0;128,128,5,8,0,1;"
-        "128,256,3,8,1,0;128,128,4,4,1,1",
+        default="128,256,3,8,0,0;128,256,4,8,0,1;128,256,3,8,0,1;256,128,3,8,0,0;256,128,3,8,0,1;128,128,4,8,0,0;"
+        "128,128,5,8,0,1;128,128,4,4,0,1",
         help="BLOCK_M,BLOCK_N,stages,warps,warp-specialise,split;... for the tma kernel's --matmul sweep",
     )
     args = ap.parse_args(argv)
