@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             row = check_row(mod, m, c, dev, args)
             ok &= row["ok"]
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)  # a row that ends the stage early is still in its log
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "env": {k: v for k, v in os.environ.items()

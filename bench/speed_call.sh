@@ -31,7 +31,7 @@
 #             size in CE_TIME (default 4096; bench/gpu_check_ce.py --rows --time):
 #             ce.json
 #   ffn       the channel-mix FFN operator checked against an fp64 reference and the unfused path, then both timed
-#             (bench/gpu_check_ffn.py, with FFN_ARGS, e.g. --tiles): ffn.json
+#             (bench/gpu_check_ffn.py, with FFN_ARGS, e.g. --tiles; up to FFN_CAP seconds, default 120): ffn.json
 #   check     (named in STAGES only) the compiled blocks' gradients against eager (bench/gpu_check_compiled.py) with
 #             the settings in CHECK_ENV (default DIFFRWKV_MIX_ORDER_REDUCTION=1): check.json, check.log
 #   master    (named in STAGES only) the master-weight AdamW checked and timed (bench/gpu_check_master.py, with
@@ -134,7 +134,7 @@ for stage in ${STAGES//,/ }; do
       DIFFRWKV_WKV_BACKEND=cuda run graphs 150 "$PY" bench/gpu_check_graphs.py --out "$OUT/graphs.json"
       ;;
     ffn)
-      run ffn 120 "$PY" bench/gpu_check_ffn.py ${FFN_ARGS:-} --out "$OUT/ffn.json"
+      run ffn "${FFN_CAP:-120}" "$PY" bench/gpu_check_ffn.py ${FFN_ARGS:-} --out "$OUT/ffn.json"
       ;;
     ce)
       run ce 150 "$PY" bench/gpu_check_ce.py --rows --time ${CE_TIME:-4096} --out "$OUT/ce.json"
