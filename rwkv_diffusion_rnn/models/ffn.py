@@ -104,6 +104,13 @@ if triton is not None:
         ]
 
     @triton.jit
+    def _tile_offsets(tile, tiles_m, per_group, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The first row and column of the ``tile``-th tile, GROUP_M row tiles down a column before moving right."""
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        return (first_m + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
+
+    @triton.jit
     def _mm_epilogue_kernel(
         a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
         sa_m, sa_k, sb_k, sb_n,
@@ -112,18 +119,13 @@ if triton is not None:
     ):  # fmt: skip
         """``c = epilogue(a @ b)``, ``a`` [M, K] and ``b`` [K, N] by strides, ``c`` and ``aux`` [M, N] contiguous;
         the epilogue on the fp32 sum: relu(.)^2, or . * 2 sqrt(aux)."""
-        pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
         # programs walk GROUP_M row tiles down a column of tiles before moving right: neighbours share b's tiles
-        per_group = GROUP_M * tiles_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        tile_m = first_m + (pid % per_group) % group_rows
-        tile_n = (pid % per_group) // group_rows
-
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        off_m, off_n = _tile_offsets(
+            tl.program_id(0), tiles_m, GROUP_M * tl.cdiv(N, BLOCK_N), GROUP_M, BLOCK_M, BLOCK_N
+        )
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         # rows past M read row M - 1 (in bounds, never stored): no mask in the loop
         a_rows = tl.minimum(rows, M - 1).to(tl.int64)
@@ -146,13 +148,6 @@ if triton is not None:
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     _mm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE"])(_mm_epilogue_kernel)
-
-    @triton.jit
-    def _tile_offsets(tile, tiles_m, per_group, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The first row and column of the ``tile``-th tile, GROUP_M row tiles down a column before moving right."""
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        return (first_m + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
 
     @triton.jit
     def _tma_epilogue(c_desc, aux_desc, acc, off_m, off_n, EPILOGUE: tl.constexpr):
