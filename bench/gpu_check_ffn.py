@@ -82,9 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def time_matmuls(mod, x, wk, wv, dout, kernel: str, tiles: str) -> dict:
-    """The two epilogue matmuls alone (the key matmul with relu^2, the key gradient with 2 sqrt(y)) beside cuBLAS's
-    plain ``x wk^T`` and ``dout wv``; for the tma kernel, each tile of ``tiles`` too. Milliseconds, and TFLOP/s."""
+def bench(fn) -> float | str:
+    """Milliseconds a call (median of ``triton.testing.do_bench``), or why it could not run (a tile this card cannot
+    hold), so that a sweep times the rest."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench(fn)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def time_matmuls(mod, x, wk, wv, dout, tiles: str) -> dict:
+    """The two epilogue matmuls alone (the key matmul with relu^2, the key gradient with 2 sqrt(y)) with the
+    operator's current kernel, beside cuBLAS's plain ``x wk^T`` and ``dout wv``; for the tma kernel, each tile of
+    ``tiles`` too. Milliseconds, and TFLOP/s."""
     import triton.testing
 
     flop = 2 * x.shape[0] * wk.shape[0] * wk.shape[1]
@@ -94,19 +106,13 @@ def time_matmuls(mod, x, wk, wv, dout, kernel: str, tiles: str) -> dict:
     r["key_ms"] = triton.testing.do_bench(lambda: mod._launch(x, wk.t(), None, mod.RELU_SQ))
     r["key_grad_ms"] = triton.testing.do_bench(lambda: mod._launch(dout, wv, y, mod.TIMES_2_SQRT))
     r["tflops"] = {k: round(flop / v / 1e9, 1) for k, v in r.items()}
-    if kernel == "tma":
+    if mod.KERNEL == "tma":
         saved, r["tma_tiles"] = dict(mod.TMA_TILE), {}
         for tile in tiles.split(";"):
             t = tuple(int(v) for v in tile.split(","))
             mod.TMA_TILE = {mod.RELU_SQ: t, mod.TIMES_2_SQRT: t}
-            ms = []
-            for call in (lambda: mod._launch(x, wk.t(), None, mod.RELU_SQ),
-                         lambda: mod._launch(dout, wv, y, mod.TIMES_2_SQRT)):  # fmt: skip
-                try:
-                    ms.append(triton.testing.do_bench(call))
-                except Exception as e:  # a tile this card cannot hold: say so, time the rest
-                    ms.append(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
-            r["tma_tiles"][tile] = ms  # [key matmul, key gradient]
+            r["tma_tiles"][tile] = [bench(lambda: mod._launch(x, wk.t(), None, mod.RELU_SQ)),
+                                    bench(lambda: mod._launch(dout, wv, y, mod.TIMES_2_SQRT))]  # fmt: skip
         mod.TMA_TILE = saved
     return r
 
@@ -126,7 +132,7 @@ def check_row(mod, m: int, c: int, dev, args) -> dict:
     good = all(err[n] <= 1.25 * err_base[n] + 1e-3 for n in names)
     row = {"kernel": mod.KERNEL, "rows": m, "width": c, "err": err, "err_unfused": err_base, "ok": good}
     if m == 8176 and args.matmul:
-        row["matmul"] = time_matmuls(mod, x, wk, wv, dout, mod.KERNEL, args.tma_tiles)
+        row["matmul"] = time_matmuls(mod, x, wk, wv, dout, args.tma_tiles)
     if m == 8176:
         for label, fn in (("fused", mod.ffn), ("unfused", unfused)):
             leaves = [t.clone().requires_grad_() for t in (x, wk, wv)]
@@ -143,12 +149,8 @@ def check_row(mod, m: int, c: int, dev, args) -> dict:
                 kw = cfg.kwargs
                 mod.TILE = (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_stages, cfg.num_warps)
                 leaves = [t.clone().requires_grad_() for t in (x, wk, wv)]
-                try:
-                    ms = triton.testing.do_bench(lambda leaves=leaves, d=dout: torch.autograd.grad(
-                        mod.ffn(*leaves), leaves, d))  # fmt: skip
-                except Exception as e:  # a tile this card cannot hold: say so, time the rest
-                    ms = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                row["tiles"][",".join(map(str, mod.TILE))] = ms
+                row["tiles"][",".join(map(str, mod.TILE))] = bench(
+                    lambda leaves=leaves, d=dout: torch.autograd.grad(mod.ffn(*leaves), leaves, d))  # fmt: skip
             mod.TILE = None
     return row
 
