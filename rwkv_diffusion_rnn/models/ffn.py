@@ -52,7 +52,7 @@ KERNEL = os.environ.get("DIFFRWKV_FFN_KERNEL", "pointer")
 #: the persistent kernel's tile for each epilogue (relu^2, x 2 sqrt): BLOCK_M, BLOCK_N, stages, warps, warp
 #: specialisation 0/1, the output written in two halves 0/1 (no autotuner: a descriptor's block is fixed where it is
 #: made, and torch.compile runs no autotuner pre-hooks). Triton 3.6 compiles compute 9.0 (H100, H200) the same with
-#: and without warp specialisation (the same PTX: it specialises on compute 10 only)
+#: and without warp specialisation (the same PTX, compiled for compute 9.0 on a CPU, 2026-12-08)
 TMA_TILE = {0: (128, 256, 3, 8, 0, 0), 1: (128, 256, 3, 8, 0, 1)}  # whole, the gradient's aux tile needs 272 KB
 
 
